@@ -1,0 +1,31 @@
+"""Connecting to Ray: the cluster a job was submitted to, or a private local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+# Environment the Train and Data workers need to behave like the driver (offline hub, cached JIT extensions).
+_PROPAGATED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR", "HF_HOME")
+
+
+def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """Attach to the cluster in RAY_ADDRESS (``ray job submit`` sets it), else start a local one for this process.
+
+    ``address="local"`` never attaches to a stray cluster that happens to run on the machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in _PROPAGATED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if os.environ.get("RAY_ADDRESS"):
+        logger.info("connecting to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+    else:
+        logger.info("starting a local Ray cluster (num_cpus=%s)", num_cpus or "all")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
+                 runtime_env=runtime_env)

@@ -1,0 +1,422 @@
+"""Typed configuration for every ray-vdr job.
+
+One YAML file describes a run: the model, the data, the training recipe, the Ray scaling, where results go
+and the saved artifact. Command-line overrides use dotted paths (``train.lr=1e-4``). Everything is validated
+here, before any Ray or torch work starts, so a typo fails in a second with the offending field named.
+
+This module imports neither torch nor ray on purpose: the driver of ``ray job submit`` and the CLI must be able
+to validate a config cheaply.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ImageLimits",
+    "ModelConfig",
+    "OutputConfig",
+    "RunConfig",
+    "ScalingConfig",
+    "SourceConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "VDRConfig",
+    "apply_overrides",
+    "deepspeed_config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names every offending field by its dotted path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(
+        "Qwen/Qwen3-VL-Embedding-2B",
+        description="Hub id or local/URI path of a Sentence Transformers model (or a plain transformers VLM folder).",
+    )
+    builder: Literal["load", "tiny-qwen3vl", "tiny-clip", "qwen3vl-2b-shape"] = Field(
+        "load",
+        description=(
+            "How the model comes to exist. 'load' reads name_or_path. The other values build a model with random "
+            "weights into name_or_path when that folder is missing: a tiny Qwen3-VL embedder or tiny CLIP (tests, "
+            "demo) or the real Qwen3-VL-2B shape (GPU benchmarks)."
+        ),
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype at load time. 'auto' = bfloat16 on a CUDA device that supports it, else float32."
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto",
+        description="Attention kernel. 'auto' = flash_attention_2 when flash_attn imports and CUDA is present, else sdpa.",
+    )
+    min_pixels: PositiveInt | None = Field(
+        None, description="Processor lower bound on pixels per image (Qwen-VL min_pixels). None keeps the model's own."
+    )
+    max_pixels: PositiveInt | None = Field(
+        None,
+        description="Processor upper bound on pixels per image (Qwen-VL max_pixels); bounds image tokens. None keeps the model's own.",
+    )
+    query_prompt: str | None = Field(
+        None, description="Prompt for queries (encode_query). None keeps the prompt saved with the model."
+    )
+    document_prompt: str | None = Field(
+        None, description="Prompt for pages (encode_document). None keeps the prompt saved with the model."
+    )
+    max_seq_length: PositiveInt | None = Field(None, description="Token limit per input. None keeps the model's own.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
+
+
+class SourceConfig(_Strict):
+    uri: str = Field(
+        description=(
+            "Where the rows are: a local path or a pyarrow-filesystem URI (s3://, gs://) of Parquet files or a folder "
+            "of them; a folder written by datasets.save_to_disk; a JSONL file whose image columns hold paths "
+            "relative to it; or a Hub dataset id with format 'hf_hub'."
+        )
+    )
+    format: Literal["auto", "parquet", "hf_disk", "images_jsonl", "hf_hub"] = Field(
+        "auto", description="Reader to use. 'auto' infers it from the URI (.jsonl, dataset_info.json, else Parquet)."
+    )
+    hf_config: str | None = Field(None, description="Dataset configuration name, for format 'hf_hub'.")
+    hf_split: str = Field("train", description="Split to read, for format 'hf_hub'.")
+    limit: PositiveInt | None = Field(None, description="Read at most this many rows (smoke runs).")
+
+
+class ImageLimits(_Strict):
+    min_side: PositiveInt = Field(
+        16, description="Images with a side shorter than this (e.g. 1x1 placeholders) are rejected."
+    )
+    max_side: PositiveInt = Field(
+        4096, description="Images with a longer side are downscaled (aspect kept) to this size before training."
+    )
+    max_pixels: PositiveInt = Field(
+        64_000_000,
+        description="Images declaring more pixels than this are rejected unopened (decompression-bomb guard).",
+    )
+    max_bytes: PositiveInt = Field(50_000_000, description="Encoded images larger than this many bytes are rejected.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImageLimits:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        if self.max_side * self.min_side > self.max_pixels:
+            raise ValueError("max_pixels is smaller than min_side*max_side: every resized image would be rejected")
+        return self
+
+
+class DataConfig(_Strict):
+    train: SourceConfig | None = Field(None, description="Training triplets (query, positive page, hard negatives).")
+    eval: SourceConfig | None = Field(None, description="Evaluation triplets; their pages form the retrieval corpus.")
+    query_column: str = Field("query", description="Column holding the query text.")
+    positive_column: str = Field("image", description="Column holding the positive page image.")
+    negative_prefix: str = Field("negative_", description="Hard-negative columns are named <prefix>0..<prefix>k-1.")
+    num_negatives: int = Field(1, ge=0, description="Hard negatives per training row (reference recipe: 1).")
+    eval_num_negatives: int = Field(4, ge=0, description="Hard negatives per eval row (reference eval split: 4).")
+    id_column: str | None = Field(
+        None, description="Column with a unique row id. None = a content hash of query and positive image."
+    )
+    image: ImageLimits = Field(default_factory=ImageLimits, description="Validation bounds for every image.")
+    rejects_path: str | None = Field(
+        None, description="Where rejected rows go (Parquet with a reason). None = <run storage>/<name>/rejects."
+    )
+    batch_size: PositiveInt = Field(16, description="Rows per Ray Data decode/validate batch.")
+
+    @property
+    def negative_columns(self) -> list[str]:
+        return [f"{self.negative_prefix}{i}" for i in range(self.num_negatives)]
+
+    @property
+    def eval_negative_columns(self) -> list[str]:
+        return [f"{self.negative_prefix}{i}" for i in range(self.eval_num_negatives)]
+
+
+class TrainConfig(_Strict):
+    loss: Literal["cached_mnrl", "mnrl"] = Field(
+        "cached_mnrl",
+        description="CachedMultipleNegativesRankingLoss (GradCache, bounded memory) or plain MultipleNegativesRankingLoss.",
+    )
+    mini_batch_size: PositiveInt = Field(1, description="Mini-batch size of the cached loss (reference recipe: 1).")
+    matryoshka_dims: list[PositiveInt] | None = Field(
+        None, description="Wrap the loss in MatryoshkaLoss at these dims, largest first. None = no Matryoshka."
+    )
+    per_device_batch_size: PositiveInt = Field(64, description="Rows per optimizer step on each worker.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps for linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    epochs: float | None = Field(1.0, gt=0, description="Epochs over the training data; ignored if max_steps is set.")
+    max_steps: PositiveInt | None = Field(
+        None, description="Optimizer steps; overrides epochs. None = derived from rows, epochs and the global batch."
+    )
+    eval_every: float | None = Field(0.1, gt=0, le=1, description="Evaluate every this fraction of the run. None = never.")
+    save_every: float | None = Field(0.1, gt=0, le=1, description="Checkpoint every this fraction of the run. None = end only.")
+    log_every: float = Field(0.05, gt=0, le=1, description="Log metrics every this fraction of the run.")
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel strategy.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage (strategy 'deepspeed' only).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Mixed precision. 'auto' = bf16 on GPU, fp32 on CPU."
+    )
+    duplicate_free_batches: bool = Field(
+        True, description="Never put the same query or page twice in one global batch (false in-batch negatives)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    seed: int = Field(12, description="Seed for weights that are initialised, shuffling and sampling.")
+    dataloader_workers: int = Field(0, ge=0, description="torch DataLoader workers per train worker.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set epochs or max_steps")
+        dims = self.matryoshka_dims
+        if dims is not None:
+            if not dims:
+                raise ValueError("matryoshka_dims must not be empty (use null to disable)")
+            if sorted(set(dims), reverse=True) != dims:
+                raise ValueError(f"matryoshka_dims must be unique and in descending order, got {dims}")
+        if self.loss == "cached_mnrl" and self.mini_batch_size > self.per_device_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) exceeds per_device_batch_size ({self.per_device_batch_size})"
+            )
+        if self.strategy == "deepspeed" and self.zero_stage in (2, 3) and self.loss == "cached_mnrl":
+            raise ValueError(
+                f"DeepSpeed ZeRO-{self.zero_stage} with loss 'cached_mnrl' fails upstream (gradients reduced twice per "
+                "engine step; sentence-transformers#3173). Use zero_stage 1, strategy 'ddp', or loss 'mnrl'."
+            )
+        if self.strategy == "ddp" and self.zero_stage not in (0, 1):
+            raise ValueError(f"zero_stage {self.zero_stage} needs strategy 'deepspeed'")
+        return self
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (one per GPU). 0 runs in the driver process.")
+    use_gpu: bool = Field(False, description="Give each worker a GPU.")
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. None = Ray's default (1 CPU, +1 GPU)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScalingConfig:
+        res = self.resources_per_worker or {}
+        if any(v < 0 for v in res.values()):
+            raise ValueError("resources_per_worker values must be >= 0")
+        if not self.use_gpu and res.get("GPU", 0) > 0:
+            raise ValueError("resources_per_worker asks for GPUs but use_gpu is false")
+        return self
+
+
+class RunConfig(_Strict):
+    name: str = Field("ray-vdr", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; rerun to resume.")
+    storage_path: str = Field(
+        "./runs", description="Local folder or URI (s3://, gs://) for checkpoints, results and artifacts."
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed (-1 = unlimited).")
+    keep_checkpoints: PositiveInt | None = Field(2, description="Checkpoints kept (latest N). None keeps all.")
+
+    def uri(self, *parts: str) -> str:
+        """Path or URI under this run's folder (storage_path/name/...)."""
+        return "/".join([self.storage_path.rstrip("/"), self.name, *parts])
+
+
+class OutputConfig(_Strict):
+    truncate_dim: PositiveInt | None = Field(
+        1024, description="Embedding dimension saved with the model (Matryoshka truncation). None = full."
+    )
+
+
+class SyntheticConfig(_Strict):
+    output_dir: str = Field("./data/synthetic", description="Folder for the generated train/eval Parquet and JSONL.")
+    train_queries: PositiveInt = Field(200, description="Training rows (query, page, hard negative).")
+    eval_queries: PositiveInt = Field(40, description="Eval queries; the eval corpus holds 5 pages per query.")
+    num_negatives: int = Field(1, ge=0, le=8, description="Hard negatives per training row.")
+    eval_negatives: int = Field(4, ge=0, le=8, description="Hard negatives per eval row.")
+    page_width: PositiveInt = Field(448, description="Rendered page width in pixels.")
+    page_height: PositiveInt = Field(576, description="Rendered page height in pixels.")
+    seed: int = Field(0, description="Everything generated is a function of this seed.")
+    jsonl: bool = Field(True, description="Also write the images-folder + JSONL variant.")
+
+
+class VDRConfig(_Strict):
+    """A whole ray-vdr run. Sections mirror the jobs that read them."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The embedding model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and evaluation data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training recipe.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers and resources.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity, storage and fault tolerance.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="The saved artifact.")
+    synthetic: SyntheticConfig | None = Field(
+        None, description="Generate a synthetic dataset first (demo and tests). None = use data sources as they are."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VDRConfig:
+        dims = self.train.matryoshka_dims
+        td = self.output.truncate_dim
+        if dims and td is not None and td > dims[0]:
+            raise ValueError(f"output.truncate_dim ({td}) exceeds the largest Matryoshka dim ({dims[0]})")
+        if dims and td is not None and td not in dims:
+            raise ValueError(f"output.truncate_dim ({td}) is not one of train.matryoshka_dims {dims}: it was never trained")
+        if self.train.precision in ("bf16", "fp16") and not self.scaling.use_gpu:
+            raise ValueError(f"train.precision {self.train.precision!r} needs scaling.use_gpu (CPU trains in fp32)")
+        if self.train.strategy == "deepspeed" and self.scaling.num_workers == 0:
+            raise ValueError("train.strategy 'deepspeed' needs scaling.num_workers >= 1")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        where = ".".join(x for x in (prefix, loc) if x) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (typo?)"
+        lines.append(f"  {where}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value as YAML, so `1e-4`, `true`, `[64, 32]` and `null` get their natural types."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:  # pragma: no cover - yaml accepts almost anything
+        raise ConfigError(f"cannot parse override value {text!r}: {e}") from e
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``a.b.c=value`` overrides applied (missing sections are created)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return out
+
+
+def _is_local_path(value: str) -> bool:
+    return "://" not in value and (value.startswith((".", "/", "~")) or Path(value).expanduser().exists())
+
+
+def _absolute(value: str, base: Path) -> str:
+    return str((base / Path(value).expanduser()).resolve())
+
+
+def resolve_paths(cfg: VDRConfig, base: Path | None = None) -> VDRConfig:
+    """Make local paths absolute against ``base`` (default: the working directory) so every Ray worker agrees.
+
+    Hub ids (``Qwen/Qwen3-VL-Embedding-2B``) and URIs (``s3://…``) are left alone; a model or data path counts as
+    local when it starts with ``.``, ``/`` or ``~``, exists here, or names a folder a builder will create.
+    """
+    base = (base or Path.cwd()).resolve()
+    m = cfg.model
+    if m.builder != "load" or _is_local_path(m.name_or_path):
+        m.name_or_path = _absolute(m.name_or_path, base)
+    for src in (cfg.data.train, cfg.data.eval):
+        if src is not None and src.format != "hf_hub" and "://" not in src.uri:
+            src.uri = _absolute(src.uri, base)
+    if cfg.data.rejects_path and "://" not in cfg.data.rejects_path:
+        cfg.data.rejects_path = _absolute(cfg.data.rejects_path, base)
+    if "://" not in cfg.run.storage_path:
+        cfg.run.storage_path = _absolute(cfg.run.storage_path, base)
+    if cfg.synthetic is not None:
+        cfg.synthetic.output_dir = _absolute(cfg.synthetic.output_dir, base)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VDRConfig:
+    """Load a YAML config, apply dotted overrides, validate, and make local paths absolute.
+
+    Raises ConfigError naming each bad field.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return resolve_paths(VDRConfig.model_validate(data))
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def dump_config(cfg: VDRConfig) -> str:
+    """The fully resolved config as YAML (written next to every run for provenance)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Derived settings
+
+
+def deepspeed_config(train: TrainConfig, *, bf16: bool, fp16: bool = False) -> dict[str, Any]:
+    """DeepSpeed JSON for the HF Trainer integration, generated from the typed config.
+
+    Batch sizes, lr and scheduler are "auto" so the Trainer fills them from its own arguments: there is one
+    source of truth (TrainConfig) and no way for the two to disagree.
+    """
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage >= 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size="auto")
+    if train.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": fp16},
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }

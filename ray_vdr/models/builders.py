@@ -1,0 +1,307 @@
+"""Builders for models with random weights, made locally (no hub reaches our machines).
+
+Each builder takes every dimension as a parameter and writes a folder that loads with ``SentenceTransformer(path)``:
+
+- :func:`build_qwen3vl_embedder`: the real Qwen3-VL-Embedding module stack — Transformer (feature-extraction,
+  Qwen3VLModel) → Pooling(lasttoken) → Normalize, query/document prompts as system messages — at any size. The
+  defaults are tiny (~250k parameters, for tests and the demo); :data:`QWEN3VL_2B_SHAPE` is the real 2B shape for
+  GPU benchmarks.
+- :func:`build_tiny_clip`: a 2-layer CLIP dual encoder, the simplest multimodal Sentence Transformer.
+
+Tokenizers are trained here with `tokenizers` on a small corpus, and the image processor is the PIL Qwen2-VL one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# The instruction Qwen3-VL-Embedding uses by default; prompts travel as system messages.
+DEFAULT_QUERY_PROMPT = "Retrieve images or text relevant to the user's query."
+DEFAULT_DOCUMENT_PROMPT = "Represent the user's input."
+
+_QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# A chat template with the same rendering as Qwen3-VL's for text and image items (no tools, no video).
+QWEN3VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+_CORPUS = [
+    "What was the revenue in Q1 Q2 Q3 Q4 of 2019 2020 2021 2022 2023 2024?",
+    "How many employees stores users customers did the company report hire open?",
+    "Operating income net profit headcount segment cloud devices services consumer enterprise licensing advertising",
+    "January February March April May June July August September October November December monthly active users",
+    "Annual report quarterly results memo highlights confidential page table chart figure summary million dollars",
+    "Northwind Contoso Fabrikam Tailspin Wingtip Litware Proseware Woodgrove Alpine Logistics Foods Energy Robotics",
+    "Represent the user's input. Retrieve images or text relevant to the user's query.",
+    "the of and to in is was for on with as by at from that this which customer satisfaction score percent",
+    "0 1 2 3 4 5 6 7 8 9 10 25 50 75 100 $ % . , ? ! : ; - ( ) ' \"",
+]
+
+
+@dataclass
+class Qwen3VLShape:
+    """Every dimension of a Qwen3-VL backbone (text decoder + vision tower)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 128
+    mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])
+    tie_word_embeddings: bool = True
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_intermediate_size: int = 64
+    vision_num_heads: int = 2
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    deepstack_visual_indexes: list[int] = field(default_factory=lambda: [1])
+    max_position_embeddings: int = 4096
+
+
+TINY_QWEN3VL = Qwen3VLShape()
+
+# Qwen3-VL-2B (public config): embedding dim 2048.
+QWEN3VL_2B_SHAPE = Qwen3VLShape(
+    vocab_size=151936,
+    hidden_size=2048,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=6144,
+    mrope_section=[24, 20, 20],
+    tie_word_embeddings=True,
+    vision_depth=24,
+    vision_hidden_size=1024,
+    vision_intermediate_size=4096,
+    vision_num_heads=16,
+    patch_size=16,
+    spatial_merge_size=2,
+    deepstack_visual_indexes=[5, 11, 17],
+    max_position_embeddings=262144,
+)
+
+
+def _train_bpe(vocab_size: int, specials: list[str], corpus: list[str]):
+    """A byte-level BPE trained on ``corpus``: deterministic, offline, ~0.1 s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 4096),
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    return tok
+
+
+def _qwen_tokenizer(vocab_size: int):
+    from transformers import PreTrainedTokenizerFast
+
+    raw = _train_bpe(vocab_size, _QWEN_SPECIALS, _CORPUS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=_QWEN_SPECIALS[1:],
+        model_max_length=4096,
+        padding_side="left",
+    )
+    tok.chat_template = QWEN3VL_CHAT_TEMPLATE
+    return tok
+
+
+def _qwen3vl_config(shape: Qwen3VLShape, tokenizer, vocab_size: int):
+    from transformers import Qwen3VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_key_value_heads,
+        "head_dim": shape.head_dim,
+        "intermediate_size": shape.intermediate_size,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": shape.mrope_section,
+                            "mrope_interleaved": True},
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": shape.tie_word_embeddings,
+    }
+    vision = {
+        "depth": shape.vision_depth,
+        "hidden_size": shape.vision_hidden_size,
+        "intermediate_size": shape.vision_intermediate_size,
+        "num_heads": shape.vision_num_heads,
+        "patch_size": shape.patch_size,
+        "spatial_merge_size": shape.spatial_merge_size,
+        "temporal_patch_size": 2,
+        "out_hidden_size": shape.hidden_size,
+        "deepstack_visual_indexes": shape.deepstack_visual_indexes,
+        "num_position_embeddings": 2304,
+    }
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=shape.tie_word_embeddings,
+        architectures=["Qwen3VLModel"],
+    )
+
+
+def _qwen_image_processor(patch: int, merge: int, min_pixels: int, max_pixels: int):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
+
+
+def build_qwen3vl_embedder(
+    path: str | Path,
+    shape: Qwen3VLShape = TINY_QWEN3VL,
+    *,
+    min_pixels: int = 32 * 32,
+    max_pixels: int = 128 * 128,
+    query_prompt: str = DEFAULT_QUERY_PROMPT,
+    document_prompt: str = DEFAULT_DOCUMENT_PROMPT,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Path:
+    """Write a Qwen3-VL embedder with random weights to ``path`` and return it.
+
+    The folder has the real model's layout: a transformers Qwen3VLModel with its processor and chat template at
+    the root, then Pooling(lasttoken) and Normalize modules, and the prompts in the Sentence Transformers config.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import Qwen3VLModel
+
+    from ray_vdr.models.processor import Qwen3VLProcessor, install_image_only_processor
+
+    install_image_only_processor()
+    path = Path(path)
+    tokenizer = _qwen_tokenizer(shape.vocab_size)
+    vocab_size = max(shape.vocab_size, len(tokenizer))
+    config = _qwen3vl_config(shape, tokenizer, vocab_size)
+    torch.manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("cpu"):
+        model = Qwen3VLModel(config).to(torch_dtype)
+    image_processor = _qwen_image_processor(shape.patch_size, shape.spatial_merge_size, min_pixels, max_pixels)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 chat_template=QWEN3VL_CHAT_TEMPLATE)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "hf"
+        model.save_pretrained(hf_dir)
+        processor.save_pretrained(hf_dir)
+        del model
+        transformer = Transformer(
+            str(hf_dir),
+            transformer_task="feature-extraction",
+            model_kwargs={"dtype": torch_dtype},
+            processing_kwargs={"chat_template": {"add_generation_prompt": True}},
+        )
+        pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
+        st = SentenceTransformer(
+            modules=[transformer, pooling, Normalize()],
+            prompts={"query": query_prompt, "document": document_prompt},
+            device="cpu",
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        st.save(str(path))
+    _write_build_info(path, "qwen3vl", asdict(shape) | {"min_pixels": min_pixels, "max_pixels": max_pixels,
+                                                          "dtype": dtype, "seed": seed})
+    return path
+
+
+def build_tiny_clip(path: str | Path, *, hidden: int = 32, layers: int = 2, image_size: int = 32,
+                    projection_dim: int = 16, seed: int = 0) -> Path:
+    """Write a tiny CLIP dual encoder (WordLevel tokenizer, CLIPImageProcessor) to ``path``."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Transformer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+
+    path = Path(path)
+    words = sorted({w.strip("?.,!:;()'\"").lower() for line in _CORPUS for w in line.split()} - {""})
+    specials = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<|pad|>", unk_token="<|unk|>",
+                                        bos_token="<|startoftext|>", eos_token="<|endoftext|>", model_max_length=64)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": layers, "num_attention_heads": 2, "max_position_embeddings": 64,
+                     "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3},
+        vision_config={"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": image_size // 4},
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "hf"
+        model.save_pretrained(hf_dir)
+        processor.save_pretrained(hf_dir)
+        st = SentenceTransformer(modules=[Transformer(str(hf_dir))], device="cpu")
+        if path.exists():
+            shutil.rmtree(path)
+        st.save(str(path))
+    _write_build_info(path, "clip", {"hidden": hidden, "layers": layers, "image_size": image_size,
+                                     "projection_dim": projection_dim, "seed": seed})
+    return path
+
+
+def _write_build_info(path: Path, kind: str, params: dict) -> None:
+    """Record how a random-weight model was made, so nobody mistakes it for a trained one."""
+    info = {"builder": kind, "random_weights": True, "params": params}
+    (path / "ray_vdr_build.json").write_text(json.dumps(info, indent=2))

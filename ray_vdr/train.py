@@ -1,0 +1,259 @@
+"""Embedder finetuning: Ray Data streams validated triplets into Ray Train workers running Sentence Transformers.
+
+Driver side (:func:`run`): build the validated dataset, derive ``max_steps`` from the input size and the global
+batch, and fit a TorchTrainer. Worker side (:func:`train_loop`): build the model with the project's builder, wrap
+the worker's own Ray Data shard as a Hugging Face IterableDataset, and train with SentenceTransformerTrainer and
+ST's own collator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray_vdr.config import TrainConfig, VDRConfig, deepspeed_config
+from ray_vdr.data.triplets import TripletSpec
+
+if TYPE_CHECKING:
+    import ray.data
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    model_uri: str
+    rejects_uri: str
+    metrics: dict[str, Any]
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pieces the worker assembles (plain functions: testable without Ray)
+
+
+def build_loss(model: SentenceTransformer, train: TrainConfig, *, gather: bool):
+    """(Cached)MultipleNegativesRankingLoss, optionally inside MatryoshkaLoss. In-batch negatives span all ranks."""
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    if train.loss == "cached_mnrl":
+        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=train.mini_batch_size,
+                                                  gather_across_devices=gather)
+    else:
+        loss = MultipleNegativesRankingLoss(model, gather_across_devices=gather)
+    if train.matryoshka_dims:
+        dim = model.get_sentence_embedding_dimension()
+        if dim is not None and train.matryoshka_dims[0] > dim:
+            raise ValueError(f"train.matryoshka_dims starts at {train.matryoshka_dims[0]} but the model outputs {dim}")
+        loss = MatryoshkaLoss(model, loss, matryoshka_dims=train.matryoshka_dims)
+    return loss
+
+
+def shard_to_iterable(shard, spec: TripletSpec, world_size: int, batch_size: int = 16):
+    """Wrap a Ray Data shard as a `datasets.IterableDataset` that ST's trainer and collator accept.
+
+    ``n_shards`` equals the world size, so when accelerate splits the dataset by node each rank keeps exactly
+    one part — its own Ray shard, which the generator reads whatever part it is handed.
+    """
+    import datasets
+
+    image_cols = spec.output_columns[2:]
+    features = datasets.Features({"query": datasets.Value("string"), **{c: datasets.Image() for c in image_cols}})
+
+    def generate(part: list[int]):
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            cols = {c: batch.column(c).to_pylist() for c in ["query", *image_cols]}
+            for i in range(batch.num_rows):
+                row = {"query": cols["query"][i]}
+                row.update({c: {"bytes": cols[c][i], "path": None} for c in image_cols})
+                yield row
+
+    return datasets.IterableDataset.from_generator(
+        generate, features=features, gen_kwargs={"part": list(range(world_size))}
+    )
+
+
+def _precision(cfg: VDRConfig, cuda: bool) -> tuple[bool, bool]:
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16" if cuda else "fp32"
+    return p == "bf16", p == "fp16"
+
+
+def _steps(fraction: float | None, max_steps: int) -> int | None:
+    return None if fraction is None else max(1, round(fraction * max_steps))
+
+
+def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bool, prompts: dict[str, str]):
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    t = cfg.train
+    bf16, fp16 = _precision(cfg, cuda)
+    return SentenceTransformerTrainingArguments(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        learning_rate=t.lr,
+        warmup_steps=math.ceil(t.warmup_ratio * max_steps),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=_steps(t.log_every, max_steps),
+        save_strategy="no",  # checkpoints go through ray.train.report
+        report_to="none",
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,  # without it accelerate sees DistributedType.NO on CPU and each rank trains alone
+        seed=t.seed,
+        dataloader_num_workers=t.dataloader_workers,
+        gradient_checkpointing=t.gradient_checkpointing,
+        # each rank reads its own Ray shard: never let rank 0 read and dispatch (it would slice pixel patches)
+        accelerator_config={"dispatch_batches": False, "split_batches": False},
+        deepspeed=deepspeed_config(t, bf16=bf16, fp16=fp16) if t.strategy == "deepspeed" else None,
+        prompts=prompts,
+        disable_tqdm=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Worker
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import torch
+    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+    from transformers import TrainerCallback
+
+    from ray_vdr.models.load import build_model
+
+    cfg = VDRConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+    device = f"cuda:{ctx.get_local_rank()}" if cuda else "cpu"
+    model = build_model(cfg.model, device=device)
+    spec = TripletSpec.from_config(cfg.data, split="train")
+    train_ds = shard_to_iterable(ray.train.get_dataset_shard("train"), spec, world)
+    loss = build_loss(model, cfg.train, gather=world > 1)
+    doc_prompt = model.prompts.get("document")
+    prompts = {"query": model.prompts.get("query")} | {c: doc_prompt for c in spec.output_columns[2:]}
+    prompts = {k: v for k, v in prompts.items() if v}
+
+    class ReportMetrics(TrainerCallback):
+        """Forward the trainer's logs to Ray (every rank logs at the same steps, so report stays a barrier)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                ray.train.report({**logs, "step": state.global_step})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = training_arguments(cfg, config["max_steps"], tmp, cuda, prompts)
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds, loss=loss,
+                                             callbacks=[ReportMetrics()])
+        if rank == 0:
+            logger.info("distributed type %s, world size %d", trainer.accelerator.distributed_type, world)
+        result = trainer.train()
+        metrics = {"train_loss": result.training_loss, "step": trainer.state.global_step,
+                   "distributed_type": str(trainer.accelerator.distributed_type), "world_size": world}
+        checkpoint = None
+        if rank == 0:
+            out = Path(tmp) / "model"
+            model.truncate_dim = cfg.output.truncate_dim
+            model.save(str(out))
+            (out / "ray_vdr_train.json").write_text(json.dumps({"metrics": metrics, "config": config["cfg"]}, indent=2))
+            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def count_input_rows(source) -> int | None:
+    """Rows in the source, from metadata where that is cheap (Parquet), else None."""
+    from ray_vdr.data.dataset import _fs_path, infer_format
+
+    if infer_format(source) != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    fs, path = _fs_path(source.uri)
+    n = sum(f.metadata.num_rows for f in pq.ParquetDataset(path, filesystem=fs).fragments)
+    return min(n, source.limit) if source.limit else n
+
+
+def derive_max_steps(cfg: VDRConfig, n_rows: int | None) -> int:
+    """Optimizer steps: explicit max_steps, else epochs over the rows at the global batch (last partial dropped)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    if n_rows is None:
+        raise ValueError("train.max_steps is required when the number of training rows is not known up front")
+    global_batch = cfg.train.per_device_batch_size * max(1, cfg.scaling.num_workers)
+    steps = math.floor(n_rows * (cfg.train.epochs or 1.0) / global_batch)
+    if steps < 1:
+        raise ValueError(f"{n_rows} training rows are fewer than one global batch of {global_batch}")
+    return steps
+
+
+def build_train_dataset(cfg: VDRConfig) -> tuple[ray.data.Dataset, str]:
+    from ray_vdr.data.dataset import build_dataset
+
+    if cfg.data.train is None:
+        raise ValueError("data.train is not set")
+    rejects_uri = (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/") + "/train"
+    spec = TripletSpec.from_config(cfg.data, split="train")
+    ds = build_dataset(cfg.data.train, spec, rejects_uri, batch_size=cfg.data.batch_size)
+    return ds, rejects_uri
+
+
+def run(cfg: VDRConfig) -> TrainResult:
+    """Train the embedder described by ``cfg`` on the current Ray cluster (started locally if there is none)."""
+    import pyarrow.fs as pafs
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_vdr.cluster import init_ray
+
+    start = time.time()
+    init_ray()
+    ds, rejects_uri = build_train_dataset(cfg)
+    max_steps = derive_max_steps(cfg, count_input_rows(cfg.data.train))
+    s = cfg.scaling
+    logger.info("training %s for %d steps on %d worker(s) (global batch %d)", cfg.model.name_or_path, max_steps,
+                s.num_workers, cfg.train.per_device_batch_size * max(1, s.num_workers))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "max_steps": max_steps},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=s.resources_per_worker,
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a model checkpoint: {result.error}")
+    model_uri = cfg.run.uri("model")
+    src_fs, src = pafs.FileSystem.from_uri(result.checkpoint.path) if "://" in result.checkpoint.path else (
+        pafs.LocalFileSystem(), result.checkpoint.path)
+    dst_fs, dst = pafs.FileSystem.from_uri(model_uri) if "://" in model_uri else (pafs.LocalFileSystem(), model_uri)
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    return TrainResult(model_uri, rejects_uri, dict(result.metrics or {}), time.time() - start)
