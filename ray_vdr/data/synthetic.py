@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -207,7 +207,7 @@ def _bars(draw, x, y, w, h, labels, values, font, fg) -> int:
     n = len(values)
     slot = w / n
     draw.line([x, y + h, x + w, y + h], fill="#444444", width=2)
-    for i, (lab, v) in enumerate(zip(labels, values)):
+    for i, (lab, v) in enumerate(zip(labels, values, strict=False)):
         bh = h * v / top
         bx = x + i * slot + slot * 0.18
         draw.rectangle([bx, y + h - bh, bx + slot * 0.64, y + h], fill=fg)
@@ -221,7 +221,7 @@ def _line(draw, x, y, w, h, values, font, fg) -> int:
     pts = [(x + w * i / (len(values) - 1), y + h - h * (v - bot) / (top - bot)) for i, v in enumerate(values)]
     draw.line([x, y + h, x + w, y + h], fill="#444444", width=2)
     draw.line(pts, fill=fg, width=3)
-    for i, ((px, py), v) in enumerate(zip(pts, values)):
+    for i, ((px, py), v) in enumerate(zip(pts, values, strict=False)):
         draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=fg)
         dy = -font.size - 4 if i % 2 == 0 else 6
         draw.text((px - 12, py + dy), f"{v:.2f}", font=font, fill="#111111")
@@ -311,35 +311,43 @@ class _PageFactory:
 
     def __init__(self, rng: random.Random):
         self.rng = rng
-        self.free = [(p, s, y) for p in _PREFIXES for s in _SUFFIXES for y in _YEARS]
-        rng.shuffle(self.free)
+        keys = [(f"{p} {s}", y) for p in _PREFIXES for s in _SUFFIXES for y in _YEARS]
+        rng.shuffle(keys)
+        self.order = keys  # popped from the end
+        self.used: set[tuple[str, int]] = set()
+        self.by_company: dict[str, list[tuple[str, int]]] = {}
+        self.by_year: dict[int, list[tuple[str, int]]] = {}
+        for k in keys:
+            self.by_company.setdefault(k[0], []).append(k)
+            self.by_year.setdefault(k[1], []).append(k)
         self.pages: list[Page] = []
 
-    def _take(self, pred: Callable[[tuple[str, str, int]], bool]) -> tuple[str, str, int] | None:
-        # scan from the end: O(1) pops for the common case, a bounded scan for constrained picks
-        for i in range(len(self.free) - 1, max(-1, len(self.free) - 4000), -1):
-            if pred(self.free[i]):
-                return self.free.pop(i)
+    def _take(self, pool: list[tuple[str, int]]) -> tuple[str, int] | None:
+        while pool:
+            k = pool.pop()
+            if k not in self.used:
+                self.used.add(k)
+                return k
         return None
 
-    def new(self, like: Page | None = None, template: str | None = None) -> Page:
-        if not self.free:
-            raise ValueError(f"synthetic data is limited to {max_pages()} distinct pages; ask for fewer rows")
+    def new(self, like: Page | None = None) -> Page:
+        """A fresh page; with ``like``, one sharing its company or year, or else its template."""
         key = None
+        template = self.rng.choice(_TEMPLATES)
         if like is not None:
-            pre, suf = like.company.rsplit(" ", 1)
-            mode = self.rng.choice(["company", "year", "template"])
-            if mode == "company":
-                key = self._take(lambda k: (k[0], k[1]) == (pre, suf))
-            elif mode == "year":
-                key = self._take(lambda k: k[2] == like.year)
-        key = key or self.free.pop()
-        tmpl = template or (like.template if like is not None and self.rng.random() < 0.6 else self.rng.choice(_TEMPLATES))
+            pools = [self.by_company[like.company], self.by_year[like.year]]
+            self.rng.shuffle(pools)
+            key = self._take(pools[0]) or self._take(pools[1])
+            if key is None or self.rng.random() < 0.5:
+                template = like.template
+        key = key or self._take(self.order)
+        if key is None:
+            raise ValueError(f"synthetic data is limited to {max_pages()} distinct pages; ask for fewer rows")
         page = Page(
             page_id=len(self.pages),
-            company=f"{key[0]} {key[1]}",
-            year=key[2],
-            template=tmpl,
+            company=key[0],
+            year=key[1],
+            template=template,
             font=self.rng.randrange(len(_FONT_FILES)),
             palette=self.rng.randrange(len(_PALETTES)),
             seed=self.rng.randrange(2**31),

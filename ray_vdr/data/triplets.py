@@ -135,6 +135,6 @@ def validate_batch(
         else:
             out["row_id"].append(rid)
             out["query"].append(query.strip())
-            for name, data in zip(spec.output_columns[2:], images):
+            for name, data in zip(spec.output_columns[2:], images, strict=False):
                 out[name].append(data)
     return pa.table(out, schema=spec.output_schema()), rejects

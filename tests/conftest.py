@@ -1,0 +1,57 @@
+"""Shared fixtures. The whole suite runs offline: no hub, no GPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from ray_vdr.config import SyntheticConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """A tiny Qwen3-VL embedder folder (real module stack, random weights), built once per session."""
+    from ray_vdr.models.builders import build_qwen3vl_embedder
+
+    return build_qwen3vl_embedder(tmp_path_factory.mktemp("models") / "tiny-qwen3vl", max_pixels=64 * 64)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    from ray_vdr.models.builders import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A small synthetic VDR dataset (Parquet + JSONL) and its config."""
+    from ray_vdr.data.synthetic import write_synthetic
+
+    cfg = SyntheticConfig(output_dir=str(tmp_path_factory.mktemp("synthetic")), train_queries=48, eval_queries=6,
+                          page_width=224, page_height=288, seed=3)
+    summary = write_synthetic(cfg, rows_per_file=16)
+    return cfg, summary
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """A private local Ray cluster for one test module; never attaches to a stray cluster on the machine."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    temp_dir = tmp_path_factory.mktemp("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(temp_dir),
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()

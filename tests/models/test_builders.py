@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from PIL import Image
+
+from ray_vdr.config import ModelConfig
+from ray_vdr.models.load import build_model, resolve_attn_implementation, resolve_dtype
+
+
+def test_tiny_qwen_has_the_real_module_stack(tiny_qwen):
+    modules = json.loads((tiny_qwen / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
+    pooling = json.loads((tiny_qwen / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode"] == "lasttoken"
+    hf = json.loads((tiny_qwen / "config.json").read_text())
+    assert hf["model_type"] == "qwen3_vl" and hf["architectures"] == ["Qwen3VLModel"]
+    proc = json.loads((tiny_qwen / "processor_config.json").read_text())
+    assert proc["processor_class"] == "Qwen3VLProcessor"  # the upstream name: stock processor loads it on CUDA images
+    prompts = json.loads((tiny_qwen / "config_sentence_transformers.json").read_text())["prompts"]
+    assert set(prompts) >= {"query", "document"}
+
+
+def test_fresh_process_loads_and_encodes_text_and_images(tiny_qwen):
+    """SentenceTransformer(path) in a new interpreter; ray_vdr is imported only for the torchvision-less processor."""
+    code = textwrap.dedent(f"""
+        import ray_vdr.models.processor as p; p.install_image_only_processor()
+        from sentence_transformers import SentenceTransformer
+        from PIL import Image
+        m = SentenceTransformer({str(tiny_qwen)!r}, device="cpu")
+        q = m.encode_query(["What was Northwind's Q3 2021 revenue?"])
+        d = m.encode_document([Image.new("RGB", (200, 260), "white")])
+        both = m.encode([{{"text": "caption", "image": Image.new("RGB", (64, 64), "red")}}])
+        t = SentenceTransformer({str(tiny_qwen)!r}, device="cpu", truncate_dim=16).encode_query(["x"])
+        print(sorted(m.modalities), q.shape, d.shape, both.shape, t.shape, round(float((q * q).sum()), 3))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['image', 'message', 'text'] (1, 64) (1, 64) (1, 64) (1, 16) 1.0"
+
+
+def test_prompts_change_the_embedding(tiny_qwen):
+    m = build_model(ModelConfig(name_or_path=str(tiny_qwen)), device="cpu")
+    q = m.encode_query(["revenue"], convert_to_tensor=True)
+    d = m.encode_document(["revenue"], convert_to_tensor=True)
+    assert (q - d).abs().max() > 1e-4
+
+
+def test_pixel_bounds_cap_image_tokens(tiny_qwen):
+    page = Image.new("RGB", (600, 800), "white")
+    tokens = {}
+    for max_pixels in (64 * 64, 256 * 256):
+        m = build_model(ModelConfig(name_or_path=str(tiny_qwen), max_pixels=max_pixels), device="cpu")
+        grid = m[0].preprocess([page])["image_grid_thw"][0]
+        tokens[max_pixels] = int(grid.prod()) // 4  # merge 2x2
+    assert tokens[64 * 64] <= 4 < tokens[256 * 256]
+
+
+def test_tiny_clip_encodes_both_modalities(tiny_clip):
+    m = build_model(ModelConfig(name_or_path=str(tiny_clip)), device="cpu")
+    assert set(m.modalities) >= {"text", "image"}
+    assert m.encode(["a page"]).shape == m.encode([Image.new("RGB", (50, 50))]).shape == (1, 16)
+    with pytest.raises(ValueError, match="Qwen-VL style"):
+        build_model(ModelConfig(name_or_path=str(tiny_clip), max_pixels=4096), device="cpu")
+
+
+def test_builder_config_builds_once(tmp_path):
+    cfg = ModelConfig(name_or_path=str(tmp_path / "m"), builder="tiny-clip")
+    m = build_model(cfg, device="cpu")
+    stamp = (tmp_path / "m" / "model.safetensors").stat().st_mtime_ns
+    build_model(cfg, device="cpu")
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "m" / "ray_vdr_build.json").read_text())["random_weights"] is True
+    assert m.encode(["x"]).shape == (1, 16)
+
+
+def test_qwen3vl_2b_shape_matches_the_public_model():
+    """The random-weight GPU benchmark model has the 2B parameter count (counted on the meta device, no memory)."""
+    import torch
+    from transformers import Qwen3VLModel
+
+    from ray_vdr.models.builders import QWEN3VL_2B_SHAPE, _qwen3vl_config, _qwen_tokenizer
+
+    tok = _qwen_tokenizer(512)
+    config = _qwen3vl_config(QWEN3VL_2B_SHAPE, tok, QWEN3VL_2B_SHAPE.vocab_size)
+    with torch.device("meta"):
+        model = Qwen3VLModel(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert 1.9e9 < n < 2.3e9, n
+    assert config.text_config.hidden_size == 2048 and config.vision_config.out_hidden_size == 2048
+
+
+def test_auto_resolution_on_cpu():
+    import torch
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
+    with pytest.raises(RuntimeError, match="flash_attn is not installed"):
+        resolve_attn_implementation("flash_attention_2", "cuda")
