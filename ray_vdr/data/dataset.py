@@ -96,7 +96,9 @@ def read_source(source: SourceConfig, columns: list[str] | None = None) -> ray.d
 
     fmt = infer_format(source)
     if fmt == "parquet":
-        ds = ray.data.read_parquet(source.uri, columns=columns, include_paths=True)
+        ds = ray.data.read_parquet(source.uri, include_paths=True)
+        if columns:
+            ds = ds.select_columns([*columns, "path"])
         ds = ds.rename_columns({"path": SOURCE_COLUMN})
     elif fmt == "hf_disk":
         files = _hf_disk_files(source.uri)

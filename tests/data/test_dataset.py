@@ -112,13 +112,13 @@ def test_hf_save_to_disk(ray_local, tmp_path):
 
 
 def test_synthetic_streams_into_disjoint_shards(ray_local, synthetic, tmp_path):
-    """Each Train worker gets its own shard: together they hold every row exactly once."""
+    """Each Train worker gets its own shard (equal split, as Ray Train does): together, every row exactly once."""
     import threading
 
     cfg, summary = synthetic
     ds = build_dataset(SourceConfig(uri=str(Path(cfg.output_dir) / "train")),
                        TripletSpec.from_config(DataConfig(num_negatives=1)), str(tmp_path / "rej"))
-    shards = ds.streaming_split(2, equal=False)
+    shards = ds.streaming_split(2, equal=True)
     seen: list[list[str]] = [[], []]
 
     def read(i):
@@ -132,7 +132,7 @@ def test_synthetic_streams_into_disjoint_shards(ray_local, synthetic, tmp_path):
         t.join(timeout=300)
     all_ids = seen[0] + seen[1]
     assert len(all_ids) == len(set(all_ids)) == summary["train_rows"]
-    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == summary["train_rows"] // 2 and not set(seen[0]) & set(seen[1])
 
 
 def test_missing_column_is_a_clear_error(tmp_path):
