@@ -181,19 +181,6 @@ def train_loop(config: dict[str, Any]) -> None:
 # Driver
 
 
-def count_input_rows(source) -> int | None:
-    """Rows in the source, from metadata where that is cheap (Parquet), else None."""
-    from ray_vdr.data.dataset import _fs_path, infer_format
-
-    if infer_format(source) != "parquet":
-        return None
-    import pyarrow.parquet as pq
-
-    fs, path = _fs_path(source.uri)
-    n = sum(f.metadata.num_rows for f in pq.ParquetDataset(path, filesystem=fs).fragments)
-    return min(n, source.limit) if source.limit else n
-
-
 def derive_max_steps(cfg: VDRConfig, n_rows: int | None) -> int:
     """Optimizer steps: explicit max_steps, else epochs over the rows at the global batch (last partial dropped)."""
     if cfg.train.max_steps:
@@ -225,11 +212,12 @@ def run(cfg: VDRConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from ray_vdr.cluster import init_ray
+    from ray_vdr.data.dataset import count_rows
 
     start = time.time()
     init_ray()
     ds, rejects_uri = build_train_dataset(cfg)
-    max_steps = derive_max_steps(cfg, count_input_rows(cfg.data.train))
+    max_steps = derive_max_steps(cfg, count_rows(cfg.data.train))
     s = cfg.scaling
     logger.info("training %s for %d steps on %d worker(s) (global batch %d)", cfg.model.name_or_path, max_steps,
                 s.num_workers, cfg.train.per_device_batch_size * max(1, s.num_workers))

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_dataset", "count_rejects", "infer_format", "read_rejects", "read_source"]
+__all__ = ["build_dataset", "count_rejects", "count_rows", "infer_format", "read_rejects", "read_source"]
 
 
 def _fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -53,15 +53,40 @@ def infer_format(source: SourceConfig) -> str:
     return "parquet"
 
 
+def _hub_filesystem() -> pafs.FileSystem:
+    from huggingface_hub import HfFileSystem
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
+
+
+def hub_parquet_files(source: SourceConfig) -> list[str]:
+    """Parquet files of a Hub dataset config/split (the layout `push_to_hub` writes), streamed by Ray workers."""
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem()
+    base = f"datasets/{source.uri}"
+    config = source.hf_config or "default"
+    split = source.hf_split
+    for pattern in (f"{base}/{config}/{split}-*.parquet", f"{base}/{config}/{split}/*.parquet",
+                    f"{base}/data/{split}-*.parquet", f"{base}/{split}-*.parquet"):
+        files = sorted(fs.glob(pattern))
+        if files:
+            return files
+    return []
+
+
 def _source_columns(source: SourceConfig, fmt: str) -> list[str]:
     """Column names of a source, read cheaply (Parquet metadata, Arrow schema, first JSONL line)."""
-    fs, path = _fs_path(source.uri)
+    fs, path = _fs_path(source.uri) if fmt != "hf_hub" else (None, source.uri)
     if fmt == "parquet":
         return pq.ParquetDataset(path, filesystem=fs).schema.names
     if fmt == "hf_disk":
         first_fs, first = _fs_path(_hf_disk_files(source.uri)[0])
         with first_fs.open_input_stream(first) as fh:
             return pa.ipc.open_stream(fh).schema.names
+    if fmt == "hf_hub":
+        files = hub_parquet_files(source)
+        return pq.read_schema(files[0], filesystem=_hub_filesystem()).names if files else []
     if fmt == "images_jsonl":
         with fs.open_input_stream(path) as fh:
             first = fh.read(1 << 20).split(b"\n", 1)[0]
@@ -110,14 +135,21 @@ def read_source(source: SourceConfig, columns: list[str] | None = None) -> ray.d
         ds = ray.data.read_json(source.uri, lines=True, include_paths=True)
         ds = ds.rename_columns({"path": SOURCE_COLUMN})
     elif fmt == "hf_hub":
-        import datasets
+        files = hub_parquet_files(source)
+        if files:
+            ds = ray.data.read_parquet(files, filesystem=_hub_filesystem(), include_paths=True)
+            if columns:
+                ds = ds.select_columns([*columns, "path"])
+            ds = ds.rename_columns({"path": SOURCE_COLUMN})
+        else:  # a Hub dataset without Parquet files: load it with `datasets` (materialised by Ray's adapter)
+            import datasets
 
-        hf = datasets.load_dataset(source.uri, source.hf_config, split=source.hf_split)
-        if columns:
-            hf = hf.select_columns(columns)
-        ds = ray.data.from_huggingface(hf)
-        ds = ds.add_column(SOURCE_COLUMN, lambda b: pa.array([f"hf://{source.uri}"] * len(b), pa.string()),
-                           batch_format="pyarrow")
+            logger.warning("%s has no Parquet files for %s/%s; loading through `datasets`", source.uri,
+                           source.hf_config, source.hf_split)
+            hf = datasets.load_dataset(source.uri, source.hf_config, split=source.hf_split)
+            ds = ray.data.from_huggingface(hf.select_columns(columns) if columns else hf)
+            ds = ds.add_column(SOURCE_COLUMN, lambda b: pa.array([f"hf://datasets/{source.uri}"] * len(b)),
+                               batch_format="pyarrow")
     else:  # pragma: no cover - guarded by the config Literal
         raise ValueError(fmt)
     if source.limit:
@@ -184,14 +216,27 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The validated triplet stream for one source. Lazy: nothing runs until a consumer iterates."""
     fmt = infer_format(source)
-    if fmt != "hf_hub":
-        present = _source_columns(source, fmt)
-        missing = spec.missing_columns(present)
-        if missing:
-            raise DataError(f"{source.uri}: missing column(s) {missing}; it has {present}")
-    ds = read_source(source, columns=spec.input_columns if fmt == "parquet" else None)
+    present = _source_columns(source, fmt)
+    missing = spec.missing_columns(present)
+    if present and missing:
+        raise DataError(f"{source.uri}: missing column(s) {missing}; it has {present}")
+    ds = read_source(source, columns=spec.input_columns if fmt in ("parquet", "hf_hub") else None)
     validate = ValidateTriplets(spec, rejects_uri, source.uri if fmt == "images_jsonl" else None)
     return ds.map_batches(validate, batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
+
+
+def count_rows(source: SourceConfig) -> int | None:
+    """Input rows of a source from metadata where that is cheap (local or remote Parquet), else None."""
+    fmt = infer_format(source)
+    if fmt == "parquet":
+        fs, path = _fs_path(source.uri)
+        n = sum(f.metadata.num_rows for f in pq.ParquetDataset(path, filesystem=fs).fragments)
+    elif fmt == "hf_hub" and (files := hub_parquet_files(source)):
+        fs = _hub_filesystem()
+        n = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
+    else:
+        return None
+    return min(n, source.limit) if source.limit else n
 
 
 def read_rejects(rejects_uri: str) -> pa.Table:

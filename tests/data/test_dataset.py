@@ -141,3 +141,38 @@ def test_missing_column_is_a_clear_error(tmp_path):
         build_dataset(SourceConfig(uri=str(tmp_path)), spec(), str(tmp_path / "rej"))
     with pytest.raises(DataError, match="not found"):
         build_dataset(SourceConfig(uri=str(tmp_path / "nowhere")), spec(), str(tmp_path / "rej"))
+
+
+def test_hub_dataset_streams_parquet_files(ray_local, synthetic, tmp_path, monkeypatch):
+    """The Hub reader lists a dataset's Parquet files and streams them. The Hub cannot be reached here, so a local
+    fsspec folder laid out like the Hub (datasets/<repo>/<config>/<split>-*.parquet) stands in for HfFileSystem."""
+    import shutil
+
+    import huggingface_hub
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    from ray_vdr.data.dataset import count_rows
+
+    syn, summary = synthetic
+    repo = tmp_path / "hub" / "datasets" / "org" / "vdr" / "train"
+    repo.mkdir(parents=True)
+    for i, f in enumerate(sorted((Path(syn.output_dir) / "train").glob("*.parquet"))):
+        shutil.copy(f, repo / f"train-{i:05d}-of-99999.parquet")
+
+    class FakeHub(DirFileSystem):
+        def __init__(self, *args, **kwargs):
+            super().__init__(path=str(tmp_path / "hub"), fs=LocalFileSystem())
+
+    import pyarrow.fs as pafs
+
+    import ray_vdr.data.dataset as dataset_mod
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", FakeHub)  # listing, in the driver
+    hub_root = pafs.SubTreeFileSystem(str(tmp_path / "hub"), pafs.LocalFileSystem())  # reading, in Ray tasks
+    monkeypatch.setattr(dataset_mod, "_hub_filesystem", lambda: hub_root)
+    src = SourceConfig(uri="org/vdr", format="hf_hub", hf_config="train", hf_split="train")
+    assert count_rows(src) == summary["train_rows"]
+    rows = consume(build_dataset(src, TripletSpec.from_config(DataConfig()), str(tmp_path / "rej")))
+    assert len({r["row_id"] for r in rows}) == summary["train_rows"]
+    assert read_rejects(str(tmp_path / "rej")).num_rows == 0
