@@ -107,3 +107,16 @@ def test_config_module_imports_no_torch_or_ray():
     code = "import sys, ray_vdr.config; print(any(m in sys.modules for m in ('torch', 'ray')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_every_field_is_described():
+    from pydantic import BaseModel
+
+    from ray_vdr import config
+
+    undocumented = []
+    for name in config.__all__:
+        obj = getattr(config, name)
+        if isinstance(obj, type) and issubclass(obj, BaseModel):
+            undocumented += [f"{name}.{f}" for f, info in obj.model_fields.items() if not info.description]
+    assert not undocumented

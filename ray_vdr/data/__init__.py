@@ -1,0 +1,1 @@
+"""Data: synthetic VDR pages, image validation, triplet validation and the Ray Data pipelines around them."""

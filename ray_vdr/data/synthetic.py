@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -486,6 +487,8 @@ def write_synthetic(cfg: SyntheticConfig, rows_per_file: int = 256) -> dict:
         train.jsonl, eval.jsonl, images/   the same rows as image files + JSONL
     """
     out = Path(cfg.output_dir)
+    for owned in ("train", "eval", "images"):  # a smaller rerun must not leave stale part files behind
+        shutil.rmtree(out / owned, ignore_errors=True)
     train_rows, eval_rows = generate(cfg)
     w, h = cfg.page_width, cfg.page_height
     _write_parquet(train_rows, cfg.num_negatives, out / "train", w, h, rows_per_file)

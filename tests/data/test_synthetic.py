@@ -94,3 +94,13 @@ def test_page_renders_at_requested_size():
 
     img = Image.open(BytesIO(page_png(train[0].positive, 300, 400)))
     assert img.size == (300, 400) and img.mode == "RGB"
+
+
+def test_rerun_with_fewer_rows_leaves_no_stale_files(tmp_path):
+    import pyarrow.parquet as pq
+
+    base = dict(output_dir=str(tmp_path), eval_queries=2, page_width=96, page_height=128)
+    write_synthetic(SyntheticConfig(train_queries=20, **base), rows_per_file=5)
+    write_synthetic(SyntheticConfig(train_queries=6, **base), rows_per_file=5)
+    assert pq.read_table(tmp_path / "train").num_rows == 6
+    assert len(list((tmp_path / "images").iterdir())) < 20
