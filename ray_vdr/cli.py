@@ -58,7 +58,11 @@ def cmd_train(cfg: VDRConfig) -> int:
     result = run(cfg)
     print(f"trained model: {result.model_uri}")
     print(f"metrics: {json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})}")
-    print(f"rejected training rows: {count_rejects(result.rejects_uri) or 'none'} ({result.rejects_uri})")
+    for split in ("train", "eval"):
+        rejects = count_rejects(f"{result.rejects_uri}/{split}")
+        print(f"rejected {split} rows: {rejects or 'none'} ({result.rejects_uri}/{split})")
+    if result.eval_table:
+        print(f"retrieval on the eval split (base → finetuned):\n{result.eval_table}")
     print(f"training took {result.seconds:.1f}s")
     return 0
 

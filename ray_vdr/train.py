@@ -33,6 +33,7 @@ class TrainResult:
     rejects_uri: str
     metrics: dict[str, Any]
     seconds: float
+    eval_table: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,6 +131,58 @@ def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bo
 # Worker
 
 
+class _RankZeroEvaluator:
+    """Retrieval evaluation on rank 0: before training, every eval_every, and after training."""
+
+    def __init__(self, model, eval_set, dims: list[int], batch_size: int):
+        from ray_vdr.evaluate import MatryoshkaRetrievalEvaluator
+
+        self.model = model
+        self.eval_set = eval_set
+        self.dims = dims
+        self.evaluator = MatryoshkaRetrievalEvaluator(eval_set, dims, batch_size=batch_size)
+
+    def run(self, label: str) -> dict[int, dict]:
+        from ray_vdr.evaluate import markdown_table
+
+        was_training = self.model.training
+        self.model.eval()
+        self.evaluator(self.model)
+        self.model.train(was_training)
+        results = dict(self.evaluator.results)
+        logger.info("retrieval on the eval split, %s:\n%s", label, markdown_table(results))
+        return results
+
+    def summary(self, before: dict[int, dict], after: dict[int, dict]) -> dict[str, float]:
+        d = self.dims[0]
+        return {"eval_dim": d, "ndcg@10_base": before[d]["ndcg@10"], "ndcg@10": after[d]["ndcg@10"],
+                "mrr@10": after[d]["mrr@10"], "recall@10": after[d]["recall@10"]}
+
+    def periodic(self, every: int):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class EvalEvery(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % every == 0 and state.global_step < state.max_steps:
+                    outer.run(f"step {state.global_step}")
+
+        return EvalEvery()
+
+
+def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
+    """Read the whole (unsplit) eval stream into an EvalSet: small by design (N queries, 5N pages)."""
+    import pyarrow as pa
+
+    from ray_vdr.evaluate import eval_dims, eval_set_from_table
+
+    table = pa.concat_tables(list(eval_shard.iter_batches(batch_size=256, batch_format="pyarrow")))
+    dims = eval_dims(model.get_sentence_embedding_dimension(), cfg.train.matryoshka_dims)
+    return _RankZeroEvaluator(model, eval_set_from_table(table), dims, batch_size=min(16, cfg.train.per_device_batch_size))
+
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -159,10 +212,20 @@ def train_loop(config: dict[str, Any]) -> None:
             if logs and "loss" in logs:
                 ray.train.report({**logs, "step": state.global_step})
 
+    # Evaluation runs on rank 0 only; the other ranks wait for it at their next collective.
+    evaluator = None
+    if rank == 0 and config.get("has_eval"):
+        evaluator = _build_evaluator(ray.train.get_dataset_shard("eval"), model, cfg)
+    base = evaluator.run("base (before training)") if evaluator else None
+    callbacks = [ReportMetrics()]
+    eval_steps = _steps(cfg.train.eval_every, config["max_steps"])
+    if evaluator and eval_steps and eval_steps < config["max_steps"]:
+        callbacks.append(evaluator.periodic(eval_steps))
+
     with tempfile.TemporaryDirectory() as tmp:
         args = training_arguments(cfg, config["max_steps"], tmp, cuda, prompts)
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds, loss=loss,
-                                             callbacks=[ReportMetrics()])
+                                             callbacks=callbacks)
         if rank == 0:
             logger.info("distributed type %s, world size %d", trainer.accelerator.distributed_type, world)
         result = trainer.train()
@@ -171,8 +234,16 @@ def train_loop(config: dict[str, Any]) -> None:
         checkpoint = None
         if rank == 0:
             out = Path(tmp) / "model"
+            if evaluator:
+                after = evaluator.run("finetuned")
+                metrics.update(evaluator.summary(base, after))
             model.truncate_dim = cfg.output.truncate_dim
             model.save(str(out))
+            if evaluator:
+                from ray_vdr.evaluate import write_reports
+
+                write_reports(out, base, after, {"eval_queries": len(evaluator.eval_set.queries),
+                                                 "eval_corpus": len(evaluator.eval_set.corpus)})
             (out / "ray_vdr_train.json").write_text(json.dumps({"metrics": metrics, "config": config["cfg"]}, indent=2))
             checkpoint = ray.train.Checkpoint.from_directory(str(out))
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -195,21 +266,25 @@ def derive_max_steps(cfg: VDRConfig, n_rows: int | None) -> int:
     return steps
 
 
-def build_train_dataset(cfg: VDRConfig) -> tuple[ray.data.Dataset, str]:
+def build_datasets(cfg: VDRConfig) -> tuple[dict[str, ray.data.Dataset], str]:
+    """The validated train (and eval) streams, and the folder their rejects go to."""
     from ray_vdr.data.dataset import build_dataset
 
     if cfg.data.train is None:
         raise ValueError("data.train is not set")
-    rejects_uri = (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/") + "/train"
-    spec = TripletSpec.from_config(cfg.data, split="train")
-    ds = build_dataset(cfg.data.train, spec, rejects_uri, batch_size=cfg.data.batch_size)
-    return ds, rejects_uri
+    rejects_uri = (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/")
+    datasets = {}
+    for split, source in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        if source is not None:
+            spec = TripletSpec.from_config(cfg.data, split=split)
+            datasets[split] = build_dataset(source, spec, f"{rejects_uri}/{split}", batch_size=cfg.data.batch_size)
+    return datasets, rejects_uri
 
 
 def run(cfg: VDRConfig) -> TrainResult:
     """Train the embedder described by ``cfg`` on the current Ray cluster (started locally if there is none)."""
     import pyarrow.fs as pafs
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_vdr.cluster import init_ray
@@ -217,14 +292,14 @@ def run(cfg: VDRConfig) -> TrainResult:
 
     start = time.time()
     init_ray()
-    ds, rejects_uri = build_train_dataset(cfg)
+    datasets, rejects_uri = build_datasets(cfg)
     max_steps = derive_max_steps(cfg, count_rows(cfg.data.train))
     s = cfg.scaling
     logger.info("training %s for %d steps on %d worker(s) (global batch %d)", cfg.model.name_or_path, max_steps,
                 s.num_workers, cfg.train.per_device_batch_size * max(1, s.num_workers))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "max_steps": max_steps},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "max_steps": max_steps, "has_eval": "eval" in datasets},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=s.resources_per_worker,
                                      placement_strategy=s.placement_strategy),
@@ -234,7 +309,8 @@ def run(cfg: VDRConfig) -> TrainResult:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
-        datasets={"train": ds},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # every rank may read the whole eval split
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -245,4 +321,8 @@ def run(cfg: VDRConfig) -> TrainResult:
     dst_fs, dst = pafs.FileSystem.from_uri(model_uri) if "://" in model_uri else (pafs.LocalFileSystem(), model_uri)
     dst_fs.create_dir(dst, recursive=True)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
-    return TrainResult(model_uri, rejects_uri, dict(result.metrics or {}), time.time() - start)
+    table = None
+    if dst_fs.get_file_info(f"{dst}/eval.md").type == pafs.FileType.File:
+        with dst_fs.open_input_stream(f"{dst}/eval.md") as fh:
+            table = fh.read().decode()
+    return TrainResult(model_uri, rejects_uri, dict(result.metrics or {}), time.time() - start, table)
