@@ -52,6 +52,8 @@ _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augu
 _SEGMENTS = ["Cloud", "Devices", "Services", "Consumer", "Enterprise", "Licensing", "Advertising", "Hardware"]
 _TEMPLATES = ["table", "bar", "line", "memo", "segments"]
 _FONT_FILES = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf"]
+_YEAR_COLOURS = ["#c0392b", "#d35400", "#b7950b", "#27ae60", "#16a085", "#2980b9", "#8e44ad", "#2c3e50",
+                 "#e91e63", "#795548", "#607d8b", "#9e9d24", "#00838f", "#6a1b9a", "#ef6c00", "#1b5e20"]
 _PALETTES = [("#1f4e79", "#dbe8f5"), ("#7a1f1f", "#f5e0db"), ("#1f5e3a", "#dcf0e3"), ("#4b2a75", "#e8dff5"),
              ("#333333", "#e6e6e6")]
 
@@ -244,6 +246,12 @@ def render_page(page: Page, width: int, height: int) -> Image.Image:
     w = width - 2 * m
     c, yr = page.company, page.year
     d.rectangle([0, 0, width, int(8 * s)], fill=fg)
+    # the report's year badge, in the year's brand colour (as annual reports print it on every page)
+    badge_f = _font(3, int(22 * s))
+    bw, bh = int(84 * s), int(34 * s)
+    bx = width - m - bw
+    d.rectangle([bx, int(14 * s), bx + bw, int(14 * s) + bh], fill=_YEAR_COLOURS[yr % len(_YEAR_COLOURS)])
+    d.text((bx + int(10 * s), int(18 * s)), str(yr), font=badge_f, fill="white")
     y = m
     titles = {
         "table": f"{c} - {yr} quarterly results",
@@ -252,7 +260,7 @@ def render_page(page: Page, width: int, height: int) -> Image.Image:
         "memo": f"Memo - {c} {yr} highlights",
         "segments": f"{c} - {yr} revenue by segment",
     }
-    y = _paragraph(d, m, y, w, titles[page.template], title_f, fg) + int(6 * s)
+    y = _paragraph(d, m, y, w - int(92 * s), titles[page.template], title_f, fg) + int(6 * s)
     d.text((m, y), f"Annual report {yr} | page {1 + page.seed % 40}", font=small_f, fill="#666666")
     y += small_f.size + int(12 * s)
     if page.template == "table":
