@@ -61,28 +61,49 @@ def build_loss(model: SentenceTransformer, train: TrainConfig, *, gather: bool):
     return loss
 
 
-def shard_to_iterable(shard, spec: TripletSpec, world_size: int, batch_size: int = 16):
-    """Wrap a Ray Data shard as a `datasets.IterableDataset` that ST's trainer and collator accept.
-
-    ``n_shards`` equals the world size, so when accelerate splits the dataset by node each rank keeps exactly
-    one part — its own Ray shard, which the generator reads whatever part it is handed.
-    """
+def column_schema(image_columns: list[str]):
+    """A `datasets.IterableDataset` that only declares the columns: ST reads names and prompts from it, while the
+    batches themselves come from the feeder (see :func:`streaming_trainer_cls`)."""
     import datasets
 
-    image_cols = spec.output_columns[2:]
-    features = datasets.Features({"query": datasets.Value("string"), **{c: datasets.Image() for c in image_cols}})
+    features = datasets.Features({"query": datasets.Value("string"), **{c: datasets.Image() for c in image_columns}})
 
-    def generate(part: list[int]):
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-            cols = {c: batch.column(c).to_pylist() for c in ["query", *image_cols]}
-            for i in range(batch.num_rows):
-                row = {"query": cols["query"][i]}
-                row.update({c: {"bytes": cols[c][i], "path": None} for c in image_cols})
-                yield row
+    def nothing():
+        yield from ()
 
-    return datasets.IterableDataset.from_generator(
-        generate, features=features, gen_kwargs={"part": list(range(world_size))}
-    )
+    return datasets.IterableDataset.from_generator(nothing, features=features)
+
+
+def streaming_trainer_cls():
+    """SentenceTransformerTrainer whose train loader yields the feeder's ready-made per-device batches.
+
+    The batches are already this rank's share of a global batch, so the loader is not prepared by accelerate
+    (which would shard or dispatch it again); ST's collator still does all the preprocessing.
+    """
+    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+    from torch.utils.data import DataLoader
+
+    class StreamingTrainer(SentenceTransformerTrainer):
+        def __init__(self, *args, batch_stream, progress, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.batch_stream = batch_stream
+            self.progress = progress
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            """Linear warm-up and decay over the *rows* of the run, not its steps: duplicate-free batching can make
+            an epoch a few steps longer than planned, and the schedule must still end as the data does."""
+            from torch.optim.lr_scheduler import LambdaLR
+
+            if self.lr_scheduler is None:
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda _: self.progress())
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+        def get_train_dataloader(self) -> DataLoader:
+            return DataLoader(self.batch_stream, batch_size=None, collate_fn=self.data_collator,
+                              num_workers=0, pin_memory=self.args.dataloader_pin_memory)
+
+    return StreamingTrainer
 
 
 def _precision(cfg: VDRConfig, cuda: bool) -> tuple[bool, bool]:
@@ -96,17 +117,27 @@ def _steps(fraction: float | None, max_steps: int) -> int | None:
     return None if fraction is None else max(1, round(fraction * max_steps))
 
 
-def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bool, prompts: dict[str, str]):
+def lr_factor(done: float, warmup_ratio: float) -> float:
+    """Linear warm-up then linear decay to 0, as a function of the fraction of the run's rows trained."""
+    done = min(max(done, 0.0), 1.0)
+    if warmup_ratio > 0 and done < warmup_ratio:
+        return done / warmup_ratio
+    return max(0.0, (1.0 - done) / (1.0 - warmup_ratio))
+
+
+def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bool, prompts: dict[str, str],
+                       step_cap: int | None = None):
+    """HF/ST arguments from the typed config. ``max_steps`` is the planned length (logging and evaluation
+    intervals follow it); ``step_cap`` (default: the plan) is where the loop stops at the latest."""
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
     t = cfg.train
     bf16, fp16 = _precision(cfg, cuda)
     return SentenceTransformerTrainingArguments(
         output_dir=output_dir,
-        max_steps=max_steps,
+        max_steps=step_cap or max_steps,
         per_device_train_batch_size=t.per_device_batch_size,
         learning_rate=t.lr,
-        warmup_steps=math.ceil(t.warmup_ratio * max_steps),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=_steps(t.log_every, max_steps),
@@ -158,17 +189,36 @@ class _RankZeroEvaluator:
         return {"eval_dim": d, "ndcg@10_base": before[d]["ndcg@10"], "ndcg@10": after[d]["ndcg@10"],
                 "mrr@10": after[d]["mrr@10"], "recall@10": after[d]["recall@10"]}
 
-    def periodic(self, every: int):
+    def periodic(self, every: int, planned_steps: int):
         from transformers import TrainerCallback
 
         outer = self
 
         class EvalEvery(TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kwargs):
-                if state.global_step % every == 0 and state.global_step < state.max_steps:
+                if state.global_step % every == 0 and state.global_step < planned_steps:
                     outer.run(f"step {state.global_step}")
 
         return EvalEvery()
+
+
+def _write_table(table, uri: str) -> None:
+    import pyarrow.parquet as pq
+
+    from ray_vdr.data.dataset import _fs_path
+
+    fs, path = _fs_path(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def _write_bytes(data: bytes, uri: str) -> None:
+    from ray_vdr.data.dataset import _fs_path
+
+    fs, path = _fs_path(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as fh:
+        fh.write(data)
 
 
 def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
@@ -185,11 +235,12 @@ def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    import ray
     import ray.train
     import torch
-    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
     from transformers import TrainerCallback
 
+    from ray_vdr.feeder import SliceStream, trained_ids_table
     from ray_vdr.models.load import build_model
 
     cfg = VDRConfig.model_validate(config["cfg"])
@@ -199,7 +250,10 @@ def train_loop(config: dict[str, Any]) -> None:
     device = f"cuda:{ctx.get_local_rank()}" if cuda else "cpu"
     model = build_model(cfg.model, device=device)
     spec = TripletSpec.from_config(cfg.data, split="train")
-    train_ds = shard_to_iterable(ray.train.get_dataset_shard("train"), spec, world)
+    image_cols = spec.output_columns[2:]
+    feeder = config["feeder"]
+    stream = SliceStream(lambda r, s: ray.get(feeder.get.remote(r, s)), rank, image_cols)
+    planned_rows = config["planned_rows"]
     loss = build_loss(model, cfg.train, gather=world > 1)
     doc_prompt = model.prompts.get("document")
     prompts = {"query": model.prompts.get("query")} | {c: doc_prompt for c in spec.output_columns[2:]}
@@ -220,15 +274,22 @@ def train_loop(config: dict[str, Any]) -> None:
     callbacks = [ReportMetrics()]
     eval_steps = _steps(cfg.train.eval_every, config["max_steps"])
     if evaluator and eval_steps and eval_steps < config["max_steps"]:
-        callbacks.append(evaluator.periodic(eval_steps))
+        callbacks.append(evaluator.periodic(eval_steps, config["max_steps"]))
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = training_arguments(cfg, config["max_steps"], tmp, cuda, prompts)
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds, loss=loss,
-                                             callbacks=callbacks)
+        args = training_arguments(cfg, config["max_steps"], tmp, cuda, prompts, config["step_cap"])
+        trainer = streaming_trainer_cls()(model=model, args=args, train_dataset=column_schema(image_cols),
+                                          loss=loss, callbacks=callbacks, batch_stream=stream,
+                                          progress=lambda: lr_factor(stream.rows * world / planned_rows,
+                                                                     cfg.train.warmup_ratio))
         if rank == 0:
             logger.info("distributed type %s, world size %d", trainer.accelerator.distributed_type, world)
         result = trainer.train()
+        # an audit trail per rank: which rows it trained, and a weight checksum (equal on all ranks when DDP works)
+        _write_table(trained_ids_table(stream.trained_ids, rank), cfg.run.uri("row_ids", f"rank-{rank:04d}.parquet"))
+        checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+        _write_bytes(json.dumps({"rank": rank, "rows": len(stream.trained_ids), "steps": trainer.state.global_step,
+                                 "param_checksum": checksum}).encode(), cfg.run.uri("ranks", f"rank-{rank:04d}.json"))
         metrics = {"train_loss": result.training_loss, "step": trainer.state.global_step,
                    "distributed_type": str(trainer.accelerator.distributed_type), "world_size": world}
         checkpoint = None
@@ -253,17 +314,28 @@ def train_loop(config: dict[str, Any]) -> None:
 # Driver
 
 
-def derive_max_steps(cfg: VDRConfig, n_rows: int | None) -> int:
-    """Optimizer steps: explicit max_steps, else epochs over the rows at the global batch (last partial dropped)."""
+def plan_steps(cfg: VDRConfig, n_rows: int | None) -> tuple[int, int, int]:
+    """(planned optimizer steps, hard cap on steps, planned rows) for the run.
+
+    An explicit ``train.max_steps`` is both the plan and the cap. Otherwise the plan is the epochs over the input
+    rows at the global batch, counting the final partial batch, and the run ends when the data does: duplicate-free
+    batching may make an epoch a few steps longer, so the cap is the loosest bound (one row per rank per step).
+    The learning-rate schedule follows rows, not steps (see ``lr_factor``).
+    """
+    world = max(1, cfg.scaling.num_workers)
+    global_batch = cfg.train.per_device_batch_size * world
     if cfg.train.max_steps:
-        return cfg.train.max_steps
+        return cfg.train.max_steps, cfg.train.max_steps, cfg.train.max_steps * global_batch
     if n_rows is None:
         raise ValueError("train.max_steps is required when the number of training rows is not known up front")
-    global_batch = cfg.train.per_device_batch_size * max(1, cfg.scaling.num_workers)
-    steps = math.floor(n_rows * (cfg.train.epochs or 1.0) / global_batch)
-    if steps < 1:
+    if n_rows < global_batch:
         raise ValueError(f"{n_rows} training rows are fewer than one global batch of {global_batch}")
-    return steps
+    epochs = cfg.train.epochs or 1.0
+    if float(epochs).is_integer():
+        rows = int(epochs) * n_rows
+        return math.ceil(rows / global_batch), math.ceil(rows / world), rows
+    steps = max(1, math.floor(n_rows * epochs / global_batch))
+    return steps, steps, steps * global_batch
 
 
 def build_datasets(cfg: VDRConfig) -> tuple[dict[str, ray.data.Dataset], str]:
@@ -281,9 +353,28 @@ def build_datasets(cfg: VDRConfig) -> tuple[dict[str, ray.data.Dataset], str]:
     return datasets, rejects_uri
 
 
+def _start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: int | None):
+    """The actor that turns the validated stream into global batches (see ray_vdr.feeder)."""
+    import ray
+
+    from ray_vdr.feeder import BatchFeeder
+
+    global_batch = cfg.train.per_device_batch_size * world
+    if cfg.train.max_steps and n_rows:
+        epochs = math.ceil(max_steps * global_batch / n_rows)
+    else:
+        epochs = math.ceil(cfg.train.epochs or 1)
+    image_columns = TripletSpec.from_config(cfg.data, split="train").output_columns[2:]
+    actor = ray.remote(num_cpus=0, max_concurrency=world + 4)(BatchFeeder)
+    return actor.remote(train_ds, world_size=world, per_device=cfg.train.per_device_batch_size,
+                        image_columns=image_columns, epochs=epochs, dedup=cfg.train.duplicate_free_batches)
+
+
 def run(cfg: VDRConfig) -> TrainResult:
     """Train the embedder described by ``cfg`` on the current Ray cluster (started locally if there is none)."""
+    import pyarrow as pa
     import pyarrow.fs as pafs
+    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -293,13 +384,20 @@ def run(cfg: VDRConfig) -> TrainResult:
     start = time.time()
     init_ray()
     datasets, rejects_uri = build_datasets(cfg)
-    max_steps = derive_max_steps(cfg, count_rows(cfg.data.train))
+    n_rows = count_rows(cfg.data.train)
+    max_steps, step_cap, planned_rows = plan_steps(cfg, n_rows)
     s = cfg.scaling
+    world = max(1, s.num_workers)
+    global_batch = cfg.train.per_device_batch_size * world
     logger.info("training %s for %d steps on %d worker(s) (global batch %d)", cfg.model.name_or_path, max_steps,
-                s.num_workers, cfg.train.per_device_batch_size * max(1, s.num_workers))
+                s.num_workers, global_batch)
+    feeder = _start_feeder(cfg, datasets.pop("train"), world, max_steps, n_rows)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "max_steps": max_steps, "has_eval": "eval" in datasets},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "max_steps": max_steps, "step_cap": step_cap,
+                           "planned_rows": planned_rows,
+                           "has_eval": "eval" in datasets,
+                           "feeder": feeder},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=s.resources_per_worker,
                                      placement_strategy=s.placement_strategy),
@@ -310,9 +408,14 @@ def run(cfg: VDRConfig) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every rank may read the whole eval split
+        dataset_config=DataConfig(datasets_to_split=[]),  # train rows come from the feeder; eval is read whole
     )
     result = trainer.fit()
+    dropped = ray.get(feeder.dropped.remote())
+    ray.kill(feeder)
+    if dropped:
+        _write_table(pa.table({"row_id": [d[0] for d in dropped], "reason": [d[1] for d in dropped]}),
+                     cfg.run.uri("dropped.parquet"))
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a model checkpoint: {result.error}")
     model_uri = cfg.run.uri("model")

@@ -1,30 +1,42 @@
-"""The first distributed training path: demo config, 2 gloo workers on a private local Ray cluster."""
+"""Distributed training: demo config, 2 gloo workers on a private local Ray cluster."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from ray_vdr.config import load_config
-from ray_vdr.train import derive_max_steps
+from ray_vdr.train import plan_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_max_steps_derivation():
-    cfg = load_config(ROOT / "configs/demo.yaml")  # 2 workers x 16
-    assert derive_max_steps(cfg, 256) == 8
-    assert derive_max_steps(cfg, 100) == 3  # the last partial global batch is dropped
+def test_step_plan():
+    cfg = load_config(ROOT / "configs/demo.yaml")  # 2 workers x 16, 1 epoch
+    assert plan_steps(cfg, 256) == (8, 128, 256)
+    assert plan_steps(cfg, 100) == (4, 50, 100)  # the final partial batch is trained too
+    assert plan_steps(load_config(ROOT / "configs/demo.yaml", ["train.epochs=0.5"]), 256) == (4, 4, 128)
+    assert plan_steps(load_config(ROOT / "configs/demo.yaml", ["train.max_steps=3"]), None) == (3, 3, 96)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        derive_max_steps(cfg, 10)
+        plan_steps(cfg, 10)
     with pytest.raises(ValueError, match="max_steps is required"):
-        derive_max_steps(cfg, None)
+        plan_steps(cfg, None)
+
+
+def test_lr_schedule_follows_rows():
+    from ray_vdr.train import lr_factor
+
+    assert lr_factor(0.0, 0.1) == 0.0 and lr_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert lr_factor(0.1, 0.1) == pytest.approx(1.0) and lr_factor(0.55, 0.1) == pytest.approx(0.5)
+    assert lr_factor(1.0, 0.1) == 0.0 and lr_factor(1.7, 0.1) == 0.0 and lr_factor(0.5, 0.0) == 0.5
 
 
 def test_demo_training_on_two_workers(ray_local, synthetic, tiny_qwen, tmp_path):
+    """Every accepted row is trained exactly once (or reported as dropped), and both ranks end with equal weights."""
     from sentence_transformers import SentenceTransformer
 
     from ray_vdr.train import run
@@ -38,8 +50,21 @@ def test_demo_training_on_two_workers(ray_local, synthetic, tiny_qwen, tmp_path)
     result = run(cfg)
     assert result.metrics["distributed_type"] == "DistributedType.MULTI_CPU"
     assert result.metrics["world_size"] == 2
-    assert result.metrics["step"] == summary["train_rows"] // 16
+
+    run_dir = tmp_path / "demo"
+    trained = pq.read_table(run_dir / "row_ids").column("row_id").to_pylist()
+    dropped = pq.read_table(run_dir / "dropped.parquet").column("row_id").to_pylist() \
+        if (run_dir / "dropped.parquet").exists() else []
+    assert len(trained) == len(set(trained)), "a row was trained twice"
+    assert len(trained) + len(dropped) == summary["train_rows"]
+    assert len(dropped) <= 4
+    ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("*.json"))]
+    assert len(ranks) == 2 and ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+    assert ranks[0]["rows"] == ranks[1]["rows"] and ranks[0]["steps"] == result.metrics["step"]
+
     model = SentenceTransformer(result.model_uri, device="cpu")
     assert model.truncate_dim == 32 and model.encode_query(["q"]).shape == (1, 32)
+    assert {"eval.json", "eval.md", "eval.png", "README.md"} <= {p.name for p in Path(result.model_uri).iterdir()}
+    assert result.eval_table and "→" in result.eval_table
     saved = json.loads((Path(result.model_uri) / "ray_vdr_train.json").read_text())
     assert saved["config"]["train"]["per_device_batch_size"] == 8

@@ -1,0 +1,147 @@
+"""Feeding Ray Train workers from one Ray Data stream, one equal slice of each global batch per rank.
+
+A single :class:`BatchFeeder` (a Ray actor in training) consumes the validated stream, assembles duplicate-free
+global batches with :class:`~ray_vdr.data.batching.GlobalBatcher` in a background thread (a few batches ahead of
+the trainers), and hands rank r its slice of step s. Because batch composition is decided in one place:
+
+- every row is trained exactly once per epoch (or reported as dropped, with the reason, at the epoch's end);
+- no global batch repeats a query or a page (in-batch negatives stay true negatives);
+- every rank gets the same number of equally sized batches, so DDP/DeepSpeed collectives and the cross-rank
+  ``all_gather`` of the loss always line up, even when rows are rejected or the last batch is partial.
+
+The worker side, :class:`SliceStream`, is a torch IterableDataset that yields one ready-made per-device batch per
+step; the trainer's collator (the model's processor) turns it into tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import torch.utils.data
+
+from ray_vdr.data.batching import GlobalBatcher
+
+logger = logging.getLogger(__name__)
+
+
+class BatchFeeder:
+    """Builds global batches ahead of the trainers and serves them slice by slice."""
+
+    def __init__(self, dataset: Any, *, world_size: int, per_device: int, image_columns: list[str],
+                 epochs: int = 1, dedup: bool = True, prefetch: int = 2, read_batch_size: int = 64):
+        self.dataset = dataset
+        self.epochs = epochs
+        self.prefetch = prefetch
+        self.read_batch_size = read_batch_size
+        self.batcher = GlobalBatcher(world_size, per_device, image_columns, dedup=dedup)
+        self.world_size = world_size
+        self._ready: dict[int, list[list[dict]]] = {}
+        self._fetched: dict[int, set[int]] = {}
+        self._next_step = 0  # the next step the producer builds
+        self._done = False
+        self._error: BaseException | None = None
+        self._epoch_of_step: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._produce, name="batch-feeder", daemon=True)
+        self._thread.start()
+
+    # producer ---------------------------------------------------------------------------------------------------
+
+    def _publish(self, slices: list[list[dict]], epoch: int) -> None:
+        with self._cond:
+            while len(self._ready) >= self.prefetch:
+                self._cond.wait()
+            self._ready[self._next_step] = slices
+            self._fetched[self._next_step] = set()
+            self._epoch_of_step[self._next_step] = epoch
+            self._next_step += 1
+            self._cond.notify_all()
+
+    def _produce(self) -> None:
+        try:
+            for epoch in range(self.epochs):
+                for table in self.dataset.iter_batches(batch_size=self.read_batch_size, batch_format="pyarrow"):
+                    self.batcher.add_table(table)
+                    while (slices := self.batcher.next_batch()) is not None:
+                        self._publish(slices, epoch)
+                while (slices := self.batcher.next_batch(final=True)) is not None:
+                    self._publish(slices, epoch)
+                logger.info("epoch %d assembled: %d steps so far, %d rows dropped", epoch, self._next_step,
+                            len(self.batcher.dropped()))
+        except BaseException as e:  # surfaced to the trainers on their next get()
+            self._error = e
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    # consumers --------------------------------------------------------------------------------------------------
+
+    def get(self, rank: int, step: int) -> list[dict] | None:
+        """Rank ``rank``'s slice of global batch ``step``; None when the data is exhausted."""
+        with self._cond:
+            while step not in self._ready and not (self._done and step >= self._next_step):
+                if self._error is not None:
+                    break
+                self._cond.wait(timeout=1.0)
+            if self._error is not None:
+                raise RuntimeError(f"the training data stream failed: {self._error!r}") from self._error
+            if step not in self._ready:
+                return None
+            rows = self._ready[step][rank]
+            self._fetched[step].add(rank)
+            if len(self._fetched[step]) == self.world_size:
+                del self._ready[step], self._fetched[step]
+                self._cond.notify_all()
+            return rows
+
+    def dropped(self) -> list[tuple[str, str]]:
+        return self.batcher.dropped()
+
+    def steps_built(self) -> int:
+        return self._next_step
+
+
+class SliceStream(torch.utils.data.IterableDataset):
+    """torch IterableDataset of this rank's per-device batches, fetched from the feeder step by step.
+
+    Iterating again continues where the last iteration stopped, so a trainer that restarts its epoch loop after
+    the data ran out sees an empty epoch and stops, instead of training rows twice.
+    """
+
+    def __init__(self, get_slice, rank: int, image_columns: list[str], start_step: int = 0):
+        super().__init__()
+        self.get_slice = get_slice
+        self.rank = rank
+        self.image_columns = image_columns
+        self.step = start_step
+        self.trained_ids: list[str] = []
+
+    @property
+    def rows(self) -> int:
+        """Rows this rank has trained (handed to the trainer) so far."""
+        return len(self.trained_ids)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        import io
+
+        from PIL import Image
+
+        while True:
+            rows = self.get_slice(self.rank, self.step)
+            if rows is None:
+                return
+            self.step += 1
+            self.trained_ids.extend(r["row_id"] for r in rows)
+            yield [
+                {"query": r["query"], **{c: Image.open(io.BytesIO(r[c])).convert("RGB") for c in self.image_columns}}
+                for r in rows
+            ]
+
+
+def trained_ids_table(ids: list[str], rank: int) -> pa.Table:
+    return pa.table({"row_id": pa.array(ids, pa.string()), "rank": pa.array([rank] * len(ids), pa.int32())})
