@@ -58,6 +58,8 @@ def cmd_train(cfg: VDRConfig) -> int:
     result = run(cfg)
     print(f"trained model: {result.model_uri}")
     print(f"metrics: {json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})}")
+    print(f"training rows: {result.rows_trained} trained, {result.rows_dropped} dropped at epoch ends "
+          f"(row ids and reasons under {result.model_uri.rsplit('/', 1)[0]})")
     for split in ("train", "eval"):
         rejects = count_rejects(f"{result.rejects_uri}/{split}")
         print(f"rejected {split} rows: {rejects or 'none'} ({result.rejects_uri}/{split})")

@@ -29,3 +29,14 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
         logger.info("starting a local Ray cluster (num_cpus=%s)", num_cpus or "all")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
                  runtime_env=runtime_env)
+
+
+def worker_logging(level: int = logging.INFO) -> None:
+    """Make ``ray_vdr`` log records visible from Ray actors and workers (their root logger is not configured)."""
+    lib = logging.getLogger("ray_vdr")
+    lib.setLevel(level)
+    if not lib.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        lib.addHandler(handler)
+        lib.propagate = False

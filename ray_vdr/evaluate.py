@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_IR_LOGGER = "sentence_transformers.sentence_transformer.evaluation.information_retrieval"
+
 # metric key in InformationRetrievalEvaluator output → name in our reports
 METRICS = {"ndcg@10": "ndcg@10", "mrr@10": "mrr@10", "recall@1": "recall@1", "recall@5": "recall@5",
            "recall@10": "recall@10"}
@@ -126,12 +128,18 @@ class MatryoshkaRetrievalEvaluator:
                  steps: int = -1) -> dict[str, float]:
         self.cache.store.clear()  # the weights may have changed since the last call
         flat: dict[str, float] = {}
-        for d, ev in self.evaluators.items():
-            metrics = ev(model, output_path=output_path, epoch=epoch, steps=steps)
-            prefix = f"{self.name}_{d}_cosine_"
-            self.results[d] = {ours: float(metrics[prefix + theirs]) for theirs, ours in METRICS.items()}
-            flat.update(metrics)
-        self.cache.store.clear()
+        ir_logger = logging.getLogger(_IR_LOGGER)
+        level = ir_logger.level
+        ir_logger.setLevel(logging.WARNING)  # one table for all dims replaces its per-metric lines
+        try:
+            for d, ev in self.evaluators.items():
+                metrics = ev(model, output_path=output_path, epoch=epoch, steps=steps)
+                prefix = f"{self.name}_{d}_cosine_"
+                self.results[d] = {ours: float(metrics[prefix + theirs]) for theirs, ours in METRICS.items()}
+                flat.update(metrics)
+        finally:
+            ir_logger.setLevel(level)
+            self.cache.store.clear()
         return flat
 
 

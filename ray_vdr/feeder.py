@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,9 @@ class BatchFeeder:
 
     def __init__(self, dataset: Any, *, world_size: int, per_device: int, image_columns: list[str],
                  epochs: int = 1, dedup: bool = True, prefetch: int = 2, read_batch_size: int = 64):
+        from ray_vdr.cluster import worker_logging
+
+        worker_logging()
         self.dataset = dataset
         self.epochs = epochs
         self.prefetch = prefetch
@@ -64,13 +68,16 @@ class BatchFeeder:
     def _produce(self) -> None:
         try:
             for epoch in range(self.epochs):
+                start, rows = time.monotonic(), 0
                 for table in self.dataset.iter_batches(batch_size=self.read_batch_size, batch_format="pyarrow"):
+                    rows += table.num_rows
                     self.batcher.add_table(table)
                     while (slices := self.batcher.next_batch()) is not None:
                         self._publish(slices, epoch)
                 while (slices := self.batcher.next_batch(final=True)) is not None:
                     self._publish(slices, epoch)
-                logger.info("epoch %d assembled: %d steps so far, %d rows dropped", epoch, self._next_step,
+                logger.info("epoch %d: %d validated rows streamed in %.1fs; %d steps assembled so far, %d rows "
+                            "dropped", epoch, rows, time.monotonic() - start, self._next_step,
                             len(self.batcher.dropped()))
         except BaseException as e:  # surfaced to the trainers on their next get()
             self._error = e

@@ -34,6 +34,8 @@ class TrainResult:
     metrics: dict[str, Any]
     seconds: float
     eval_table: str | None = None
+    rows_trained: int = 0
+    rows_dropped: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -221,6 +223,20 @@ def _write_bytes(data: bytes, uri: str) -> None:
         fh.write(data)
 
 
+def _read_json_files(uri: str) -> list[dict]:
+    import pyarrow.fs as pafs
+
+    from ray_vdr.data.dataset import _fs_path
+
+    fs, path = _fs_path(uri)
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.path.endswith(".json"):
+            with fs.open_input_stream(info.path) as fh:
+                out.append(json.loads(fh.read()))
+    return out
+
+
 def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
     """Read the whole (unsplit) eval stream into an EvalSet: small by design (N queries, 5N pages)."""
     import pyarrow as pa
@@ -240,9 +256,11 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     from transformers import TrainerCallback
 
+    from ray_vdr.cluster import worker_logging
     from ray_vdr.feeder import SliceStream, trained_ids_table
     from ray_vdr.models.load import build_model
 
+    worker_logging()
     cfg = VDRConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -375,6 +393,7 @@ def run(cfg: VDRConfig) -> TrainResult:
     import pyarrow as pa
     import pyarrow.fs as pafs
     import ray
+    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -383,6 +402,9 @@ def run(cfg: VDRConfig) -> TrainResult:
 
     start = time.time()
     init_ray()
+    # the streams are consumed by the feeder actor and the workers; their per-operator bars would only garble the
+    # job log (the feeder logs throughput per epoch instead)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets, rejects_uri = build_datasets(cfg)
     n_rows = count_rows(cfg.data.train)
     max_steps, step_cap, planned_rows = plan_steps(cfg, n_rows)
@@ -428,4 +450,6 @@ def run(cfg: VDRConfig) -> TrainResult:
     if dst_fs.get_file_info(f"{dst}/eval.md").type == pafs.FileType.File:
         with dst_fs.open_input_stream(f"{dst}/eval.md") as fh:
             table = fh.read().decode()
-    return TrainResult(model_uri, rejects_uri, dict(result.metrics or {}), time.time() - start, table)
+    trained = sum(r["rows"] for r in _read_json_files(cfg.run.uri("ranks")))
+    return TrainResult(model_uri, rejects_uri, dict(result.metrics or {}), time.time() - start, table,
+                       rows_trained=trained, rows_dropped=len(dropped))

@@ -58,6 +58,7 @@ def test_demo_training_on_two_workers(ray_local, synthetic, tiny_qwen, tmp_path)
     assert len(trained) == len(set(trained)), "a row was trained twice"
     assert len(trained) + len(dropped) == summary["train_rows"]
     assert len(dropped) <= 4
+    assert (result.rows_trained, result.rows_dropped) == (len(trained), len(dropped))
     ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("*.json"))]
     assert len(ranks) == 2 and ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
     assert ranks[0]["rows"] == ranks[1]["rows"] and ranks[0]["steps"] == result.metrics["step"]
