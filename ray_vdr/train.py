@@ -371,6 +371,36 @@ def build_datasets(cfg: VDRConfig) -> tuple[dict[str, ray.data.Dataset], str]:
     return datasets, rejects_uri
 
 
+def preflight(cfg: VDRConfig) -> None:
+    """Fail in the driver, with a clear message, on what would otherwise fail later on every worker."""
+    import os
+
+    from ray_vdr.data.dataset import _fs_path
+
+    m = cfg.model
+    if m.builder == "load":
+        path = Path(m.name_or_path)
+        if path.is_absolute() or m.name_or_path.startswith("."):
+            if not ((path / "modules.json").is_file() or (path / "config.json").is_file()):
+                raise FileNotFoundError(f"model.name_or_path: no model at {m.name_or_path} (expected a Sentence "
+                                        "Transformers folder with modules.json, or a transformers folder)")
+        elif os.environ.get("HF_HUB_OFFLINE") == "1":
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(m.name_or_path, "config.json"), str):
+                raise FileNotFoundError(f"model.name_or_path: {m.name_or_path!r} is not in the local Hugging Face "
+                                        "cache and HF_HUB_OFFLINE=1 forbids downloading it")
+    probe = cfg.run.uri(".write-probe")
+    try:
+        fs, path = _fs_path(probe)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as fh:
+            fh.write(b"ok")
+        fs.delete_file(path)
+    except Exception as e:
+        raise PermissionError(f"run.storage_path: cannot write under {cfg.run.uri()}: {e}") from None
+
+
 def _start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: int | None):
     """The actor that turns the validated stream into global batches (see ray_vdr.feeder)."""
     import ray
@@ -401,6 +431,7 @@ def run(cfg: VDRConfig) -> TrainResult:
     from ray_vdr.data.dataset import count_rows
 
     start = time.time()
+    preflight(cfg)
     init_ray()
     # the streams are consumed by the feeder actor and the workers; their per-operator bars would only garble the
     # job log (the feeder logs throughput per epoch instead)

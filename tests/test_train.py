@@ -69,3 +69,18 @@ def test_demo_training_on_two_workers(ray_local, synthetic, tiny_qwen, tmp_path)
     assert result.eval_table and "→" in result.eval_table
     saved = json.loads((Path(result.model_uri) / "ray_vdr_train.json").read_text())
     assert saved["config"]["train"]["per_device_batch_size"] == 8
+
+
+def test_preflight_errors_name_the_problem(tmp_path, tiny_qwen):
+    from ray_vdr.train import preflight
+
+    ok = [f"model.name_or_path={tiny_qwen}", "model.builder=load", f"run.storage_path={tmp_path}"]
+    preflight(load_config(ROOT / "configs/demo.yaml", ok))
+    with pytest.raises(FileNotFoundError, match="model.name_or_path: no model at"):
+        preflight(load_config(ROOT / "configs/demo.yaml", [*ok, f"model.name_or_path={tmp_path}/missing"]))
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        preflight(load_config(ROOT / "configs/demo.yaml", [*ok, "model.name_or_path=org/not-cached-model"]))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="run.storage_path: cannot write"):
+        preflight(load_config(ROOT / "configs/demo.yaml", [*ok, f"run.storage_path={blocker}"]))
