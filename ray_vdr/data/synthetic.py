@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFilter, ImageFont
 
 from ray_vdr.config import SyntheticConfig
 
@@ -237,7 +237,9 @@ def render_page(page: Page, width: int, height: int) -> Image.Image:
     rng = random.Random(page.seed + 7)
     f = _page_facts(page)
     fg, bg = _PALETTES[page.palette % len(_PALETTES)]
-    paper = tuple(int(255 - rng.uniform(0, 10)) for _ in range(3))
+    # paper tinted in the year's brand colour (as a report's stock is): a cue that survives any downscaling
+    brand = ImageColor.getrgb(_YEAR_COLOURS[page.year % len(_YEAR_COLOURS)])
+    paper = tuple(int(0.8 * (255 - rng.uniform(0, 10)) + 0.2 * c) for c in brand)
     img = Image.new("RGB", (width, height), paper)
     d = ImageDraw.Draw(img)
     s = width / 448  # scale fonts with the page
@@ -245,14 +247,13 @@ def render_page(page: Page, width: int, height: int) -> Image.Image:
     m = int(24 * s + rng.uniform(-4, 4))
     w = width - 2 * m
     c, yr = page.company, page.year
-    d.rectangle([0, 0, width, int(8 * s)], fill=fg)
-    # the report's year badge, in the year's brand colour (as annual reports print it on every page)
-    badge_f = _font(3, int(22 * s))
-    bw, bh = int(84 * s), int(34 * s)
-    bx = width - m - bw
-    d.rectangle([bx, int(14 * s), bx + bw, int(14 * s) + bh], fill=_YEAR_COLOURS[yr % len(_YEAR_COLOURS)])
-    d.text((bx + int(10 * s), int(18 * s)), str(yr), font=badge_f, fill="white")
-    y = m
+    # the annual report's header band in that year's brand colour, with the year on it, as on every page of the report
+    band = int(40 * s)
+    d.rectangle([0, 0, width, band], fill=_YEAR_COLOURS[yr % len(_YEAR_COLOURS)])
+    badge_f = _font(3, int(24 * s))
+    d.text((width - m - int(70 * s), int(7 * s)), str(yr), font=badge_f, fill="white")
+    d.text((m, int(12 * s)), f"Annual report {yr}", font=_font(page.font, int(14 * s)), fill="white")
+    y = band + int(16 * s)
     titles = {
         "table": f"{c} - {yr} quarterly results",
         "bar": f"{c}: revenue by quarter, {yr}",
@@ -260,8 +261,8 @@ def render_page(page: Page, width: int, height: int) -> Image.Image:
         "memo": f"Memo - {c} {yr} highlights",
         "segments": f"{c} - {yr} revenue by segment",
     }
-    y = _paragraph(d, m, y, w - int(92 * s), titles[page.template], title_f, fg) + int(6 * s)
-    d.text((m, y), f"Annual report {yr} | page {1 + page.seed % 40}", font=small_f, fill="#666666")
+    y = _paragraph(d, m, y, w, titles[page.template], title_f, fg) + int(6 * s)
+    d.text((m, y), f"{c} | page {1 + page.seed % 40}", font=small_f, fill="#666666")
     y += small_f.size + int(12 * s)
     if page.template == "table":
         rows = [[k.capitalize() + (" ($M)" if k != "headcount" else ""), *[f"{v:,}" for v in f[k]]]
