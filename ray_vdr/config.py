@@ -182,6 +182,9 @@ class TrainConfig(_Strict):
     duplicate_free_batches: bool = Field(
         True, description="Never put the same query or page twice in one global batch (false in-batch negatives)."
     )
+    shuffle_buffer: int = Field(
+        1024, ge=0, description="Rows in the streaming shuffle buffer (reshuffled every epoch with seed+epoch). 0 = file order."
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     seed: int = Field(12, description="Seed for weights that are initialised, shuffling and sampling.")
     dataloader_workers: int = Field(0, ge=0, description="torch DataLoader workers per train worker.")

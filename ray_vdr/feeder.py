@@ -33,7 +33,8 @@ class BatchFeeder:
     """Builds global batches ahead of the trainers and serves them slice by slice."""
 
     def __init__(self, dataset: Any, *, world_size: int, per_device: int, image_columns: list[str],
-                 epochs: int = 1, dedup: bool = True, prefetch: int = 2, read_batch_size: int = 64):
+                 epochs: int = 1, dedup: bool = True, prefetch: int = 2, read_batch_size: int = 64,
+                 shuffle_buffer: int = 0, seed: int = 0):
         from ray_vdr.cluster import worker_logging
 
         worker_logging()
@@ -41,6 +42,8 @@ class BatchFeeder:
         self.epochs = epochs
         self.prefetch = prefetch
         self.read_batch_size = read_batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
         self.batcher = GlobalBatcher(world_size, per_device, image_columns, dedup=dedup)
         self.world_size = world_size
         self._ready: dict[int, list[list[dict]]] = {}
@@ -69,7 +72,10 @@ class BatchFeeder:
         try:
             for epoch in range(self.epochs):
                 start, rows = time.monotonic(), 0
-                for table in self.dataset.iter_batches(batch_size=self.read_batch_size, batch_format="pyarrow"):
+                shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer, "local_shuffle_seed": self.seed + epoch} \
+                    if self.shuffle_buffer else {}
+                batches = self.dataset.iter_batches(batch_size=self.read_batch_size, batch_format="pyarrow", **shuffle)
+                for table in batches:
                     rows += table.num_rows
                     self.batcher.add_table(table)
                     while (slices := self.batcher.next_batch()) is not None:

@@ -414,8 +414,11 @@ def _start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: 
         epochs = math.ceil(cfg.train.epochs or 1)
     image_columns = TripletSpec.from_config(cfg.data, split="train").output_columns[2:]
     actor = ray.remote(num_cpus=0, max_concurrency=world + 4)(BatchFeeder)
+    if cfg.train.shuffle_buffer:
+        train_ds = train_ds.randomize_block_order(seed=cfg.train.seed)
     return actor.remote(train_ds, world_size=world, per_device=cfg.train.per_device_batch_size,
-                        image_columns=image_columns, epochs=epochs, dedup=cfg.train.duplicate_free_batches)
+                        image_columns=image_columns, epochs=epochs, dedup=cfg.train.duplicate_free_batches,
+                        shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.train.seed)
 
 
 def run(cfg: VDRConfig) -> TrainResult:

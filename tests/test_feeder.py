@@ -18,7 +18,7 @@ class FakeDataset:
                                "image": [f"p{i}".encode() for i in range(n)]})
         self.fail_after = fail_after
 
-    def iter_batches(self, batch_size: int, batch_format: str):
+    def iter_batches(self, batch_size: int, batch_format: str, **shuffle):
         assert batch_format == "pyarrow"
         for i, b in enumerate(self.table.to_batches(max_chunksize=batch_size)):
             if self.fail_after is not None and i >= self.fail_after:

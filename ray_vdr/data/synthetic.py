@@ -403,6 +403,7 @@ def generate(cfg: SyntheticConfig) -> tuple[list[SyntheticRow], list[SyntheticRo
             index.setdefault(key, []).append(p)
     for row in train_rows:
         row.negatives = _pick_negatives(row.positive, index, cfg.num_negatives, rng, factory)
+    rng.shuffle(train_rows)  # like a real dataset: a page's queries are not next to each other
     return train_rows, eval_rows
 
 
