@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray_vdr.config import TrainConfig, VDRConfig, deepspeed_config
 from ray_vdr.data.triplets import TripletSpec
+from ray_vdr.storage import copy_tree, is_file, read_bytes, read_json_files, write_bytes, write_table
 
 if TYPE_CHECKING:
     import ray.data
@@ -204,39 +205,6 @@ class _RankZeroEvaluator:
         return EvalEvery()
 
 
-def _write_table(table, uri: str) -> None:
-    import pyarrow.parquet as pq
-
-    from ray_vdr.data.dataset import _fs_path
-
-    fs, path = _fs_path(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-
-
-def _write_bytes(data: bytes, uri: str) -> None:
-    from ray_vdr.data.dataset import _fs_path
-
-    fs, path = _fs_path(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as fh:
-        fh.write(data)
-
-
-def _read_json_files(uri: str) -> list[dict]:
-    import pyarrow.fs as pafs
-
-    from ray_vdr.data.dataset import _fs_path
-
-    fs, path = _fs_path(uri)
-    out = []
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        if info.path.endswith(".json"):
-            with fs.open_input_stream(info.path) as fh:
-                out.append(json.loads(fh.read()))
-    return out
-
-
 def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
     """Read the whole (unsplit) eval stream into an EvalSet: small by design (N queries, 5N pages)."""
     import pyarrow as pa
@@ -246,7 +214,6 @@ def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
     table = pa.concat_tables(list(eval_shard.iter_batches(batch_size=256, batch_format="pyarrow")))
     dims = eval_dims(model.get_sentence_embedding_dimension(), cfg.train.matryoshka_dims)
     return _RankZeroEvaluator(model, eval_set_from_table(table), dims, batch_size=min(16, cfg.train.per_device_batch_size))
-
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -304,9 +271,9 @@ def train_loop(config: dict[str, Any]) -> None:
             logger.info("distributed type %s, world size %d", trainer.accelerator.distributed_type, world)
         result = trainer.train()
         # an audit trail per rank: which rows it trained, and a weight checksum (equal on all ranks when DDP works)
-        _write_table(trained_ids_table(stream.trained_ids, rank), cfg.run.uri("row_ids", f"rank-{rank:04d}.parquet"))
+        write_table(trained_ids_table(stream.trained_ids, rank), cfg.run.uri("row_ids", f"rank-{rank:04d}.parquet"))
         checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
-        _write_bytes(json.dumps({"rank": rank, "rows": len(stream.trained_ids), "steps": trainer.state.global_step,
+        write_bytes(json.dumps({"rank": rank, "rows": len(stream.trained_ids), "steps": trainer.state.global_step,
                                  "param_checksum": checksum}).encode(), cfg.run.uri("ranks", f"rank-{rank:04d}.json"))
         metrics = {"train_loss": result.training_loss, "step": trainer.state.global_step,
                    "distributed_type": str(trainer.accelerator.distributed_type), "world_size": world}
@@ -375,7 +342,7 @@ def preflight(cfg: VDRConfig) -> None:
     """Fail in the driver, with a clear message, on what would otherwise fail later on every worker."""
     import os
 
-    from ray_vdr.data.dataset import _fs_path
+    from ray_vdr.storage import fs_path
 
     m = cfg.model
     if m.builder == "load":
@@ -392,7 +359,7 @@ def preflight(cfg: VDRConfig) -> None:
                                         "cache and HF_HUB_OFFLINE=1 forbids downloading it")
     probe = cfg.run.uri(".write-probe")
     try:
-        fs, path = _fs_path(probe)
+        fs, path = fs_path(probe)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as fh:
             fh.write(b"ok")
@@ -424,7 +391,6 @@ def _start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: 
 def run(cfg: VDRConfig) -> TrainResult:
     """Train the embedder described by ``cfg`` on the current Ray cluster (started locally if there is none)."""
     import pyarrow as pa
-    import pyarrow.fs as pafs
     import ray
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -470,20 +436,13 @@ def run(cfg: VDRConfig) -> TrainResult:
     dropped = ray.get(feeder.dropped.remote())
     ray.kill(feeder)
     if dropped:
-        _write_table(pa.table({"row_id": [d[0] for d in dropped], "reason": [d[1] for d in dropped]}),
+        write_table(pa.table({"row_id": [d[0] for d in dropped], "reason": [d[1] for d in dropped]}),
                      cfg.run.uri("dropped.parquet"))
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a model checkpoint: {result.error}")
     model_uri = cfg.run.uri("model")
-    src_fs, src = pafs.FileSystem.from_uri(result.checkpoint.path) if "://" in result.checkpoint.path else (
-        pafs.LocalFileSystem(), result.checkpoint.path)
-    dst_fs, dst = pafs.FileSystem.from_uri(model_uri) if "://" in model_uri else (pafs.LocalFileSystem(), model_uri)
-    dst_fs.create_dir(dst, recursive=True)
-    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
-    table = None
-    if dst_fs.get_file_info(f"{dst}/eval.md").type == pafs.FileType.File:
-        with dst_fs.open_input_stream(f"{dst}/eval.md") as fh:
-            table = fh.read().decode()
-    trained = sum(r["rows"] for r in _read_json_files(cfg.run.uri("ranks")))
+    copy_tree(result.checkpoint.path, model_uri)
+    table = read_bytes(f"{model_uri}/eval.md").decode() if is_file(f"{model_uri}/eval.md") else None
+    trained = sum(r["rows"] for r in read_json_files(cfg.run.uri("ranks")))
     return TrainResult(model_uri, rejects_uri, dict(result.metrics or {}), time.time() - start, table,
                        rows_trained=trained, rows_dropped=len(dropped))

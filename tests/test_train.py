@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_step_plan():
-    cfg = load_config(ROOT / "configs/demo.yaml")  # 2 workers x 16, 1 epoch
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.epochs=1"])  # 2 workers x 16
     assert plan_steps(cfg, 256) == (8, 128, 256)
+    assert plan_steps(load_config(ROOT / "configs/demo.yaml", ["train.epochs=3"]), 256) == (24, 384, 768)
     assert plan_steps(cfg, 100) == (4, 50, 100)  # the final partial batch is trained too
     assert plan_steps(load_config(ROOT / "configs/demo.yaml", ["train.epochs=0.5"]), 256) == (4, 4, 128)
     assert plan_steps(load_config(ROOT / "configs/demo.yaml", ["train.max_steps=3"]), None) == (3, 3, 96)
@@ -45,7 +46,7 @@ def test_demo_training_on_two_workers(ray_local, synthetic, tiny_qwen, tmp_path)
     cfg = load_config(ROOT / "configs/demo.yaml", [
         f"model.name_or_path={tiny_qwen}", "model.builder=load",
         f"data.train.uri={syn.output_dir}/train", f"data.eval.uri={syn.output_dir}/eval",
-        f"run.storage_path={tmp_path}", "train.per_device_batch_size=8", "synthetic=null",
+        f"run.storage_path={tmp_path}", "train.per_device_batch_size=8", "train.epochs=1", "synthetic=null",
     ])
     result = run(cfg)
     assert result.metrics["distributed_type"] == "DistributedType.MULTI_CPU"

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from ray_vdr.config import SourceConfig
 from ray_vdr.data.images import ImageRejected
 from ray_vdr.data.triplets import REJECT_SCHEMA, SOURCE_COLUMN, DataError, TripletSpec, validate_batch
+from ray_vdr.storage import fs_path
 
 if TYPE_CHECKING:
     import ray.data
@@ -31,19 +32,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["build_dataset", "count_rejects", "count_rows", "infer_format", "read_rejects", "read_source"]
 
 
-def _fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-
-
 def infer_format(source: SourceConfig) -> str:
     if source.format != "auto":
         return source.format
     uri = source.uri
     if uri.endswith(".jsonl") or uri.endswith(".json"):
         return "images_jsonl"
-    fs, path = _fs_path(uri)
+    fs, path = fs_path(uri)
     if fs.get_file_info(posixpath.join(path, "dataset_info.json")).type == pafs.FileType.File and \
             fs.get_file_info(posixpath.join(path, "state.json")).type == pafs.FileType.File:
         return "hf_disk"
@@ -77,11 +72,11 @@ def hub_parquet_files(source: SourceConfig) -> list[str]:
 
 def _source_columns(source: SourceConfig, fmt: str) -> list[str]:
     """Column names of a source, read cheaply (Parquet metadata, Arrow schema, first JSONL line)."""
-    fs, path = _fs_path(source.uri) if fmt != "hf_hub" else (None, source.uri)
+    fs, path = fs_path(source.uri) if fmt != "hf_hub" else (None, source.uri)
     if fmt == "parquet":
         return pq.ParquetDataset(path, filesystem=fs).schema.names
     if fmt == "hf_disk":
-        first_fs, first = _fs_path(_hf_disk_files(source.uri)[0])
+        first_fs, first = fs_path(_hf_disk_files(source.uri)[0])
         with first_fs.open_input_stream(first) as fh:
             return pa.ipc.open_stream(fh).schema.names
     if fmt == "hf_hub":
@@ -95,7 +90,7 @@ def _source_columns(source: SourceConfig, fmt: str) -> list[str]:
 
 
 def _hf_disk_files(uri: str) -> list[str]:
-    fs, path = _fs_path(uri)
+    fs, path = fs_path(uri)
     with fs.open_input_stream(posixpath.join(path, "state.json")) as fh:
         state = json.loads(fh.read())
     base = uri.rstrip("/") if "://" in uri else path
@@ -108,7 +103,7 @@ def _hf_disk_files(uri: str) -> list[str]:
 def _read_arrow_files(batch: dict[str, Any]):
     """Stream record batches out of `datasets` Arrow files (one task per file; nothing is loaded whole)."""
     for uri in batch["file"]:
-        fs, path = _fs_path(str(uri))
+        fs, path = fs_path(str(uri))
         with fs.open_input_stream(path) as fh:
             for rb in pa.ipc.open_stream(fh):
                 table = pa.Table.from_batches([rb])
@@ -171,7 +166,7 @@ class _JsonlImageLoader:
         if not isinstance(value, str):
             return value
         uri = value if ("://" in value or value.startswith("/")) else f"{self.base_uri}/{value}"
-        fs, path = _fs_path(uri)
+        fs, path = fs_path(uri)
         try:
             with fs.open_input_stream(path) as fh:
                 return fh.read()
@@ -201,7 +196,7 @@ class ValidateTriplets:
         table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
         # content-derived name: a retried task rewrites the same file instead of duplicating its rejects
         digest = hashlib.blake2b("\n".join(r["row_id"] + r["column"] for r in rejects).encode(), digest_size=10)
-        fs, path = _fs_path(self.rejects_uri)
+        fs, path = fs_path(self.rejects_uri)
         fs.create_dir(path, recursive=True)
         pq.write_table(table, posixpath.join(path, f"rejects-{digest.hexdigest()}.parquet"), filesystem=fs)
 
@@ -229,7 +224,7 @@ def count_rows(source: SourceConfig) -> int | None:
     """Input rows of a source from metadata where that is cheap (local or remote Parquet), else None."""
     fmt = infer_format(source)
     if fmt == "parquet":
-        fs, path = _fs_path(source.uri)
+        fs, path = fs_path(source.uri)
         n = sum(f.metadata.num_rows for f in pq.ParquetDataset(path, filesystem=fs).fragments)
     elif fmt == "hf_hub" and (files := hub_parquet_files(source)):
         fs = _hub_filesystem()
@@ -241,7 +236,7 @@ def count_rows(source: SourceConfig) -> int | None:
 
 def read_rejects(rejects_uri: str) -> pa.Table:
     """All reject records written under ``rejects_uri`` (an empty table when there are none)."""
-    fs, path = _fs_path(rejects_uri)
+    fs, path = fs_path(rejects_uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return REJECT_SCHEMA.empty_table()
     files = [f.path for f in fs.get_file_info(pafs.FileSelector(path)) if f.path.endswith(".parquet")]

@@ -1,0 +1,70 @@
+"""Local paths and remote URIs (s3://, gs://, …) through pyarrow filesystems: the one place jobs read and write.
+
+Every artifact a run writes (rejects, row-id audit trail, per-rank reports, the final model) goes through these
+helpers, so a run behaves the same with ``run.storage_path: ./runs`` and ``s3://bucket/runs``.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = ["copy_tree", "fs_path", "is_file", "read_bytes", "read_json_files", "write_bytes", "write_table"]
+
+
+def fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a URI or a local path (made absolute)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def _parent(fs: pafs.FileSystem, path: str) -> None:
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+
+
+def write_bytes(data: bytes, uri: str) -> None:
+    fs, path = fs_path(uri)
+    _parent(fs, path)
+    with fs.open_output_stream(path) as fh:
+        fh.write(data)
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    fs, path = fs_path(uri)
+    _parent(fs, path)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def is_file(uri: str) -> bool:
+    fs, path = fs_path(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = fs_path(uri)
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def read_json_files(uri: str) -> list[dict]:
+    """Every ``*.json`` directly under ``uri`` (an empty list when the folder does not exist)."""
+    fs, path = fs_path(uri)
+    out = []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), key=lambda i: i.path):
+        if info.path.endswith(".json"):
+            with fs.open_input_stream(info.path) as fh:
+                out.append(json.loads(fh.read()))
+    return out
+
+
+def copy_tree(src_uri: str, dst_uri: str) -> None:
+    src_fs, src = fs_path(src_uri)
+    dst_fs, dst = fs_path(dst_uri)
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
