@@ -51,20 +51,18 @@ class BatchFeeder:
         self._next_step = 0  # the next step the producer builds
         self._done = False
         self._error: BaseException | None = None
-        self._epoch_of_step: dict[int, int] = {}
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._produce, name="batch-feeder", daemon=True)
         self._thread.start()
 
     # producer ---------------------------------------------------------------------------------------------------
 
-    def _publish(self, slices: list[list[dict]], epoch: int) -> None:
+    def _publish(self, slices: list[list[dict]]) -> None:
         with self._cond:
             while len(self._ready) >= self.prefetch:
                 self._cond.wait()
             self._ready[self._next_step] = slices
             self._fetched[self._next_step] = set()
-            self._epoch_of_step[self._next_step] = epoch
             self._next_step += 1
             self._cond.notify_all()
 
@@ -79,9 +77,9 @@ class BatchFeeder:
                     rows += table.num_rows
                     self.batcher.add_table(table)
                     while (slices := self.batcher.next_batch()) is not None:
-                        self._publish(slices, epoch)
+                        self._publish(slices)
                 while (slices := self.batcher.next_batch(final=True)) is not None:
-                    self._publish(slices, epoch)
+                    self._publish(slices)
                 logger.info("epoch %d: %d validated rows streamed in %.1fs; %d steps assembled so far, %d rows "
                             "dropped", epoch, rows, time.monotonic() - start, self._next_step,
                             len(self.batcher.dropped()))
@@ -115,9 +113,6 @@ class BatchFeeder:
     def dropped(self) -> list[tuple[str, str]]:
         return self.batcher.dropped()
 
-    def steps_built(self) -> int:
-        return self._next_step
-
 
 class SliceStream(torch.utils.data.IterableDataset):
     """torch IterableDataset of this rank's per-device batches, fetched from the feeder step by step.
@@ -126,12 +121,12 @@ class SliceStream(torch.utils.data.IterableDataset):
     the data ran out sees an empty epoch and stops, instead of training rows twice.
     """
 
-    def __init__(self, get_slice, rank: int, image_columns: list[str], start_step: int = 0):
+    def __init__(self, get_slice, rank: int, image_columns: list[str]):
         super().__init__()
         self.get_slice = get_slice
         self.rank = rank
         self.image_columns = image_columns
-        self.step = start_step
+        self.step = 0
         self.trained_ids: list[str] = []
 
     @property
