@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -70,6 +73,27 @@ def test_demo_training_on_two_workers(ray_local, synthetic, tiny_qwen, tmp_path)
     assert result.eval_table and "→" in result.eval_table
     saved = json.loads((Path(result.model_uri) / "ray_vdr_train.json").read_text())
     assert saved["config"]["train"]["per_device_batch_size"] == 8
+
+    # a fresh process that loads the saved model reproduces the reported numbers at the saved dimension
+    code = textwrap.dedent(f"""
+        import json, pyarrow.parquet as pq
+        from sentence_transformers import SentenceTransformer
+        from ray_vdr.config import DataConfig
+        from ray_vdr.data.triplets import TripletSpec, validate_batch
+        from ray_vdr.evaluate import eval_set_from_table, evaluate
+        from ray_vdr.models.processor import install_image_only_processor
+        install_image_only_processor()
+        model = SentenceTransformer({result.model_uri!r}, device="cpu")
+        rows, _ = validate_batch(pq.read_table({syn.output_dir + "/eval"!r}),
+                                 TripletSpec.from_config(DataConfig(), split="eval"))
+        print(json.dumps(evaluate(model, eval_set_from_table(rows), [model.truncate_dim])))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])["32"]
+    reported = json.loads((Path(result.model_uri) / "eval.json").read_text())["finetuned"]["32"]
+    for metric, value in reported.items():
+        assert fresh[metric] == pytest.approx(value, abs=1e-3), metric
 
 
 def test_preflight_errors_name_the_problem(tmp_path, tiny_qwen):
