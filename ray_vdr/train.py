@@ -275,8 +275,11 @@ def train_loop(config: dict[str, Any]) -> None:
         checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
         write_bytes(json.dumps({"rank": rank, "rows": len(stream.trained_ids), "steps": trainer.state.global_step,
                                  "param_checksum": checksum}).encode(), cfg.run.uri("ranks", f"rank-{rank:04d}.json"))
+        seconds = float(result.metrics.get("train_runtime", 0.0))
         metrics = {"train_loss": result.training_loss, "step": trainer.state.global_step,
-                   "distributed_type": str(trainer.accelerator.distributed_type), "world_size": world}
+                   "distributed_type": str(trainer.accelerator.distributed_type), "world_size": world,
+                   "train_seconds": seconds,
+                   "rows_per_second": stream.rows * world / seconds if seconds else 0.0}
         checkpoint = None
         if rank == 0:
             out = Path(tmp) / "model"
