@@ -401,9 +401,11 @@ def run(cfg: VDRConfig) -> TrainResult:
 
     from ray_vdr.cluster import init_ray
     from ray_vdr.data.dataset import count_rows
+    from ray_vdr.models.load import ensure_model_files
 
     start = time.time()
     preflight(cfg)
+    ensure_model_files(cfg.model)  # random-weight builders run here, never inside the worker group
     init_ray()
     # the streams are consumed by the feeder actor and the workers; their per-operator bars would only garble the
     # job log (the feeder logs throughput per epoch instead)

@@ -56,12 +56,17 @@ def ensure_model_files(cfg: ModelConfig) -> str:
     path = Path(cfg.name_or_path)
     if (path / "modules.json").is_file():
         return str(path)
+    import torch.distributed as dist
     from filelock import FileLock
 
     from ray_vdr.models import builders
 
+    if dist.is_available() and dist.is_initialized():
+        # transformers writes checkpoint files on rank 0 only, so a build inside a worker group is half-written
+        raise RuntimeError(f"model {path} does not exist yet; build it before starting workers "
+                           "(`ray-vdr build-model`, or ray_vdr.train.run, which builds it in the driver)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # several workers on one node may race to build it
+    with FileLock(str(path) + ".lock"):  # several processes on one machine may race to build it
         if (path / "modules.json").is_file():
             return str(path)
         _build(cfg, path, builders)
