@@ -1,9 +1,9 @@
 """Embedder finetuning: Ray Data streams validated triplets into Ray Train workers running Sentence Transformers.
 
-Driver side (:func:`run`): build the validated dataset, derive ``max_steps`` from the input size and the global
-batch, and fit a TorchTrainer. Worker side (:func:`train_loop`): build the model with the project's builder, wrap
-the worker's own Ray Data shard as a Hugging Face IterableDataset, and train with SentenceTransformerTrainer and
-ST's own collator.
+Driver side (:func:`run`): preflight checks, build the validated streams, plan the steps from the input size and
+the global batch, start the :class:`~ray_vdr.feeder.BatchFeeder` and fit a TorchTrainer. Worker side
+(:func:`train_loop`): build the model with the project's builder, take this rank's slice of every global batch
+from the feeder, and train with SentenceTransformerTrainer and ST's own collator; rank 0 evaluates.
 """
 
 from __future__ import annotations
@@ -362,10 +362,8 @@ def preflight(cfg: VDRConfig) -> None:
                                         "cache and HF_HUB_OFFLINE=1 forbids downloading it")
     probe = cfg.run.uri(".write-probe")
     try:
+        write_bytes(b"ok", probe)
         fs, path = fs_path(probe)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as fh:
-            fh.write(b"ok")
         fs.delete_file(path)
     except Exception as e:
         raise PermissionError(f"run.storage_path: cannot write under {cfg.run.uri()}: {e}") from None
