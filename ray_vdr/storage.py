@@ -68,3 +68,15 @@ def copy_tree(src_uri: str, dst_uri: str) -> None:
     dst_fs, dst = fs_path(dst_uri)
     dst_fs.create_dir(dst, recursive=True)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri`` (an empty list when it does not exist)."""
+    fs, path = fs_path(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = fs_path(uri)
+    fs.delete_dir(path)

@@ -130,12 +130,13 @@ def lr_factor(done: float, warmup_ratio: float) -> float:
 
 def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bool, prompts: dict[str, str],
                        step_cap: int | None = None):
-    """HF/ST arguments from the typed config. ``max_steps`` is the planned length (logging and evaluation
-    intervals follow it); ``step_cap`` (default: the plan) is where the loop stops at the latest."""
+    """HF/ST arguments from the typed config. ``max_steps`` is the planned length (logging, evaluation and
+    checkpoint intervals follow it); ``step_cap`` (default: the plan) is where the loop stops at the latest."""
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
     t = cfg.train
     bf16, fp16 = _precision(cfg, cuda)
+    save_steps = _steps(t.save_every, max_steps)
     return SentenceTransformerTrainingArguments(
         output_dir=output_dir,
         max_steps=step_cap or max_steps,
@@ -144,7 +145,11 @@ def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bo
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=_steps(t.log_every, max_steps),
-        save_strategy="no",  # checkpoints go through ray.train.report
+        # HF writes its full checkpoint (model, optimizer, scheduler, RNG, trainer state; DeepSpeed shards on every
+        # rank) into a local folder, which _ReportCheckpoints hands to Ray Train for upload to run.storage_path
+        save_strategy="steps" if save_steps else "no",
+        **({"save_steps": save_steps} if save_steps else {}),
+        ignore_data_skip=True,  # the feeder resumes the data itself: HF must not skip batches of the stream
         report_to="none",
         bf16=bf16,
         fp16=fp16,
@@ -216,67 +221,160 @@ def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
     return _RankZeroEvaluator(model, eval_set_from_table(table), dims, batch_size=min(16, cfg.train.per_device_batch_size))
 
 
+STATE_FILE = "ray_vdr_state.json"  # data position and base evaluation, in every intermediate checkpoint
+HISTORY_FILE = "ray_vdr_rows.parquet"  # rows trained before the checkpoint (row_id, epoch, step, rank)
+FINAL_FILE = "ray_vdr_train.json"  # marks the final artifact (metrics and config)
+
+
+def _write_state(folder: Path, position: dict[str, Any], base: dict[int, dict] | None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_vdr.feeder import HISTORY_SCHEMA
+
+    pq.write_table(pa.table(position["history"], schema=HISTORY_SCHEMA), folder / HISTORY_FILE)
+    state = {"step": position["step"], "epoch": position["epoch"], "dropped": position["dropped"], "base_eval": base}
+    (folder / STATE_FILE).write_text(json.dumps(state))
+
+
+def read_state(folder: Path) -> tuple[dict[str, Any], dict[int, dict] | None]:
+    """(data position, base evaluation) stored in an intermediate checkpoint by :func:`train_loop`."""
+    import pyarrow.parquet as pq
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    position = {"step": state["step"], "epoch": state["epoch"], "dropped": state["dropped"],
+                "history": pq.read_table(folder / HISTORY_FILE).to_pydict()}
+    base = {int(d): r for d, r in state["base_eval"].items()} if state["base_eval"] else None
+    return position, base
+
+
+def _optimizer_steps(optimizer) -> int | None:
+    """The step count in the optimizer's own state (Adam's ``step``): continues across a resume, or restarts at 0
+    when the optimizer state was not restored."""
+    steps = [int(st["step"]) for st in getattr(optimizer, "state", {}).values() if isinstance(st, dict) and "step" in st]
+    return max(steps) if steps else None
+
+
+def _chaos_callback(chaos: dict[str, Any], rank: int):
+    """Fault injection for tests and failure drills: SIGKILL this worker after step ``chaos["step"]`` on rank
+    ``chaos["rank"]``, once (``chaos["marker"]`` is created first, so the restarted worker does not fire again)."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    class KillOnce(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marker = Path(chaos["marker"])
+            if rank == chaos["rank"] and state.global_step == chaos["step"] and not marker.exists():
+                marker.write_text(f"killed rank {rank} after step {state.global_step}")
+                logger.warning("chaos: killing rank %d after step %d", rank, state.global_step)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillOnce()
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: fresh, after a worker-group restart, or in a rerun of the same run name."""
+    import contextlib
+    import uuid
+
     import ray
     import ray.train
+    import ray.train.collective
     import torch
     from transformers import TrainerCallback
 
     from ray_vdr.cluster import worker_logging
-    from ray_vdr.feeder import SliceStream, trained_ids_table
+    from ray_vdr.feeder import SliceStream, history_table
     from ray_vdr.models.load import build_model
 
     worker_logging()
     cfg = VDRConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
-    device = f"cuda:{ctx.get_local_rank()}" if cuda else "cpu"
-    model = build_model(cfg.model, device=device)
-    spec = TripletSpec.from_config(cfg.data, split="train")
-    image_cols = spec.output_columns[2:]
-    feeder = config["feeder"]
-    stream = SliceStream(lambda r, s: ray.get(feeder.get.remote(r, s)), rank, image_cols)
-    planned_rows = config["planned_rows"]
-    loss = build_loss(model, cfg.train, gather=world > 1)
-    doc_prompt = model.prompts.get("document")
-    prompts = {"query": model.prompts.get("query")} | {c: doc_prompt for c in spec.output_columns[2:]}
-    prompts = {k: v for k, v in prompts.items() if v}
+    checkpoint = ray.train.get_checkpoint()
 
-    class ReportMetrics(TrainerCallback):
-        """Forward the trainer's logs to Ray (every rank logs at the same steps, so report stays a barrier)."""
+    with contextlib.ExitStack() as stack:
+        resume_dir = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+        if resume_dir is not None and (resume_dir / FINAL_FILE).is_file():
+            # the run had already finished (the driver stopped before collecting it): hand the artifact back
+            metrics = json.loads((resume_dir / FINAL_FILE).read_text())["metrics"]
+            ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
+            return
+        position, base = read_state(resume_dir) if resume_dir else (None, None)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                ray.train.report({**logs, "step": state.global_step})
+        cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+        device = f"cuda:{ctx.get_local_rank()}" if cuda else "cpu"
+        model = build_model(cfg.model, device=device)
+        spec = TripletSpec.from_config(cfg.data, split="train")
+        image_cols = spec.output_columns[2:]
+        # every rank (re)starts the feeder with this group's token: the first call rewinds it to the checkpoint
+        feeder = config["feeder"]
+        token = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex)
+        start_step = ray.get(feeder.start.remote(token, position))
+        stream = SliceStream(lambda r, s: ray.get(feeder.get.remote(r, s)), rank, image_cols, start_step=start_step)
+        rows_before = len(position["history"]["row_id"]) if position else 0
+        planned_rows = config["planned_rows"]
+        loss = build_loss(model, cfg.train, gather=world > 1)
+        doc_prompt = model.prompts.get("document")
+        prompts = {"query": model.prompts.get("query")} | {c: doc_prompt for c in spec.output_columns[2:]}
+        prompts = {k: v for k, v in prompts.items() if v}
 
-    # Evaluation runs on rank 0 only; the other ranks wait for it at their next collective.
-    evaluator = None
-    if rank == 0 and config.get("has_eval"):
-        evaluator = _build_evaluator(ray.train.get_dataset_shard("eval"), model, cfg)
-    base = evaluator.run("base (before training)") if evaluator else None
-    callbacks = [ReportMetrics()]
-    eval_steps = _steps(cfg.train.eval_every, config["max_steps"])
-    if evaluator and eval_steps and eval_steps < config["max_steps"]:
-        callbacks.append(evaluator.periodic(eval_steps, config["max_steps"]))
+        class ReportMetrics(TrainerCallback):
+            """Forward the trainer's logs to Ray (every rank logs at the same steps, so report stays a barrier)."""
 
-    with tempfile.TemporaryDirectory() as tmp:
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    ray.train.report({**logs, "step": state.global_step})
+
+        class ReportCheckpoints(TrainerCallback):
+            """Hand each HF checkpoint to Ray Train, which merges the ranks' folders in run.storage_path and keeps
+            the latest run.keep_checkpoints. Rank 0 adds the data position, so a resume skips the rows trained."""
+
+            def on_save(self, args, state, control, **kwargs):
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                folder.mkdir(parents=True, exist_ok=True)
+                if rank == 0:
+                    _write_state(folder, ray.get(feeder.position.remote(state.global_step)), base)
+                ray.train.report({"step": state.global_step, "checkpoint_step": state.global_step},
+                                 checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                                 delete_local_checkpoint_after_upload=True)
+
+        # Evaluation runs on rank 0 only; the other ranks wait for it at their next collective.
+        evaluator = None
+        if rank == 0 and config.get("has_eval"):
+            evaluator = _build_evaluator(ray.train.get_dataset_shard("eval"), model, cfg)
+        if evaluator and base is None:
+            base = evaluator.run("base (before training)")
+        callbacks = [ReportMetrics(), ReportCheckpoints()]
+        eval_steps = _steps(cfg.train.eval_every, config["max_steps"])
+        if evaluator and eval_steps and eval_steps < config["max_steps"]:
+            callbacks.append(evaluator.periodic(eval_steps, config["max_steps"]))
+        if config.get("chaos"):
+            callbacks.append(_chaos_callback(config["chaos"], rank))
+
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         args = training_arguments(cfg, config["max_steps"], tmp, cuda, prompts, config["step_cap"])
         trainer = streaming_trainer_cls()(model=model, args=args, train_dataset=column_schema(image_cols),
                                           loss=loss, callbacks=callbacks, batch_stream=stream,
-                                          progress=lambda: lr_factor(stream.rows * world / planned_rows,
+                                          progress=lambda: lr_factor((rows_before + stream.rows * world) / planned_rows,
                                                                      cfg.train.warmup_ratio))
         if rank == 0:
-            logger.info("distributed type %s, world size %d", trainer.accelerator.distributed_type, world)
-        result = trainer.train()
-        # an audit trail per rank: which rows it trained, and a weight checksum (equal on all ranks when DDP works)
-        write_table(trained_ids_table(stream.trained_ids, rank), cfg.run.uri("row_ids", f"rank-{rank:04d}.parquet"))
+            logger.info("distributed type %s, world size %d%s", trainer.accelerator.distributed_type, world,
+                        f", resuming from step {start_step}" if resume_dir else "")
+        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        # an audit trail per rank: the rows it trained in the whole run, and a weight checksum (equal on all ranks
+        # when data parallelism works) and the optimizer's own step count (continues across resumes)
+        history = history_table(position, stream.trained, rank)
+        write_table(history, cfg.run.uri("row_ids", f"rank-{rank:04d}.parquet"))
         checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
-        write_bytes(json.dumps({"rank": rank, "rows": len(stream.trained_ids), "steps": trainer.state.global_step,
-                                 "param_checksum": checksum}).encode(), cfg.run.uri("ranks", f"rank-{rank:04d}.json"))
+        write_bytes(json.dumps({"rank": rank, "rows": history.num_rows, "steps": trainer.state.global_step,
+                                "resumed_from_step": start_step, "optimizer_steps": _optimizer_steps(trainer.optimizer),
+                                "param_checksum": checksum}).encode(), cfg.run.uri("ranks", f"rank-{rank:04d}.json"))
         seconds = float(result.metrics.get("train_runtime", 0.0))
         metrics = {"train_loss": result.training_loss, "step": trainer.state.global_step,
+                   "resumed_from_step": start_step,
                    "distributed_type": str(trainer.accelerator.distributed_type), "world_size": world,
                    "train_seconds": seconds,
                    "rows_per_second": stream.rows * world / seconds if seconds else 0.0}
@@ -293,7 +391,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
                 write_reports(out, base, after, {"eval_queries": len(evaluator.eval_set.queries),
                                                  "eval_corpus": len(evaluator.eval_set.corpus)})
-            (out / "ray_vdr_train.json").write_text(json.dumps({"metrics": metrics, "config": config["cfg"]}, indent=2))
+            (out / FINAL_FILE).write_text(json.dumps({"metrics": metrics, "config": config["cfg"]}, indent=2))
             checkpoint = ray.train.Checkpoint.from_directory(str(out))
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -389,8 +487,45 @@ def _start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: 
                         shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.train.seed)
 
 
-def run(cfg: VDRConfig) -> TrainResult:
-    """Train the embedder described by ``cfg`` on the current Ray cluster (started locally if there is none)."""
+def _completed(cfg: VDRConfig, rejects_uri: str, start: float, metrics: dict[str, Any] | None = None) -> TrainResult:
+    """The result of a run whose final model is in storage (``metrics`` default to the saved ones)."""
+    import pyarrow.parquet as pq
+
+    from ray_vdr.storage import fs_path
+
+    model_uri = cfg.run.uri("model")
+    if metrics is None:
+        metrics = json.loads(read_bytes(f"{model_uri}/{FINAL_FILE}"))["metrics"]
+    table = read_bytes(f"{model_uri}/eval.md").decode() if is_file(f"{model_uri}/eval.md") else None
+    trained = sum(r["rows"] for r in read_json_files(cfg.run.uri("ranks")))
+    dropped_uri = cfg.run.uri("dropped.parquet")
+    dropped = 0
+    if is_file(dropped_uri):
+        fs, path = fs_path(dropped_uri)
+        dropped = pq.read_metadata(path, filesystem=fs).num_rows
+    return TrainResult(model_uri, rejects_uri, metrics, time.time() - start, table, rows_trained=trained,
+                       rows_dropped=dropped)
+
+
+def _prune_orphan_checkpoints(cfg: VDRConfig, result) -> None:
+    """Delete checkpoint folders Ray Train does not track: a group that fails right after a report may have
+    uploaded a checkpoint the controller never registered, and nothing else would ever remove it."""
+    from ray_vdr.storage import list_dirs, remove_tree
+
+    kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])} | {Path(result.checkpoint.path).name}
+    for name in list_dirs(cfg.run.uri()):
+        if name.startswith("checkpoint_") and name not in kept:
+            logger.info("removing checkpoint %s: uploaded by a failed worker group, never registered", name)
+            remove_tree(cfg.run.uri(name))
+
+
+def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None) -> TrainResult:
+    """Train the embedder described by ``cfg`` on the current Ray cluster (started locally if there is none).
+
+    Rerunning with the same ``run.name`` and ``run.storage_path`` resumes from the latest checkpoint (model,
+    optimizer, scheduler, RNG and data position); a run whose final model is already in storage is not trained
+    again. ``chaos`` ({"rank", "step", "marker"}) kills one worker once, for failure drills and tests.
+    """
     import pyarrow as pa
     import ray
     import ray.data
@@ -403,6 +538,11 @@ def run(cfg: VDRConfig) -> TrainResult:
 
     start = time.time()
     preflight(cfg)
+    rejects_uri = (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/")
+    if is_file(cfg.run.uri("model", FINAL_FILE)):
+        logger.warning("run %r already finished: its model is at %s (choose a new run.name to train again)",
+                       cfg.run.name, cfg.run.uri("model"))
+        return _completed(cfg, rejects_uri, start)
     ensure_model_files(cfg.model)  # random-weight builders run here, never inside the worker group
     init_ray()
     # the streams are consumed by the feeder actor and the workers; their per-operator bars would only garble the
@@ -422,7 +562,8 @@ def run(cfg: VDRConfig) -> TrainResult:
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "max_steps": max_steps, "step_cap": step_cap,
                            "planned_rows": planned_rows,
                            "has_eval": "eval" in datasets,
-                           "feeder": feeder},
+                           "feeder": feeder,
+                           "chaos": chaos},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=s.resources_per_worker,
                                      placement_strategy=s.placement_strategy),
@@ -435,17 +576,16 @@ def run(cfg: VDRConfig) -> TrainResult:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # train rows come from the feeder; eval is read whole
     )
-    result = trainer.fit()
-    dropped = ray.get(feeder.dropped.remote())
-    ray.kill(feeder)
+    try:
+        result = trainer.fit()
+        dropped = ray.get(feeder.dropped.remote())
+    finally:
+        ray.kill(feeder)
     if dropped:
         write_table(pa.table({"row_id": [d[0] for d in dropped], "reason": [d[1] for d in dropped]}),
-                     cfg.run.uri("dropped.parquet"))
+                    cfg.run.uri("dropped.parquet"))
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a model checkpoint: {result.error}")
-    model_uri = cfg.run.uri("model")
-    copy_tree(result.checkpoint.path, model_uri)
-    table = read_bytes(f"{model_uri}/eval.md").decode() if is_file(f"{model_uri}/eval.md") else None
-    trained = sum(r["rows"] for r in read_json_files(cfg.run.uri("ranks")))
-    return TrainResult(model_uri, rejects_uri, dict(result.metrics or {}), time.time() - start, table,
-                       rows_trained=trained, rows_dropped=len(dropped))
+    copy_tree(result.checkpoint.path, cfg.run.uri("model"))
+    _prune_orphan_checkpoints(cfg, result)
+    return _completed(cfg, rejects_uri, start, dict(result.metrics or {}))

@@ -26,15 +26,18 @@ class FakeDataset:
             yield pa.Table.from_batches([b])
 
 
-def fetch_all(feeder: BatchFeeder, world: int) -> list[list[str]]:
+def fetch_all(feeder: BatchFeeder, world: int, token: str = "group-1", position: dict | None = None,
+              stop_at: int | None = None) -> list[list[str]]:
+    """Each rank (a thread) starts the feeder with the group token and fetches its slices until the data ends
+    (or until ``stop_at``, like a worker group that fails there)."""
     got: list[list[str]] = [[] for _ in range(world)]
     errors: list[BaseException] = []
 
     def rank_loop(rank: int) -> None:
-        step = 0
         try:
-            while (rows := feeder.get(rank, step)) is not None:
-                got[rank].extend(r["row_id"] for r in rows)
+            step = feeder.start(token, position)
+            while step != stop_at and (batch := feeder.get(rank, step)) is not None:
+                got[rank].extend(r["row_id"] for r in batch["rows"])
                 step += 1
         except BaseException as e:
             errors.append(e)
@@ -67,3 +70,30 @@ def test_stream_errors_reach_the_trainers():
                          read_batch_size=10)
     with pytest.raises(RuntimeError, match="storage went away"):
         fetch_all(feeder, 2)
+
+
+def test_resume_from_a_position_trains_each_row_once_per_epoch():
+    """A worker group fails after step 7; a new group resumes from the position saved after step 4 (the last
+    checkpoint), in a new feeder (a rerun of the job) and in the same one (a worker restart)."""
+    for same_feeder in (False, True):
+        make = lambda: BatchFeeder(FakeDataset(101), world_size=2, per_device=4,  # noqa: E731
+                                   image_columns=["image"], epochs=2, read_batch_size=7, shuffle_buffer=16)
+        first = make()
+        fetch_all(first, 2, token="attempt-1", stop_at=8)
+        position = first.position(5)
+        assert position["step"] == 5 and position["epoch"] == 0 and len(position["history"]["row_id"]) == 5 * 8
+        second = first if same_feeder else make()
+        got = fetch_all(second, 2, token="attempt-2", position=position)
+        trained = position["history"]["row_id"] + [rid for g in got for rid in g]
+        dropped = [rid for rid, _ in second.dropped()]
+        for rid in {f"r{i}" for i in range(101)}:
+            assert trained.count(rid) + dropped.count(rid) == 2, rid
+        assert len(got[0]) == len(got[1])
+        # after the data is exhausted the position says so, with the whole run's history
+        end = second.position(10_000 if same_feeder else 10_000)
+        assert end["epoch"] == 2 and len(end["history"]["row_id"]) == len(trained)
+
+
+def test_get_before_start_is_an_error():
+    with pytest.raises(RuntimeError, match="start"):
+        BatchFeeder(FakeDataset(10), world_size=1, per_device=2, image_columns=["image"]).get(0, 0)
