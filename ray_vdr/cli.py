@@ -57,6 +57,8 @@ def cmd_train(cfg: VDRConfig) -> int:
 
     result = run(cfg)
     print(f"trained model: {result.model_uri}")
+    if result.metrics.get("resumed_from_step"):
+        print(f"resumed run {cfg.run.name!r} from its checkpoint at step {result.metrics['resumed_from_step']}")
     print(f"metrics: {json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})}")
     print(f"training rows: {result.rows_trained} trained, {result.rows_dropped} dropped at epoch ends "
           f"(row ids and reasons under {result.model_uri.rsplit('/', 1)[0]})")
@@ -72,6 +74,8 @@ def cmd_train(cfg: VDRConfig) -> int:
 def cmd_demo(cfg: VDRConfig) -> int:
     """The README's main command: synthetic data, then training on local Ray (later: embed, index, serve)."""
     start = time.time()
+    # a demo always trains afresh: rerunning a finished run name would just return its model (see train.run)
+    cfg.run.name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.synthetic is not None:
         print("== 1. synthetic VDR pages")
         cmd_make_data(cfg)

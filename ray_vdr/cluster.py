@@ -11,6 +11,13 @@ logger = logging.getLogger(__name__)
 _PROPAGATED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR", "HF_HOME")
 
 
+# Ray starts worker processes at nice 15 so that its own daemons stay responsive. Train workers then lose the CPU to
+# any normal-priority process, and their OpenMP threads stall each other at every barrier: on a 2-core machine the
+# same training step ran 3x slower (docs/benchmarks.md). Clusters this module starts run workers at nice 0; for
+# `ray start` clusters set the same variable on every node.
+LOCAL_CLUSTER_ENV = {"RAY_worker_niceness": "0"}
+
+
 def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Attach to the cluster in RAY_ADDRESS (``ray job submit`` sets it), else start a local one for this process.
 
@@ -27,6 +34,8 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
         logger.info("starting a local Ray cluster (num_cpus=%s)", num_cpus or "all")
+        for key, value in LOCAL_CLUSTER_ENV.items():
+            os.environ.setdefault(key, value)  # read by the raylet this call starts
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
                  runtime_env=runtime_env)
 

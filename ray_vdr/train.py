@@ -166,6 +166,30 @@ def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bo
     )
 
 
+def throughput_meter(rows):
+    """A callback measuring rows/s from the end of the first step to the last (start-up and warm-up excluded);
+    ``rows()`` counts the rows this process has trained so far."""
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        first: tuple[float, int] | None = None
+        last: tuple[float, int] | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            point = (time.perf_counter(), rows())
+            if self.first is None:
+                self.first = point
+            else:
+                self.last = point
+
+        def rate(self) -> float:
+            if not (self.first and self.last) or self.last[0] <= self.first[0]:
+                return 0.0
+            return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+
+    return Meter()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Worker
 
@@ -347,7 +371,8 @@ def train_loop(config: dict[str, Any]) -> None:
             evaluator = _build_evaluator(ray.train.get_dataset_shard("eval"), model, cfg)
         if evaluator and base is None:
             base = evaluator.run("base (before training)")
-        callbacks = [ReportMetrics(), ReportCheckpoints()]
+        meter = throughput_meter(lambda: stream.rows)
+        callbacks = [ReportMetrics(), ReportCheckpoints(), meter]
         eval_steps = _steps(cfg.train.eval_every, config["max_steps"])
         if evaluator and eval_steps and eval_steps < config["max_steps"]:
             callbacks.append(evaluator.periodic(eval_steps, config["max_steps"]))
@@ -376,8 +401,9 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {"train_loss": result.training_loss, "step": trainer.state.global_step,
                    "resumed_from_step": start_step,
                    "distributed_type": str(trainer.accelerator.distributed_type), "world_size": world,
-                   "train_seconds": seconds,
-                   "rows_per_second": stream.rows * world / seconds if seconds else 0.0}
+                   "train_seconds": seconds, "torch_threads": torch.get_num_threads(),
+                   "rows_per_second": stream.rows * world / seconds if seconds else 0.0,
+                   "steady_rows_per_second": meter.rate() * world}
         checkpoint = None
         if rank == 0:
             out = Path(tmp) / "model"

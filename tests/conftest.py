@@ -48,7 +48,11 @@ def ray_local(tmp_path_factory):
 
     if ray.is_initialized():
         ray.shutdown()
+    from ray_vdr.cluster import LOCAL_CLUSTER_ENV
+
     temp_dir = tmp_path_factory.mktemp("ray")
+    for key, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(temp_dir),
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     ctx = ray.data.DataContext.get_current()

@@ -1,0 +1,271 @@
+"""Training benchmarks, measured side by side in one run (not a test).
+
+(a) samples/s of the ray-vdr training pipeline (Ray Data → feeder → 1 Ray Train worker → SentenceTransformerTrainer)
+    ÷ a plain single-process SentenceTransformerTrainer on an in-memory ``datasets.Dataset``: the same model, rows,
+    loss (CachedMNRL in MatryoshkaLoss), batch, steps, precision and torch thread count. Goal ≥ 1.0.
+(b) peak memory of training at batch 64 ÷ batch 8 with the cached loss (GradCache: the mini-batch, not the batch,
+    bounds the activations). Plain MNRL is measured next to it, to show what the cache saves. Goal ≤ 1.3.
+    Peak = torch.cuda.max_memory_allocated on GPU, the process's peak RSS (VmHWM) on CPU; also printed: the part
+    of it added by training (optimizer state, batches, activations) above what the loaded model and data hold.
+Throughput (a) is measured from the end of the first step to the last in both, so that the stream's start-up and
+the first step's warm-up are excluded; the whole-run figures are printed too.
+
+Every measurement runs in its own subprocess (clean memory, fresh thread pools). The model is a random-weight
+Qwen3-VL embedder with the real module stack; ``--shape small`` (default) is large enough for activations to
+dominate the memory probe on CPU, ``tiny`` is the test model, ``2b`` the real Qwen3-VL-2B shape (GPU only).
+
+    python bench/train_throughput.py                       # ~5 min on 2 CPU cores
+    python bench/train_throughput.py --shape 2b --device cuda --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _shape(name: str):
+    from ray_vdr.models.builders import QWEN3VL_2B_SHAPE, TINY_QWEN3VL
+
+    if name == "tiny":
+        return TINY_QWEN3VL
+    if name == "2b":
+        return QWEN3VL_2B_SHAPE
+    return replace(TINY_QWEN3VL, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=32, intermediate_size=768, mrope_section=[4, 6, 6], vision_depth=4,
+                   vision_hidden_size=128, vision_intermediate_size=384, vision_num_heads=4,
+                   deepstack_visual_indexes=[1, 3])
+
+
+def _config(args, batch: int, steps: int, loss: str = "cached_mnrl"):
+    from ray_vdr.config import load_config
+
+    return load_config(ROOT / "configs/demo.yaml", [
+        f"model.name_or_path={args.out}/model-{args.shape}", "model.builder=load",
+        f"model.max_pixels={args.max_pixels}", f"model.dtype={'bfloat16' if args.precision == 'bf16' else 'float32'}",
+        f"data.train.uri={args.out}/data/train", "data.eval=null", "synthetic=null",
+        f"train.loss={loss}", f"train.per_device_batch_size={batch}", f"train.max_steps={steps}",
+        f"train.mini_batch_size={args.mini_batch}", f"train.precision={args.precision}", "train.save_every=null",
+        "train.eval_every=null", "train.log_every=0.5", "train.warmup_ratio=0.0",
+        "scaling.num_workers=1", f"scaling.use_gpu={args.device == 'cuda'}",
+        f"scaling.resources_per_worker={{{'CPU: 1, GPU: 1' if args.device == 'cuda' else 'CPU: 1'}}}",
+        f"run.storage_path={args.out}/runs", f"run.name=bench-{int(time.time() * 1000)}",
+    ])
+
+
+def prepare(args) -> None:
+    from ray_vdr.config import SyntheticConfig
+    from ray_vdr.data.synthetic import write_synthetic
+    from ray_vdr.models.builders import build_qwen3vl_embedder
+
+    model = Path(args.out) / f"model-{args.shape}"
+    if not (model / "modules.json").is_file():
+        build_qwen3vl_embedder(model, _shape(args.shape), max_pixels=args.max_pixels)
+    data = Path(args.out) / "data"
+    if not (data / "summary.json").is_file() or json.loads((data / "summary.json").read_text())["train_rows"] < args.rows:
+        write_synthetic(SyntheticConfig(output_dir=str(data), train_queries=args.rows, eval_queries=2, jsonl=False,
+                                        seed=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# probes (each in its own process)
+
+
+def _in_memory_dataset(cfg, rows: int):
+    """The validated training rows as an in-memory datasets.Dataset with Image features (what users hand ST)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    from ray_vdr.data.triplets import TripletSpec, validate_batch
+
+    spec = TripletSpec.from_config(cfg.data, split="train")
+    table, _ = validate_batch(pq.read_table(cfg.data.train.uri), spec)
+    table = table.slice(0, rows)
+    image_cols = spec.output_columns[2:]
+    features = datasets.Features({"query": datasets.Value("string"), **{c: datasets.Image() for c in image_cols}})
+    data = {"query": table.column("query").to_pylist()}
+    for c in image_cols:
+        data[c] = [{"bytes": b, "path": None} for b in table.column(c).to_pylist()]
+    return datasets.Dataset.from_dict(data, features=features), image_cols
+
+
+def _plain_trainer(cfg, args, dataset, image_cols, callbacks=()):
+    import tempfile
+
+    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+
+    from ray_vdr.models.load import build_model
+    from ray_vdr.train import build_loss, training_arguments
+
+    cuda = args.device == "cuda"
+    model = build_model(cfg.model, device="cuda" if cuda else "cpu")
+    prompts = {"query": model.prompts.get("query")} | {c: model.prompts.get("document") for c in image_cols}
+    targs = training_arguments(cfg, cfg.train.max_steps, tempfile.mkdtemp(), cuda, {k: v for k, v in prompts.items()
+                                                                                       if v})
+    return SentenceTransformerTrainer(model=model, args=targs, train_dataset=dataset,
+                                      loss=build_loss(model, cfg.train, gather=False), callbacks=list(callbacks))
+
+
+def probe_plain(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = _config(args, args.batch, args.steps)
+    from ray_vdr.train import throughput_meter
+
+    dataset, image_cols = _in_memory_dataset(cfg, args.batch * args.steps)
+    trainer = _plain_trainer(cfg, args, dataset, image_cols)
+    meter = throughput_meter(lambda: trainer.state.global_step * args.batch)
+    trainer.add_callback(meter)
+    seconds = trainer.train().metrics["train_runtime"]
+    return {"samples_per_s": meter.rate(), "whole_run_samples_per_s": args.batch * args.steps / seconds,
+            "train_seconds": seconds, "torch_threads": torch.get_num_threads()}
+
+
+def probe_pipeline(args) -> dict:
+    import ray
+
+    from ray_vdr.train import run
+
+    cfg = _config(args, args.batch, args.steps)
+    from ray_vdr.cluster import LOCAL_CLUSTER_ENV
+
+    env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    os.environ.update(LOCAL_CLUSTER_ENV)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        result = run(cfg)
+    finally:
+        ray.shutdown()
+    m = result.metrics
+    return {"samples_per_s": m["steady_rows_per_second"], "whole_run_samples_per_s": m["rows_per_second"],
+            "train_seconds": m["train_seconds"], "torch_threads": m.get("torch_threads")}
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe_memory(args) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    cfg = _config(args, args.batch, args.steps, loss=args.loss)
+    dataset, image_cols = _in_memory_dataset(cfg, args.batch * args.steps)
+    held: dict[str, int] = {}
+
+    class AtTrainBegin(TrainerCallback):
+        def on_train_begin(self, targs, state, control, **kwargs):  # model and data loaded, nothing trained yet
+            if cuda:
+                torch.cuda.synchronize()
+                held["bytes"] = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                held["bytes"] = _rss("VmRSS")
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+
+    _plain_trainer(cfg, args, dataset, image_cols, [AtTrainBegin()]).train()
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")
+    return {"held_bytes": held["bytes"], "peak_bytes": peak, "step_bytes": peak - held["bytes"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def _subprocess(args, probe: str, **overrides) -> dict:
+    argv = [sys.executable, __file__, "--probe", probe]
+    for k, v in {**vars(args), **overrides}.items():
+        if k != "probe":
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe {probe} {overrides} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--probe", choices=["plain", "pipeline", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(ROOT / "outputs" / "bench-train"))
+    p.add_argument("--shape", choices=["tiny", "small", "2b"], default="small")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--max-pixels", type=int, default=256 * 256)
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--mini-batch", type=int, default=4)
+    p.add_argument("--loss", default="cached_mnrl")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument("--parts", default="a,b", help="which measurements: a (throughput), b (memory)")
+    args = p.parse_args()
+    if args.probe:
+        sys.path.insert(0, str(ROOT))
+        probe = {"plain": probe_plain, "pipeline": probe_pipeline, "memory": probe_memory}[args.probe]
+        print(json.dumps(probe(args)))
+        return
+
+    prepare(args)
+    print(f"model: Qwen3-VL embedder, shape {args.shape}, max_pixels {args.max_pixels}, {args.precision}, "
+          f"device {args.device}, {args.threads} torch threads; batch {args.batch}, {args.steps} steps, "
+          f"CachedMNRL mini-batch {args.mini_batch} in MatryoshkaLoss", flush=True)
+
+    parts = set(args.parts.split(","))
+    report = {"date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    if "a" in parts:
+        report.update(_throughput(args))
+    if "b" in parts:
+        report.update(_memory(args))
+    Path(args.out, "train_bench.json").write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}/train_bench.json")
+
+
+def _throughput(args) -> dict:
+    plain = _subprocess(args, "plain")
+    pipeline = _subprocess(args, "pipeline")
+    ratio_a = pipeline["samples_per_s"] / plain["samples_per_s"]
+    print("\n(a) training throughput, samples/s after the first step (same model, rows, loss, batch, steps)")
+    for name, r in (("plain SentenceTransformerTrainer, in-memory Dataset", plain),
+                    ("ray-vdr pipeline, 1 Ray Train worker", pipeline)):
+        print(f"    {name:52s} {r['samples_per_s']:7.2f}   (whole run incl. start-up: "
+              f"{r['whole_run_samples_per_s']:.2f}/s over {r['train_seconds']:.1f} s; {r['torch_threads']} threads)")
+    print(f"    ratio pipeline ÷ plain: {ratio_a:.3f}   (goal ≥ 1.0)", flush=True)
+    return {"plain": plain, "pipeline": pipeline, "throughput_ratio": ratio_a}
+
+
+def _memory(args) -> dict:
+    mem = {}
+    for loss in ("cached_mnrl", "mnrl"):
+        for batch in (8, 64):
+            mem[loss, batch] = _subprocess(args, "memory", loss=loss, batch=batch, steps=args.memory_steps)
+    what = "CUDA allocator" if args.device == "cuda" else "process RSS"
+    print(f"\n(b) peak memory ({what}), batch 8 → batch 64, and the part added by training")
+    for loss in ("cached_mnrl", "mnrl"):
+        a, b = mem[loss, 8], mem[loss, 64]
+        print(f"    {loss:12s} peak {a['peak_bytes'] / 2**20:8.0f} → {b['peak_bytes'] / 2**20:8.0f} MiB "
+              f"(ratio {b['peak_bytes'] / a['peak_bytes']:.2f});  added by training {a['step_bytes'] / 2**20:7.0f} → "
+              f"{b['step_bytes'] / 2**20:7.0f} MiB (ratio {b['step_bytes'] / a['step_bytes']:.2f})")
+    ratio_b = mem["cached_mnrl", 64]["peak_bytes"] / mem["cached_mnrl", 8]["peak_bytes"]
+    print(f"    peak ratio batch 64 ÷ batch 8 with the cached loss: {ratio_b:.2f}   (goal ≤ 1.3)")
+    return {"memory": {f"{k[0]}@{k[1]}": v for k, v in mem.items()}, "memory_ratio_cached": ratio_b}
+
+
+if __name__ == "__main__":
+    main()
