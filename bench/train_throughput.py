@@ -217,7 +217,6 @@ def main() -> None:
     p.add_argument("--parts", default="a,b", help="which measurements: a (throughput), b (memory)")
     args = p.parse_args()
     if args.probe:
-        sys.path.insert(0, str(ROOT))
         probe = {"plain": probe_plain, "pipeline": probe_pipeline, "memory": probe_memory}[args.probe]
         print(json.dumps(probe(args)))
         return
