@@ -203,11 +203,6 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"mini_batch_size ({self.mini_batch_size}) exceeds per_device_batch_size ({self.per_device_batch_size})"
             )
-        if self.strategy == "deepspeed" and self.zero_stage in (2, 3) and self.loss == "cached_mnrl":
-            raise ValueError(
-                f"DeepSpeed ZeRO-{self.zero_stage} with loss 'cached_mnrl' fails upstream (gradients reduced twice per "
-                "engine step; sentence-transformers#3173). Use zero_stage 1, strategy 'ddp', or loss 'mnrl'."
-            )
         if self.strategy == "ddp" and self.zero_stage not in (0, 1):
             raise ValueError(f"zero_stage {self.zero_stage} needs strategy 'deepspeed'")
         return self

@@ -102,6 +102,28 @@ def streaming_trainer_cls():
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """Under DeepSpeed, a cached loss runs as gradient accumulation over its mini-batches (see
+            ray_vdr.gradcache), which ZeRO-2/3 support; everything else takes the trainer's own path."""
+            from ray_vdr.gradcache import cached_loss_of, deepspeed_cached_step
+
+            cached = cached_loss_of(self.loss) if self.is_deepspeed_enabled else None
+            if cached is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            inputs.pop("dataset_name", None)
+            features, labels = self.collect_features(inputs)
+            if model is self.model_wrapped and self.loss.model is not model:
+                self.override_model_in_loss(self.loss, model)  # forwards must go through the engine
+            gas = self.current_gradient_accumulation_steps
+            sync = self.accelerator.sync_gradients
+            with self.compute_loss_context_manager():
+                loss = deepspeed_cached_step(model, cached, features, labels, boundary=sync, scale=1.0 / gas)
+            if sync:
+                model.step()  # what accelerate's DeepSpeed backward does at a boundary (optimizer and scheduler)
+            return loss / gas
+
         def get_train_dataloader(self) -> DataLoader:
             return DataLoader(self.batch_stream, batch_size=None, collate_fn=self.data_collator,
                               num_workers=0, pin_memory=self.args.dataloader_pin_memory)
@@ -194,13 +216,16 @@ def throughput_meter(rows):
 # Worker
 
 
-class _RankZeroEvaluator:
-    """Retrieval evaluation on rank 0: before training, every eval_every, and after training."""
+class _Evaluator:
+    """Retrieval evaluation before training, every eval_every, and after training. It runs on rank 0, or on every
+    rank under ZeRO-3 (each rank holds a shard of the weights, so every forward is collective); only the
+    ``log`` rank writes the tables."""
 
-    def __init__(self, model, eval_set, dims: list[int], batch_size: int):
+    def __init__(self, model, eval_set, dims: list[int], batch_size: int, log: bool = True):
         from ray_vdr.evaluate import MatryoshkaRetrievalEvaluator
 
         self.model = model
+        self.log = log
         self.eval_set = eval_set
         self.dims = dims
         self.evaluator = MatryoshkaRetrievalEvaluator(eval_set, dims, batch_size=batch_size)
@@ -213,7 +238,8 @@ class _RankZeroEvaluator:
         self.evaluator(self.model)
         self.model.train(was_training)
         results = dict(self.evaluator.results)
-        logger.info("retrieval on the eval split, %s:\n%s", label, markdown_table(results))
+        if self.log:
+            logger.info("retrieval on the eval split, %s:\n%s", label, markdown_table(results))
         return results
 
     def summary(self, before: dict[int, dict], after: dict[int, dict]) -> dict[str, float]:
@@ -234,7 +260,7 @@ class _RankZeroEvaluator:
         return EvalEvery()
 
 
-def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
+def _build_evaluator(eval_shard, model, cfg: VDRConfig, log: bool) -> _Evaluator:
     """Read the whole (unsplit) eval stream into an EvalSet: small by design (N queries, 5N pages)."""
     import pyarrow as pa
 
@@ -242,7 +268,23 @@ def _build_evaluator(eval_shard, model, cfg: VDRConfig) -> _RankZeroEvaluator:
 
     table = pa.concat_tables(list(eval_shard.iter_batches(batch_size=256, batch_format="pyarrow")))
     dims = eval_dims(model.get_sentence_embedding_dimension(), cfg.train.matryoshka_dims)
-    return _RankZeroEvaluator(model, eval_set_from_table(table), dims, batch_size=min(16, cfg.train.per_device_batch_size))
+    return _Evaluator(model, eval_set_from_table(table), dims, batch_size=min(16, cfg.train.per_device_batch_size),
+                      log=log)
+
+
+def _sharded_weights(cfg: VDRConfig) -> bool:
+    return cfg.train.strategy == "deepspeed" and cfg.train.zero_stage == 3
+
+
+def _full_weights(model, cfg: VDRConfig):
+    """Context in which every rank sees the whole weights (ZeRO-3 gathers its shards; collective), else a no-op."""
+    import contextlib
+
+    if not _sharded_weights(cfg):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 STATE_FILE = "ray_vdr_state.json"  # data position and base evaluation, in every intermediate checkpoint
@@ -365,10 +407,11 @@ def train_loop(config: dict[str, Any]) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                                  delete_local_checkpoint_after_upload=True)
 
-        # Evaluation runs on rank 0 only; the other ranks wait for it at their next collective.
+        # Evaluation runs on rank 0 only (the other ranks wait for it at their next collective), or on every rank
+        # when ZeRO-3 shards the weights.
         evaluator = None
-        if rank == 0 and config.get("has_eval"):
-            evaluator = _build_evaluator(ray.train.get_dataset_shard("eval"), model, cfg)
+        if (rank == 0 or _sharded_weights(cfg)) and config.get("has_eval"):
+            evaluator = _build_evaluator(ray.train.get_dataset_shard("eval"), model, cfg, log=rank == 0)
         if evaluator and base is None:
             base = evaluator.run("base (before training)")
         meter = throughput_meter(lambda: stream.rows)
@@ -393,6 +436,8 @@ def train_loop(config: dict[str, Any]) -> None:
         # when data parallelism works) and the optimizer's own step count (continues across resumes)
         history = history_table(position, stream.trained, rank)
         write_table(history, cfg.run.uri("row_ids", f"rank-{rank:04d}.parquet"))
+        after = evaluator.run("finetuned") if evaluator else None
+        stack.enter_context(_full_weights(model, cfg))  # whole weights for the checksum and the save
         checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
         write_bytes(json.dumps({"rank": rank, "rows": history.num_rows, "steps": trainer.state.global_step,
                                 "resumed_from_step": start_step, "optimizer_steps": _optimizer_steps(trainer.optimizer),
@@ -408,7 +453,6 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             out = Path(tmp) / "model"
             if evaluator:
-                after = evaluator.run("finetuned")
                 metrics.update(evaluator.summary(base, after))
             model.truncate_dim = cfg.output.truncate_dim
             model.save(str(out))
