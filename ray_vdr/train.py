@@ -450,6 +450,11 @@ def train_loop(config: dict[str, Any]) -> None:
                    "rows_per_second": stream.rows * world / seconds if seconds else 0.0,
                    "steady_rows_per_second": meter.rate() * world}
         checkpoint = None
+        if rank != 0 and _sharded_weights(cfg):
+            # saving runs a forward (the model card's usage example), and under ZeRO-3 every forward is collective:
+            # the other ranks save a throwaway copy in step with rank 0
+            model.truncate_dim = cfg.output.truncate_dim
+            model.save(str(Path(tmp) / "discard"))
         if rank == 0:
             out = Path(tmp) / "model"
             if evaluator:
