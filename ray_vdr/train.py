@@ -448,7 +448,9 @@ def train_loop(config: dict[str, Any]) -> None:
                    "distributed_type": str(trainer.accelerator.distributed_type), "world_size": world,
                    "train_seconds": seconds, "torch_threads": torch.get_num_threads(),
                    "rows_per_second": stream.rows * world / seconds if seconds else 0.0,
-                   "steady_rows_per_second": meter.rate() * world}
+                   "steady_rows_per_second": meter.rate() * world,
+                   "last_grad_norm": next((float(h["grad_norm"]) for h in reversed(trainer.state.log_history)
+                                           if "grad_norm" in h), None)}
         checkpoint = None
         if rank != 0 and _sharded_weights(cfg):
             # saving runs a forward (the model card's usage example), and under ZeRO-3 every forward is collective:
