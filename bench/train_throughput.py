@@ -7,6 +7,11 @@
     bounds the activations). Plain MNRL is measured next to it, to show what the cache saves. Goal ≤ 1.3.
     Peak = torch.cuda.max_memory_allocated on GPU, the process's peak RSS (VmHWM) on CPU; also printed: the part
     of it added by training (optimizer state, batches, activations) above what the loaded model and data hold.
+(c) GradCache under ZeRO: step time of the cached loss under DeepSpeed ZeRO-2 ÷ under ZeRO-1, 2 Ray Train workers,
+    alternating runs (goal ≤ 1.10).
+(d) peak memory per worker under ZeRO-2 + cached loss at per-worker batch 64 ÷ batch 8, 2 workers (goal ≤ 1.3),
+    with ZeRO-1 + plain MNRL at batch 64 next to it (what ZeRO-2 + the cache save); the workers' peak as reported
+    by the training run (``peak_memory_bytes``: CUDA allocator peak on GPU, peak RSS on CPU).
 Throughput (a) is measured from the end of the first step to the last in both, so that the stream's start-up and
 the first step's warm-up are excluded; the whole-run figures are printed too.
 
@@ -14,7 +19,8 @@ Every measurement runs in its own subprocess (clean memory, fresh thread pools).
 Qwen3-VL embedder with the real module stack; ``--shape small`` (default) is large enough for activations to
 dominate the memory probe on CPU, ``tiny`` is the test model, ``2b`` the real Qwen3-VL-2B shape (GPU only).
 
-    python bench/train_throughput.py                       # ~5 min on 2 CPU cores
+    python bench/train_throughput.py                       # (a), (b): ~5 min on 2 CPU cores
+    python bench/train_throughput.py --parts c,d --threads 1   # ~15 min on 2 CPU cores
     python bench/train_throughput.py --shape 2b --device cuda --precision bf16
 """
 
@@ -46,7 +52,7 @@ def _shape(name: str):
                    deepstack_visual_indexes=[1, 3])
 
 
-def _config(args, batch: int, steps: int, loss: str = "cached_mnrl"):
+def _config(args, batch: int, steps: int, loss: str = "cached_mnrl", workers: int = 1, zero: int | None = None):
     from ray_vdr.config import load_config
 
     return load_config(ROOT / "configs/demo.yaml", [
@@ -56,7 +62,8 @@ def _config(args, batch: int, steps: int, loss: str = "cached_mnrl"):
         f"train.loss={loss}", f"train.per_device_batch_size={batch}", f"train.max_steps={steps}",
         f"train.mini_batch_size={args.mini_batch}", f"train.precision={args.precision}", "train.save_every=null",
         "train.eval_every=null", "train.log_every=0.5", "train.warmup_ratio=0.0",
-        "scaling.num_workers=1", f"scaling.use_gpu={args.device == 'cuda'}",
+        f"scaling.num_workers={workers}", f"scaling.use_gpu={args.device == 'cuda'}",
+        *(["train.strategy=deepspeed", f"train.zero_stage={zero}"] if zero is not None else ["train.strategy=ddp"]),
         f"scaling.resources_per_worker={{{'CPU: 1, GPU: 1' if args.device == 'cuda' else 'CPU: 1'}}}",
         f"run.storage_path={args.out}/runs", f"run.name=bench-{int(time.time() * 1000)}",
     ])
@@ -136,7 +143,7 @@ def probe_pipeline(args) -> dict:
 
     from ray_vdr.train import run
 
-    cfg = _config(args, args.batch, args.steps)
+    cfg = _config(args, args.batch, args.steps, loss=args.loss, workers=args.workers, zero=args.zero)
     from ray_vdr.cluster import LOCAL_CLUSTER_ENV
 
     env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
@@ -148,7 +155,9 @@ def probe_pipeline(args) -> dict:
         ray.shutdown()
     m = result.metrics
     return {"samples_per_s": m["steady_rows_per_second"], "whole_run_samples_per_s": m["rows_per_second"],
-            "train_seconds": m["train_seconds"], "torch_threads": m.get("torch_threads")}
+            "train_seconds": m["train_seconds"], "torch_threads": m.get("torch_threads"),
+            "step_seconds": args.batch * args.workers / m["steady_rows_per_second"],
+            "peak_bytes": m["peak_memory_bytes"], "distributed_type": m["distributed_type"]}
 
 
 def _rss(field: str) -> int:
@@ -214,7 +223,12 @@ def main() -> None:
     p.add_argument("--loss", default="cached_mnrl")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--memory-steps", type=int, default=3)
-    p.add_argument("--parts", default="a,b", help="which measurements: a (throughput), b (memory)")
+    p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--zero", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--zero-steps", type=int, default=8, help="steps per run in (c)")
+    p.add_argument("--zero-repeats", type=int, default=2, help="alternating runs per stage in (c)")
+    p.add_argument("--parts", default="a,b", help="which measurements: a (throughput), b (memory), c (ZeRO-2 ÷ "
+                                                  "ZeRO-1 step time), d (ZeRO-2 memory, batch 64 ÷ 8)")
     args = p.parse_args()
     if args.probe:
         probe = {"plain": probe_plain, "pipeline": probe_pipeline, "memory": probe_memory}[args.probe]
@@ -232,8 +246,13 @@ def main() -> None:
         report.update(_throughput(args))
     if "b" in parts:
         report.update(_memory(args))
-    Path(args.out, "train_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {args.out}/train_bench.json")
+    if "c" in parts:
+        report.update(_zero_step_time(args))
+    if "d" in parts:
+        report.update(_zero_memory(args))
+    name = "train_bench.json" if parts <= {"a", "b"} else f"train_bench_{'_'.join(sorted(parts))}.json"
+    Path(args.out, name).write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}/{name}")
 
 
 def _throughput(args) -> dict:
@@ -264,6 +283,39 @@ def _memory(args) -> dict:
     ratio_b = mem["cached_mnrl", 64]["peak_bytes"] / mem["cached_mnrl", 8]["peak_bytes"]
     print(f"    peak ratio batch 64 ÷ batch 8 with the cached loss: {ratio_b:.2f}   (goal ≤ 1.3)")
     return {"memory": {f"{k[0]}@{k[1]}": v for k, v in mem.items()}, "memory_ratio_cached": ratio_b}
+
+
+def _zero_step_time(args) -> dict:
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    for _ in range(args.zero_repeats):
+        for zero in (1, 2):  # alternating, so drifts in the machine's speed hit both
+            runs[zero].append(_subprocess(args, "pipeline", workers=2, zero=zero, steps=args.zero_steps,
+                                          loss="cached_mnrl"))
+    best = {z: min(r["step_seconds"] for r in rs) for z, rs in runs.items()}
+    ratio = best[2] / best[1]
+    print(f"\n(c) step time, cached loss (mini-batch {args.mini_batch}) under DeepSpeed, 2 workers x batch "
+          f"{args.batch}, {args.zero_steps} steps, after the first step")
+    for zero, rs in runs.items():
+        print(f"    ZeRO-{zero}: " + ", ".join(f"{r['step_seconds']:.2f} s" for r in rs) + f"   (best {best[zero]:.2f} s)")
+    print(f"    ratio ZeRO-2 ÷ ZeRO-1 (best of {args.zero_repeats}): {ratio:.3f}   (goal ≤ 1.10)", flush=True)
+    return {"zero_step_time": {f"zero{z}": rs for z, rs in runs.items()}, "zero_step_time_ratio": ratio}
+
+
+def _zero_memory(args) -> dict:
+    runs = {}
+    for name, zero, loss, batch in (("zero2_cached@8", 2, "cached_mnrl", 8), ("zero2_cached@64", 2, "cached_mnrl", 64),
+                                    ("zero1_mnrl@64", 1, "mnrl", 64)):
+        runs[name] = _subprocess(args, "pipeline", workers=2, zero=zero, loss=loss, batch=batch,
+                                 steps=args.memory_steps)
+    what = "CUDA allocator" if args.device == "cuda" else "process RSS"
+    print(f"\n(d) peak memory per worker ({what}), 2 workers, {args.memory_steps} steps")
+    for name, r in runs.items():
+        print(f"    {name:18s} {r['peak_bytes'] / 2**20:8.0f} MiB")
+    ratio = runs["zero2_cached@64"]["peak_bytes"] / runs["zero2_cached@8"]["peak_bytes"]
+    saved = runs["zero1_mnrl@64"]["peak_bytes"] / runs["zero2_cached@64"]["peak_bytes"]
+    print(f"    ratio ZeRO-2 + cached, batch 64 ÷ batch 8: {ratio:.2f}   (goal ≤ 1.3)")
+    print(f"    ZeRO-1 + plain MNRL ÷ ZeRO-2 + cached, both at batch 64: {saved:.2f}", flush=True)
+    return {"zero_memory": runs, "zero_memory_ratio": ratio, "zero1_mnrl_over_zero2_cached": saved}
 
 
 if __name__ == "__main__":

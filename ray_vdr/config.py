@@ -51,12 +51,12 @@ class ModelConfig(_Strict):
         "Qwen/Qwen3-VL-Embedding-2B",
         description="Hub id or local/URI path of a Sentence Transformers model (or a plain transformers VLM folder).",
     )
-    builder: Literal["load", "tiny-qwen3vl", "tiny-clip", "qwen3vl-2b-shape"] = Field(
+    builder: Literal["load", "tiny-qwen3vl", "tiny-clip", "qwen3vl-2b-shape", "qwen3vl-8b-shape"] = Field(
         "load",
         description=(
             "How the model comes to exist. 'load' reads name_or_path. The other values build a model with random "
             "weights into name_or_path when that folder is missing: a tiny Qwen3-VL embedder or tiny CLIP (tests, "
-            "demo) or the real Qwen3-VL-2B shape (GPU benchmarks)."
+            "demo) or the real Qwen3-VL-2B or -8B shape (GPU benchmarks)."
         ),
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -280,8 +280,8 @@ class VDRConfig(_Strict):
             raise ValueError(f"output.truncate_dim ({td}) exceeds the largest Matryoshka dim ({dims[0]})")
         if dims and td is not None and td not in dims:
             raise ValueError(f"output.truncate_dim ({td}) is not one of train.matryoshka_dims {dims}: it was never trained")
-        if self.train.precision in ("bf16", "fp16") and not self.scaling.use_gpu:
-            raise ValueError(f"train.precision {self.train.precision!r} needs scaling.use_gpu (CPU trains in fp32)")
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("train.precision 'fp16' needs scaling.use_gpu (CPU trains in fp32 or bf16)")
         if self.train.strategy == "deepspeed" and self.scaling.num_workers == 0:
             raise ValueError("train.strategy 'deepspeed' needs scaling.num_workers >= 1")
         return self
@@ -414,6 +414,9 @@ def deepspeed_config(train: TrainConfig, *, bf16: bool, fp16: bool = False) -> d
         "gradient_clipping": "auto",
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        # bf16 weights, fp32 gradient accumulation: the cached loss adds one backward per mini-batch (192 at batch 64,
+        # mini-batch 1, 3 columns), too many to sum in bf16. ZeRO-1 then runs DeepSpeed's BF16_Optimizer.
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "fp16": {"enabled": fp16},
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,

@@ -188,6 +188,17 @@ def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bo
     )
 
 
+def peak_memory_bytes(cuda: bool) -> int:
+    """This process's peak memory so far: the CUDA allocator's peak on GPU, peak resident set size on CPU."""
+    import resource
+
+    import torch
+
+    if cuda:
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def throughput_meter(rows):
     """A callback measuring rows/s from the end of the first step to the last (start-up and warm-up excluded);
     ``rows()`` counts the rows this process has trained so far."""
@@ -432,6 +443,7 @@ def train_loop(config: dict[str, Any]) -> None:
             logger.info("distributed type %s, world size %d%s", trainer.accelerator.distributed_type, world,
                         f", resuming from step {start_step}" if resume_dir else "")
         result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        peak_memory = peak_memory_bytes(cuda)  # training's peak, before evaluation and the full-weight gather
         # an audit trail per rank: the rows it trained in the whole run, and a weight checksum (equal on all ranks
         # when data parallelism works) and the optimizer's own step count (continues across resumes)
         history = history_table(position, stream.trained, rank)
@@ -441,7 +453,8 @@ def train_loop(config: dict[str, Any]) -> None:
         checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
         write_bytes(json.dumps({"rank": rank, "rows": history.num_rows, "steps": trainer.state.global_step,
                                 "resumed_from_step": start_step, "optimizer_steps": _optimizer_steps(trainer.optimizer),
-                                "param_checksum": checksum}).encode(), cfg.run.uri("ranks", f"rank-{rank:04d}.json"))
+                                "param_checksum": checksum, "peak_memory_bytes": peak_memory}).encode(),
+                   cfg.run.uri("ranks", f"rank-{rank:04d}.json"))
         seconds = float(result.metrics.get("train_runtime", 0.0))
         metrics = {"train_loss": result.training_loss, "step": trainer.state.global_step,
                    "resumed_from_step": start_step,
@@ -449,6 +462,7 @@ def train_loop(config: dict[str, Any]) -> None:
                    "train_seconds": seconds, "torch_threads": torch.get_num_threads(),
                    "rows_per_second": stream.rows * world / seconds if seconds else 0.0,
                    "steady_rows_per_second": meter.rate() * world,
+                   "peak_memory_bytes": peak_memory,  # rank 0's; every rank's is in <run>/ranks/
                    "last_grad_norm": next((float(h["grad_norm"]) for h in reversed(trainer.state.log_history)
                                            if "grad_norm" in h), None)}
         checkpoint = None

@@ -36,6 +36,20 @@ def test_reference_recipe_is_exact():
     assert cfg.output.truncate_dim == 1024
 
 
+def test_8b_variant_is_the_recipe_on_eight_gpus_under_zero2():
+    """Qwen3-VL-Embedding-8B: the recipe's data, loss, lr and global batch 64 (8 workers x 8), ZeRO-2, 4096-d."""
+    ref = load_config(ROOT / "configs/qwen3vl-2b-vdr.yaml")
+    cfg = load_config(ROOT / "configs/qwen3vl-8b-vdr.yaml")
+    t = cfg.train
+    assert cfg.model.name_or_path == "Qwen/Qwen3-VL-Embedding-8B" and cfg.data == ref.data
+    assert t.per_device_batch_size * cfg.scaling.num_workers == ref.train.per_device_batch_size == 64
+    assert (t.loss, t.mini_batch_size, t.lr, t.precision) == ("cached_mnrl", 1, 2e-5, "bf16")
+    assert t.matryoshka_dims[0] == 4096 and t.matryoshka_dims[1:] == [2048, 1024, 512, 256, 128, 64]
+    assert (t.strategy, t.zero_stage, cfg.output.truncate_dim) == ("deepspeed", 2, 1024)
+    ds = deepspeed_config(t, bf16=True)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
 def test_overrides_are_typed():
     cfg = load_config(ROOT / "configs/demo.yaml", ["train.lr=1e-4", "train.matryoshka_dims=[64, 32]",
                                                     "output.truncate_dim=32", "scaling.use_gpu=false",
@@ -51,7 +65,7 @@ def test_overrides_are_typed():
         (["model.dtype=fp8"], "model.dtype", "float32"),
         (["train.matryoshka_dims=[16, 32, 64]"], "train", "descending"),
         (["output.truncate_dim=48"], "<config>", "never trained"),
-        (["train.precision=bf16"], "<config>", "use_gpu"),
+        (["train.precision=fp16"], "<config>", "use_gpu"),
         (["model.min_pixels=4096", "model.max_pixels=1024"], "model", "min_pixels"),
         (["scaling.resources_per_worker={GPU: 1}"], "scaling", "use_gpu is false"),
         (["train.mini_batch_size=64"], "train", "per_device_batch_size"),
@@ -78,6 +92,7 @@ def test_zero2_and_zero3_take_either_loss(stage, loss):
 def test_deepspeed_json_follows_typed_config():
     ds = deepspeed_config(TrainConfig(strategy="deepspeed", zero_stage=1), bf16=True)
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # the cached loss's many backwards sum in fp32
     assert ds["zero_optimization"] == {"stage": 1}
     assert ds["gradient_accumulation_steps"] == "auto"
 

@@ -1,7 +1,8 @@
 """GradCache under every strategy, held to one reference: one optimizer step of the cached loss (CachedMNRL in
 MatryoshkaLoss, in-batch negatives gathered across 2 gloo workers) under DDP and DeepSpeed ZeRO-1/2/3 must give
 the loss, gradient norm and updated parameters of a single process training plain MNRL + Matryoshka on the same
-global batch."""
+global batch (fp32). The bf16 runs (bf16 weights, fp32 gradient accumulation; CPU bf16 stands in for the GPU) are
+held to the same reference at bf16 tolerances."""
 
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ def _reference(cfg, rows: pa.Table) -> tuple[float, float, dict]:
     return out.training_loss, grad_norm, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
-def test_cached_loss_equals_plain_reference(ray_local, synthetic, tiny_qwen, tmp_path, strategy):
+@pytest.mark.parametrize("strategy,precision", [("ddp", "fp32"), ("zero1", "fp32"), ("zero2", "fp32"),
+                                                ("zero3", "fp32"), ("zero1", "bf16"), ("zero2", "bf16"),
+                                                ("zero3", "bf16")])
+def test_cached_loss_equals_plain_reference(ray_local, synthetic, tiny_qwen, tmp_path, strategy, precision):
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -61,9 +64,10 @@ def test_cached_loss_equals_plain_reference(ray_local, synthetic, tiny_qwen, tmp
                                                                f"train.zero_stage={strategy[-1]}"]
     cfg = load_config(ROOT / "configs/demo.yaml", [
         f"model.name_or_path={tiny_qwen}", f"data.train.uri={syn.output_dir}/train", f"run.storage_path={tmp_path}",
-        *ONE_STEP, *extra])
+        *ONE_STEP, *extra, f"train.precision={precision}"])
     result = run(cfg)
     assert result.metrics["step"] == 1
+    assert result.metrics["peak_memory_bytes"] > 100 * 2**20  # a worker holding torch and the model
 
     # the global batch the workers trained, in rank order
     audit = pq.read_table(tmp_path / "demo" / "row_ids").sort_by([("rank", "ascending")])
@@ -75,13 +79,26 @@ def test_cached_loss_equals_plain_reference(ray_local, synthetic, tiny_qwen, tmp
     rows = table.take([by_id[i] for i in ids])
 
     loss, grad_norm, params = _reference(cfg, rows)
+    trained = SentenceTransformer(result.model_uri, device="cpu").state_dict()
+    lr = cfg.train.lr
+    if precision == "bf16":
+        # bf16 forwards: the loss within 0.2 %, the gradient norm within 2 % (measured: 0.05 % and 0.5 %). The
+        # weights are bf16: each must be within one step (2·lr) of the reference's plus bf16 rounding, and at most
+        # 3 % of them off by more than half a step (measured: 1.0-1.1 %, where bf16 noise flips a small gradient).
+        assert result.metrics["train_loss"] == pytest.approx(loss, rel=2e-3)
+        assert result.metrics["last_grad_norm"] == pytest.approx(grad_norm, rel=2e-2)
+        off = 0
+        for name, ref in params.items():
+            diff = (trained[name].float() - ref).abs() - ref.abs() * 2**-8
+            assert float(diff.max()) <= 2.1 * lr, name
+            off += int((diff > lr / 2).sum())
+        assert off <= 0.03 * sum(ref.numel() for ref in params.values()), off
+        return
     assert result.metrics["train_loss"] == pytest.approx(loss, rel=1e-4)
     assert result.metrics["last_grad_norm"] == pytest.approx(grad_norm, rel=1e-3)
     # The first AdamW step moves each weight by about lr * sign(g): equal within float error, except for the few
     # weights whose gradient is ~0, where float reduction order can flip the sign. Allow those (at most 1 in
     # 10,000, never more than one step apart); the loss and gradient-norm checks above hold the magnitude.
-    trained = SentenceTransformer(result.model_uri, device="cpu").state_dict()
-    lr = cfg.train.lr
     off = sum(int(((trained[n] - ref).abs() > 2e-5).sum()) for n, ref in params.items())
     total = sum(ref.numel() for ref in params.values())
     assert off <= total * 1e-4, (off, total)

@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,21 @@ QWEN3VL_2B_SHAPE = Qwen3VLShape(
     spatial_merge_size=2,
     deepstack_visual_indexes=[5, 11, 17],
     max_position_embeddings=262144,
+)
+
+# Qwen3-VL-8B (public config): embedding dim 4096; 8.14 B parameters without the LM head (2B: 2.13 B).
+QWEN3VL_8B_SHAPE = replace(
+    QWEN3VL_2B_SHAPE,
+    hidden_size=4096,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=12288,
+    tie_word_embeddings=False,
+    vision_depth=27,
+    vision_hidden_size=1152,
+    vision_intermediate_size=4304,
+    deepstack_visual_indexes=[8, 16, 24],
 )
 
 

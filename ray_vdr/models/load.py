@@ -80,8 +80,9 @@ def _build(cfg: ModelConfig, path: Path, builders) -> None:
     pixels = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
     if cfg.builder == "tiny-qwen3vl":
         builders.build_qwen3vl_embedder(tmp, **pixels)
-    elif cfg.builder == "qwen3vl-2b-shape":
-        builders.build_qwen3vl_embedder(tmp, builders.QWEN3VL_2B_SHAPE, dtype="bfloat16", **pixels)
+    elif cfg.builder in ("qwen3vl-2b-shape", "qwen3vl-8b-shape"):
+        shape = builders.QWEN3VL_2B_SHAPE if cfg.builder == "qwen3vl-2b-shape" else builders.QWEN3VL_8B_SHAPE
+        builders.build_qwen3vl_embedder(tmp, shape, dtype="bfloat16", **pixels)
     elif cfg.builder == "tiny-clip":
         builders.build_tiny_clip(tmp)
     else:  # pragma: no cover - guarded by the config Literal

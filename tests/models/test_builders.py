@@ -78,20 +78,24 @@ def test_builder_config_builds_once(tmp_path):
     assert m.encode(["x"]).shape == (1, 16)
 
 
-def test_qwen3vl_2b_shape_matches_the_public_model():
-    """The random-weight GPU benchmark model has the 2B parameter count (counted on the meta device, no memory)."""
+@pytest.mark.parametrize("shape,params,vision,dim", [("QWEN3VL_2B_SHAPE", 2_127_532_032, 406_957_056, 2048),
+                                                      ("QWEN3VL_8B_SHAPE", 8_144_793_840, 576_388_336, 4096)])
+def test_qwen3vl_real_shapes_match_the_public_models(shape, params, vision, dim):
+    """The random-weight GPU benchmark models have the public 2B and 8B parameter counts without the LM head (counted
+    on the meta device, no memory); the README's ZeRO memory arithmetic uses these counts."""
     import torch
     from transformers import Qwen3VLModel
 
-    from ray_vdr.models.builders import QWEN3VL_2B_SHAPE, _qwen3vl_config, _qwen_tokenizer
+    from ray_vdr.models import builders
 
-    tok = _qwen_tokenizer(512)
-    config = _qwen3vl_config(QWEN3VL_2B_SHAPE, tok, QWEN3VL_2B_SHAPE.vocab_size)
+    tok = builders._qwen_tokenizer(512)
+    s = getattr(builders, shape)
+    config = builders._qwen3vl_config(s, tok, s.vocab_size)
     with torch.device("meta"):
         model = Qwen3VLModel(config)
-    n = sum(p.numel() for p in model.parameters())
-    assert 1.9e9 < n < 2.3e9, n
-    assert config.text_config.hidden_size == 2048 and config.vision_config.out_hidden_size == 2048
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert sum(p.numel() for p in model.visual.parameters()) == vision
+    assert config.text_config.hidden_size == dim and config.vision_config.out_hidden_size == dim
 
 
 def test_auto_resolution_on_cpu():
