@@ -7,8 +7,8 @@
     bounds the activations). Plain MNRL is measured next to it, to show what the cache saves. Goal ≤ 1.3.
     Peak = torch.cuda.max_memory_allocated on GPU, the process's peak RSS (VmHWM) on CPU; also printed: the part
     of it added by training (optimizer state, batches, activations) above what the loaded model and data hold.
-(c) GradCache under ZeRO: step time of the cached loss under DeepSpeed ZeRO-2 ÷ under ZeRO-1, 2 Ray Train workers,
-    alternating runs (goal ≤ 1.10).
+(c) GradCache under ZeRO: step time of the cached loss under DeepSpeed ZeRO-2 ÷ under ZeRO-1, 2 Ray Train workers
+    (``--zero-workers``), alternating runs (goal ≤ 1.10).
 (d) peak memory per worker under ZeRO-2 + cached loss at per-worker batch 64 ÷ batch 8, 2 workers (goal ≤ 1.3),
     with ZeRO-1 + plain MNRL at batch 64 next to it (what ZeRO-2 + the cache save); the workers' peak as reported
     by the training run (``peak_memory_bytes``: CUDA allocator peak on GPU, peak RSS on CPU).
@@ -20,7 +20,8 @@ Qwen3-VL embedder with the real module stack; ``--shape small`` (default) is lar
 dominate the memory probe on CPU, ``tiny`` is the test model, ``2b`` the real Qwen3-VL-2B shape (GPU only).
 
     python bench/train_throughput.py                       # (a), (b): ~5 min on 2 CPU cores
-    python bench/train_throughput.py --parts c,d --threads 1   # ~15 min on 2 CPU cores
+    python bench/train_throughput.py --parts c,d --threads 1   # ~20 min on 2 CPU cores
+    python bench/train_throughput.py --parts d --shape 2b --device cuda --precision bf16 --zero-workers 1
     python bench/train_throughput.py --shape 2b --device cuda --precision bf16
 """
 
@@ -62,9 +63,11 @@ def _config(args, batch: int, steps: int, loss: str = "cached_mnrl", workers: in
         f"train.loss={loss}", f"train.per_device_batch_size={batch}", f"train.max_steps={steps}",
         f"train.mini_batch_size={args.mini_batch}", f"train.precision={args.precision}", "train.save_every=null",
         "train.eval_every=null", "train.log_every=0.5", "train.warmup_ratio=0.0",
+        f"train.duplicate_free_batches={args.duplicate_free}",
         f"scaling.num_workers={workers}", f"scaling.use_gpu={args.device == 'cuda'}",
         *(["train.strategy=deepspeed", f"train.zero_stage={zero}"] if zero is not None else ["train.strategy=ddp"]),
-        f"scaling.resources_per_worker={{{'CPU: 1, GPU: 1' if args.device == 'cuda' else 'CPU: 1'}}}",
+        # on CPU the workers share the machine with Ray Data's tasks: reserve half a CPU each, never all CPUs
+        f"scaling.resources_per_worker={{{'CPU: 1, GPU: 1' if args.device == 'cuda' else f'CPU: {1 / workers}'}}}",
         f"run.storage_path={args.out}/runs", f"run.name=bench-{int(time.time() * 1000)}",
     ])
 
@@ -226,6 +229,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--zero", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--zero-steps", type=int, default=8, help="steps per run in (c)")
+    p.add_argument("--zero-workers", type=int, default=2, help="Ray Train workers in (c) and (d) (GPUs on GPU)")
+    p.add_argument("--duplicate-free", type=lambda v: v == "True", default=True, help=argparse.SUPPRESS)
     p.add_argument("--zero-repeats", type=int, default=2, help="alternating runs per stage in (c)")
     p.add_argument("--parts", default="a,b", help="which measurements: a (throughput), b (memory), c (ZeRO-2 ÷ "
                                                   "ZeRO-1 step time), d (ZeRO-2 memory, batch 64 ÷ 8)")
@@ -289,11 +294,11 @@ def _zero_step_time(args) -> dict:
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for _ in range(args.zero_repeats):
         for zero in (1, 2):  # alternating, so drifts in the machine's speed hit both
-            runs[zero].append(_subprocess(args, "pipeline", workers=2, zero=zero, steps=args.zero_steps,
-                                          loss="cached_mnrl"))
+            runs[zero].append(_subprocess(args, "pipeline", workers=args.zero_workers, zero=zero, steps=args.zero_steps,
+                                          loss="cached_mnrl", duplicate_free=False))
     best = {z: min(r["step_seconds"] for r in rs) for z, rs in runs.items()}
     ratio = best[2] / best[1]
-    print(f"\n(c) step time, cached loss (mini-batch {args.mini_batch}) under DeepSpeed, 2 workers x batch "
+    print(f"\n(c) step time, cached loss (mini-batch {args.mini_batch}) under DeepSpeed, {args.zero_workers} workers x batch "
           f"{args.batch}, {args.zero_steps} steps, after the first step")
     for zero, rs in runs.items():
         print(f"    ZeRO-{zero}: " + ", ".join(f"{r['step_seconds']:.2f} s" for r in rs) + f"   (best {best[zero]:.2f} s)")
@@ -305,10 +310,11 @@ def _zero_memory(args) -> dict:
     runs = {}
     for name, zero, loss, batch in (("zero2_cached@8", 2, "cached_mnrl", 8), ("zero2_cached@64", 2, "cached_mnrl", 64),
                                     ("zero1_mnrl@64", 1, "mnrl", 64)):
-        runs[name] = _subprocess(args, "pipeline", workers=2, zero=zero, loss=loss, batch=batch,
-                                 steps=args.memory_steps)
+        # duplicate-free batching would cut batches short on the bench's small dataset (pages repeat)
+        runs[name] = _subprocess(args, "pipeline", workers=args.zero_workers, zero=zero, loss=loss, batch=batch,
+                                 steps=args.memory_steps, duplicate_free=False)
     what = "CUDA allocator" if args.device == "cuda" else "process RSS"
-    print(f"\n(d) peak memory per worker ({what}), 2 workers, {args.memory_steps} steps")
+    print(f"\n(d) peak memory per worker ({what}), {args.zero_workers} workers, {args.memory_steps} steps")
     for name, r in runs.items():
         print(f"    {name:18s} {r['peak_bytes'] / 2**20:8.0f} MiB")
     ratio = runs["zero2_cached@64"]["peak_bytes"] / runs["zero2_cached@8"]["peak_bytes"]

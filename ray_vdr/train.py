@@ -182,7 +182,7 @@ def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bo
         ddp_find_unused_parameters=False,  # every parameter takes part in each step; the extra graph walk costs time
         # each rank reads its own Ray shard: never let rank 0 read and dispatch (it would slice pixel patches)
         accelerator_config={"dispatch_batches": False, "split_batches": False},
-        deepspeed=deepspeed_config(t, bf16=bf16, fp16=fp16) if t.strategy == "deepspeed" else None,
+        deepspeed=deepspeed_config(t, bf16=bf16, fp16=fp16, cuda=cuda) if t.strategy == "deepspeed" else None,
         prompts=prompts,
         disable_tqdm=True,
     )

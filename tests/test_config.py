@@ -87,6 +87,10 @@ def test_zero2_and_zero3_take_either_loss(stage, loss):
                                                    f"train.loss={loss}"])
     ds = deepspeed_config(cfg.train, bf16=False)
     assert ds["zero_optimization"]["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == "auto"
+    zero = ds["zero_optimization"]
+    assert zero["overlap_comm"] and zero["contiguous_gradients"] and zero["reduce_bucket_size"] == 50_000_000
+    cpu = deepspeed_config(cfg.train, bf16=False, cuda=False)["zero_optimization"]
+    assert not cpu["overlap_comm"] and not cpu["contiguous_gradients"]  # only copies on CPU (docs/benchmarks.md)
 
 
 def test_deepspeed_json_follows_typed_config():
