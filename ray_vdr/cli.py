@@ -71,6 +71,20 @@ def cmd_train(cfg: VDRConfig) -> int:
     return 0
 
 
+def cmd_embed(cfg: VDRConfig) -> int:
+    from ray_vdr.index import run
+
+    result = run(cfg)
+    s = result.summary
+    print(f"index: {result.output} ({s['index_type']}, {s['index_vectors']} vectors, {s['index_bytes']} bytes, "
+          f"dim {result.manifest['dim']}, model {result.manifest['model']['path']})")
+    print(f"this run: {s['pages_embedded']} pages embedded, {s['pages_rejected']} rejected "
+          f"(reasons in {result.output}/rejects), {s['pages_done_before']} done by earlier runs, "
+          f"{s['duplicates_removed']} duplicates removed; {s['pages_per_second']} pages/s over {s['stream_seconds']}s")
+    print(f"summary: {json.dumps(s)}")
+    return 0
+
+
 def cmd_demo(cfg: VDRConfig) -> int:
     """The README's main command: synthetic data, then training on local Ray (later: embed, index, serve)."""
     start = time.time()
@@ -92,6 +106,7 @@ COMMANDS: dict[str, tuple[Callable[[VDRConfig], int], str]] = {
     "make-data": (cmd_make_data, "write the synthetic VDR dataset described by the synthetic section"),
     "build-model": (cmd_build_model, "build a random-weight model when model.builder asks for one"),
     "train": (cmd_train, "finetune the embedder on Ray Train"),
+    "embed": (cmd_embed, "embed a page corpus (images, PDFs, Parquet) and build its FAISS index"),
     "demo": (cmd_demo, "synthetic data → model → training, on a local Ray cluster"),
 }
 

@@ -1,13 +1,16 @@
 """Local paths and remote URIs (s3://, gs://, …) through pyarrow filesystems: the one place jobs read and write.
 
-Every artifact a run writes (rejects, row-id audit trail, per-rank reports, the final model) goes through these
-helpers, so a run behaves the same with ``run.storage_path: ./runs`` and ``s3://bucket/runs``.
+Every artifact a run writes (rejects, row-id audit trail, per-rank reports, the final model, index shards) goes
+through these helpers, so a run behaves the same with ``run.storage_path: ./runs`` and ``s3://bucket/runs``. Files
+are published atomically: a reader never sees a half-written file, even after the writer was killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,17 +31,36 @@ def _parent(fs: pafs.FileSystem, path: str) -> None:
     fs.create_dir(posixpath.dirname(path), recursive=True)
 
 
+def _publish(fs: pafs.FileSystem, path: str, write) -> None:
+    """Write a file so that readers see all of it or nothing. Object stores publish an upload atomically; on a local
+    filesystem write a hidden temporary sibling, then rename it (a killed writer leaves no truncated file)."""
+    _parent(fs, path)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        write(path)
+        return
+    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        write(tmp)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+
+
 def write_bytes(data: bytes, uri: str) -> None:
     fs, path = fs_path(uri)
-    _parent(fs, path)
-    with fs.open_output_stream(path) as fh:
-        fh.write(data)
+
+    def write(target: str) -> None:
+        with fs.open_output_stream(target) as fh:
+            fh.write(data)
+
+    _publish(fs, path, write)
 
 
 def write_table(table: pa.Table, uri: str) -> None:
     fs, path = fs_path(uri)
-    _parent(fs, path)
-    pq.write_table(table, path, filesystem=fs)
+    _publish(fs, path, lambda target: pq.write_table(table, target, filesystem=fs))
 
 
 def is_file(uri: str) -> bool:

@@ -59,3 +59,17 @@ def ray_local(tmp_path_factory):
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def page_pngs(synthetic) -> list[bytes]:
+    """The distinct page images (PNG bytes) of the synthetic eval corpus: 30 pages."""
+    import pyarrow.parquet as pq
+
+    syn, _ = synthetic
+    table = pq.read_table(f"{syn.output_dir}/eval")
+    seen: dict[bytes, None] = {}
+    for col in ("image", "negative_0", "negative_1", "negative_2", "negative_3"):
+        for cell in table.column(col).to_pylist():
+            seen.setdefault(cell["bytes"] if isinstance(cell, dict) else cell)
+    return list(seen)

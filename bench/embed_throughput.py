@@ -1,0 +1,228 @@
+"""Corpus embedding and FAISS benchmarks, measured side by side in one run (not a test).
+
+(a) pages/s of the embedding job (Ray Data: read + decode tasks → 1 embedding actor → Parquet shards) ÷ a plain
+    single-process loop (decode PNG → ``model.encode_document``) over the same pages with the same model, batch
+    size and torch thread count. Goal ≥ 1.0: decoding overlaps with inference in the job. Both are timed from the
+    first page to the last, model loading excluded (the job's pages/s is its stream time, start-up included).
+(b) FAISS: recall@10 against exact search and query latency (p50, p99; one query at a time) of the index the job
+    chooses for a large corpus (``index_type: auto``), on N random 1024-d normalised vectors; N = 1,000,000 by
+    default (4 GB of float32; use --faiss-n to fit smaller machines). An efSearch sweep shows the trade-off.
+
+Each measurement of (a) runs in its own subprocess (clean memory, fresh thread pools). The model is a random-weight
+Qwen3-VL embedder with the real module stack (``--shape small`` by default, ``2b`` on GPU).
+
+    python bench/embed_throughput.py                  # ~15 min on 2 CPU cores (most of it building HNSW on 1M)
+    python bench/embed_throughput.py --parts a        # the pipeline comparison only (~3 min)
+    python bench/embed_throughput.py --shape 2b --device cuda --parts a
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _pages(args) -> list[Path]:
+    """``args.pages`` distinct synthetic page PNGs (448x576), written once under --out."""
+    from ray_vdr.config import SyntheticConfig
+    from ray_vdr.data.synthetic import generate, iter_pages, page_png
+
+    folder = Path(args.out) / "pages"
+    files = sorted(folder.glob("*.png"))
+    if len(files) >= args.pages:
+        return files[: args.pages]
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = SyntheticConfig(train_queries=args.pages * 2, eval_queries=1, jsonl=False, seed=7)
+    train, _ = generate(cfg)
+    for i, page in enumerate(iter_pages(train)):
+        if i == args.pages:
+            break
+        (folder / f"page-{i:05d}.png").write_bytes(page_png(page, cfg.page_width, cfg.page_height))
+    return sorted(folder.glob("*.png"))[: args.pages]
+
+
+def _model(args) -> Path:
+    from train_throughput import _shape
+
+    from ray_vdr.models.builders import build_qwen3vl_embedder
+
+    path = Path(args.out) / f"model-{args.shape}"
+    if not (path / "modules.json").is_file():
+        build_qwen3vl_embedder(path, _shape(args.shape), max_pixels=args.max_pixels)
+    return path
+
+
+def probe_plain(args) -> dict:
+    import io
+
+    import torch
+    from PIL import Image
+
+    from ray_vdr.config import ModelConfig
+    from ray_vdr.models.load import build_model
+
+    torch.set_num_threads(args.threads)
+    files = _pages(args)
+    model = build_model(ModelConfig(name_or_path=str(_model(args)), dtype=args.dtype), device=args.device)
+    start = time.perf_counter()
+    n = 0
+    for i in range(0, len(files), args.batch):
+        images = [Image.open(io.BytesIO(f.read_bytes())).convert("RGB") for f in files[i:i + args.batch]]
+        model.encode_document(images, batch_size=len(images), truncate_dim=args.dim, normalize_embeddings=True,
+                              convert_to_numpy=True)
+        n += len(images)
+    seconds = time.perf_counter() - start
+    return {"pages": n, "seconds": seconds, "pages_per_s": n / seconds, "torch_threads": torch.get_num_threads()}
+
+
+def probe_job(args) -> dict:
+    import ray
+
+    from ray_vdr.cluster import LOCAL_CLUSTER_ENV
+    from ray_vdr.config import load_config
+    from ray_vdr.index import run
+
+    files = _pages(args)
+    out = tempfile.mkdtemp(prefix="bench-index-", dir=args.out)
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        f"index.model={_model(args)}", f"index.sources=[{files[0].parent}]", f"index.output={out}",
+        f"index.batch_size={args.batch}", f"index.dim={args.dim}", "index.actors=1",
+        f"index.cpus_per_actor={args.actor_cpus}", f"index.decode_cpus={args.decode_cpus}",
+        f"model.dtype={args.dtype}", "model.min_pixels=null", f"model.max_pixels={args.max_pixels}", "synthetic=null",
+        f"scaling.use_gpu={args.device == 'cuda'}"])
+    os.environ.update(LOCAL_CLUSTER_ENV)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        result = run(cfg)
+    finally:
+        ray.shutdown()
+    s = result.summary
+    return {"pages": s["pages_embedded"], "seconds": s["stream_seconds"], "pages_per_s": s["pages_per_second"],
+            "embed_seconds_in_actor": s.get("embed_seconds"), "job_seconds": s["seconds"]}
+
+
+def _subprocess(args, probe: str) -> dict:
+    argv = [sys.executable, __file__, "--probe", probe]
+    for k, v in vars(args).items():
+        if k != "probe":
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe {probe} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _pipeline(args) -> dict:
+    _pages(args)
+    _model(args)
+    plain = _subprocess(args, "plain")
+    job = _subprocess(args, "job")
+    ratio = job["pages_per_s"] / plain["pages_per_s"]
+    print(f"\n(a) corpus embedding, {args.pages} pages (448x576 PNG), Qwen3-VL {args.shape}, max_pixels "
+          f"{args.max_pixels}, batch {args.batch}, dim {args.dim}, {args.device}")
+    print(f"    plain loop (decode + encode_document, {plain['torch_threads']} threads) "
+          f"{plain['pages_per_s']:7.2f} pages/s ({plain['seconds']:.1f} s)")
+    print(f"    embedding job (decode tasks {args.decode_cpus} CPU, 1 actor {args.actor_cpus} CPU) "
+          f"{job['pages_per_s']:7.2f} pages/s ({job['seconds']:.1f} s stream, {job['job_seconds']:.1f} s in all)")
+    print(f"    ratio job ÷ plain: {ratio:.3f}   (goal ≥ 1.0)", flush=True)
+    return {"plain": plain, "job": job, "pipeline_ratio": ratio}
+
+
+def _faiss(args) -> dict:
+    import numpy as np
+
+    from ray_vdr.config import IndexConfig
+    from ray_vdr.vector_index import build_index, choose_spec, search
+
+    rng = np.random.default_rng(0)
+    n, dim = args.faiss_n, 1024
+    data = np.empty((n, dim), np.float32)
+    for i in range(0, n, 100_000):  # generate in chunks: no float64 copy of the whole set
+        block = rng.standard_normal((min(100_000, n - i), dim), dtype=np.float32)
+        data[i:i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    queries = rng.standard_normal((args.queries, dim), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    cfg = IndexConfig()
+    spec = choose_spec(n, dim, cfg)
+    exact = build_index(data, choose_spec(n, dim, IndexConfig(index_type="flat")))
+    _, truth = search(exact, queries, 10)
+    del exact
+    t0 = time.perf_counter()
+    index = build_index(data, spec)
+    build_s = time.perf_counter() - t0
+    print(f"\n(b) FAISS on {n:,} random normalised {dim}-d vectors: index_type auto → {spec.type} {spec.params}; "
+          f"built in {build_s:.0f} s; {args.queries} queries, one at a time")
+    rows = []
+    knob = {"hnsw": ("ef_search", [64, 128, 256, 512]), "ivf_pq": ("nprobe", [8, 32, 128]),
+            "ivf_sq8": ("nprobe", [8, 32, 128]), "flat": (None, [None])}[spec.type]
+    for value in knob[1]:
+        if spec.type == "hnsw":
+            index.hnsw.efSearch = value
+        elif spec.type.startswith("ivf"):
+            import faiss
+
+            faiss.extract_index_ivf(index).nprobe = value
+        lat = []
+        got = []
+        for q in queries:
+            t = time.perf_counter()
+            got.append(search(index, q[None], 10)[1][0])
+            lat.append(time.perf_counter() - t)
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got, strict=True)]))
+        p50, p99 = (float(np.percentile(lat, p)) * 1000 for p in (50, 99))
+        default = value == spec.params.get(knob[0]) if knob[0] else True
+        rows.append({knob[0] or "exact": value, "recall_at_10": recall, "p50_ms": p50, "p99_ms": p99,
+                     "default": default})
+        print(f"    {knob[0] or 'exact'}={value}{' (default)' if default else ''}: recall@10 {recall:.3f}, "
+              f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
+    return {"faiss": {"n": n, "dim": dim, "spec": spec.as_dict(), "build_seconds": build_s, "sweep": rows}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--probe", choices=["plain", "job"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(ROOT / "outputs" / "bench-embed"))
+    p.add_argument("--shape", choices=["tiny", "small", "2b"], default="small")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-pixels", type=int, default=256 * 256)
+    p.add_argument("--pages", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--actor-cpus", type=float, default=max(1.0, (os.cpu_count() or 2) - 0.5))
+    p.add_argument("--decode-cpus", type=float, default=0.5)
+    p.add_argument("--faiss-n", type=int, default=1_000_000)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--parts", default="a,b", help="a (job ÷ plain loop), b (FAISS recall and latency)")
+    args = p.parse_args()
+    if args.probe:
+        probe = {"plain": probe_plain, "job": probe_job}[args.probe]
+        print(json.dumps(probe(args)))
+        return
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    parts = set(args.parts.split(","))
+    report = {"date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    if "a" in parts:
+        report.update(_pipeline(args))
+    if "b" in parts:
+        report.update(_faiss(args))
+    name = f"embed_bench_{'_'.join(sorted(parts))}.json"
+    Path(args.out, name).write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}/{name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Page corpora: listing sources and turning each file into pages or rejects (pure functions, no Ray).
+
+A *page* is one image the embedder sees: an image file, one page of a PDF rasterised at ``dpi``, or one row of a
+Parquet file with image bytes. Every page has a ``key``, a content hash, which makes the embedding job resumable and
+exactly-once: a page whose key is already in the output (embedded or rejected) is skipped, and two inputs with
+the same content are one page. Keys are cheap to compute before decoding (the file bytes; for PDF pages the file
+bytes, the page number and the dpi), so a rerun skips pages without rendering them.
+
+Nothing is dropped silently: a file or page that cannot be used becomes a reject row with a short reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import posixpath
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ray_vdr.config import ImageLimits
+from ray_vdr.data.images import ImageRejected, decode_image, image_bytes
+from ray_vdr.storage import fs_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PAGE_SCHEMA", "SourceFile", "expand_file", "list_sources", "page_key", "thumbnail"]
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+KINDS = {**{s: "image" for s in IMAGE_SUFFIXES}, ".pdf": "pdf", ".parquet": "parquet"}
+
+# What the expansion stage hands to the embedder: one row per page, a reject when ``reason`` is set.
+PAGE_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("doc_id", pa.string()),
+    ("source", pa.string()),
+    ("page", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("image", pa.binary()),
+    ("thumbnail", pa.binary()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    uri: str  # as given, or under a given folder
+    doc_id: str  # path relative to the source folder (the file name for a single file)
+    kind: str  # image | pdf | parquet | unsupported
+
+
+def list_sources(sources: list[str]) -> list[SourceFile]:
+    """Every file under the given folders/files/URIs, sorted. Raises FileNotFoundError for a missing source."""
+    out: list[SourceFile] = []
+    for src in sources:
+        fs, path = fs_path(src)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"index source {src!r} does not exist")
+        prefix = src.split("://", 1)[0] + "://" if "://" in src else ""
+        if info.type == pafs.FileType.File:
+            out.append(SourceFile(src, posixpath.basename(path), _kind(path)))
+            continue
+        for f in sorted(fs.get_file_info(pafs.FileSelector(path, recursive=True)), key=lambda i: i.path):
+            if f.type != pafs.FileType.File or posixpath.basename(f.path).startswith("."):
+                continue
+            rel = posixpath.relpath(f.path, path)
+            out.append(SourceFile(prefix + f.path if prefix else f.path, rel, _kind(f.path)))
+    return out
+
+
+def _kind(path: str) -> str:
+    return KINDS.get(posixpath.splitext(path)[1].lower(), "unsupported")
+
+
+def page_key(*parts: bytes | str) -> str:
+    """The content hash identifying a page: sha256 over the parts."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def thumbnail(img: Image.Image, side: int) -> bytes:
+    thumb = img.copy()
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _reject(key: str, doc_id: str, source: str, page: int | None, reason: str, detail: str = "") -> dict[str, Any]:
+    return {"key": key, "doc_id": doc_id, "source": source, "page": page, "width": None, "height": None,
+            "image": None, "thumbnail": None, "reason": reason, "detail": detail[:500]}
+
+
+def _accept(key: str, doc_id: str, source: str, page: int, img: Image.Image, data: bytes | None,
+            thumb_side: int) -> dict[str, Any]:
+    return {"key": key, "doc_id": doc_id, "source": source, "page": page, "width": img.width, "height": img.height,
+            "image": data if data is not None else _png(img), "thumbnail": thumbnail(img, thumb_side),
+            "reason": None, "detail": None}
+
+
+def _image_page(data: bytes, key: str, doc_id: str, source: str, page: int, limits: ImageLimits,
+                thumb_side: int) -> dict[str, Any]:
+    try:
+        img, changed = decode_image(data, limits)
+    except ImageRejected as e:
+        return _reject(key, doc_id, source, page, e.reason, e.detail)
+    return _accept(key, doc_id, source, page, img, None if not changed else _png(img), thumb_side)
+
+
+def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: ImageLimits, thumb_side: int,
+               known: Callable[[str], bool]) -> Iterator[dict[str, Any]]:
+    import pypdfium2 as pdfium
+
+    try:
+        doc = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as e:
+        yield _reject(page_key(file_key, "file"), f.doc_id, f.uri, None, _pdf_failure(data), str(e))
+        return
+    try:
+        n = len(doc)
+        if n == 0:
+            yield _reject(page_key(file_key, "file"), f.doc_id, f.uri, None, "empty_pdf", "the PDF has no pages")
+            return
+        scale = dpi / 72.0
+        for i in range(n):
+            key = page_key(file_key, str(i + 1), str(dpi))
+            if known(key):
+                continue
+            try:
+                page = doc[i]
+                w_pt, h_pt = page.get_size()
+                w, h = round(w_pt * scale), round(h_pt * scale)
+                if w * h > limits.max_pixels:
+                    yield _reject(key, f.doc_id, f.uri, i + 1, "page_too_large",
+                                  f"{w_pt:.0f}x{h_pt:.0f} pt at {dpi} dpi = {w}x{h} px > max_pixels {limits.max_pixels}")
+                    continue
+                if min(w, h) < limits.min_side:
+                    yield _reject(key, f.doc_id, f.uri, i + 1, "too_small", f"{w}x{h} px at {dpi} dpi")
+                    continue
+                img = page.render(scale=scale).to_pil().convert("RGB")
+                page.close()
+            except Exception as e:  # pdfium raises for damaged page trees and content streams
+                yield _reject(key, f.doc_id, f.uri, i + 1, "corrupt_pdf_page", f"{type(e).__name__}: {e}")
+                continue
+            if max(img.size) > limits.max_side:
+                img.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS)
+            yield _accept(key, f.doc_id, f.uri, i + 1, img, None, thumb_side)
+    finally:
+        doc.close()
+
+
+def _pdf_failure(data: bytes) -> str:
+    """Why PDFium refused a document. Its error code is process-global and not reset on every failure (a zero-page
+    PDF after an encrypted one reads "Incorrect password"), so classify from the file itself."""
+    if re.search(rb"/Encrypt\s", data):
+        return "encrypted_pdf"
+    if re.search(rb"/Count\s+0\b", data) and not re.search(rb"/Type\s*/Page(?!s)", data):
+        return "empty_pdf"
+    return "corrupt_pdf"
+
+
+def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limits: ImageLimits, thumb_side: int,
+                   known: Callable[[str], bool]) -> Iterator[dict[str, Any]]:
+    fs, path = fs_path(f.uri)
+    try:
+        pf = pq.ParquetFile(fs.open_input_file(path))
+    except Exception as e:
+        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "corrupt_parquet", f"{type(e).__name__}: {e}")
+        return
+    names = pf.schema_arrow.names
+    if image_column not in names:
+        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "missing_column",
+                      f"no column {image_column!r} (has {names})")
+        return
+    columns = [image_column] + ([id_column] if id_column and id_column in names else [])
+    row = 0
+    for batch in pf.iter_batches(batch_size=64, columns=columns):
+        images = batch.column(image_column).to_pylist()
+        ids = batch.column(id_column).to_pylist() if len(columns) == 2 else [None] * len(images)
+        for value, doc in zip(images, ids, strict=True):
+            row += 1
+            doc_id = str(doc) if doc is not None else f"{f.doc_id}#{row}"
+            try:
+                data = image_bytes(value)
+            except ImageRejected as e:
+                yield _reject(page_key(f.uri, "row", str(row)), doc_id, f.uri, row, e.reason, e.detail)
+                continue
+            key = page_key(data)
+            if not known(key):
+                yield _image_page(data, key, doc_id, f.uri, row, limits, thumb_side)
+
+
+def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, thumb_side: int, image_column: str = "image",
+                id_column: str | None = "doc_id", known: Callable[[str], bool] = lambda key: False
+                ) -> Iterator[dict[str, Any]]:
+    """The pages (and rejects) of one source file, as PAGE_SCHEMA rows; pages whose key ``known`` returns True for
+    (already embedded or rejected) are skipped before decoding."""
+    if f.kind == "parquet":
+        yield from _parquet_pages(f, image_column, id_column, limits, thumb_side, known)
+        return
+    fs, path = fs_path(f.uri)
+    try:
+        with fs.open_input_stream(path) as fh:
+            data = fh.read()
+    except OSError as e:
+        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "unreadable", str(e))
+        return
+    file_key = page_key(data)
+    if f.kind == "unsupported":
+        key = page_key(file_key, "file")
+        if not known(key):
+            yield _reject(key, f.doc_id, f.uri, None, "unsupported_file_type",
+                          f"{posixpath.splitext(path)[1] or 'no suffix'}: expected an image, PDF or Parquet file")
+    elif f.kind == "pdf":
+        if not known(page_key(file_key, "file")):
+            yield from _pdf_pages(data, file_key, f, dpi, limits, thumb_side, known)
+    elif not known(file_key):
+        yield _image_page(data, file_key, f.doc_id, f.uri, 1, limits, thumb_side)

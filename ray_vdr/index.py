@@ -1,0 +1,495 @@
+"""The corpus embedding job: page sources → Ray Data → embedding actors → Parquet shards → FAISS index.
+
+Pipeline (streaming; the driver holds file names and per-batch counts, never pages)::
+
+    list files ─► flat_map: read, hash, skip known, decode / rasterise PDF pages (CPU tasks)
+               ─► map_batches(PageEmbedder): encode_document, truncate, normalise, write one shard (actor pool)
+               ─► driver: per-batch counts → progress and summary
+    then: drop duplicate keys across shards, build or extend the FAISS index (a Ray task, on a GPU when there is one)
+
+Output under ``index.output``::
+
+    pages/part-<hash>.parquet     key, doc_id, source, page, width, height, image, thumbnail, embedding
+    rejects/part-<hash>.parquet   key, doc_id, source, page, reason, detail
+    index.faiss, ids.parquet      the index; row i of ids.parquet is vector i (key, doc_id, source, page, shard, row)
+    manifest.json                 what made the index (model fingerprint, dim, prompt, pixel bounds, type, counts)
+    embedding.json                the model, dim and dpi of the shards (every later run must match them)
+
+Exactly-once: every page has a content key (:mod:`ray_vdr.corpus`); a shard is named by the hash of its keys and
+published atomically, so a batch retried after an actor died rewrites the same shard; keys already in pages/ or
+rejects/ are skipped on a rerun; and a final pass keeps the first shard holding any key. Adding files to the
+sources and rerunning embeds only the new pages and adds them to the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ray_vdr.config import ImageLimits, ModelConfig, VDRConfig
+from ray_vdr.corpus import SourceFile, expand_file, list_sources, page_key
+from ray_vdr.storage import copy_tree, fs_path, is_file, read_bytes, write_bytes, write_table
+from ray_vdr.vector_index import MANIFEST
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IndexResult", "PageEmbedder", "run"]
+
+PAGES, REJECTS = "pages", "rejects"
+IDS_FILE = "ids.parquet"
+EMBEDDING_FILE = "embedding.json"  # model, dim and dpi the shards were made with (written before the first shard)
+REJECT_COLUMNS = ["key", "doc_id", "source", "page", "reason", "detail"]
+
+
+@dataclass
+class IndexResult:
+    output: str
+    manifest: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shards
+
+
+def _shards(output: str, kind: str) -> list[str]:
+    """Names of the published shards of ``kind`` (temporary files are hidden and skipped)."""
+    fs, path = fs_path(f"{output}/{kind}")
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(os.path.basename(i.path) for i in infos
+                  if i.type == pafs.FileType.File and os.path.basename(i.path).startswith("part-"))
+
+
+def _read(output: str, kind: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = fs_path(f"{output}/{kind}/{name}")
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def known_keys(output: str) -> set[str]:
+    """Keys already embedded or rejected under ``output`` (reads one column of every shard)."""
+    keys: set[str] = set()
+    for kind in (PAGES, REJECTS):
+        for name in _shards(output, kind):
+            keys.update(_read(output, kind, name, ["key"]).column("key").to_pylist())
+    return keys
+
+
+def page_table(rows: pa.Table, embeddings, dim: int) -> pa.Table:
+    import numpy as np
+
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    emb = pa.FixedSizeListArray.from_arrays(flat, dim)
+    cols = ["key", "doc_id", "source", "page", "width", "height", "image", "thumbnail"]
+    return rows.select(cols).append_column("embedding", emb)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the Ray Data stages
+
+
+_KNOWN_CACHE: dict[str, frozenset[str]] = {}
+
+
+def _expand(row: dict[str, Any], *, dpi: int, limits: dict, thumb_side: int, image_column: str,
+            id_column: str | None, known_ref: list) -> Iterator[dict[str, Any]]:
+    """flat_map stage: one source file → its pages and rejects (PAGE_SCHEMA rows), streamed (a 500-page PDF is
+    never held whole)."""
+    import ray
+
+    ref = known_ref[0]
+    known = _KNOWN_CACHE.get(ref.hex())
+    if known is None:  # once per worker process and run; workers outlive runs, so keep only this run's set
+        _KNOWN_CACHE.clear()
+        known = _KNOWN_CACHE.setdefault(ref.hex(), frozenset(ray.get(ref)))
+    f = SourceFile(row["uri"], row["doc_id"], row["kind"])
+    yield from expand_file(f, dpi=dpi, limits=ImageLimits(**limits), thumb_side=thumb_side,
+                           image_column=image_column, id_column=id_column, known=known.__contains__)
+
+
+class PageEmbedder:
+    """Actor-pool stage: embeds a batch of pages and publishes it as one shard, returning only counts.
+
+    Writing here keeps page images out of the driver and makes the shard the unit of exactly-once: its name is the
+    hash of its keys, so a batch retried after this actor died rewrites the same file.
+    """
+
+    def __init__(self, model_uri: str, model_cfg: dict, dim: int, output: str, use_gpu: bool, cpus: float = 1.0,
+                 chaos: dict | None = None):
+        import math
+
+        import torch
+
+        from ray_vdr.cluster import worker_logging
+        from ray_vdr.models.load import build_model
+
+        worker_logging()
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # Ray sets one OpenMP thread per whole CPU reserved; use every CPU asked for
+            torch.set_num_threads(max(1, math.ceil(cpus)))
+        cfg = ModelConfig.model_validate({**model_cfg, "name_or_path": _local_model(model_uri), "builder": "load"})
+        self.model = build_model(cfg, device=device)
+        self.dim, self.output, self.chaos, self.batches = dim, output, chaos or {}, 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import io
+
+        from PIL import Image
+
+        start = time.perf_counter()
+        ok = pc.is_null(batch.column("reason"))
+        pages, rejects = batch.filter(ok), batch.filter(pc.invert(ok))
+        rejected = [rejects.select(REJECT_COLUMNS)] if rejects.num_rows else []
+        embedded = None
+        if pages.num_rows:
+            images = [Image.open(io.BytesIO(b)).convert("RGB") for b in pages.column("image").to_pylist()]
+            try:
+                vectors = self._encode(images)
+            except Exception as e:  # one bad page must not fail the batch: find it
+                logger.warning("batch failed to embed (%s); embedding its %d pages one by one", e, len(images))
+                pages, vectors, failed = self._one_by_one(pages, images)
+                if failed is not None:
+                    rejected.append(failed)
+            if pages.num_rows:
+                embedded = page_table(pages, vectors, self.dim)
+        name = f"part-{page_key(*sorted(batch.column('key').to_pylist()))[:40]}.parquet"
+        if embedded is not None:
+            write_table(embedded, f"{self.output}/{PAGES}/{name}")
+        if rejected:
+            write_table(pa.concat_tables(rejected), f"{self.output}/{REJECTS}/{name}")
+        self.batches += 1
+        self._maybe_fail()
+        return pa.table({"shard": [name], "pages": [embedded.num_rows if embedded is not None else 0],
+                         "rejects": [sum(t.num_rows for t in rejected)],
+                         "seconds": [time.perf_counter() - start]})
+
+    def _encode(self, images):
+        return self.model.encode_document(images, batch_size=len(images), truncate_dim=self.dim,
+                                          normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+
+    def _one_by_one(self, pages: pa.Table, images):
+        import numpy as np
+
+        keep, vectors, failed = [], [], []
+        for i, img in enumerate(images):
+            try:
+                vectors.append(self._encode([img])[0])
+                keep.append(i)
+            except Exception as e:
+                row = pages.slice(i, 1).select(REJECT_COLUMNS[:4])
+                failed.append(row.append_column("reason", pa.array(["embed_failed"]))
+                              .append_column("detail", pa.array([f"{type(e).__name__}: {e}"[:500]])))
+        out = pages.take(keep)
+        return out, np.stack(vectors) if vectors else np.zeros((0, self.dim), np.float32), (
+            pa.concat_tables(failed) if failed else None)
+
+    def _maybe_fail(self) -> None:
+        """Fault injection for tests and drills: after ``chaos['after_batches']`` batches (shard written, result not
+        yet returned) SIGKILL this actor once; ``chaos['sleep']`` slows every batch down."""
+        if self.chaos.get("sleep"):
+            time.sleep(self.chaos["sleep"])
+        after, marker = self.chaos.get("after_batches"), self.chaos.get("marker")
+        if after and self.batches >= after and marker and not os.path.exists(marker):
+            Path(marker).write_text(f"killed embedder pid {os.getpid()} after {self.batches} batches")
+            logger.warning("chaos: killing embedding actor after %d batches", self.batches)
+            os.kill(os.getpid(), 9)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# after the stream: duplicates, index
+
+
+def dedupe_shards(output: str, indexed: set[str] = frozenset()) -> int:
+    """Keep each key in the first shard holding it (indexed shards first, then by name); returns rows removed.
+
+    Normally a no-op: duplicates arise only when two inputs have the same content, or when a batch retried after a
+    failure was cut differently from the attempt that had already published its shard.
+    """
+    removed = 0
+    seen: set[str] = set()
+    for kind in (PAGES, REJECTS):
+        names = _shards(output, kind)
+        for name in sorted(names, key=lambda n: (n not in indexed, n)):
+            keys = _read(output, kind, name, ["key"]).column("key").to_pylist()
+            dup = [i for i, k in enumerate(keys) if k in seen or keys.index(k) != i]
+            seen.update(keys)
+            if not dup:
+                continue
+            removed += len(dup)
+            table = _read(output, kind, name)
+            keep = sorted(set(range(len(keys))) - set(dup))
+            fs, path = fs_path(f"{output}/{kind}/{name}")
+            if keep:
+                write_table(table.take(keep), f"{output}/{kind}/{name}")
+            else:
+                fs.delete_file(path)
+    return removed
+
+
+def _index_vectors(output: str, names: list[str]):
+    import numpy as np
+
+    tables = [_read(output, PAGES, n, ["key", "doc_id", "source", "page", "embedding"]) for n in names]
+    ids, vecs = [], []
+    for name, t in zip(names, tables, strict=True):
+        if not t.num_rows:
+            continue
+        emb = t.column("embedding").combine_chunks()
+        vecs.append(emb.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, emb.type.list_size))
+        ids.append(t.drop_columns(["embedding"]).append_column("shard", pa.array([name] * t.num_rows))
+                   .append_column("row", pa.array(range(t.num_rows), pa.int32())))
+    if not vecs:
+        return None, np.zeros((0, 0), np.float32)
+    return pa.concat_tables(ids), np.concatenate(vecs).astype(np.float32)
+
+
+def build_or_extend_index(output: str, base_manifest: dict[str, Any], index_cfg: dict) -> dict[str, Any]:
+    """Build the FAISS index over every page shard, or add the new shards to the existing index when its type still
+    fits the corpus size; write index.faiss, ids.parquet and manifest.json. Runs as a Ray task (GPU if any)."""
+    from ray_vdr.config import IndexConfig
+    from ray_vdr.vector_index import INDEX_FILE, IndexSpec, add_to, build_index, choose_spec, read_index, write_index
+
+    cfg = IndexConfig.model_validate(index_cfg)
+    t0 = time.perf_counter()
+    names = _shards(output, PAGES)
+    total = sum(pq.ParquetFile(fs_path(f"{output}/{PAGES}/{n}")[1],
+                               filesystem=fs_path(output)[0]).metadata.num_rows for n in names)
+    spec = choose_spec(total, base_manifest["dim"], cfg)
+    old = json.loads(read_bytes(f"{output}/{MANIFEST}")) if is_file(f"{output}/{MANIFEST}") else None
+    # extend while the size still calls for the same type (an IVF quantiser stays valid as the corpus grows)
+    extend = old is not None and old["index"]["type"] == spec.type and is_file(f"{output}/{INDEX_FILE}")
+    if extend:
+        spec = IndexSpec(old["index"]["type"], old["index"]["params"])
+    with tempfile.TemporaryDirectory() as tmp:
+        new = [n for n in names if n not in set(old["shards"])] if extend else names
+        ids, vectors = _index_vectors(output, new)
+        if extend:
+            (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{INDEX_FILE}"))
+            index = read_index(Path(tmp) / INDEX_FILE, old["index"])
+            if len(vectors):
+                add_to(index, vectors)
+            old_ids = _read_ids(output)
+            ids = pa.concat_tables([old_ids, ids]) if ids is not None else old_ids
+        else:
+            index = build_index(vectors, spec) if len(vectors) else None
+        if index is not None:
+            write_index(index, Path(tmp) / INDEX_FILE)
+            write_bytes((Path(tmp) / INDEX_FILE).read_bytes(), f"{output}/{INDEX_FILE}")
+            write_table(ids, f"{output}/{IDS_FILE}")
+        size = (Path(tmp) / INDEX_FILE).stat().st_size if index is not None else 0
+    manifest = {**base_manifest, "index": spec.as_dict(), "vectors": int(index.ntotal) if index else 0,
+                "index_bytes": size, "shards": names, "extended": extend, "added_vectors": int(len(vectors)),
+                "build_seconds": round(time.perf_counter() - t0, 3)}
+    manifest["created_at"] = old["created_at"] if old is not None else base_manifest["updated_at"]
+    write_bytes(json.dumps(manifest, indent=2).encode(), f"{output}/{MANIFEST}")
+    return manifest
+
+
+def _read_ids(output: str) -> pa.Table:
+    fs, path = fs_path(f"{output}/{IDS_FILE}")
+    return pq.read_table(path, filesystem=fs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def resolve_model(cfg: VDRConfig) -> str:
+    """The embedder the job uses: index.model, else the model this config's training run saved."""
+    uri = cfg.index.model or cfg.run.uri("model")
+    if cfg.index.model is None and not is_file(f"{uri}/modules.json"):
+        raise FileNotFoundError(f"index.model is not set and the training run has no saved model at {uri}: train "
+                                "first (jobs/train_embedder.py) or set index.model to a Sentence Transformers model")
+    return uri
+
+
+def _local_model(uri: str) -> str:
+    """A local folder with the model (copied from s3://, gs://; a hub id is resolved by huggingface_hub)."""
+    if "://" in uri:
+        dest = Path(tempfile.gettempdir()) / "ray-vdr-models" / page_key(uri)[:16]
+        if not (dest / "modules.json").is_file():
+            copy_tree(uri, str(dest))
+        return str(dest)
+    if Path(uri).is_dir():
+        return uri
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(uri)
+
+
+def _pixel_bounds(model_cfg: ModelConfig, model_path: str) -> dict[str, Any]:
+    """The image processor's pixel budget as the embedder will use it (the saved one, overridden by model.*)."""
+    size: dict[str, Any] = {}
+    for name, nested in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        f = Path(model_path) / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            size = dict((data.get(nested, {}) if nested else data).get("size") or {}) or size
+    if model_cfg.min_pixels:
+        size["shortest_edge"] = model_cfg.min_pixels
+    if model_cfg.max_pixels:
+        size["longest_edge"] = model_cfg.max_pixels
+    return {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
+
+
+def _model_info(cfg: VDRConfig, uri: str, local: str) -> dict[str, Any]:
+    from ray_vdr.vector_index import model_fingerprint
+
+    st_cfg = Path(local) / "config_sentence_transformers.json"
+    st = json.loads(st_cfg.read_text()) if st_cfg.is_file() else {}
+    modules = json.loads((Path(local) / "modules.json").read_text())
+    prompts = dict(st.get("prompts") or {})
+    if cfg.model.document_prompt is not None:
+        prompts["document"] = cfg.model.document_prompt
+    if cfg.model.query_prompt is not None:
+        prompts["query"] = cfg.model.query_prompt
+    return {"path": uri, "fingerprint": model_fingerprint(local), "truncate_dim": st.get("truncate_dim"),
+            "normalized": any(m.get("type", "").endswith("Normalize") for m in modules),
+            "document_prompt": prompts.get("document"), "query_prompt": prompts.get("query"),
+            "pixel_bounds": _pixel_bounds(cfg.model, local)}
+
+
+def _embedding_dim(local: str) -> int:
+    """The model's output dimension, from its Pooling (or Dense) module config, without loading the weights."""
+    dim = None
+    for module in json.loads((Path(local) / "modules.json").read_text()):
+        conf = Path(local) / module.get("path", "") / "config.json"
+        if module.get("type", "").endswith(("Pooling", "Dense")) and conf.is_file():
+            c = json.loads(conf.read_text())
+            dim = c.get("out_features") or c.get("embedding_dimension") or c.get("word_embedding_dimension") or dim
+    if dim is None:
+        raise ValueError(f"cannot tell the embedding dimension of {local}: no Pooling or Dense module config")
+    return int(dim)
+
+
+def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
+    """Embed ``cfg.index.sources`` into ``cfg.index.output`` and build or extend its FAISS index."""
+    import ray
+
+    from ray_vdr.cluster import init_ray
+    from ray_vdr.vector_index import IndexMismatch, check_manifest, now_iso
+
+    ix = cfg.index
+    if not ix.sources:
+        raise ValueError("index.sources is empty: give folders, files or URIs of page images, PDFs or Parquet")
+    start = time.time()
+    uri = resolve_model(cfg)
+    files = list_sources(ix.sources)
+    local = _local_model(uri)
+    info = _model_info(cfg, uri, local)
+    full_dim = _embedding_dim(local)
+    dim = ix.dim or cfg.output.truncate_dim or info["truncate_dim"] or full_dim
+    dim = min(dim, full_dim)
+    # Shards already under the output (an index, or an interrupted run) must come from the same model, dimension and
+    # dpi, or the index would mix vector spaces: the first run records them, every later run is checked against them.
+    binding = {"model": info, "dim": dim, "dpi": ix.dpi}
+    if is_file(f"{ix.output}/{EMBEDDING_FILE}"):
+        earlier = json.loads(read_bytes(f"{ix.output}/{EMBEDDING_FILE}"))
+        check_manifest(earlier, fingerprint=info["fingerprint"], dim=dim, where=f"the corpus at {ix.output}")
+        if earlier["dpi"] != ix.dpi:
+            raise IndexMismatch(f"the corpus at {ix.output} was rasterised at {earlier['dpi']} dpi, not "
+                                f"{ix.dpi}: keep index.dpi={earlier['dpi']} or embed into a new index.output")
+    else:
+        write_bytes(json.dumps(binding, indent=2).encode(), f"{ix.output}/{EMBEDDING_FILE}")
+    init_ray()
+    known = known_keys(ix.output)
+    logger.info("embedding %d source files into %s with %s (dim %d); %d pages already done", len(files), ix.output,
+                uri, dim, len(known))
+    use_gpu = cfg.scaling.use_gpu
+    ds = ray.data.from_items([asdict(f) for f in files], override_num_blocks=max(1, min(len(files), 1000)))
+    ds = ds.flat_map(_expand, fn_kwargs={
+        "dpi": ix.dpi, "limits": cfg.data.image.model_dump(), "thumb_side": ix.thumbnail_side,
+        "image_column": ix.parquet_image_column, "id_column": ix.parquet_id_column,
+        "known_ref": [ray.put(known)]}, num_cpus=ix.decode_cpus)
+    ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow", concurrency=ix.actors,
+                        num_cpus=ix.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+                        fn_constructor_kwargs={"model_uri": uri,
+                                               "model_cfg": cfg.model.model_dump(), "dim": dim, "output": ix.output,
+                                               "use_gpu": use_gpu, "cpus": ix.cpus_per_actor, "chaos": chaos})
+    totals = {"pages": 0, "rejects": 0, "batches": 0, "embed_seconds": 0.0}
+    t0 = time.perf_counter()
+    for row in ds.iter_rows():
+        totals["pages"] += row["pages"]
+        totals["rejects"] += row["rejects"]
+        totals["batches"] += 1
+        totals["embed_seconds"] += row["seconds"]
+    stream_seconds = time.perf_counter() - t0
+    old_manifest = json.loads(read_bytes(f"{ix.output}/{MANIFEST}")) if is_file(f"{ix.output}/{MANIFEST}") else None
+    removed = dedupe_shards(ix.output, set(old_manifest["shards"]) if old_manifest else set())
+    base = {**binding, "normalized": True, "metric": "inner_product", "updated_at": now_iso(), "sources": ix.sources}
+    build = ray.remote(build_or_extend_index).options(num_gpus=1 if use_gpu else 0)  # FAISS uses it if it can
+    manifest = ray.get(build.remote(ix.output, base, ix.model_dump()))
+    summary = {
+        "source_files": len(files), "pages_embedded": totals["pages"], "pages_rejected": totals["rejects"],
+        "pages_done_before": len(known), "duplicates_removed": removed, "batches": totals["batches"],
+        "stream_seconds": round(stream_seconds, 2), "embed_seconds": round(totals["embed_seconds"], 2),
+        "pages_per_second": round(totals["pages"] / stream_seconds, 2) if stream_seconds else 0.0,
+        "index_vectors": manifest["vectors"], "index_type": manifest["index"]["type"],
+        "index_bytes": manifest["index_bytes"], "seconds": round(time.time() - start, 2),
+    }
+    manifest = {**manifest, "last_run": summary}
+    write_bytes(json.dumps(manifest, indent=2).encode(), f"{ix.output}/{MANIFEST}")
+    logger.info("index summary: %s", summary)
+    return IndexResult(ix.output, manifest, summary)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading an index back (serving, evaluation, mining)
+
+
+@dataclass
+class PageIndex:
+    """A loaded index: FAISS index, its id table (row i = vector i) and manifest."""
+
+    index: Any
+    ids: pa.Table
+    manifest: dict[str, Any]
+    output: str
+
+    def search(self, queries, k: int) -> list[list[dict[str, Any]]]:
+        """Top-``k`` pages per query vector: key, doc_id, source, page, score, rank (1-based)."""
+        from ray_vdr.vector_index import search
+
+        scores, positions = search(self.index, queries, k)
+        cols = {c: self.ids.column(c) for c in ("key", "doc_id", "source", "page")}
+        out = []
+        for row_scores, row_pos in zip(scores, positions, strict=True):
+            hits = []
+            found = [(s, p) for s, p in zip(row_scores, row_pos, strict=True) if p >= 0]
+            for rank, (score, pos) in enumerate(found, start=1):
+                hits.append({**{c: col[int(pos)].as_py() for c, col in cols.items()}, "score": float(score),
+                             "rank": rank, "position": int(pos)})
+            out.append(hits)
+        return out
+
+    def page(self, position: int, column: str = "image") -> bytes:
+        """The stored page image (or ``thumbnail``) of vector ``position``."""
+        shard, row = self.ids.column("shard")[position].as_py(), self.ids.column("row")[position].as_py()
+        return _read(self.output, PAGES, shard, [column]).column(column)[row].as_py()
+
+
+def open_index(output: str, *, model_path: str | None = None, dim: int | None = None) -> PageIndex:
+    """Load the index under ``output``; refuses it (IndexMismatch) when ``model_path`` is not the model it was built
+    with or ``dim`` is not its dimension."""
+    from ray_vdr.vector_index import INDEX_FILE, check_manifest, model_fingerprint, read_index
+
+    if not is_file(f"{output}/{MANIFEST}"):
+        raise FileNotFoundError(f"no index at {output} ({MANIFEST} missing): run jobs/embed_corpus.py first")
+    manifest = json.loads(read_bytes(f"{output}/{MANIFEST}"))
+    fingerprint = model_fingerprint(_local_model(model_path)) if model_path else None
+    check_manifest(manifest, fingerprint=fingerprint, dim=dim, where=f"the index at {output}")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{INDEX_FILE}"))
+        index = read_index(Path(tmp) / INDEX_FILE, manifest["index"])
+    return PageIndex(index, _read_ids(output), manifest, output)
