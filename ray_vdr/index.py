@@ -419,12 +419,19 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
                                                "use_gpu": use_gpu, "cpus": ix.cpus_per_actor, "chaos": chaos})
     totals = {"pages": 0, "rejects": 0, "batches": 0, "embed_seconds": 0.0}
     t0 = time.perf_counter()
+    first: tuple[float, int] | None = None  # after the first batch: start-up (model loading) excluded
     for row in ds.iter_rows():
         totals["pages"] += row["pages"]
         totals["rejects"] += row["rejects"]
         totals["batches"] += 1
         totals["embed_seconds"] += row["seconds"]
+        now = time.perf_counter()
+        first = first or (now, totals["pages"])
+        if totals["batches"] % 50 == 0:
+            logger.info("%d batches: %d pages embedded, %d rejected (%.1f pages/s)", totals["batches"],
+                        totals["pages"], totals["rejects"], totals["pages"] / (now - t0))
     stream_seconds = time.perf_counter() - t0
+    steady = (totals["pages"] - first[1]) / (now - first[0]) if first and now > first[0] else 0.0
     old_manifest = json.loads(read_bytes(f"{ix.output}/{MANIFEST}")) if is_file(f"{ix.output}/{MANIFEST}") else None
     removed = dedupe_shards(ix.output, set(old_manifest["shards"]) if old_manifest else set())
     base = {**binding, "normalized": True, "metric": "inner_product", "updated_at": now_iso(), "sources": ix.sources}
@@ -435,6 +442,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
         "pages_done_before": len(known), "duplicates_removed": removed, "batches": totals["batches"],
         "stream_seconds": round(stream_seconds, 2), "embed_seconds": round(totals["embed_seconds"], 2),
         "pages_per_second": round(totals["pages"] / stream_seconds, 2) if stream_seconds else 0.0,
+        "steady_pages_per_second": round(steady, 2),
         "index_vectors": manifest["vectors"], "index_type": manifest["index"]["type"],
         "index_bytes": manifest["index_bytes"], "seconds": round(time.time() - start, 2),
     }
