@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -117,23 +116,13 @@ def probe_job(args) -> dict:
             "job_seconds": s["seconds"]}
 
 
-def _subprocess(args, probe: str) -> dict:
-    argv = [sys.executable, __file__, "--probe", probe]
-    for k, v in vars(args).items():
-        if k != "probe":
-            argv += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"probe {probe} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _pipeline(args) -> dict:
     _pages(args)
     _model(args)
-    plain = _subprocess(args, "plain")
-    job = _subprocess(args, "job")
+    from train_throughput import run_probe
+
+    plain = run_probe(__file__, args, "plain")
+    job = run_probe(__file__, args, "job")
     ratio = job["pages_per_s"] / plain["pages_per_s"]
     print(f"\n(a) corpus embedding, {args.pages} pages (448x576 PNG), Qwen3-VL {args.shape}, max_pixels "
           f"{args.max_pixels}, batch {args.batch}, dim {args.dim}, {args.device}")

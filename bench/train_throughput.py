@@ -199,8 +199,10 @@ def probe_memory(args) -> dict:
 # driver
 
 
-def _subprocess(args, probe: str, **overrides) -> dict:
-    argv = [sys.executable, __file__, "--probe", probe]
+def run_probe(script: str, args, probe: str, **overrides) -> dict:
+    """Run ``script --probe probe`` with the parsed arguments (and overrides) in a fresh process; its last stdout
+    line is the JSON result. Shared by the bench scripts."""
+    argv = [sys.executable, script, "--probe", probe]
     for k, v in {**vars(args), **overrides}.items():
         if k != "probe":
             argv += [f"--{k.replace('_', '-')}", str(v)]
@@ -209,6 +211,10 @@ def _subprocess(args, probe: str, **overrides) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"probe {probe} {overrides} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _subprocess(args, probe: str, **overrides) -> dict:
+    return run_probe(__file__, args, probe, **overrides)
 
 
 def main() -> None:
