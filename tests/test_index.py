@@ -147,7 +147,7 @@ def test_interrupted_job_resumes_exactly_once(ray_local, tiny_qwen, page_pngs, t
 
 
 def _kill_cluster(temp: Path) -> None:
-    """SIGKILL the Ray processes of the cluster rooted at ``temp`` (only those: never `ray stop`)."""
+    """SIGKILL, by PID, the processes of the Ray cluster this test started under ``temp``, and no other."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
