@@ -73,8 +73,13 @@ def cmd_train(cfg: VDRConfig) -> int:
 
 def cmd_embed(cfg: VDRConfig) -> int:
     from ray_vdr.index import run
+    from ray_vdr.vector_index import IndexMismatch
 
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except (FileNotFoundError, IndexMismatch) as e:  # a missing source or model, a foreign index: say which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     s = result.summary
     print(f"index: {result.output} ({s['index_type']}, {s['index_vectors']} vectors, {s['index_bytes']} bytes, "
           f"dim {result.manifest['dim']}, model {result.manifest['model']['path']})")

@@ -382,7 +382,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
 
     ix = cfg.index
     if not ix.sources:
-        raise ValueError("index.sources is empty: give folders, files or URIs of page images, PDFs or Parquet")
+        raise FileNotFoundError("index.sources is empty: give folders, files or URIs of page images, PDFs or Parquet")
     start = time.time()
     uri = resolve_model(cfg)
     files = list_sources(ix.sources)

@@ -32,3 +32,13 @@ def test_console_script_reports_config_errors():
     assert proc.returncode == 2
     assert "scaling.num_wrkers: unknown field" in proc.stderr
     assert "ray" not in proc.stdout.lower()  # failed before any Ray work
+
+
+def test_embed_names_what_is_missing(tmp_path, capsys):
+    from ray_vdr.cli import main
+
+    assert main(["embed", "-c", str(ROOT / "configs/demo.yaml"), "index.sources=[]"]) == 2
+    assert "index.sources is empty" in capsys.readouterr().err
+    assert main(["embed", "-c", str(ROOT / "configs/demo.yaml"), f"index.sources=[{tmp_path / 'none'}]",
+                 f"index.model={tmp_path}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
