@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_vdr.config import ImageLimits, ModelConfig, VDRConfig
-from ray_vdr.corpus import SourceFile, expand_file, list_sources, page_key
+from ray_vdr.corpus import PAGE_SCHEMA, SourceFile, expand_file, list_sources, page_key
 from ray_vdr.storage import copy_tree, fs_path, is_file, read_bytes, write_bytes, write_table
 from ray_vdr.vector_index import MANIFEST
 
@@ -148,6 +148,8 @@ class PageEmbedder:
         from PIL import Image
 
         start = time.perf_counter()
+        # one schema for every shard, whatever Ray Data inferred for this block (an all-reject block has null columns)
+        batch = batch.select(PAGE_SCHEMA.names).cast(PAGE_SCHEMA)
         ok = pc.is_null(batch.column("reason"))
         pages, rejects = batch.filter(ok), batch.filter(pc.invert(ok))
         rejected = [rejects.select(REJECT_COLUMNS)] if rejects.num_rows else []
@@ -222,8 +224,11 @@ def dedupe_shards(output: str, indexed: set[str] = frozenset()) -> int:
         names = _shards(output, kind)
         for name in sorted(names, key=lambda n: (n not in indexed, n)):
             keys = _read(output, kind, name, ["key"]).column("key").to_pylist()
-            dup = [i for i, k in enumerate(keys) if k in seen or keys.index(k) != i]
-            seen.update(keys)
+            dup = []
+            for i, key in enumerate(keys):
+                if key in seen:
+                    dup.append(i)
+                seen.add(key)
             if not dup:
                 continue
             removed += len(dup)
