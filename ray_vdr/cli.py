@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ray_vdr.config import ConfigError, VDRConfig, dump_config, load_config
 
@@ -90,8 +91,74 @@ def cmd_embed(cfg: VDRConfig) -> int:
     return 0
 
 
+def _sample_query(cfg: VDRConfig) -> dict[str, str] | None:
+    """The first query of the eval split, with the file name of its page (the demo's corpus names pages by file)."""
+    src = cfg.data.eval
+    jsonl = Path(src.uri).with_suffix(".jsonl") if src is not None and "://" not in src.uri else None
+    if jsonl is None or not jsonl.is_file():
+        return None
+    first = json.loads(jsonl.read_text().splitlines()[0])
+    return {"query": first[cfg.data.query_column], "page": Path(first[cfg.data.positive_column]).name}
+
+
+def _eval_corpus_files(cfg: VDRConfig) -> list[str]:
+    """Every page of the synthetic eval split (positives and hard negatives) as image files: the demo's corpus."""
+    jsonl = Path(cfg.data.eval.uri).with_suffix(".jsonl")
+    files: dict[str, None] = {}
+    for line in jsonl.read_text().splitlines():
+        row = json.loads(line)
+        for col in [cfg.data.positive_column, *cfg.data.eval_negative_columns]:
+            if row.get(col):
+                files.setdefault(str(jsonl.parent / row[col]))
+    return list(files)
+
+
+def cmd_serve(cfg: VDRConfig) -> int:
+    """Start the two-stage endpoint on Ray, print its URL and a sample query's results, keep it up until Ctrl-C."""
+    from ray import serve
+
+    from ray_vdr.vector_index import IndexMismatch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serving/ beside ray_vdr/ in a checkout
+    from serving.app import post_search, run
+
+    if cfg.serve.index is None:
+        cfg.serve.index = cfg.index.output
+    try:
+        url = run(cfg.serve)
+    except (FileNotFoundError, IndexMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"endpoint: {url}  (search page {url} · POST {url}search · health {url}healthz · API docs {url}docs)")
+    sample = _sample_query(cfg)
+    if sample is not None:
+        status, answer = post_search(url, {"query": sample["query"], "top_k": 5})
+        print(f"sample query: {sample['query']!r} (its page: {sample['page']}) → HTTP {status}")
+        if status == 200:
+            print("| rank | doc_id | page | first-stage score (rank) | rerank score (rank) |")
+            print("|---|---|---|---|---|")
+            for r in answer["results"]:
+                rerank = "-" if r["rerank_score"] is None else f"{r['rerank_score']:.4f} ({r['rerank_rank']})"
+                print(f"| {r['rank']} | {r['doc_id']} | {r['page']} | {r['score']:.4f} ({r['first_stage_rank']}) "
+                      f"| {rerank} |")
+            t = answer["timings"]
+            print(f"timings: embed {t['embed_ms']:.1f} ms, search {t['search_ms']:.1f} ms, "
+                  f"rerank {t['rerank_ms']:.1f} ms, total {t['total_ms']:.1f} ms")
+        else:
+            print(f"answer: {answer}")
+    if cfg.serve.keep_running:
+        print(f"serving at {url} until Ctrl-C")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("shutting the endpoint down")
+            serve.shutdown()
+    return 0
+
+
 def cmd_demo(cfg: VDRConfig) -> int:
-    """The README's main command: synthetic data, then training on local Ray (later: embed, index, serve)."""
+    """The README's main command: synthetic data, training, the eval corpus indexed, the endpoint up (local Ray)."""
     start = time.time()
     # a demo always trains afresh: rerunning a finished run name would just return its model (see train.run)
     cfg.run.name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -102,6 +169,15 @@ def cmd_demo(cfg: VDRConfig) -> int:
     cmd_build_model(cfg)
     print("== 3. distributed training on Ray")
     cmd_train(cfg)
+    if cfg.data.eval is not None and not cfg.index.sources:
+        cfg.index.sources = _eval_corpus_files(cfg)
+    if cfg.index.sources:
+        print("== 4. embed the corpus → Parquet + FAISS (Ray Data)")
+        if cmd_embed(cfg):
+            return 2
+        print("== 5. two-stage retrieval endpoint (Ray Serve)")
+        print(f"== demo finished in {time.time() - start:.1f}s (the endpoint stays up)")
+        return cmd_serve(cfg)
     print(f"== demo finished in {time.time() - start:.1f}s")
     return 0
 
@@ -112,7 +188,8 @@ COMMANDS: dict[str, tuple[Callable[[VDRConfig], int], str]] = {
     "build-model": (cmd_build_model, "build a random-weight model when model.builder asks for one"),
     "train": (cmd_train, "finetune the embedder on Ray Train"),
     "embed": (cmd_embed, "embed a page corpus (images, PDFs, Parquet) and build its FAISS index"),
-    "demo": (cmd_demo, "synthetic data → model → training, on a local Ray cluster"),
+    "serve": (cmd_serve, "start the two-stage retrieval endpoint (Ray Serve) over index.output"),
+    "demo": (cmd_demo, "synthetic data → model → training → index → endpoint, on a local Ray cluster"),
 }
 
 

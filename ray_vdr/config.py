@@ -25,6 +25,9 @@ __all__ = [
     "OutputConfig",
     "RunConfig",
     "ScalingConfig",
+    "ServeConfig",
+    "ServeDeploymentConfig",
+    "ServeLimits",
     "SourceConfig",
     "SyntheticConfig",
     "TrainConfig",
@@ -291,6 +294,169 @@ class IndexConfig(_Strict):
     pq_bytes: PositiveInt | None = Field(None, description="IVF-PQ code size in bytes per vector. None = dim / 8.")
 
 
+class ServeDeploymentConfig(_Strict):
+    """Replicas and limits of one Ray Serve deployment."""
+
+    min_replicas: PositiveInt = Field(1, description="Autoscaling lower bound (replicas kept warm).")
+    max_replicas: PositiveInt = Field(4, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Autoscaling target: requests in flight per replica before another is added."
+    )
+    max_ongoing_requests: PositiveInt = Field(
+        64, description="Requests a replica takes at once. For batched deployments it caps the batch (Ray #43288)."
+    )
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting per caller before it gets 503 + Retry-After (-1: unbounded)."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (on CPU: its torch threads, rounded up).")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per replica. None = 1 for model deployments when the cluster has GPUs, else 0."
+    )
+    max_batch_size: PositiveInt = Field(
+        16, description="@serve.batch: most requests in one model call (queries, or query-page lists for the "
+        "reranker). 1 turns dynamic batching off."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="@serve.batch: longest wait for a batch to fill after its first request."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeDeploymentConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
+                             f"({self.max_batch_size}): a replica would never see a full batch")
+        if self.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(f"target_ongoing_requests ({self.target_ongoing_requests}) exceeds max_ongoing_requests "
+                             f"({self.max_ongoing_requests}): the autoscaler would never add a replica")
+        return self
+
+
+class ServeLimits(_Strict):
+    """What one search request may ask for; anything beyond gets a 4xx naming the limit."""
+
+    max_query_chars: PositiveInt = Field(1000, description="Longest text query.")
+    max_top_k: PositiveInt = Field(100, description="Most results per request.")
+    default_top_k: PositiveInt = Field(10, description="Results when the request does not say.")
+    max_rerank_depth: PositiveInt = Field(100, description="Most first-stage candidates the reranker scores.")
+    default_rerank_depth: int = Field(20, ge=0, description="Candidates reranked when the request does not say.")
+    max_body_bytes: PositiveInt = Field(8_000_000, description="Largest request body (413 above).")
+    image: ImageLimits = Field(
+        default_factory=lambda: ImageLimits(max_pixels=40_000_000, max_bytes=6_000_000, max_side=4096),
+        description="Image queries: decompression-bomb guard, size bounds (same checks as training data).",
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="A request still unanswered after this gets 504.")
+    retry_after_s: PositiveInt = Field(2, description="Retry-After sent with every 503 (over capacity, loading).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeLimits:
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(f"default_top_k ({self.default_top_k}) exceeds max_top_k ({self.max_top_k})")
+        if self.default_rerank_depth > self.max_rerank_depth:
+            raise ValueError(f"default_rerank_depth ({self.default_rerank_depth}) exceeds max_rerank_depth "
+                             f"({self.max_rerank_depth})")
+        return self
+
+
+# Per-deployment defaults, as classes so that a partial YAML section (`ingress: {max_queued_requests: 64}`) keeps the
+# other defaults of its own deployment.
+class EmbedderDeploymentConfig(ServeDeploymentConfig):
+    num_cpus: float = Field(2.0, ge=0, description="CPUs per replica (on CPU: its torch threads, rounded up).")
+
+
+class RetrieverDeploymentConfig(ServeDeploymentConfig):
+    num_cpus: float = Field(2.0, ge=0, description="CPUs per replica (FAISS threads).")
+    max_batch_size: PositiveInt = Field(32, description="@serve.batch: queries per FAISS search call.")
+    max_ongoing_requests: PositiveInt = Field(128, description="Requests a replica takes at once (caps the batch).")
+    target_ongoing_requests: float = Field(32, gt=0, description="Autoscaling target per replica.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="@serve.batch: longest wait for a batch to fill.")
+
+
+class RerankDeploymentConfig(ServeDeploymentConfig):
+    num_cpus: float = Field(2.0, ge=0, description="CPUs per replica (on CPU: its torch threads, rounded up).")
+    max_batch_size: PositiveInt = Field(
+        4, description="@serve.batch: requests per model call (each brings up to rerank_depth pairs)."
+    )
+    max_ongoing_requests: PositiveInt = Field(16, description="Requests a replica takes at once (caps the batch).")
+    target_ongoing_requests: float = Field(4, gt=0, description="Autoscaling target per replica.")
+
+
+class IngressDeploymentConfig(ServeDeploymentConfig):
+    max_replicas: PositiveInt = Field(2, description="Autoscaling upper bound.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per replica.")
+    max_batch_size: PositiveInt = Field(1, description="Not batched.")
+    max_ongoing_requests: PositiveInt = Field(
+        256, description="Requests in flight per replica: enough to fill every downstream batch."
+    )
+    max_queued_requests: int = Field(512, ge=-1, description="Requests waiting beyond these get 503 + Retry-After.")
+    target_ongoing_requests: float = Field(64, gt=0, description="Autoscaling target per replica.")
+
+
+class ServeConfig(_Strict):
+    """The two-stage retrieval endpoint (serving/): query embedder → FAISS retriever → multimodal reranker.
+
+    Also the ``args`` of ``serving.app:build_app`` in a Serve config (``serve run``, a RayService's serveConfigV2).
+    """
+
+    index: str | None = Field(
+        None, description="The embedding job's output (folder or URI). None = index.output of this config."
+    )
+    model: str | None = Field(
+        None, description="Query embedder. None = the model the index was built with (its manifest); another model "
+        "is refused unless it is byte-identical (same fingerprint)."
+    )
+    dim: PositiveInt | None = Field(None, description="Embedding dimension; must equal the index's. None = the index's.")
+    reranker: str | None = Field(
+        None, description="A Sentence Transformers CrossEncoder (folder, URI or hub id) scoring (query, page image) "
+        "pairs. None = first stage only."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model weights and compute. 'auto' = bf16 on a CUDA GPU that supports it, else fp32."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="'auto' = flash_attention_2 on CUDA when flash_attn is installed, else sdpa."
+    )
+    rerank_batch_size: PositiveInt = Field(16, description="(query, page) pairs per reranker forward.")
+    host: str = Field("127.0.0.1", description="HTTP host the Serve proxy binds (0.0.0.0 in a cluster).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    route_prefix: str = Field("/", description="Where the application is mounted.")
+    app_name: str = Field("ray-vdr", description="Serve application name.")
+    index_poll_s: float = Field(
+        10.0, gt=0, description="While the index does not exist yet, look for it this often (health stays 503)."
+    )
+    keep_running: bool = Field(
+        True, description="`ray-vdr serve` / `demo` only: after the sample query, keep the endpoint up until Ctrl-C."
+    )
+    limits: ServeLimits = Field(default_factory=ServeLimits, description="Request limits.")
+    embedder: EmbedderDeploymentConfig = Field(
+        default_factory=EmbedderDeploymentConfig, description="QueryEmbedder deployment."
+    )
+    retriever: RetrieverDeploymentConfig = Field(
+        default_factory=RetrieverDeploymentConfig, description="Retriever deployment (FAISS search, page store)."
+    )
+    rerank: RerankDeploymentConfig = Field(
+        default_factory=RerankDeploymentConfig,
+        description="Reranker deployment; max_batch_size counts requests (each of up to rerank_depth pairs).",
+    )
+    ingress: IngressDeploymentConfig = Field(default_factory=IngressDeploymentConfig, description="HTTP ingress.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        # The ingress must be able to hold enough requests in flight to fill every downstream batch.
+        ingress_capacity = self.ingress.max_ongoing_requests * self.ingress.max_replicas
+        for name in ("embedder", "retriever", "rerank"):
+            sub: ServeDeploymentConfig = getattr(self, name)
+            if ingress_capacity < sub.max_batch_size:
+                raise ValueError(f"ingress.max_ongoing_requests x max_replicas ({ingress_capacity}) is below "
+                                 f"{name}.max_batch_size ({sub.max_batch_size}): the ingress would cap its batches")
+            if sub.batch_wait_timeout_s >= self.limits.request_timeout_s:
+                raise ValueError(f"{name}.batch_wait_timeout_s must be far below limits.request_timeout_s")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        return self
+
+
 class SyntheticConfig(_Strict):
     output_dir: str = Field("./data/synthetic", description="Folder for the generated train/eval Parquet and JSONL.")
     train_queries: PositiveInt = Field(200, description="Training rows (query, page, hard negative).")
@@ -316,6 +482,7 @@ class VDRConfig(_Strict):
         None, description="Generate a synthetic dataset first (demo and tests). None = use data sources as they are."
     )
     index: IndexConfig = Field(default_factory=IndexConfig, description="Corpus embedding and the FAISS index.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The two-stage retrieval endpoint.")
 
     @model_validator(mode="after")
     def _consistent(self) -> VDRConfig:
@@ -410,6 +577,11 @@ def resolve_paths(cfg: VDRConfig, base: Path | None = None) -> VDRConfig:
         ix.model = _absolute(ix.model, base)
     if "://" not in ix.output:
         ix.output = _absolute(ix.output, base)
+    sv = cfg.serve
+    for name in ("index", "model", "reranker"):
+        value = getattr(sv, name)
+        if value is not None and _is_local_path(value):
+            setattr(sv, name, _absolute(value, base))
     return cfg
 
 

@@ -488,8 +488,9 @@ class PageIndex:
 
     def page(self, position: int, column: str = "image") -> bytes:
         """The stored page image (or ``thumbnail``) of vector ``position``."""
-        shard, row = self.ids.column("shard")[position].as_py(), self.ids.column("row")[position].as_py()
-        return _read(self.output, PAGES, shard, [column]).column(column)[row].as_py()
+        from ray_vdr.search import PageStore
+
+        return PageStore(self.output, self.ids, cache_bytes=0).get([position], column)[0]
 
 
 def open_index(output: str, *, model_path: str | None = None, dim: int | None = None) -> PageIndex:

@@ -24,6 +24,14 @@ def tiny_qwen(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory):
+    """A tiny Qwen3-VL reranker folder (CrossEncoder, real module stack, random weights), built once per session."""
+    from ray_vdr.models.builders import build_qwen3vl_reranker
+
+    return build_qwen3vl_reranker(tmp_path_factory.mktemp("models") / "tiny-qwen3vl-reranker", max_pixels=64 * 64)
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     from ray_vdr.models.builders import build_tiny_clip
 

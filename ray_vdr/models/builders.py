@@ -6,6 +6,11 @@ Each builder takes every dimension as a parameter and writes a folder that loads
   Qwen3VLModel) → Pooling(lasttoken) → Normalize, query/document prompts as system messages — at any size. The
   defaults are tiny (~250k parameters, for tests and the demo); :data:`QWEN3VL_2B_SHAPE` is the real 2B shape for
   GPU benchmarks.
+- :func:`build_qwen3vl_reranker`: the real Qwen3-VL-Reranker module stack, a ``CrossEncoder`` (loads with
+  ``CrossEncoder(path)``) — Transformer (any-to-any, Qwen3VLForConditionalGeneration) → LogitScore("yes", "no"),
+  score = logit(yes) − logit(no) at the last position, sigmoid activation, the judge instruction as the default
+  prompt (a system message). Pairs render as one user turn ``<Query>: … <Document>: …``; takes
+  ``(text, PIL image)`` pairs. Same shapes as the embedder.
 - :func:`build_tiny_clip`: a 2-layer CLIP dual encoder, the simplest multimodal Sentence Transformer.
 
 Tokenizers are trained here with `tokenizers` on a small corpus, and the image processor is the PIL Qwen2-VL one.
@@ -25,6 +30,11 @@ logger = logging.getLogger(__name__)
 # The instruction Qwen3-VL-Embedding uses by default; prompts travel as system messages.
 DEFAULT_QUERY_PROMPT = "Retrieve images or text relevant to the user's query."
 DEFAULT_DOCUMENT_PROMPT = "Represent the user's input."
+# The reranker's judge instruction (a system message, the CrossEncoder's default prompt); the answer is read from the
+# logits of the "yes" and "no" tokens.
+DEFAULT_RERANK_PROMPT = 'Judge whether the Document answers the Query. Note that the answer can only be "yes" or "no".'
+RERANK_TRUE_TOKEN = "yes"
+RERANK_FALSE_TOKEN = "no"
 
 _QWEN_SPECIALS = [
     "<|endoftext|>",
@@ -36,17 +46,44 @@ _QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 
+
+def _content_jinja(content: str) -> str:
+    """Jinja that renders one message's content (a string, or text and image items as Qwen3-VL does)."""
+    return (
+        f"{{%- if {content} is string -%}}{{{{- {content} -}}}}"
+        f"{{%- else -%}}{{%- for item in {content} -%}}"
+        "{%- if item['type'] == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+        "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+    )
+
+
 # A chat template with the same rendering as Qwen3-VL's for text and image items (no tools, no video).
 QWEN3VL_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
+    + _content_jinja("message['content']")
+    + "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# The Qwen3-VL-Reranker layout: Sentence Transformers turns a pair into a "query" and a "document" message (and the
+# prompt into a system message); both land in one user turn, "<Query>: ...\n<Document>: ...", and the model answers
+# yes or no after the assistant header. Other roles render as in QWEN3VL_CHAT_TEMPLATE.
+QWEN3VL_RERANK_CHAT_TEMPLATE = (
+    "{%- for message in messages if message['role'] not in ['query', 'document'] -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    + _content_jinja("message['content']")
+    + "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- set pair = messages | selectattr('role', 'in', ['query', 'document']) | list -%}"
+    "{%- if pair -%}{{- '<|im_start|>user\\n' -}}"
+    "{%- for message in pair -%}"
+    "{{- ('<Query>: ' if message['role'] == 'query' else '<Document>: ') -}}"
+    + _content_jinja("message['content']")
+    + "{%- if not loop.last -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- endfor -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
@@ -142,10 +179,34 @@ def _train_bpe(vocab_size: int, specials: list[str], corpus: list[str]):
     return tok
 
 
-def _qwen_tokenizer(vocab_size: int):
+def _add_bpe_words(raw, words: tuple[str, ...]):
+    """Make each word one token of a byte-level BPE by appending merges (at the lowest priority) to its model.
+
+    Like Qwen's "yes" and "no", the words stay ordinary vocabulary (no added-token matching inside other text). The
+    new merges rank last, so they apply only where no learned merge does (e.g. "not" now splits as "no" + "t").
+    """
+    from tokenizers import Tokenizer
+
+    state = json.loads(raw.to_str())
+    vocab, merges = state["model"]["vocab"], state["model"]["merges"]
+    pair_as_list = not merges or isinstance(merges[0], list)
+    for word in words:
+        pieces = raw.encode(word, add_special_tokens=False).tokens
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append([merged, piece] if pair_as_list else f"{merged} {piece}")
+            merged += piece
+            vocab.setdefault(merged, max(vocab.values()) + 1)
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def _qwen_tokenizer(vocab_size: int, words: tuple[str, ...] = (), chat_template: str = QWEN3VL_CHAT_TEMPLATE):
+    """The Qwen-style tokenizer; ``words`` become single tokens within ``vocab_size`` (for the reranker's yes/no)."""
     from transformers import PreTrainedTokenizerFast
 
-    raw = _train_bpe(vocab_size, _QWEN_SPECIALS, _CORPUS)
+    raw = _train_bpe(vocab_size - len(words), _QWEN_SPECIALS, _CORPUS)
+    if words:
+        raw = _add_bpe_words(raw, words)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token=None,
@@ -156,11 +217,11 @@ def _qwen_tokenizer(vocab_size: int):
         model_max_length=4096,
         padding_side="left",
     )
-    tok.chat_template = QWEN3VL_CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
 
 
-def _qwen3vl_config(shape: Qwen3VLShape, tokenizer, vocab_size: int):
+def _qwen3vl_config(shape: Qwen3VLShape, tokenizer, vocab_size: int, architecture: str = "Qwen3VLModel"):
     from transformers import Qwen3VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
@@ -198,7 +259,7 @@ def _qwen3vl_config(shape: Qwen3VLShape, tokenizer, vocab_size: int):
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=shape.tie_word_embeddings,
-        architectures=["Qwen3VLModel"],
+        architectures=[architecture],
     )
 
 
@@ -211,6 +272,28 @@ def _qwen_image_processor(patch: int, merge: int, min_pixels: int, max_pixels: i
         temporal_patch_size=2,
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
     )
+
+
+def _save_qwen3vl_backbone(hf_dir: Path, shape: Qwen3VLShape, architecture: str, *, chat_template: str,
+                           min_pixels: int, max_pixels: int, dtype: str, seed: int, words: tuple[str, ...] = ()):
+    """Write a random-weight transformers Qwen3-VL folder (``architecture``, tokenizer, image-only processor with
+    ``chat_template``) to ``hf_dir`` and return the tokenizer."""
+    import torch
+    import transformers
+
+    from ray_vdr.models.processor import Qwen3VLProcessor
+
+    tokenizer = _qwen_tokenizer(shape.vocab_size, words, chat_template)
+    vocab_size = max(shape.vocab_size, len(tokenizer))
+    config = _qwen3vl_config(shape, tokenizer, vocab_size, architecture)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = getattr(transformers, architecture)(config).to(getattr(torch, dtype))
+    image_processor = _qwen_image_processor(shape.patch_size, shape.spatial_merge_size, min_pixels, max_pixels)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    model.save_pretrained(hf_dir)
+    processor.save_pretrained(hf_dir)
+    return tokenizer
 
 
 def build_qwen3vl_embedder(
@@ -232,31 +315,19 @@ def build_qwen3vl_embedder(
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import Qwen3VLModel
 
-    from ray_vdr.models.processor import Qwen3VLProcessor, install_image_only_processor
+    from ray_vdr.models.processor import install_image_only_processor
 
     install_image_only_processor()
     path = Path(path)
-    tokenizer = _qwen_tokenizer(shape.vocab_size)
-    vocab_size = max(shape.vocab_size, len(tokenizer))
-    config = _qwen3vl_config(shape, tokenizer, vocab_size)
-    torch.manual_seed(seed)
-    torch_dtype = getattr(torch, dtype)
-    with torch.device("cpu"):
-        model = Qwen3VLModel(config).to(torch_dtype)
-    image_processor = _qwen_image_processor(shape.patch_size, shape.spatial_merge_size, min_pixels, max_pixels)
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 chat_template=QWEN3VL_CHAT_TEMPLATE)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
-        model.save_pretrained(hf_dir)
-        processor.save_pretrained(hf_dir)
-        del model
+        _save_qwen3vl_backbone(hf_dir, shape, "Qwen3VLModel", chat_template=QWEN3VL_CHAT_TEMPLATE,
+                               min_pixels=min_pixels, max_pixels=max_pixels, dtype=dtype, seed=seed)
         transformer = Transformer(
             str(hf_dir),
             transformer_task="feature-extraction",
-            model_kwargs={"dtype": torch_dtype},
+            model_kwargs={"dtype": getattr(torch, dtype)},
             processing_kwargs={"chat_template": {"add_generation_prompt": True}},
         )
         pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
@@ -270,6 +341,61 @@ def build_qwen3vl_embedder(
         st.save(str(path))
     _write_build_info(path, "qwen3vl", asdict(shape) | {"min_pixels": min_pixels, "max_pixels": max_pixels,
                                                           "dtype": dtype, "seed": seed})
+    return path
+
+
+def build_qwen3vl_reranker(
+    path: str | Path,
+    shape: Qwen3VLShape = TINY_QWEN3VL,
+    *,
+    min_pixels: int = 32 * 32,
+    max_pixels: int = 128 * 128,
+    prompt: str = DEFAULT_RERANK_PROMPT,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Path:
+    """Write a Qwen3-VL reranker with random weights to ``path`` and return it; it loads with ``CrossEncoder(path)``.
+
+    The folder has the real Qwen3-VL-Reranker layout: a transformers Qwen3VLForConditionalGeneration (the LM head
+    gives the logits) with its processor and pair chat template at the root, run as an ``any-to-any`` Transformer,
+    then LogitScore over the "yes" and "no" tokens (single BPE tokens here, as in Qwen's vocabulary). ``prompt`` is
+    the default prompt (``"rerank"``), sent as a system message; predict returns sigmoid(logit(yes) − logit(no)).
+    """
+    import torch
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.cross_encoder.modules import LogitScore, Transformer
+
+    from ray_vdr.models.processor import install_image_only_processor
+
+    install_image_only_processor()
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "hf"
+        tokenizer = _save_qwen3vl_backbone(
+            hf_dir, shape, "Qwen3VLForConditionalGeneration", chat_template=QWEN3VL_RERANK_CHAT_TEMPLATE,
+            min_pixels=min_pixels, max_pixels=max_pixels, dtype=dtype, seed=seed,
+            words=(RERANK_TRUE_TOKEN, RERANK_FALSE_TOKEN))
+        # AutoModelForMultimodalLM resolves qwen3_vl; "text-generation" (AutoModelForCausalLM) has no mapping for it
+        transformer = Transformer(
+            str(hf_dir),
+            transformer_task="any-to-any",
+            model_kwargs={"dtype": getattr(torch, dtype)},
+            processing_kwargs={"chat_template": {"add_generation_prompt": True}},
+        )
+        yes_id, no_id = tokenizer.convert_tokens_to_ids([RERANK_TRUE_TOKEN, RERANK_FALSE_TOKEN])
+        ce = CrossEncoder(
+            modules=[transformer, LogitScore(true_token_id=yes_id, false_token_id=no_id)],
+            prompts={"rerank": prompt},
+            default_prompt_name="rerank",
+            activation_fn=torch.nn.Sigmoid(),
+            device="cpu",
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        ce.save(str(path))
+    _write_build_info(path, "qwen3vl-reranker", asdict(shape) | {
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "dtype": dtype, "seed": seed,
+        "true_token": RERANK_TRUE_TOKEN, "false_token": RERANK_FALSE_TOKEN})
     return path
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -41,6 +42,66 @@ def test_fresh_process_loads_and_encodes_text_and_images(tiny_qwen):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "['image', 'message', 'text'] (1, 64) (1, 64) (1, 64) (1, 16) 1.0"
+
+
+def test_tiny_reranker_has_the_real_module_stack(tiny_reranker):
+    from tokenizers import Tokenizer
+
+    modules = json.loads((tiny_reranker / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "LogitScore"]
+    st_module = json.loads((tiny_reranker / "sentence_bert_config.json").read_text())
+    assert st_module["transformer_task"] == "any-to-any" and st_module["module_output_name"] == "causal_logits"
+    hf = json.loads((tiny_reranker / "config.json").read_text())
+    assert hf["model_type"] == "qwen3_vl" and hf["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    score = json.loads((tiny_reranker / modules[1]["path"] / "config.json").read_text())
+    tok = Tokenizer.from_file(str(tiny_reranker / "tokenizer.json"))
+    # "yes" and "no" are single ordinary BPE tokens inside the configured vocabulary, as in Qwen's tokenizer
+    assert tok.encode("yes").ids == [score["true_token_id"]] and tok.encode("no").ids == [score["false_token_id"]]
+    assert score["true_token_id"] != score["false_token_id"]
+    assert max(score["true_token_id"], score["false_token_id"]) < hf["text_config"]["vocab_size"] == 512
+    ce = json.loads((tiny_reranker / "config_sentence_transformers.json").read_text())
+    assert ce["model_type"] == "CrossEncoder" and ce["activation_fn"] == "torch.nn.modules.activation.Sigmoid"
+    assert '"yes" or "no"' in ce["prompts"][ce["default_prompt_name"]]
+
+
+def test_fresh_process_reranks_text_image_pairs(tiny_reranker):
+    """CrossEncoder(path) in a new interpreter scores (query, page image) pairs; a pair's score does not depend on
+    the batch it is in (the serving endpoint batches requests dynamically)."""
+    code = textwrap.dedent(f"""
+        import json
+        import numpy as np
+        import ray_vdr.models.processor as p; p.install_image_only_processor()
+        from sentence_transformers import CrossEncoder
+        from PIL import Image
+        m = CrossEncoder({str(tiny_reranker)!r}, device="cpu")
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        pages = [Image.new("RGB", (192, 256), "white"), Image.new("RGB", (256, 192), "black"),
+                 Image.fromarray(noise), Image.new("RGB", (300, 120), (200, 30, 30))]
+        queries = ["What was Northwind's Q3 2021 revenue?", "How many employees?"]
+        pairs = [(q, page) for q in queries for page in pages]
+        rendered = m[0].tokenizer.decode(m[0].preprocess(pairs[:1], prompt=m.prompts["rerank"])["input_ids"][0])
+        batched = m.predict(pairs, batch_size=4)
+        alone = np.array([m.predict([pair], batch_size=1)[0] for pair in pairs])
+        ranked = m.rank(queries[0], pages)
+        print(json.dumps({{"rendered": rendered, "batched": batched.tolist(), "alone": alone.tolist(),
+                          "ranked": ranked}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["rendered"].startswith('<|im_start|>system\nJudge whether')
+    assert res["rendered"].endswith("<|im_start|>user\n<Query>: What was Northwind's Q3 2021 revenue?\n<Document>: "
+                                    "<|vision_start|><|image_pad|><|image_pad|><|vision_end|><|im_end|>\n"
+                                    "<|im_start|>assistant\n")
+    batched, alone = np.array(res["batched"]), np.array(res["alone"])
+    assert batched.shape == (8,) and np.isfinite(batched).all() and ((batched > 0) & (batched < 1)).all()
+    gaps = np.abs(batched[:, None] - batched[None, :])[~np.eye(8, dtype=bool)]
+    assert gaps.min() > 1e-6  # every query and every page reach the score (fp32 batching noise is ~1e-7)
+    assert np.abs(batched - alone).max() < 1e-4
+    assert sorted(r["corpus_id"] for r in res["ranked"]) == [0, 1, 2, 3]
+    assert [r["score"] for r in res["ranked"]] == sorted((r["score"] for r in res["ranked"]), reverse=True)
+    for r in res["ranked"]:
+        assert abs(r["score"] - batched[r["corpus_id"]]) < 1e-4
 
 
 def test_prompts_change_the_embedding(tiny_qwen):

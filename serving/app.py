@@ -1,0 +1,402 @@
+"""The two-stage retrieval endpoint on Ray Serve: query embedder → FAISS retriever → multimodal reranker.
+
+    serve run serving/config.yaml                          # from the repo root, on a running or a new local Ray
+    serve run serving.app:build_app index=./index reranker=./my-reranker
+    ray-vdr serve -c configs/demo.yaml                     # the same app, from a ray-vdr config's serve section
+
+Deployments (each wraps a plain class of :mod:`ray_vdr.search`; models and the index load in the background, so
+``GET /healthz`` answers 503 "loading" rather than the replica hanging in its constructor):
+
+- ``QueryEmbedder``: the embedder with its query prompt at the index's truncated dimension; ``@serve.batch``.
+- ``Retriever``: the FAISS index and its manifest (a mismatched model or dimension is refused), the top-N
+  candidates (``@serve.batch`` over queries), and the page store (thumbnails and page images from the index).
+- ``Reranker`` (optional): a CrossEncoder scoring (query, page image) pairs; ``@serve.batch`` over requests.
+- ``Ingress`` (FastAPI): ``POST /search``, ``GET /healthz``, ``GET /pages/{doc_id}``, the search page at ``/``,
+  OpenAPI at ``/docs``.
+
+Batching and limits are consistent by construction (checked by :class:`ray_vdr.config.ServeConfig`): a batched
+replica's ``max_ongoing_requests`` is at least its batch size (it caps the batch, Ray #43288), and the ingress can hold
+enough requests in flight to fill every downstream batch. Over capacity every caller gets 503 with Retry-After.
+"""
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ray_vdr import search as core
+from ray_vdr.config import ServeConfig, ServeDeploymentConfig
+
+logger = logging.getLogger("ray_vdr.serving")
+
+SEARCH_PAGE = (Path(__file__).parent / "static" / "search.html").read_text()
+STAGE_TIMEOUT_S = 2.0  # health probes of the stages
+
+api = FastAPI(
+    title="ray-vdr visual document retrieval",
+    description="Two-stage retrieval over document page images: embedder + FAISS, then a multimodal reranker.",
+    version="0.1.0",
+)
+
+
+def _device(num_gpus: float) -> str:
+    import torch
+
+    return "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+
+
+def _error_cause(e: BaseException) -> BaseException:
+    """The exception a deployment raised (Ray wraps it in RayTaskError, which may or may not subclass it)."""
+    return getattr(e, "cause", None) or e
+
+
+@serve.deployment
+class QueryEmbedder:
+    def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
+        self.cfg = ServeConfig.model_validate(cfg)
+        device = _device(num_gpus)
+
+        def load(say):
+            manifest = core.wait_for_manifest(self.cfg.index, self.cfg.index_poll_s, say)
+            say("checking the model against the index manifest")
+            binding = core.check_binding(self.cfg, manifest)
+            say(f"loading {binding['model']} on {device}")
+            return core.QueryEncoder(binding, self.cfg, device, num_cpus)
+
+        self.loaded = core.Background("query embedder", load)
+        self.embed.set_max_batch_size(self.cfg.embedder.max_batch_size)
+        self.embed.set_batch_wait_timeout_s(self.cfg.embedder.batch_wait_timeout_s)
+
+    def status(self) -> dict[str, Any]:
+        return self.loaded.status()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def embed(self, items: list) -> list[tuple[Any, float, int]]:
+        """One vector per query; also the model time and batch size, for the timings in the response."""
+        encoder: core.QueryEncoder = self.loaded.get()
+        start = time.perf_counter()
+        vectors = await asyncio.to_thread(encoder.encode, items)  # the loop keeps gathering the next batch
+        seconds = time.perf_counter() - start
+        return [(v, seconds, len(items)) for v in vectors]
+
+
+@serve.deployment
+class Retriever:
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = ServeConfig.model_validate(cfg)
+
+        def load(say):
+            from ray_vdr.index import open_index
+
+            manifest = core.wait_for_manifest(self.cfg.index, self.cfg.index_poll_s, say)
+            say("checking the model against the index manifest")
+            binding = core.check_binding(self.cfg, manifest)
+            say("loading the FAISS index")
+            index = open_index(self.cfg.index, dim=binding["dim"])
+            return index, core.PageStore(self.cfg.index, index.ids)
+
+        self.loaded = core.Background("index", load)
+        self.search.set_max_batch_size(self.cfg.retriever.max_batch_size)
+        self.search.set_batch_wait_timeout_s(self.cfg.retriever.batch_wait_timeout_s)
+
+    def status(self) -> dict[str, Any]:
+        status = self.loaded.status()
+        if status["state"] == "ready":
+            m = self.loaded.value[0].manifest
+            status["index"] = {"vectors": m["vectors"], "dim": m["dim"], "type": m["index"]["type"],
+                               "model": m["model"]["path"], "updated_at": m.get("updated_at")}
+        return status
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def search(self, requests: list[tuple[Any, int]]) -> list[tuple[list[dict], float]]:
+        """Top-k hits per (query vector, k); one FAISS call for the batch at the largest k."""
+        import numpy as np
+
+        index, _ = self.loaded.get()
+        start = time.perf_counter()
+        vectors = np.stack([v for v, _ in requests])
+        k = max(k for _, k in requests)
+        hits = await asyncio.to_thread(index.search, vectors, k)
+        seconds = time.perf_counter() - start
+        return [(h[:k], seconds) for h, (_, k) in zip(hits, requests, strict=True)]
+
+    async def lookup(self, doc_id: str, page: int | None) -> int | None:
+        return self.loaded.get()[1].position(doc_id, page)
+
+    async def page(self, position: int, column: str) -> bytes:
+        return (await asyncio.to_thread(self.loaded.get()[1].get, [position], column))[0]
+
+
+@serve.deployment
+class Reranker:
+    def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
+        self.cfg = ServeConfig.model_validate(cfg)
+        device = _device(num_gpus)
+
+        def load(say):
+            core.wait_for_manifest(self.cfg.index, self.cfg.index_poll_s, say)
+            store = core.PageStore.open(self.cfg.index)
+            say(f"loading the reranker {self.cfg.reranker} on {device}")
+            return store, core.RerankScorer(self.cfg.reranker, self.cfg, device, num_cpus)
+
+        self.loaded = core.Background("reranker", load)
+        self.rerank.set_max_batch_size(self.cfg.rerank.max_batch_size)
+        self.rerank.set_batch_wait_timeout_s(self.cfg.rerank.batch_wait_timeout_s)
+
+    def status(self) -> dict[str, Any]:
+        return self.loaded.status()
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
+    async def rerank(self, requests: list[tuple[str, list[int]]]) -> list[tuple[Any, float, int]]:
+        """Scores of each request's (query, page) pairs; the pairs of every request in the batch go through the
+        model together, in forwards of ``rerank_batch_size`` pairs."""
+        store, scorer = self.loaded.get()
+        start = time.perf_counter()
+
+        def run():
+            pages = core.pil_pages(store.get([p for _, ps in requests for p in ps], "image"))
+            queries = [q for q, ps in requests for _ in ps]
+            return scorer.score(list(zip(queries, pages, strict=True)))
+
+        scores = await asyncio.to_thread(run)
+        seconds = time.perf_counter() - start
+        out, i = [], 0
+        for _, ps in requests:
+            out.append((scores[i:i + len(ps)], seconds, len(requests)))
+            i += len(ps)
+        return out
+
+
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """413 for bodies over limits.max_body_bytes, by their Content-Length before reading them."""
+    limit = getattr(request.app.state, "max_body_bytes", None)
+    length = request.headers.get("content-length")
+    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+        return _error(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+    return await call_next(request)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, embedder: DeploymentHandle, retriever: DeploymentHandle, reranker: DeploymentHandle | None,
+                 cfg: dict[str, Any]):
+        self.cfg = ServeConfig.model_validate(cfg)
+        self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
+        api.state.max_body_bytes = self.cfg.limits.max_body_bytes
+
+    def _unavailable(self, e: BaseException) -> JSONResponse | None:
+        """503 + Retry-After for a stage still loading or over capacity; None for anything else."""
+        from ray.serve.exceptions import BackPressureError
+
+        cause = _error_cause(e)
+        retry = self.cfg.limits.retry_after_s
+        if isinstance(e, core.NotReady) or isinstance(cause, core.NotReady):
+            return _error(503, f"not ready: {cause}", retry)
+        if isinstance(e, BackPressureError) or isinstance(cause, BackPressureError):
+            return _error(503, "over capacity: too many requests in flight, retry later", retry)
+        return None
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(SEARCH_PAGE)
+
+    @api.get("/healthz", summary="Ready when the embedder, the index (and the reranker) are loaded")
+    async def healthz(self) -> JSONResponse:
+        stages = {"embedder": self.embedder, "retriever": self.retriever}
+        if self.reranker is not None:
+            stages["reranker"] = self.reranker
+        report: dict[str, Any] = {}
+        for name, handle in stages.items():
+            try:
+                report[name] = await asyncio.wait_for(handle.status.remote(), STAGE_TIMEOUT_S)
+            except Exception as e:  # a replica still starting, or gone
+                report[name] = {"state": "unavailable", "detail": f"{type(e).__name__}: {e}"[:300]}
+        ready = all(s["state"] == "ready" for s in report.values())
+        headers = None if ready else {"Retry-After": str(self.cfg.limits.retry_after_s)}
+        return JSONResponse({"ready": ready, "stages": report}, status_code=200 if ready else 503, headers=headers)
+
+    @api.post("/search", summary="Top pages for a text or image query, reranked")
+    async def search(self, body: core.SearchRequest) -> JSONResponse:
+        try:
+            query = core.parse_request(body, self.cfg.limits, rerank_available=self.reranker is not None)
+        except core.RequestError as e:
+            return _error(e.status, str(e))
+        try:
+            return JSONResponse(await asyncio.wait_for(self._search(query), self.cfg.limits.request_timeout_s))
+        except TimeoutError:
+            return _error(504, f"search took longer than {self.cfg.limits.request_timeout_s}s")
+        except Exception as e:
+            unavailable = self._unavailable(e)
+            if unavailable is None:
+                raise
+            return unavailable
+
+    async def _search(self, query: core.Query) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        vector, embed_s, embed_batch = await self.embedder.embed.remote(query.item)
+        t1 = time.perf_counter()
+        depth = max(query.top_k, query.rerank_depth)
+        hits, search_s = await self.retriever.search.remote((vector, depth))
+        t2 = time.perf_counter()
+        scores, rerank_s, rerank_batch = None, 0.0, 0
+        if query.rerank_depth and hits:
+            head = hits[:query.rerank_depth]
+            scores, rerank_s, rerank_batch = await self.reranker.rerank.remote(
+                (query.text, [h["position"] for h in head]))
+        t3 = time.perf_counter()
+        results = core.merge_results(hits, scores, query.top_k)
+        prefix = self.cfg.route_prefix.rstrip("/")
+        for r in results:
+            r["thumbnail_url"] = f"{prefix}/pages/{quote(r['doc_id'])}?page={r['page']}"
+        ms = 1000.0
+        return {
+            "query": query.text, "image_query": query.image is not None, "top_k": query.top_k,
+            "rerank_depth": query.rerank_depth if scores is not None else 0, "results": results,
+            "timings": {"embed_ms": (t1 - t0) * ms, "search_ms": (t2 - t1) * ms, "rerank_ms": (t3 - t2) * ms,
+                        "total_ms": (time.perf_counter() - t0) * ms, "embed_compute_ms": embed_s * ms,
+                        "search_compute_ms": search_s * ms, "rerank_compute_ms": rerank_s * ms,
+                        "embed_batch": embed_batch, "rerank_batch": rerank_batch},
+        }
+
+    @api.get("/pages/{doc_id:path}", summary="A page's thumbnail (or full image) from the index's page store")
+    async def pages(self, doc_id: str, page: int | None = None, size: str = "thumbnail") -> Response:
+        if size not in ("thumbnail", "full"):
+            return _error(422, "size must be 'thumbnail' or 'full'")
+        try:
+            position = await self.retriever.lookup.remote(doc_id, page)
+            if position is None:
+                where = f" page {page}" if page is not None else ""
+                return _error(404, f"no page in the index for doc_id {doc_id!r}{where}")
+            data = await self.retriever.page.remote(position, "thumbnail" if size == "thumbnail" else "image")
+        except Exception as e:
+            unavailable = self._unavailable(e)
+            if unavailable is None:
+                raise
+            return unavailable
+        media = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
+        return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the builder
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def _options(d: ServeDeploymentConfig, num_gpus: float, retry_after_s: int) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": num_gpus},
+        "backpressure_config": {"retry_after_s": retry_after_s},
+    }
+    if d.min_replicas == d.max_replicas:
+        opts["num_replicas"] = d.min_replicas
+    else:
+        opts["autoscaling_config"] = {"min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
+                                      "target_ongoing_requests": d.target_ongoing_requests}
+    return opts
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for ``args`` (a :class:`ray_vdr.config.ServeConfig` or its dict, as in a Serve config).
+
+    Checks the index binding here when the index exists, so a wrong model or dimension fails ``serve run`` at once;
+    when it does not exist yet, the deployments wait for it and health stays 503 until it is loaded.
+    """
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
+    if cfg.index is None:
+        raise ValueError("serve.index is not set: give the embedding job's output folder or URI (index=...)")
+    manifest = core.read_manifest(cfg.index)
+    if manifest is not None:
+        core.check_binding(cfg, manifest)
+    else:
+        logger.warning("no index at %s yet: the endpoint starts and waits for it (health 503 until loaded)", cfg.index)
+    gpus = _cluster_gpus()
+    retry = cfg.limits.retry_after_s
+    model_gpus = {name: (d.num_gpus if d.num_gpus is not None else (1.0 if gpus else 0.0))
+                  for name, d in (("embedder", cfg.embedder), ("rerank", cfg.rerank))}
+    data = cfg.model_dump(mode="json")
+    embedder = QueryEmbedder.options(**_options(cfg.embedder, model_gpus["embedder"], retry)).bind(
+        data, cfg.embedder.num_cpus, model_gpus["embedder"])
+    retriever = Retriever.options(**_options(cfg.retriever, cfg.retriever.num_gpus or 0.0, retry)).bind(data)
+    reranker = None
+    if cfg.reranker is not None:
+        reranker = Reranker.options(**_options(cfg.rerank, model_gpus["rerank"], retry)).bind(
+            data, cfg.rerank.num_cpus, model_gpus["rerank"])
+    return Ingress.options(**_options(cfg.ingress, cfg.ingress.num_gpus or 0.0, retry)).bind(
+        embedder, retriever, reranker, data)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# running it from ray-vdr (CLI, demo, tests)
+
+
+def run(cfg: ServeConfig, *, ready_timeout_s: float = 600.0) -> str:
+    """Deploy on the Ray cluster in RAY_ADDRESS (or a new local one), wait until ``/healthz`` says ready, and return
+    the endpoint's URL. Raises TimeoutError with the last health report if it never gets ready."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from ray_vdr.cluster import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/"
+    deadline, last = time.time() + ready_timeout_s, "no answer"
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=10):
+                return url  # 200: every stage loaded
+        except urllib.error.HTTPError as e:
+            last = e.read().decode(errors="replace")
+            try:
+                stages = json.loads(last)["stages"]
+                if any(s["state"] == "failed" for s in stages.values()):
+                    raise RuntimeError(f"the endpoint failed to load: {last}")
+            except (ValueError, KeyError):
+                pass
+        except OSError as e:
+            last = str(e)
+        time.sleep(1.0)
+    raise TimeoutError(f"the endpoint at {url} was not ready after {ready_timeout_s:.0f}s: {last}")
+
+
+def post_search(url: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` to ``<url>search``; (status, JSON answer). A small client for the CLI, demo and tests."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "search", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"detail": text}
