@@ -171,6 +171,7 @@ def cmd_demo(cfg: VDRConfig) -> int:
     cmd_train(cfg)
     if cfg.data.eval is not None and not cfg.index.sources:
         cfg.index.sources = _eval_corpus_files(cfg)
+        cfg.index.output = cfg.run.uri("index")  # beside this run's model: an index is bound to its model
     if cfg.index.sources:
         print("== 4. embed the corpus → Parquet + FAISS (Ray Data)")
         if cmd_embed(cfg):

@@ -57,6 +57,12 @@ def _error_cause(e: BaseException) -> BaseException:
     return getattr(e, "cause", None) or e
 
 
+def _set_batching(method, d: ServeDeploymentConfig) -> None:
+    """Apply the configured batch size and wait to a ``@serve.batch`` method (the decorator holds defaults)."""
+    method.set_max_batch_size(d.max_batch_size)
+    method.set_batch_wait_timeout_s(d.batch_wait_timeout_s)
+
+
 @serve.deployment
 class QueryEmbedder:
     def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
@@ -71,8 +77,7 @@ class QueryEmbedder:
             return core.QueryEncoder(binding, self.cfg, device, num_cpus)
 
         self.loaded = core.Background("query embedder", load)
-        self.embed.set_max_batch_size(self.cfg.embedder.max_batch_size)
-        self.embed.set_batch_wait_timeout_s(self.cfg.embedder.batch_wait_timeout_s)
+        _set_batching(self.embed, self.cfg.embedder)
 
     def status(self) -> dict[str, Any]:
         return self.loaded.status()
@@ -103,8 +108,7 @@ class Retriever:
             return index, core.PageStore(self.cfg.index, index.ids)
 
         self.loaded = core.Background("index", load)
-        self.search.set_max_batch_size(self.cfg.retriever.max_batch_size)
-        self.search.set_batch_wait_timeout_s(self.cfg.retriever.batch_wait_timeout_s)
+        _set_batching(self.search, self.cfg.retriever)
 
     def status(self) -> dict[str, Any]:
         status = self.loaded.status()
@@ -147,8 +151,7 @@ class Reranker:
             return store, core.RerankScorer(self.cfg.reranker, self.cfg, device, num_cpus)
 
         self.loaded = core.Background("reranker", load)
-        self.rerank.set_max_batch_size(self.cfg.rerank.max_batch_size)
-        self.rerank.set_batch_wait_timeout_s(self.cfg.rerank.batch_wait_timeout_s)
+        _set_batching(self.rerank, self.cfg.rerank)
 
     def status(self) -> dict[str, Any]:
         return self.loaded.status()
