@@ -142,6 +142,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="time cap per level")
     ap.add_argument("--pages", type=int, default=60)
     ap.add_argument("--rerank-depth", type=int, default=5)
+    ap.add_argument("--batch-wait-ms", type=float, default=0.0,
+                    help="@serve.batch wait: 0 = no wait at low load (batches still form while a batch runs)")
+    ap.add_argument("--ingress-ongoing", type=int, default=32, help="ingress max_ongoing_requests")
+    ap.add_argument("--ingress-queued", type=int, default=32, help="ingress max_queued_requests (then 503)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args()
 
@@ -174,16 +178,21 @@ def main() -> None:
     report: dict = {"machine": f"{os.cpu_count()} CPUs", "pages": open_index(str(work / "index")).index.ntotal}
     port = free_port()
 
+    wait = args.batch_wait_ms / 1000
+
     def serve_cfg(batch: bool) -> ServeConfig:
         small = {"min_replicas": 1, "max_replicas": 1}
         return ServeConfig.model_validate({
             "index": str(work / "index"), "reranker": str(reranker), "port": port, "keep_running": False,
             "embedder": {**small, "num_cpus": 0.5, "max_batch_size": 16 if batch else 1, "max_ongoing_requests": 32,
-                         "target_ongoing_requests": 8},
+                         "target_ongoing_requests": 8, "batch_wait_timeout_s": wait},
             "rerank": {**small, "num_cpus": 0.5, "max_batch_size": 8 if batch else 1, "max_ongoing_requests": 16,
-                       "target_ongoing_requests": 4},
-            "retriever": {**small, "num_cpus": 0.25}, "ingress": {**small, "num_cpus": 0.25,
-                                                                   "max_queued_requests": 64}})
+                       "target_ongoing_requests": 4, "batch_wait_timeout_s": wait},
+            "retriever": {**small, "num_cpus": 0.25, "batch_wait_timeout_s": wait},
+            # at most ~2 s of work admitted at the saturated rate: beyond it, 503 + Retry-After, not a 30 s queue
+            "ingress": {**small, "num_cpus": 0.25, "max_ongoing_requests": args.ingress_ongoing,
+                        "target_ongoing_requests": min(16, args.ingress_ongoing),
+                        "max_queued_requests": args.ingress_queued}})
 
     # 1. in-process floor
     base = serve_cfg(True)
