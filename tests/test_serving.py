@@ -94,43 +94,58 @@ def corpus_index(ray_local, tiny_qwen, page_pngs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inproc(corpus_index, tiny_reranker):
-    """The endpoint's stages in-process (no Ray, no Serve): the reference the endpoint must reproduce."""
-    from ray_vdr.index import open_index
-    from ray_vdr.search import PageStore, QueryEncoder, RerankScorer, check_binding
+def inproc(corpus_index, tiny_qwen, tiny_reranker):
+    """The reference, written without the endpoint's code: Sentence Transformers' own encode_query (query prompt,
+    truncated to the index's 32 dims, normalised), brute force over the embeddings the job stored, and the
+    CrossEncoder's own predict on the page files."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
 
-    cfg = _serve_cfg(corpus_index, 8000, reranker=str(tiny_reranker))
-    index = open_index(str(corpus_index))
-    return {"encoder": QueryEncoder(check_binding(cfg, index.manifest), cfg, "cpu"), "index": index,
-            "store": PageStore(str(corpus_index), index.ids), "scorer": RerankScorer(str(tiny_reranker), cfg, "cpu")}
+    from ray_vdr.models.processor import install_image_only_processor
+
+    install_image_only_processor()
+    st = SentenceTransformer(str(tiny_qwen), device="cpu")
+    # the job embedded pages at the config's pixel budget (demo.yaml: 16,384 px), not the model's saved one (4,096):
+    # image queries must be encoded at the index's budget, which its manifest records
+    bounds = json.loads((corpus_index / "manifest.json").read_text())["model"]["pixel_bounds"]
+    assert bounds == {"min_pixels": 1024, "max_pixels": 16384}
+    st[0].processor.image_processor.size = {"shortest_edge": bounds["min_pixels"],
+                                            "longest_edge": bounds["max_pixels"]}
+    ce = CrossEncoder(str(tiny_reranker), device="cpu")
+    pages = pq.read_table(corpus_index / "pages", columns=["doc_id", "embedding"])
+    emb = np.stack(pages.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    docs = pages.column("doc_id").to_pylist()
+    corpus = corpus_index.parent / "corpus"
+
+    def search(items, k):
+        vectors = st.encode_query(items, truncate_dim=32, normalize_embeddings=True, convert_to_numpy=True)
+        out = []
+        for v in vectors:
+            scores = emb @ v
+            order = np.argsort(-scores)[:k]
+            out.append([(docs[i], float(scores[i])) for i in order])
+        return out
+
+    def rerank(query, doc_ids):
+        images = [Image.open(corpus / d).convert("RGB") for d in doc_ids]
+        return ce.predict([(query, img) for img in images], convert_to_numpy=True).tolist()
+
+    return {"search": search, "rerank": rerank}
 
 
 @pytest.fixture(scope="module")
-def planted(corpus_index, inproc, synthetic):
-    """Queries whose right page is known: nearest by a clear margin in-process, and first after reranking too."""
-    from ray_vdr.search import pil_pages
-
+def planted(inproc, synthetic):
+    """Queries whose right page is known: nearest by a clear margin, and for some also first after reranking."""
     syn, _ = synthetic
     queries = [q for split in ("train", "eval") for q in pq.read_table(f"{syn.output_dir}/{split}",
                                                                        columns=["query"]).column("query").to_pylist()]
-    index, store, scorer = inproc["index"], inproc["store"], inproc["scorer"]
-    vectors = inproc["encoder"].encode(queries)
-    # brute force over the stored page embeddings: the ground truth the FAISS index must agree with
-    pages = pq.read_table(corpus_index / "pages", columns=["key", "embedding"])
-    emb = np.stack(pages.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    keys = pages.column("key").to_pylist()
     picks = []
-    for q, v in zip(queries, vectors, strict=True):
-        scores = emb @ v
-        order = np.argsort(-scores)
-        if scores[order[0]] - scores[order[1]] < 2e-3:
+    for q, hits in zip(queries, inproc["search"](queries, 5), strict=True):
+        if hits[0][1] - hits[1][1] < 2e-3:
             continue
-        hits = index.search(v[None], 5)[0]
-        assert hits[0]["key"] == keys[order[0]], "FAISS agrees with brute force"
-        rerank = scorer.score([(q, img) for img in pil_pages(store.get([h["position"] for h in hits]))])
-        picks.append({"query": q, "doc_id": hits[0]["doc_id"], "first_stage": [h["doc_id"] for h in hits],
-                      "scores": [h["score"] for h in hits], "rerank": rerank.tolist(),
-                      "agree": int(np.argmax(rerank)) == 0})
+        first_stage = [d for d, _ in hits]
+        rerank = inproc["rerank"](q, first_stage)
+        picks.append({"query": q, "doc_id": first_stage[0], "first_stage": first_stage,
+                      "scores": [sc for _, sc in hits], "rerank": rerank, "agree": int(np.argmax(rerank)) == 0})
     assert sum(p["agree"] for p in picks) >= 1 and len(picks) >= 4, f"too few plantable queries: {len(picks)}"
     return picks
 
@@ -162,10 +177,9 @@ def test_image_query_is_searched_like_in_process(endpoint, corpus_index, inproc)
     png = (corpus_index.parent / "corpus" / "page-007.png").read_bytes()
     status, _, answer = _post(endpoint, {"image": base64.b64encode(png).decode(), "top_k": 3})
     assert status == 200, answer
-    vector = inproc["encoder"].encode([Image.open(io.BytesIO(png)).convert("RGB")])
-    expected = inproc["index"].search(vector, 3)[0]
-    assert [r["doc_id"] for r in answer["results"]] == [h["doc_id"] for h in expected]
-    assert np.allclose([r["score"] for r in answer["results"]], [h["score"] for h in expected], atol=1e-4)
+    expected = inproc["search"]([Image.open(io.BytesIO(png)).convert("RGB")], 3)[0]
+    assert [r["doc_id"] for r in answer["results"]] == [d for d, _ in expected]
+    assert np.allclose([r["score"] for r in answer["results"]], [sc for _, sc in expected], atol=1e-4)
     assert answer["image_query"] is True and answer["rerank_depth"] == 0
 
 
