@@ -118,8 +118,6 @@ def cmd_serve(cfg: VDRConfig) -> int:
     from ray import serve
 
     from ray_vdr.vector_index import IndexMismatch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # serving/ beside ray_vdr/ in a checkout
     from serving.app import post_search, run
 
     if cfg.serve.index is None:
