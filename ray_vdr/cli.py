@@ -91,6 +91,58 @@ def cmd_embed(cfg: VDRConfig) -> int:
     return 0
 
 
+def cmd_mine(cfg: VDRConfig) -> int:
+    from ray_vdr.mine import run
+    from ray_vdr.vector_index import IndexMismatch
+
+    try:
+        result = run(cfg)
+    except (FileNotFoundError, IndexMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = result.summary
+    print(f"mined triplets: {result.output} ({cfg.mine.num_negatives} negatives per query from ranks "
+          f"{cfg.mine.rank_min}..{cfg.mine.rank_max})")
+    print(f"this run: {s['rows_mined']} rows mined, {s['rows_rejected']} rejected (too few negatives; reasons in "
+          f"{result.output}/rejects), {s['input_rejects']} input rows invalid ({result.output}/input-rejects), "
+          f"{s['rows_done_before']} done by earlier runs; candidates dropped: {s['dropped_positive']} "
+          f"positive, {s['dropped_near_duplicate']} near-duplicates, {s['dropped_within_margin']} within the margin; "
+          f"{s['rows_per_second']} rows/s")
+    return 0
+
+
+def cmd_train_reranker(cfg: VDRConfig) -> int:
+    from ray_vdr.rerank import run
+
+    try:
+        result = run(cfg)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"trained reranker: {result.model_uri}")
+    print(f"metrics: {json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})}")
+    print(f"training rows: {result.rows_trained} trained, {result.rows_dropped} dropped at epoch ends")
+    if result.eval_table:
+        print(f"reranking the eval split's positive among its hard negatives (base → finetuned):\n{result.eval_table}")
+    print(f"training took {result.seconds:.1f}s")
+    return 0
+
+
+def cmd_evaluate(cfg: VDRConfig) -> int:
+    from ray_vdr.two_stage import run
+
+    try:
+        report = run(cfg)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"two-stage evaluation: {report['eval_queries']} queries, {report['eval_corpus']} pages, dim {report['dim']}, "
+          f"embedder {report['embedder']}, reranker {report['reranker'] or '(none: embed only)'}")
+    print(report["table"])
+    print(f"reports: {report['output']}/eval.md, eval.json, eval.png")
+    return 0
+
+
 def _sample_query(cfg: VDRConfig) -> dict[str, str] | None:
     """The first query of the eval split, with the file name of its page (the demo's corpus names pages by file)."""
     src = cfg.data.eval
@@ -120,8 +172,13 @@ def cmd_serve(cfg: VDRConfig) -> int:
     from ray_vdr.vector_index import IndexMismatch
     from serving.app import post_search, run
 
+    from ray_vdr.rerank import trained_reranker
+
     if cfg.serve.index is None:
         cfg.serve.index = cfg.index.output
+    if cfg.serve.reranker is None and (trained := trained_reranker(cfg)):
+        cfg.serve.reranker = trained
+        print(f"reranker: {trained} (this config's reranker run)")
     try:
         url = run(cfg.serve)
     except (FileNotFoundError, IndexMismatch) as e:
@@ -187,6 +244,9 @@ COMMANDS: dict[str, tuple[Callable[[VDRConfig], int], str]] = {
     "build-model": (cmd_build_model, "build a random-weight model when model.builder asks for one"),
     "train": (cmd_train, "finetune the embedder on Ray Train"),
     "embed": (cmd_embed, "embed a page corpus (images, PDFs, Parquet) and build its FAISS index"),
+    "mine": (cmd_mine, "mine hard negatives for the training queries from the corpus index"),
+    "train-reranker": (cmd_train_reranker, "finetune the multimodal reranker on mined triplets (Ray Train)"),
+    "evaluate": (cmd_evaluate, "two-stage evaluation: embed only vs embed + rerank at several depths"),
     "serve": (cmd_serve, "start the two-stage retrieval endpoint (Ray Serve) over index.output"),
     "demo": (cmd_demo, "synthetic data → model → training → index → endpoint, on a local Ray cluster"),
 }

@@ -20,9 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "ImageLimits",
+    "MineConfig",
     "ModelConfig",
     "OutputConfig",
+    "RerankerConfig",
     "RunConfig",
     "ScalingConfig",
     "ServeConfig",
@@ -54,13 +57,25 @@ class ModelConfig(_Strict):
         "Qwen/Qwen3-VL-Embedding-2B",
         description="Hub id or local/URI path of a Sentence Transformers model (or a plain transformers VLM folder).",
     )
-    builder: Literal["load", "tiny-qwen3vl", "tiny-clip", "qwen3vl-2b-shape", "qwen3vl-8b-shape"] = Field(
+    builder: Literal["load", "tiny-qwen3vl", "tiny-clip", "qwen3vl-2b-shape", "qwen3vl-8b-shape",
+                     "tiny-qwen3vl-reranker", "qwen3vl-2b-reranker-shape", "reranker-from-vlm"] = Field(
         "load",
         description=(
-            "How the model comes to exist. 'load' reads name_or_path. The other values build a model with random "
-            "weights into name_or_path when that folder is missing: a tiny Qwen3-VL embedder or tiny CLIP (tests, "
-            "demo) or the real Qwen3-VL-2B or -8B shape (GPU benchmarks)."
+            "How the model comes to exist. 'load' reads name_or_path. The other values build a model into "
+            "name_or_path when that folder is missing: embedders with random weights — a tiny Qwen3-VL embedder or "
+            "tiny CLIP (tests, demo), the real Qwen3-VL-2B or -8B shape (GPU benchmarks); rerankers — a tiny Qwen3-VL "
+            "reranker or the 2B shape with random weights, or 'reranker-from-vlm': the VLM in base_model (e.g. "
+            "Qwen/Qwen3-VL-2B-Instruct) with the score head in head."
         ),
+    )
+    head: Literal["logit", "dense"] = Field(
+        "logit",
+        description="Rerankers built by a builder: 'logit' scores logit('yes') - logit('no') of the VLM's LM head "
+        "(as Qwen3-VL-Reranker); 'dense' pools the last token and adds a Dense layer to one score.",
+    )
+    base_model: str | None = Field(
+        None, description="builder 'reranker-from-vlm': the Qwen3-VL checkpoint (hub id, folder or URI) to build on. "
+        "None = the embedder this config's training run saved."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype at load time. 'auto' = bfloat16 on a CUDA device that supports it, else float32."
@@ -90,6 +105,20 @@ class ModelConfig(_Strict):
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
         return self
+
+    @property
+    def builds_reranker(self) -> bool:
+        return self.builder in RERANKER_BUILDERS
+
+
+RERANKER_BUILDERS = ("tiny-qwen3vl-reranker", "qwen3vl-2b-reranker-shape", "reranker-from-vlm")
+
+
+class RerankerModelConfig(ModelConfig):
+    name_or_path: str = Field(
+        "Qwen/Qwen3-VL-Reranker-2B",
+        description="Hub id or local/URI path of a Sentence Transformers CrossEncoder (or where a builder writes one).",
+    )
 
 
 class SourceConfig(_Strict):
@@ -157,9 +186,11 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    loss: Literal["cached_mnrl", "mnrl"] = Field(
+    loss: Literal["cached_mnrl", "mnrl", "bce"] = Field(
         "cached_mnrl",
-        description="CachedMultipleNegativesRankingLoss (GradCache, bounded memory) or plain MultipleNegativesRankingLoss.",
+        description="Embedders: CachedMultipleNegativesRankingLoss (GradCache, bounded memory) or plain "
+        "MultipleNegativesRankingLoss. Rerankers: 'bce' (BinaryCrossEntropyLoss over (query, positive) = 1 and "
+        "(query, negative) = 0 pairs).",
     )
     mini_batch_size: PositiveInt = Field(1, description="Mini-batch size of the cached loss (reference recipe: 1).")
     matryoshka_dims: list[PositiveInt] | None = Field(
@@ -202,6 +233,8 @@ class TrainConfig(_Strict):
                 raise ValueError("matryoshka_dims must not be empty (use null to disable)")
             if sorted(set(dims), reverse=True) != dims:
                 raise ValueError(f"matryoshka_dims must be unique and in descending order, got {dims}")
+        if self.loss == "bce" and dims is not None:
+            raise ValueError("matryoshka_dims apply to embedders; a reranker (loss 'bce') scores pairs")
         if self.loss == "cached_mnrl" and self.mini_batch_size > self.per_device_batch_size:
             raise ValueError(
                 f"mini_batch_size ({self.mini_batch_size}) exceeds per_device_batch_size ({self.per_device_batch_size})"
@@ -409,7 +442,7 @@ class ServeConfig(_Strict):
     dim: PositiveInt | None = Field(None, description="Embedding dimension; must equal the index's. None = the index's.")
     reranker: str | None = Field(
         None, description="A Sentence Transformers CrossEncoder (folder, URI or hub id) scoring (query, page image) "
-        "pairs. None = first stage only."
+        "pairs. None = first stage only (`ray-vdr serve`: the reranker this config trained, when there is one)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Model weights and compute. 'auto' = bf16 on a CUDA GPU that supports it, else fp32."
@@ -457,6 +490,97 @@ class ServeConfig(_Strict):
         return self
 
 
+class MineConfig(_Strict):
+    """Hard-negative mining (jobs/mine_negatives.py): each training query searches the corpus index and keeps
+    ``num_negatives`` pages from a rank window that are neither its positive nor too close to it."""
+
+    index: str | None = Field(
+        None, description="The corpus index to search (the embedding job's output). None = index.output."
+    )
+    model: str | None = Field(
+        None, description="Query and page embedder. None = the model the index was built with (its manifest); another "
+        "model is refused unless it is byte-identical."
+    )
+    queries: SourceConfig | None = Field(None, description="Triplets whose queries are mined. None = data.train.")
+    output: str | None = Field(
+        None, description="Folder or URI for the mined triplets (Parquet) and rejects. None = <run storage>/<run "
+        "name>/mined."
+    )
+    num_negatives: PositiveInt = Field(3, description="Hard negatives kept per query.")
+    rank_min: PositiveInt = Field(
+        1, description="First rank (1-based) a negative may come from; skip the top ranks to avoid false negatives."
+    )
+    rank_max: PositiveInt = Field(30, description="Last rank a negative may come from.")
+    margin: float | None = Field(
+        0.05, description="Drop candidates whose score is within this of the positive's (score >= positive - "
+        "margin): likely unlabeled positives. None keeps every candidate that is not the positive or a copy of it."
+    )
+    duplicate_similarity: float = Field(
+        0.98, gt=0, le=1, description="Drop candidates at least this similar (cosine, page to page) to the positive: "
+        "near-duplicates of it (the positive itself is recognised by its content key)."
+    )
+    batch_size: PositiveInt = Field(32, description="Queries per embedding and search call.")
+    actors: PositiveInt = Field(1, description="Mining actors (one GPU each when scaling.use_gpu).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per mining actor (its torch threads on CPU).")
+
+    @model_validator(mode="after")
+    def _window(self) -> MineConfig:
+        if self.rank_min > self.rank_max:
+            raise ValueError(f"rank_min ({self.rank_min}) exceeds rank_max ({self.rank_max})")
+        if self.rank_max - self.rank_min + 1 < self.num_negatives:
+            raise ValueError(f"the rank window {self.rank_min}..{self.rank_max} holds fewer pages than num_negatives "
+                             f"({self.num_negatives})")
+        return self
+
+
+class RerankerTrainConfig(TrainConfig):
+    loss: Literal["bce"] = Field("bce", description="BinaryCrossEntropyLoss over positive and negative pairs.")
+    per_device_batch_size: PositiveInt = Field(
+        16, description="Triplet rows per optimizer step on each worker; each brings 1 + num_negatives pairs."
+    )
+
+
+class RerankerConfig(_Strict):
+    """The multimodal reranker (jobs/train_reranker.py): trained on mined triplets with the embedder's machinery."""
+
+    model: RerankerModelConfig = Field(default_factory=RerankerModelConfig, description="The reranker to train.")
+    train: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig, description="The training recipe.")
+    data: SourceConfig | None = Field(
+        None, description="Training triplets (query, image, negative_0..k-1). None = mine.output's triplets/."
+    )
+    num_negatives: PositiveInt | None = Field(
+        None, description="Negative columns per training row. None = mine.num_negatives."
+    )
+    run_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name under run.storage_path (rerun to resume). None = <run.name>-reranker.",
+    )
+    scaling: ScalingConfig | None = Field(None, description="Ray Train workers. None = the scaling section.")
+
+
+class EvalConfig(_Strict):
+    """Two-stage evaluation (jobs/evaluate.py) on the eval split: embed only, then embed + rerank."""
+
+    model: str | None = Field(None, description="The embedder. None = the model this config's training run saved.")
+    reranker: str | None = Field(
+        None, description="The reranker. None = the model this config's reranker run saved (embed-only if none)."
+    )
+    dim: PositiveInt | None = Field(None, description="Embedding dimension. None = output.truncate_dim or the model's.")
+    rerank_depths: list[PositiveInt] = Field(
+        default_factory=lambda: [10, 20, 50], description="First-stage candidates the reranker reorders."
+    )
+    batch_size: PositiveInt = Field(16, description="Inputs per embedding and reranker forward.")
+    output: str | None = Field(
+        None, description="Folder or URI for eval.json, eval.md and eval.png. None = <run storage>/<run name>/eval."
+    )
+
+    @model_validator(mode="after")
+    def _depths(self) -> EvalConfig:
+        if sorted(set(self.rerank_depths)) != self.rerank_depths:
+            raise ValueError(f"rerank_depths must be unique and ascending, got {self.rerank_depths}")
+        return self
+
+
 class SyntheticConfig(_Strict):
     output_dir: str = Field("./data/synthetic", description="Folder for the generated train/eval Parquet and JSONL.")
     train_queries: PositiveInt = Field(200, description="Training rows (query, page, hard negative).")
@@ -483,6 +607,9 @@ class VDRConfig(_Strict):
     )
     index: IndexConfig = Field(default_factory=IndexConfig, description="Corpus embedding and the FAISS index.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The two-stage retrieval endpoint.")
+    mine: MineConfig = Field(default_factory=MineConfig, description="Hard-negative mining from the corpus index.")
+    reranker: RerankerConfig = Field(default_factory=RerankerConfig, description="The multimodal reranker.")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="Two-stage evaluation.")
 
     @model_validator(mode="after")
     def _consistent(self) -> VDRConfig:
@@ -577,11 +704,20 @@ def resolve_paths(cfg: VDRConfig, base: Path | None = None) -> VDRConfig:
         ix.model = _absolute(ix.model, base)
     if "://" not in ix.output:
         ix.output = _absolute(ix.output, base)
-    sv = cfg.serve
-    for name in ("index", "model", "reranker"):
-        value = getattr(sv, name)
-        if value is not None and _is_local_path(value):
-            setattr(sv, name, _absolute(value, base))
+    for section, names in ((cfg.serve, ("index", "model", "reranker")), (cfg.mine, ("index", "model", "output")),
+                           (cfg.evaluate, ("model", "reranker", "output"))):
+        for name in names:
+            value = getattr(section, name)
+            if value is not None and _is_local_path(value):
+                setattr(section, name, _absolute(value, base))
+    rm = cfg.reranker.model
+    if rm.builder != "load" or _is_local_path(rm.name_or_path):
+        rm.name_or_path = _absolute(rm.name_or_path, base)
+    if rm.base_model and _is_local_path(rm.base_model):
+        rm.base_model = _absolute(rm.base_model, base)
+    for src in (cfg.mine.queries, cfg.reranker.data):
+        if src is not None and src.format != "hf_hub" and "://" not in src.uri:
+            src.uri = _absolute(src.uri, base)
     return cfg
 
 

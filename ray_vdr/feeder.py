@@ -256,9 +256,10 @@ class SliceStream(torch.utils.data.IterableDataset):
     the data ran out sees an empty epoch and stops, instead of training rows twice.
     """
 
-    def __init__(self, get_slice, rank: int, image_columns: list[str], start_step: int = 0):
+    def __init__(self, get_slice, rank: int, image_columns: list[str], start_step: int = 0, transform=None):
         super().__init__()
         self.get_slice = get_slice
+        self.transform = transform  # per-device rows → the collator's features (e.g. a reranker's labelled pairs)
         self.rank = rank
         self.image_columns = image_columns
         self.step = start_step
@@ -285,10 +286,11 @@ class SliceStream(torch.utils.data.IterableDataset):
             rows = got["rows"]
             self.trained.extend((r["row_id"], got["epoch"], self.step) for r in rows)
             self.step += 1
-            yield [
+            batch = [
                 {"query": r["query"], **{c: Image.open(io.BytesIO(r[c])).convert("RGB") for c in self.image_columns}}
                 for r in rows
             ]
+            yield self.transform(batch) if self.transform else batch
 
 
 def history_table(position: dict[str, Any] | None, trained: list[tuple[str, int, int]], rank: int) -> pa.Table:

@@ -1,9 +1,14 @@
-"""Embedder finetuning: Ray Data streams validated triplets into Ray Train workers running Sentence Transformers.
+"""Finetuning on Ray Train: Ray Data streams validated triplets into workers running Sentence Transformers.
 
 Driver side (:func:`run`): preflight checks, build the validated streams, plan the steps from the input size and
 the global batch, start the :class:`~ray_vdr.feeder.BatchFeeder` and fit a TorchTrainer. Worker side
 (:func:`train_loop`): build the model with the project's builder, take this rank's slice of every global batch
-from the feeder, and train with SentenceTransformerTrainer and ST's own collator; rank 0 evaluates.
+from the feeder, and train with the Sentence Transformers trainer and its own collator; rank 0 evaluates.
+
+The same machinery (streaming, checkpoints and resume, DeepSpeed, the audit trail) trains both models; a
+:class:`Task` holds what differs: the embedder (SentenceTransformer, (Cached)MNRL in MatryoshkaLoss, retrieval
+evaluation) and the reranker (CrossEncoder, BinaryCrossEntropyLoss over (query, page, 1/0) pairs made from each
+triplet, CrossEncoderRerankingEvaluator).
 """
 
 from __future__ import annotations
@@ -77,16 +82,19 @@ def column_schema(image_columns: list[str]):
     return datasets.IterableDataset.from_generator(nothing, features=features)
 
 
-def streaming_trainer_cls():
-    """SentenceTransformerTrainer whose train loader yields the feeder's ready-made per-device batches.
+def streaming_trainer_cls(base=None):
+    """``base`` (default SentenceTransformerTrainer; CrossEncoderTrainer for rerankers) whose train loader yields
+    the feeder's ready-made per-device batches.
 
     The batches are already this rank's share of a global batch, so the loader is not prepared by accelerate
     (which would shard or dispatch it again); ST's collator still does all the preprocessing.
     """
-    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
     from torch.utils.data import DataLoader
 
-    class StreamingTrainer(SentenceTransformerTrainer):
+    if base is None:
+        from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer as base
+
+    class StreamingTrainer(base):
         def __init__(self, *args, batch_stream, progress, **kwargs):
             super().__init__(*args, **kwargs)
             self.batch_stream = batch_stream
@@ -150,16 +158,20 @@ def lr_factor(done: float, warmup_ratio: float) -> float:
     return max(0.0, (1.0 - done) / (1.0 - warmup_ratio))
 
 
-def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bool, prompts: dict[str, str],
-                       step_cap: int | None = None):
+def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bool, prompts: dict[str, str] | str | None,
+                       step_cap: int | None = None, args_cls=None):
     """HF/ST arguments from the typed config. ``max_steps`` is the planned length (logging, evaluation and
-    checkpoint intervals follow it); ``step_cap`` (default: the plan) is where the loop stops at the latest."""
-    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+    checkpoint intervals follow it); ``step_cap`` (default: the plan) is where the loop stops at the latest.
+    ``args_cls`` defaults to SentenceTransformerTrainingArguments (CrossEncoderTrainingArguments for rerankers)."""
+    if args_cls is None:
+        from sentence_transformers.sentence_transformer.training_args import (
+            SentenceTransformerTrainingArguments as args_cls,
+        )
 
     t = cfg.train
     bf16, fp16 = _precision(cfg, cuda)
     save_steps = _steps(t.save_every, max_steps)
-    return SentenceTransformerTrainingArguments(
+    return args_cls(
         output_dir=output_dir,
         max_steps=step_cap or max_steps,
         per_device_train_batch_size=t.per_device_batch_size,
@@ -228,35 +240,28 @@ def throughput_meter(rows):
 
 
 class _Evaluator:
-    """Retrieval evaluation before training, every eval_every, and after training. It runs on rank 0, or on every
-    rank under ZeRO-3 (each rank holds a shard of the weights, so every forward is collective); only the
-    ``log`` rank writes the tables."""
+    """Evaluation before training, every eval_every, and after training. It runs on rank 0, or on every rank under
+    ZeRO-3 (each rank holds a shard of the weights, so every forward is collective); only the ``log`` rank writes
+    the tables. Subclasses say what is measured."""
 
-    def __init__(self, model, eval_set, dims: list[int], batch_size: int, log: bool = True):
-        from ray_vdr.evaluate import MatryoshkaRetrievalEvaluator
-
+    def __init__(self, model, log: bool = True):
         self.model = model
         self.log = log
-        self.eval_set = eval_set
-        self.dims = dims
-        self.evaluator = MatryoshkaRetrievalEvaluator(eval_set, dims, batch_size=batch_size)
 
-    def run(self, label: str) -> dict[int, dict]:
-        from ray_vdr.evaluate import markdown_table
+    def measure(self) -> dict:
+        raise NotImplementedError
 
+    def table(self, results: dict) -> str:
+        raise NotImplementedError
+
+    def run(self, label: str) -> dict:
         was_training = self.model.training
         self.model.eval()
-        self.evaluator(self.model)
+        results = self.measure()
         self.model.train(was_training)
-        results = dict(self.evaluator.results)
         if self.log:
-            logger.info("retrieval on the eval split, %s:\n%s", label, markdown_table(results))
+            logger.info("%s on the eval split, %s:\n%s", self.what, label, self.table(results))
         return results
-
-    def summary(self, before: dict[int, dict], after: dict[int, dict]) -> dict[str, float]:
-        d = self.dims[0]
-        return {"eval_dim": d, "ndcg@10_base": before[d]["ndcg@10"], "ndcg@10": after[d]["ndcg@10"],
-                "mrr@10": after[d]["mrr@10"], "recall@10": after[d]["recall@10"]}
 
     def periodic(self, every: int, planned_steps: int):
         from transformers import TrainerCallback
@@ -271,16 +276,202 @@ class _Evaluator:
         return EvalEvery()
 
 
-def _build_evaluator(eval_shard, model, cfg: VDRConfig, log: bool) -> _Evaluator:
-    """Read the whole (unsplit) eval stream into an EvalSet: small by design (N queries, 5N pages)."""
+class _RetrievalEvaluator(_Evaluator):
+    """The embedder: InformationRetrievalEvaluator over the eval split's pages at every Matryoshka dim."""
+
+    what = "retrieval"
+
+    def __init__(self, model, eval_set, dims: list[int], batch_size: int, log: bool = True):
+        from ray_vdr.evaluate import MatryoshkaRetrievalEvaluator
+
+        super().__init__(model, log)
+        self.eval_set = eval_set
+        self.dims = dims
+        self.evaluator = MatryoshkaRetrievalEvaluator(eval_set, dims, batch_size=batch_size)
+
+    def measure(self) -> dict[int, dict]:
+        self.evaluator(self.model)
+        return dict(self.evaluator.results)
+
+    def table(self, results: dict) -> str:
+        from ray_vdr.evaluate import markdown_table
+
+        return markdown_table(results)
+
+    def summary(self, before: dict[int, dict], after: dict[int, dict]) -> dict[str, float]:
+        d = self.dims[0]
+        return {"eval_dim": d, "ndcg@10_base": before[d]["ndcg@10"], "ndcg@10": after[d]["ndcg@10"],
+                "mrr@10": after[d]["mrr@10"], "recall@10": after[d]["recall@10"]}
+
+    def write_reports(self, out: Path, before: dict, after: dict) -> None:
+        from ray_vdr.evaluate import write_reports
+
+        write_reports(out, before, after, {"eval_queries": len(self.eval_set.queries),
+                                           "eval_corpus": len(self.eval_set.corpus)})
+
+
+class _RerankEvaluator(_Evaluator):
+    """The reranker: CrossEncoderRerankingEvaluator ranking each eval query's positive among its hard negatives."""
+
+    what = "reranking"
+
+    def __init__(self, model, samples: list[dict], batch_size: int, log: bool = True):
+        from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+        super().__init__(model, log)
+        self.samples = samples
+        self.evaluator = CrossEncoderRerankingEvaluator(samples, at_k=10, batch_size=batch_size, name="vdr",
+                                                        write_csv=False)
+
+    def measure(self) -> dict[str, float]:
+        metrics = self.evaluator(self.model)
+        return {m: float(metrics[f"vdr_{m}"]) for m in ("ndcg@10", "mrr@10", "map")}
+
+    def table(self, results: dict) -> str:
+        return "| ndcg@10 | mrr@10 | map |\n|---|---|---|\n" + " | ".join(
+            f"{results[m]:.4f}" for m in ("ndcg@10", "mrr@10", "map")).join(("| ", " |"))
+
+    def summary(self, before: dict, after: dict) -> dict[str, float]:
+        return {"ndcg@10_base": before["ndcg@10"], "ndcg@10": after["ndcg@10"], "mrr@10": after["mrr@10"],
+                "map": after["map"]}
+
+    def write_reports(self, out: Path, before: dict, after: dict) -> None:
+        rows = [f"| {m} | {before[m]:.4f} | {after[m]:.4f} | {after[m] - before[m]:+.4f} |"
+                for m in ("ndcg@10", "mrr@10", "map")]
+        table = "\n".join(["| metric | base | finetuned | Δ |", "|---|---|---|---|", *rows])
+        (out / "eval.md").write_text(table + "\n")
+        (out / "eval.json").write_text(json.dumps({"base": before, "finetuned": after,
+                                                   "eval_queries": len(self.samples)}, indent=2))
+
+
+def _eval_table(eval_shard):
+    """The whole (unsplit) eval stream as one table: small by design (N queries, 5N pages)."""
     import pyarrow as pa
 
-    from ray_vdr.evaluate import eval_dims, eval_set_from_table
+    return pa.concat_tables(list(eval_shard.iter_batches(batch_size=256, batch_format="pyarrow")))
 
-    table = pa.concat_tables(list(eval_shard.iter_batches(batch_size=256, batch_format="pyarrow")))
-    dims = eval_dims(model.get_sentence_embedding_dimension(), cfg.train.matryoshka_dims)
-    return _Evaluator(model, eval_set_from_table(table), dims, batch_size=min(16, cfg.train.per_device_batch_size),
-                      log=log)
+
+class Task:
+    """What training an embedder needs that training a reranker does not, and the other way round."""
+
+    name = "embedder"
+
+    def check(self, cfg: VDRConfig) -> None:
+        if cfg.train.loss == "bce":
+            raise ValueError("train.loss 'bce' trains rerankers (jobs/train_reranker.py), not the embedder")
+
+    def build(self, cfg: VDRConfig, device: str):
+        from ray_vdr.models.load import build_model
+
+        return build_model(cfg.model, device=device)
+
+    def loss(self, model, cfg: VDRConfig, world: int):
+        return build_loss(model, cfg.train, gather=world > 1)
+
+    def trainer_base(self):
+        return None  # SentenceTransformerTrainer
+
+    def args_cls(self):
+        return None  # SentenceTransformerTrainingArguments
+
+    def schema(self, image_columns: list[str]):
+        return column_schema(image_columns)
+
+    def transform(self):
+        return None  # the collator takes the rows as they are
+
+    def prompts(self, model, image_columns: list[str]) -> dict[str, str] | str | None:
+        doc_prompt = model.prompts.get("document")
+        prompts = {"query": model.prompts.get("query")} | {c: doc_prompt for c in image_columns}
+        return {k: v for k, v in prompts.items() if v}
+
+    def evaluator(self, eval_shard, model, cfg: VDRConfig, log: bool) -> _Evaluator:
+        from ray_vdr.evaluate import eval_dims, eval_set_from_table
+
+        dims = eval_dims(model.get_sentence_embedding_dimension(), cfg.train.matryoshka_dims)
+        return _RetrievalEvaluator(model, eval_set_from_table(_eval_table(eval_shard)), dims,
+                                   batch_size=min(16, cfg.train.per_device_batch_size), log=log)
+
+    def before_save(self, model, cfg: VDRConfig) -> None:
+        model.truncate_dim = cfg.output.truncate_dim
+
+
+def rerank_pairs(rows: list[dict]) -> list[dict]:
+    """A reranker's training features from triplet rows: (query, positive, 1) and (query, negative_i, 0) each."""
+    pairs = []
+    for r in rows:
+        pairs.append({"query": r["query"], "document": r["image"], "label": 1.0})
+        pairs.extend({"query": r["query"], "document": r[c], "label": 0.0} for c in r if c.startswith("negative_"))
+    return pairs
+
+
+def rerank_samples(table) -> list[dict]:
+    """CrossEncoderRerankingEvaluator samples from validated eval rows: each query, its positive, its negatives."""
+    import io
+
+    from PIL import Image
+
+    def img(data: bytes):
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    negs = sorted(c for c in table.column_names if c.startswith("negative_"))
+    return [{"query": r["query"], "positive": [img(r["image"])], "negative": [img(r[c]) for c in negs]}
+            for r in table.to_pylist()]
+
+
+class RerankerTask(Task):
+    name = "reranker"
+
+    def check(self, cfg: VDRConfig) -> None:
+        if cfg.train.loss != "bce":
+            raise ValueError(f"a reranker trains with train.loss 'bce', not {cfg.train.loss!r}")
+
+    def build(self, cfg: VDRConfig, device: str):
+        from ray_vdr.models.load import build_model
+
+        return build_model(cfg.model, device=device, reranker=True)
+
+    def loss(self, model, cfg: VDRConfig, world: int):
+        from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+        return BinaryCrossEntropyLoss(model)
+
+    def trainer_base(self):
+        from sentence_transformers.cross_encoder import CrossEncoderTrainer
+
+        return CrossEncoderTrainer
+
+    def args_cls(self):
+        from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+
+        return CrossEncoderTrainingArguments
+
+    def schema(self, image_columns: list[str]):
+        """An empty map-style dataset declaring the pair columns (CrossEncoderTrainer refuses iterable ones; the
+        batches come from the feeder)."""
+        import datasets
+
+        features = datasets.Features({"query": datasets.Value("string"), "document": datasets.Image(),
+                                      "label": datasets.Value("float32")})
+        return datasets.Dataset.from_dict({"query": [], "document": [], "label": []}, features=features)
+
+    def transform(self):
+        return rerank_pairs
+
+    def prompts(self, model, image_columns: list[str]) -> str | None:
+        """The model's default prompt (the judge instruction): training must see pairs as predict() renders them."""
+        name = model.default_prompt_name
+        return model.prompts.get(name) or None if name else None
+
+    def evaluator(self, eval_shard, model, cfg: VDRConfig, log: bool) -> _Evaluator:
+        return _RerankEvaluator(model, rerank_samples(_eval_table(eval_shard)),
+                                batch_size=min(16, cfg.train.per_device_batch_size), log=log)
+
+    def before_save(self, model, cfg: VDRConfig) -> None:
+        pass
+
+
+TASKS: dict[str, Task] = {"embedder": Task(), "reranker": RerankerTask()}
 
 
 def _sharded_weights(cfg: VDRConfig) -> bool:
@@ -321,7 +512,9 @@ def read_state(folder: Path) -> tuple[dict[str, Any], dict[int, dict] | None]:
     state = json.loads((folder / STATE_FILE).read_text())
     position = {"step": state["step"], "epoch": state["epoch"], "dropped": state["dropped"],
                 "history": pq.read_table(folder / HISTORY_FILE).to_pydict()}
-    base = {int(d): r for d, r in state["base_eval"].items()} if state["base_eval"] else None
+    base = state["base_eval"]
+    if base and all(d.isdigit() for d in base):  # the embedder's results are by dimension
+        base = {int(d): r for d, r in base.items()}
     return position, base
 
 
@@ -364,10 +557,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from ray_vdr.cluster import worker_logging
     from ray_vdr.feeder import SliceStream, history_table
-    from ray_vdr.models.load import build_model
 
     worker_logging()
     cfg = VDRConfig.model_validate(config["cfg"])
+    task = TASKS[config.get("task", "embedder")]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     checkpoint = ray.train.get_checkpoint()
@@ -383,20 +576,19 @@ def train_loop(config: dict[str, Any]) -> None:
 
         cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
         device = f"cuda:{ctx.get_local_rank()}" if cuda else "cpu"
-        model = build_model(cfg.model, device=device)
+        model = task.build(cfg, device)
         spec = TripletSpec.from_config(cfg.data, split="train")
         image_cols = spec.output_columns[2:]
         # every rank (re)starts the feeder with this group's token: the first call rewinds it to the checkpoint
         feeder = config["feeder"]
         token = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex)
         start_step = ray.get(feeder.start.remote(token, position))
-        stream = SliceStream(lambda r, s: ray.get(feeder.get.remote(r, s)), rank, image_cols, start_step=start_step)
+        stream = SliceStream(lambda r, s: ray.get(feeder.get.remote(r, s)), rank, image_cols, start_step=start_step,
+                             transform=task.transform())
         rows_before = len(position["history"]["row_id"]) if position else 0
         planned_rows = config["planned_rows"]
-        loss = build_loss(model, cfg.train, gather=world > 1)
-        doc_prompt = model.prompts.get("document")
-        prompts = {"query": model.prompts.get("query")} | {c: doc_prompt for c in spec.output_columns[2:]}
-        prompts = {k: v for k, v in prompts.items() if v}
+        loss = task.loss(model, cfg, world)
+        prompts = task.prompts(model, image_cols)
 
         class ReportMetrics(TrainerCallback):
             """Forward the trainer's logs to Ray (every rank logs at the same steps, so report stays a barrier)."""
@@ -422,7 +614,7 @@ def train_loop(config: dict[str, Any]) -> None:
         # when ZeRO-3 shards the weights.
         evaluator = None
         if (rank == 0 or _sharded_weights(cfg)) and config.get("has_eval"):
-            evaluator = _build_evaluator(ray.train.get_dataset_shard("eval"), model, cfg, log=rank == 0)
+            evaluator = task.evaluator(ray.train.get_dataset_shard("eval"), model, cfg, log=rank == 0)
         if evaluator and base is None:
             base = evaluator.run("base (before training)")
         meter = throughput_meter(lambda: stream.rows)
@@ -434,8 +626,9 @@ def train_loop(config: dict[str, Any]) -> None:
             callbacks.append(_chaos_callback(config["chaos"], rank))
 
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        args = training_arguments(cfg, config["max_steps"], tmp, cuda, prompts, config["step_cap"])
-        trainer = streaming_trainer_cls()(model=model, args=args, train_dataset=column_schema(image_cols),
+        args = training_arguments(cfg, config["max_steps"], tmp, cuda, prompts, config["step_cap"], task.args_cls())
+        trainer = streaming_trainer_cls(task.trainer_base())(model=model, args=args,
+                                          train_dataset=task.schema(image_cols),
                                           loss=loss, callbacks=callbacks, batch_stream=stream,
                                           progress=lambda: lr_factor((rows_before + stream.rows * world) / planned_rows,
                                                                      cfg.train.warmup_ratio))
@@ -469,19 +662,16 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank != 0 and _sharded_weights(cfg):
             # saving runs a forward (the model card's usage example), and under ZeRO-3 every forward is collective:
             # the other ranks save a throwaway copy in step with rank 0
-            model.truncate_dim = cfg.output.truncate_dim
+            task.before_save(model, cfg)
             model.save(str(Path(tmp) / "discard"))
         if rank == 0:
             out = Path(tmp) / "model"
             if evaluator:
                 metrics.update(evaluator.summary(base, after))
-            model.truncate_dim = cfg.output.truncate_dim
+            task.before_save(model, cfg)
             model.save(str(out))
             if evaluator:
-                from ray_vdr.evaluate import write_reports
-
-                write_reports(out, base, after, {"eval_queries": len(evaluator.eval_set.queries),
-                                                 "eval_corpus": len(evaluator.eval_set.corpus)})
+                evaluator.write_reports(out, base, after)
             (out / FINAL_FILE).write_text(json.dumps({"metrics": metrics, "config": config["cfg"]}, indent=2))
             checkpoint = ray.train.Checkpoint.from_directory(str(out))
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -610,8 +800,9 @@ def _prune_orphan_checkpoints(cfg: VDRConfig, result) -> None:
             remove_tree(cfg.run.uri(name))
 
 
-def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None) -> TrainResult:
-    """Train the embedder described by ``cfg`` on the current Ray cluster (started locally if there is none).
+def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "embedder") -> TrainResult:
+    """Train the embedder (or with ``task="reranker"`` the reranker) described by ``cfg`` on the current Ray cluster
+    (started locally if there is none).
 
     Rerunning with the same ``run.name`` and ``run.storage_path`` resumes from the latest checkpoint (model,
     optimizer, scheduler, RNG and data position); a run whose final model is already in storage is not trained
@@ -628,6 +819,7 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None) -> TrainResult:
     from ray_vdr.models.load import ensure_model_files
 
     start = time.time()
+    TASKS[task].check(cfg)
     preflight(cfg)
     rejects_uri = (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/")
     if is_file(cfg.run.uri("model", FINAL_FILE)):
@@ -650,7 +842,8 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None) -> TrainResult:
     feeder = _start_feeder(cfg, datasets.pop("train"), world, max_steps, n_rows)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "max_steps": max_steps, "step_cap": step_cap,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task, "max_steps": max_steps,
+                           "step_cap": step_cap,
                            "planned_rows": planned_rows,
                            "has_eval": "eval" in datasets,
                            "feeder": feeder,

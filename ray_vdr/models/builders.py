@@ -344,10 +344,81 @@ def build_qwen3vl_embedder(
     return path
 
 
+RERANK_HEADS = ("logit", "dense")
+
+
+def wrap_reranker(
+    base: str | Path,
+    path: str | Path,
+    *,
+    head: str = "logit",
+    prompt: str = DEFAULT_RERANK_PROMPT,
+    true_token: str = RERANK_TRUE_TOKEN,
+    false_token: str = RERANK_FALSE_TOKEN,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Path:
+    """Turn a Qwen3-VL checkpoint (a transformers folder or hub id: a base VLM such as Qwen/Qwen3-VL-2B-Instruct, or
+    an embedder's backbone) into a reranker that loads with ``CrossEncoder(path)``; returns ``path``.
+
+    Both head styles of Sentence Transformers' rerankers:
+
+    - ``"logit"``: Transformer(any-to-any, the VLM with its LM head) → LogitScore(true_token, false_token): the score
+      is logit(yes) − logit(no) at the last position, as Qwen3-VL-Reranker does. Nothing new to initialise.
+    - ``"dense"``: Transformer(feature-extraction, the VLM without LM head) → Pooling(lasttoken) → Dense(hidden → 1,
+      no activation): a new scoring layer (seeded) on the last token's hidden state.
+
+    Pairs render with the reranker chat template (one user turn ``<Query>: … <Document>: …``, the judge instruction
+    ``prompt`` as a system message and the default prompt); ``predict`` applies a sigmoid.
+    """
+    import torch
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Dense
+    from sentence_transformers.cross_encoder.modules import LogitScore, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from ray_vdr.models.processor import install_image_only_processor
+
+    if head not in RERANK_HEADS:
+        raise ValueError(f"reranker head must be one of {RERANK_HEADS}, got {head!r}")
+    install_image_only_processor()
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = Transformer(
+        str(base),
+        transformer_task="any-to-any" if head == "logit" else "feature-extraction",
+        model_kwargs={"dtype": getattr(torch, dtype)},
+        processing_kwargs={"chat_template": {"add_generation_prompt": True}},
+    )
+    transformer.processor.chat_template = QWEN3VL_RERANK_CHAT_TEMPLATE
+    if head == "logit":
+        tokenizer = getattr(transformer.processor, "tokenizer", transformer.processor)
+        ids = []
+        for word in (true_token, false_token):
+            pieces = tokenizer.encode(word, add_special_tokens=False)
+            if len(pieces) != 1:
+                raise ValueError(f"the LogitScore head needs {word!r} to be one token of {base}'s tokenizer; it "
+                                 f"is {len(pieces)} tokens: use head 'dense' or other true/false tokens")
+            ids.append(pieces[0])
+        modules = [transformer, LogitScore(true_token_id=ids[0], false_token_id=ids[1])]
+    else:
+        hidden = transformer.get_embedding_dimension()
+        pooling = Pooling(hidden, pooling_mode="lasttoken")
+        dense = Dense(hidden, 1, activation_function=None, module_output_name="scores")
+        modules = [transformer, pooling, dense.to(getattr(torch, dtype))]
+    ce = CrossEncoder(modules=modules, prompts={"rerank": prompt}, default_prompt_name="rerank",
+                      activation_fn=torch.nn.Sigmoid(), device="cpu")
+    if path.exists():
+        shutil.rmtree(path)
+    ce.save(str(path))
+    return path
+
+
 def build_qwen3vl_reranker(
     path: str | Path,
     shape: Qwen3VLShape = TINY_QWEN3VL,
     *,
+    head: str = "logit",
     min_pixels: int = 32 * 32,
     max_pixels: int = 128 * 128,
     prompt: str = DEFAULT_RERANK_PROMPT,
@@ -356,45 +427,25 @@ def build_qwen3vl_reranker(
 ) -> Path:
     """Write a Qwen3-VL reranker with random weights to ``path`` and return it; it loads with ``CrossEncoder(path)``.
 
-    The folder has the real Qwen3-VL-Reranker layout: a transformers Qwen3VLForConditionalGeneration (the LM head
-    gives the logits) with its processor and pair chat template at the root, run as an ``any-to-any`` Transformer,
-    then LogitScore over the "yes" and "no" tokens (single BPE tokens here, as in Qwen's vocabulary). ``prompt`` is
-    the default prompt (``"rerank"``), sent as a system message; predict returns sigmoid(logit(yes) − logit(no)).
+    ``head="logit"`` has the real Qwen3-VL-Reranker layout: a transformers Qwen3VLForConditionalGeneration (the LM
+    head gives the logits) with its processor and pair chat template at the root, run as an ``any-to-any``
+    Transformer, then LogitScore over the "yes" and "no" tokens (single BPE tokens here, as in Qwen's vocabulary).
+    ``head="dense"`` is a reranker built on a plain Qwen3-VL backbone: last-token pooling and a Dense layer to one
+    score (see :func:`wrap_reranker`). ``prompt`` is the default prompt (``"rerank"``), sent as a system message;
+    predict returns a sigmoid of the score.
     """
-    import torch
-    from sentence_transformers import CrossEncoder
-    from sentence_transformers.cross_encoder.modules import LogitScore, Transformer
-
-    from ray_vdr.models.processor import install_image_only_processor
-
-    install_image_only_processor()
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
-        tokenizer = _save_qwen3vl_backbone(
-            hf_dir, shape, "Qwen3VLForConditionalGeneration", chat_template=QWEN3VL_RERANK_CHAT_TEMPLATE,
+        architecture = "Qwen3VLForConditionalGeneration" if head == "logit" else "Qwen3VLModel"
+        _save_qwen3vl_backbone(
+            hf_dir, shape, architecture, chat_template=QWEN3VL_RERANK_CHAT_TEMPLATE,
             min_pixels=min_pixels, max_pixels=max_pixels, dtype=dtype, seed=seed,
             words=(RERANK_TRUE_TOKEN, RERANK_FALSE_TOKEN))
         # AutoModelForMultimodalLM resolves qwen3_vl; "text-generation" (AutoModelForCausalLM) has no mapping for it
-        transformer = Transformer(
-            str(hf_dir),
-            transformer_task="any-to-any",
-            model_kwargs={"dtype": getattr(torch, dtype)},
-            processing_kwargs={"chat_template": {"add_generation_prompt": True}},
-        )
-        yes_id, no_id = tokenizer.convert_tokens_to_ids([RERANK_TRUE_TOKEN, RERANK_FALSE_TOKEN])
-        ce = CrossEncoder(
-            modules=[transformer, LogitScore(true_token_id=yes_id, false_token_id=no_id)],
-            prompts={"rerank": prompt},
-            default_prompt_name="rerank",
-            activation_fn=torch.nn.Sigmoid(),
-            device="cpu",
-        )
-        if path.exists():
-            shutil.rmtree(path)
-        ce.save(str(path))
-    _write_build_info(path, "qwen3vl-reranker", asdict(shape) | {
-        "min_pixels": min_pixels, "max_pixels": max_pixels, "dtype": dtype, "seed": seed,
+        wrap_reranker(hf_dir, path, head=head, prompt=prompt, dtype=dtype, seed=seed)
+    _write_build_info(path, f"qwen3vl-reranker-{head}", asdict(shape) | {
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "dtype": dtype, "seed": seed, "head": head,
         "true_token": RERANK_TRUE_TOKEN, "false_token": RERANK_FALSE_TOKEN})
     return path
 

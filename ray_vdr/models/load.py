@@ -85,6 +85,16 @@ def _build(cfg: ModelConfig, path: Path, builders) -> None:
         builders.build_qwen3vl_embedder(tmp, shape, dtype="bfloat16", **pixels)
     elif cfg.builder == "tiny-clip":
         builders.build_tiny_clip(tmp)
+    elif cfg.builder == "tiny-qwen3vl-reranker":
+        builders.build_qwen3vl_reranker(tmp, head=cfg.head, **pixels)
+    elif cfg.builder == "qwen3vl-2b-reranker-shape":
+        builders.build_qwen3vl_reranker(tmp, builders.QWEN3VL_2B_SHAPE, head=cfg.head, dtype="bfloat16", **pixels)
+    elif cfg.builder == "reranker-from-vlm":
+        from ray_vdr.index import _local_model
+
+        if not cfg.base_model:
+            raise ValueError("model.builder 'reranker-from-vlm' needs model.base_model (the VLM to build on)")
+        builders.wrap_reranker(_local_model(cfg.base_model), tmp, head=cfg.head)
     else:  # pragma: no cover - guarded by the config Literal
         raise ValueError(cfg.builder)
     if path.exists():
@@ -111,12 +121,17 @@ def set_pixel_bounds(model: SentenceTransformer, min_pixels: int | None, max_pix
     image_processor.size = size
 
 
-def build_model(cfg: ModelConfig, device: str | None = None) -> SentenceTransformer:
-    """Load (or build, then load) the embedding model described by ``cfg`` on ``device``."""
-    from sentence_transformers import SentenceTransformer
+def build_model(cfg: ModelConfig, device: str | None = None, *, reranker: bool = False):
+    """Load (or build, then load) the model described by ``cfg`` on ``device``: a SentenceTransformer embedder, or
+    with ``reranker`` a CrossEncoder."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
 
     from ray_vdr.models.processor import install_image_only_processor
 
+    if cfg.builds_reranker != reranker and cfg.builder != "load":
+        kind = "a reranker" if cfg.builds_reranker else "an embedder"
+        raise ValueError(f"model.builder {cfg.builder!r} builds {kind}; this job needs "
+                         f"{'a reranker' if reranker else 'an embedder'}")
     install_image_only_processor()
     device = device or default_device()
     path = ensure_model_files(cfg)
@@ -125,10 +140,13 @@ def build_model(cfg: ModelConfig, device: str | None = None) -> SentenceTransfor
         "attn_implementation": resolve_attn_implementation(cfg.attn_implementation, device),
     }
     logger.info("loading %s on %s (%s, %s)", path, device, model_kwargs["dtype"], model_kwargs["attn_implementation"])
-    model = SentenceTransformer(
-        path, device=device, model_kwargs=model_kwargs, trust_remote_code=cfg.trust_remote_code
-    )
+    cls = CrossEncoder if reranker else SentenceTransformer
+    model = cls(path, device=device, model_kwargs=model_kwargs, trust_remote_code=cfg.trust_remote_code)
     set_pixel_bounds(model, cfg.min_pixels, cfg.max_pixels)
+    if reranker:
+        if cfg.max_seq_length is not None:
+            model.max_seq_length = cfg.max_seq_length
+        return model
     if cfg.query_prompt is not None:
         model.prompts["query"] = cfg.query_prompt
     if cfg.document_prompt is not None:

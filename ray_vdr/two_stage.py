@@ -1,0 +1,199 @@
+"""Two-stage evaluation on the eval split: the embedder alone, then the embedder's top candidates reordered by the
+reranker at several depths. NDCG@10, MRR@10 and Recall@10 per setting, as a table (eval.md), JSON and a plot.
+
+The core (:func:`two_stage_metrics`) takes models and an :class:`~ray_vdr.evaluate.EvalSet` and uses no Ray; the
+job (:func:`run`) reads the eval split with Ray Data inside one Ray task, on a GPU when the cluster has one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ray_vdr.config import VDRConfig
+from ray_vdr.storage import is_file, write_bytes
+
+if TYPE_CHECKING:
+    from ray_vdr.evaluate import EvalSet
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("ndcg@10", "mrr@10", "recall@10")
+EMBED_ONLY = "embed only"
+
+
+def ranking_metrics(ranked: list[str], relevant: set[str], k: int = 10) -> dict[str, float]:
+    """Binary-relevance NDCG@k, MRR@k and Recall@k of one ranked list of ids."""
+    top = ranked[:k]
+    hits = [1.0 if doc in relevant else 0.0 for doc in top]
+    dcg = sum(h / math.log2(i + 2) for i, h in enumerate(hits))
+    idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(relevant), k)))
+    first = next((i for i, h in enumerate(hits) if h), None)
+    return {"ndcg@10": dcg / idcg if idcg else 0.0, "mrr@10": 0.0 if first is None else 1.0 / (first + 1),
+            "recall@10": sum(hits) / len(relevant) if relevant else 0.0}
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+
+
+def rerank_order(candidates: list[str], scores: np.ndarray, depth: int) -> list[str]:
+    """The first ``depth`` candidates by reranker score (ties keep first-stage order), then the rest as retrieved."""
+    head = sorted(range(min(depth, len(candidates))), key=lambda i: (-float(scores[i]), i))
+    return [candidates[i] for i in head] + candidates[depth:]
+
+
+def two_stage_metrics(embedder, reranker, eval_set: EvalSet, *, dim: int | None, depths: list[int],
+                      batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """{"embed only": metrics, "rerank@<depth>": metrics, ...}; ``reranker`` None gives embed only.
+
+    The embedder encodes queries and pages as the index does (prompts, ``dim``, normalised); the reranker scores
+    each query's top ``max(depths)`` pages once, and every depth reorders its own prefix of them.
+    """
+    qids = list(eval_set.queries)
+    cids = list(eval_set.corpus)
+    kwargs = {"batch_size": batch_size, "truncate_dim": dim, "normalize_embeddings": True, "convert_to_numpy": True,
+              "show_progress_bar": False}
+    q = embedder.encode_query([eval_set.queries[i] for i in qids], **kwargs)
+    c = embedder.encode_document([eval_set.corpus[i] for i in cids], **kwargs)
+    order = np.argsort(-(q @ c.T), axis=1, kind="stable")
+    first_stage = [[cids[j] for j in row] for row in order]
+    results = {EMBED_ONLY: _mean([ranking_metrics(r, eval_set.relevant[qid]) for r, qid in
+                                  zip(first_stage, qids, strict=True)])}
+    if reranker is None or not depths:
+        return results
+    deepest = max(depths)
+    pairs = [(eval_set.queries[qid], eval_set.corpus[cid]) for qid, ranked in zip(qids, first_stage, strict=True)
+             for cid in ranked[:deepest]]
+    scores = np.asarray(reranker.predict(pairs, batch_size=batch_size, convert_to_numpy=True,
+                                         show_progress_bar=False), dtype=np.float32).reshape(-1)
+    per_query = np.split(scores, np.cumsum([min(deepest, len(r)) for r in first_stage])[:-1])
+    for depth in depths:
+        rows = [ranking_metrics(rerank_order(ranked, s, depth), eval_set.relevant[qid])
+                for ranked, s, qid in zip(first_stage, per_query, qids, strict=True)]
+        results[f"rerank@{depth}"] = _mean(rows)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reports
+
+
+def markdown_table(results: dict[str, dict[str, float]]) -> str:
+    base = results[EMBED_ONLY]
+    head = "| setting | " + " | ".join(METRICS) + " | Δ ndcg@10 vs embed only |"
+    rows = [f"| {name} | " + " | ".join(f"{r[m]:.4f}" for m in METRICS) + f" | {r['ndcg@10'] - base['ndcg@10']:+.4f} |"
+            for name, r in results.items()]
+    return "\n".join([head, "|---|" + "---|" * (len(METRICS) + 1), *rows])
+
+
+def plot(results: dict[str, dict[str, float]], path: str | Path) -> None:
+    """Each metric against rerank depth (depth 0 = embed only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = [0] + [int(name.split("@")[1]) for name in results if name != EMBED_ONLY]
+    names = [EMBED_ONLY] + [n for n in results if n != EMBED_ONLY]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for metric in METRICS:
+        ax.plot(range(len(depths)), [results[n][metric] for n in names], "o-", label=metric)
+    ax.set_xticks(range(len(depths)), ["embed only"] + [f"rerank top {d}" for d in depths[1:]])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score on the eval split")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Two-stage retrieval: embed only vs embed + rerank")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_reports(out: str, results: dict[str, dict[str, float]], extra: dict[str, Any]) -> str:
+    """eval.json, eval.md and eval.png under ``out`` (a folder or URI). Returns the markdown table."""
+    import tempfile
+
+    table = markdown_table(results)
+    write_bytes(json.dumps({"results": results, **extra}, indent=2).encode(), f"{out}/eval.json")
+    write_bytes((table + "\n").encode(), f"{out}/eval.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot(results, Path(tmp) / "eval.png")
+        write_bytes((Path(tmp) / "eval.png").read_bytes(), f"{out}/eval.png")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the job
+
+
+def resolve(cfg: VDRConfig) -> tuple[str, str | None, str]:
+    """(embedder, reranker or None, output) with the defaults filled in: this config's trained models."""
+    from ray_vdr.rerank import trained_reranker
+
+    model = cfg.evaluate.model or cfg.run.uri("model")
+    if not is_file(f"{model}/modules.json") and cfg.evaluate.model is None:
+        raise FileNotFoundError(f"evaluate.model is not set and the training run has no saved model at {model}")
+    return model, cfg.evaluate.reranker or trained_reranker(cfg), cfg.evaluate.output or cfg.run.uri("eval")
+
+
+def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> dict[str, Any]:
+    """Runs as one Ray task: read the eval split, load both models, measure."""
+    import pyarrow as pa
+    import torch
+
+    from ray_vdr.cluster import worker_logging
+    from ray_vdr.config import ModelConfig
+    from ray_vdr.data.dataset import build_dataset
+    from ray_vdr.data.triplets import TripletSpec
+    from ray_vdr.evaluate import eval_set_from_table
+    from ray_vdr.index import _local_model
+    from ray_vdr.models.load import build_model
+
+    worker_logging()
+    cfg = VDRConfig.model_validate(cfg_json)
+    device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+    spec = TripletSpec.from_config(cfg.data, split="eval")
+    ds = build_dataset(cfg.data.eval, spec, cfg.run.uri("rejects", "eval-two-stage"), batch_size=cfg.data.batch_size)
+    eval_set = eval_set_from_table(pa.concat_tables(list(ds.iter_batches(batch_size=256, batch_format="pyarrow"))))
+    m = cfg.model
+    emb_cfg = ModelConfig(name_or_path=_local_model(model), builder="load", dtype=m.dtype,
+                          attn_implementation=m.attn_implementation, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    embedder = build_model(emb_cfg, device=device)
+    dim = cfg.evaluate.dim or cfg.output.truncate_dim or embedder.get_sentence_embedding_dimension()
+    rr = None
+    if reranker is not None:
+        r = cfg.reranker.model
+        rr = build_model(ModelConfig(name_or_path=_local_model(reranker), builder="load", dtype=r.dtype,
+                                     attn_implementation=r.attn_implementation, min_pixels=r.min_pixels,
+                                     max_pixels=r.max_pixels), device=device, reranker=True)
+    t0 = time.perf_counter()
+    results = two_stage_metrics(embedder, rr, eval_set, dim=dim, depths=cfg.evaluate.rerank_depths,
+                                batch_size=cfg.evaluate.batch_size)
+    return {"results": results, "dim": dim, "eval_queries": len(eval_set.queries),
+            "eval_corpus": len(eval_set.corpus), "seconds": round(time.perf_counter() - t0, 2), "device": device}
+
+
+def run(cfg: VDRConfig) -> dict[str, Any]:
+    """Evaluate embed-only and embed + rerank on the eval split; write the reports. Returns the report."""
+    import ray
+
+    from ray_vdr.cluster import init_ray
+
+    if cfg.data.eval is None:
+        raise FileNotFoundError("data.eval is not set: two-stage evaluation needs the eval split")
+    model, reranker, output = resolve(cfg)
+    init_ray()
+    task = ray.remote(_evaluate_task).options(num_gpus=1 if cfg.scaling.use_gpu else 0, num_cpus=1)
+    report = ray.get(task.remote(cfg.model_dump(mode="json"), model, reranker))
+    report.update({"embedder": model, "reranker": reranker, "rerank_depths": cfg.evaluate.rerank_depths})
+    report["table"] = write_reports(output, report["results"], {k: v for k, v in report.items() if k != "results"})
+    report["output"] = output
+    logger.info("two-stage evaluation (%s):\n%s", output, report["table"])
+    return report

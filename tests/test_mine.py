@@ -1,0 +1,97 @@
+"""Hard-negative mining: the selection rule (no Ray), and the job on a real local Ray cluster over a real FAISS index
+of the synthetic training pages — every training row mined or rejected exactly once, negatives from the rank window
+and never the positive, a rerun that continues where an interrupted one stopped, and changed settings refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from ray_vdr.config import MineConfig, load_config
+from ray_vdr.mine import select_negatives
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hits(n: int) -> list[dict]:
+    return [{"key": f"k{r}", "position": r, "rank": r, "score": 1.0 - r / 100, "doc_id": f"d{r}"} for r in range(1, n + 1)]
+
+
+def test_selection_takes_the_window_and_drops_the_positive_copies_and_the_margin():
+    cfg = MineConfig(num_negatives=2, rank_min=2, rank_max=6, margin=None, duplicate_similarity=0.99)
+    chosen, dropped = select_negatives(_hits(10), "k3", 0.5, {4: 0.995}, cfg)
+    assert [h["rank"] for h in chosen] == [2, 5], "rank 1 is outside the window, 3 is the positive, 4 its copy"
+    assert dropped == {"positive": 1, "near_duplicate": 1, "within_margin": 0}
+
+    # the margin: the positive scores 0.97, so candidates scoring >= 0.97 - 0.02 are dropped (ranks 1-5)
+    cfg = MineConfig(num_negatives=2, rank_min=1, rank_max=10, margin=0.02, duplicate_similarity=0.99)
+    chosen, dropped = select_negatives(_hits(10), "none", 0.97, {}, cfg)
+    assert [h["rank"] for h in chosen] == [6, 7] and dropped["within_margin"] == 5
+
+    # not enough left in the window: fewer than asked (the job turns that into a reject record)
+    cfg = MineConfig(num_negatives=3, rank_min=1, rank_max=3, margin=None)
+    chosen, _ = select_negatives(_hits(10), "k2", 0.5, {}, cfg)
+    assert [h["rank"] for h in chosen] == [1, 3]
+
+
+def test_config_refuses_a_window_smaller_than_k():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="fewer pages than num_negatives"):
+        MineConfig(num_negatives=5, rank_min=3, rank_max=6)
+    with pytest.raises(ValidationError, match="rank_min"):
+        MineConfig(rank_min=9, rank_max=3)
+
+
+@pytest.mark.slow
+def test_mining_job_exactly_once_resumable_and_bound_to_its_settings(ray_local, synthetic, tiny_qwen, tmp_path):
+    from ray_vdr import index, mine
+    from ray_vdr.vector_index import IndexMismatch
+
+    syn, _ = synthetic
+    jsonl = Path(syn.output_dir) / "train.jsonl"
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    pages = sorted({str(jsonl.parent / r[c]) for r in rows for c in ("image", "negative_0")})
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        f"index.model={tiny_qwen}", f"index.sources={json.dumps(pages)}", f"index.output={tmp_path}/index",
+        "index.batch_size=8", "index.dim=32", "synthetic=null", f"data.train.uri={syn.output_dir}/train",
+        f"data.eval.uri={syn.output_dir}/eval", f"mine.output={tmp_path}/mined", "mine.num_negatives=2",
+        "mine.rank_min=2", "mine.rank_max=8", "mine.margin=null", "mine.duplicate_similarity=1.0", "mine.batch_size=8",
+    ])
+    index.run(cfg)
+    result = mine.run(cfg)
+    s = result.summary
+    assert s["rows_mined"] + s["rows_rejected"] == len(rows) and s["input_rejects"] == 0
+
+    def outcome():
+        mined = mine.read_mined(result.output)
+        rejects = pq.read_table(f"{result.output}/rejects") if Path(result.output, "rejects").is_dir() else None
+        ids = mined.column("row_id").to_pylist() + (rejects.column("row_id").to_pylist() if rejects else [])
+        return mined, ids
+
+    mined, ids = outcome()
+    assert len(ids) == len(set(ids)) == len(rows), "every training row mined or rejected, once"
+    index_pages = set(pq.read_table(f"{tmp_path}/index/pages", columns=["image"]).column("image").to_pylist())
+    for row in mined.to_pylist():
+        negatives = [row["negative_0"], row["negative_1"]]
+        assert row["image"] not in negatives, "a negative is never the positive"
+        assert all(n in index_pages for n in negatives), "negatives are pages of the index"
+        assert all(2 <= r <= 8 for r in row["negative_ranks"]) and row["negative_ranks"] == sorted(row["negative_ranks"])
+        assert row["negative_scores"] == sorted(row["negative_scores"], reverse=True)
+
+    # an interrupted run: the shards of one batch are lost; the rerun mines exactly those rows again
+    shards = sorted(Path(result.output, "triplets").glob("part-*.parquet"))
+    lost = pq.read_table(shards[0]).num_rows
+    shards[0].unlink()
+    again = mine.run(cfg).summary
+    assert again["rows_done_before"] == len(rows) - lost and again["rows_mined"] + again["rows_rejected"] == lost
+    _, ids = outcome()
+    assert len(ids) == len(set(ids)) == len(rows)
+
+    # negatives mined with other settings are not mixed into the same output
+    cfg.mine.num_negatives = 3
+    with pytest.raises(IndexMismatch, match="num_negatives"):
+        mine.run(cfg)
