@@ -169,10 +169,9 @@ def cmd_serve(cfg: VDRConfig) -> int:
     """Start the two-stage endpoint on Ray, print its URL and a sample query's results, keep it up until Ctrl-C."""
     from ray import serve
 
+    from ray_vdr.rerank import trained_reranker
     from ray_vdr.vector_index import IndexMismatch
     from serving.app import post_search, run
-
-    from ray_vdr.rerank import trained_reranker
 
     if cfg.serve.index is None:
         cfg.serve.index = cfg.index.output
