@@ -519,6 +519,11 @@ class MineConfig(_Strict):
         0.98, gt=0, le=1, description="Drop candidates at least this similar (cosine, page to page) to the positive: "
         "near-duplicates of it (the positive itself is recognised by its content key)."
     )
+    sampling: Literal["top", "random"] = Field(
+        "top", description="Which eligible pages of the window to keep: the best-ranked (hardest), or a random sample "
+        "(a mix of hard and medium negatives; reproducible: seeded per row)."
+    )
+    seed: int = Field(0, description="Seed of the 'random' sampling.")
     batch_size: PositiveInt = Field(32, description="Queries per embedding and search call.")
     actors: PositiveInt = Field(1, description="Mining actors (one GPU each when scaling.use_gpu).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per mining actor (its torch threads on CPU).")
@@ -537,6 +542,9 @@ class RerankerTrainConfig(TrainConfig):
     loss: Literal["bce"] = Field("bce", description="BinaryCrossEntropyLoss over positive and negative pairs.")
     per_device_batch_size: PositiveInt = Field(
         16, description="Triplet rows per optimizer step on each worker; each brings 1 + num_negatives pairs."
+    )
+    duplicate_free_batches: bool = Field(
+        False, description="Pairs are scored independently (no in-batch negatives), so batches may repeat a page."
     )
 
 

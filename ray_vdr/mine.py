@@ -79,14 +79,17 @@ DROP_REASONS = ("positive", "near_duplicate", "within_margin")
 
 
 def select_negatives(hits: list[dict[str, Any]], positive_key: str, positive_score: float,
-                     similarity_to_positive: dict[int, float], cfg: MineConfig
+                     similarity_to_positive: dict[int, float], cfg: MineConfig, row_id: str = ""
                      ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The negatives for one query among its search ``hits`` (rank order), and why other candidates were dropped.
 
     A hit is the positive when its content key is the positive's; ``similarity_to_positive`` maps a hit's vector
-    position to its cosine with the positive page.
+    position to its cosine with the positive page. ``cfg.sampling`` "top" keeps the best-ranked eligible hits,
+    "random" a sample of them drawn with a generator seeded by ``cfg.seed`` and ``row_id`` (a rerun draws the same).
     """
-    chosen: list[dict[str, Any]] = []
+    import random
+
+    eligible: list[dict[str, Any]] = []
     dropped = dict.fromkeys(DROP_REASONS, 0)
     for hit in hits:
         if not cfg.rank_min <= hit["rank"] <= cfg.rank_max:
@@ -98,10 +101,13 @@ def select_negatives(hits: list[dict[str, Any]], positive_key: str, positive_sco
         elif cfg.margin is not None and hit["score"] >= positive_score - cfg.margin:
             dropped["within_margin"] += 1
         else:
-            chosen.append(hit)
-            if len(chosen) == cfg.num_negatives:
+            eligible.append(hit)
+            if cfg.sampling == "top" and len(eligible) == cfg.num_negatives:
                 break
-    return chosen, dropped
+    if cfg.sampling == "random" and len(eligible) > cfg.num_negatives:
+        rng = random.Random(f"{cfg.seed}:{row_id}")
+        eligible = sorted(rng.sample(eligible, cfg.num_negatives), key=lambda h: h["rank"])
+    return eligible, dropped
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -195,7 +201,7 @@ class NegativeMiner:
             for i, rid in enumerate(batch.column("row_id").to_pylist()):
                 pos_score = float(q[i] @ p[i])
                 sims = {h["position"]: float(np.asarray(stored[h["position"]], np.float32) @ p[i]) for h in hits[i]}
-                chosen, why = select_negatives(hits[i], page_key(positives[i]), pos_score, sims, self.cfg)
+                chosen, why = select_negatives(hits[i], page_key(positives[i]), pos_score, sims, self.cfg, rid)
                 for reason, count in why.items():
                     dropped[reason] += count
                 if len(chosen) < k:
@@ -241,7 +247,7 @@ def resolve(cfg: VDRConfig) -> tuple[str, str, str]:
 
 
 def _binding(cfg: MineConfig, index: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    keep = ("num_negatives", "rank_min", "rank_max", "margin", "duplicate_similarity")
+    keep = ("num_negatives", "rank_min", "rank_max", "margin", "duplicate_similarity", "sampling", "seed")
     return {"index": index, "model_fingerprint": manifest["model"]["fingerprint"], "dim": manifest["dim"],
             **{name: getattr(cfg, name) for name in keep}}
 

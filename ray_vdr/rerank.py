@@ -54,6 +54,15 @@ def training_config(cfg: VDRConfig) -> VDRConfig:
 
 def run(cfg: VDRConfig):
     """Train the reranker described by ``cfg.reranker``; returns :class:`ray_vdr.train.TrainResult`."""
+    from ray_vdr.storage import is_file
     from ray_vdr.train import run as train
 
-    return train(training_config(cfg), task="reranker")
+    tcfg = training_config(cfg)
+    m = tcfg.model
+    built = m.builder != "load" and is_file(f"{m.name_or_path}/modules.json")
+    if m.builder == "reranker-from-vlm" and not built and m.base_model == cfg.run.uri("model") \
+            and not is_file(f"{m.base_model}/config.json"):
+        raise FileNotFoundError(f"reranker.model builds on this config's embedder, but there is no trained embedder "
+                                f"at {m.base_model}: train it first (jobs/train_embedder.py) or set "
+                                "reranker.model.base_model")
+    return train(tcfg, task="reranker")

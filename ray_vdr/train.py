@@ -666,6 +666,11 @@ def train_loop(config: dict[str, Any]) -> None:
             model.save(str(Path(tmp) / "discard"))
         if rank == 0:
             out = Path(tmp) / "model"
+            if cfg.train.strategy == "deepspeed" and not _sharded_weights(cfg):
+                # ZeRO-1/2 leave parameters as views into its flat buffers; modules saved with safetensors directly
+                # (a reranker's Dense head) refuse tensors that do not own their storage
+                for p in model.parameters():
+                    p.data = p.data.clone()
             if evaluator:
                 metrics.update(evaluator.summary(base, after))
             task.before_save(model, cfg)

@@ -31,6 +31,14 @@ def test_selection_takes_the_window_and_drops_the_positive_copies_and_the_margin
     chosen, dropped = select_negatives(_hits(10), "none", 0.97, {}, cfg)
     assert [h["rank"] for h in chosen] == [6, 7] and dropped["within_margin"] == 5
 
+    # random sampling: k of the eligible hits in rank order, the same draw for the same row on every run
+    cfg = MineConfig(num_negatives=3, rank_min=1, rank_max=10, margin=None, sampling="random", seed=1)
+    draws = {tuple(h["rank"] for h in select_negatives(_hits(10), "k3", 0.5, {}, cfg, row_id=f"r{i}")[0])
+             for i in range(20)}
+    assert all(len(d) == 3 and list(d) == sorted(d) and 3 not in d for d in draws) and len(draws) > 5
+    assert select_negatives(_hits(10), "k3", 0.5, {}, cfg, row_id="r1") == select_negatives(
+        _hits(10), "k3", 0.5, {}, cfg, row_id="r1")
+
     # not enough left in the window: fewer than asked (the job turns that into a reject record)
     cfg = MineConfig(num_negatives=3, rank_min=1, rank_max=3, margin=None)
     chosen, _ = select_negatives(_hits(10), "k2", 0.5, {}, cfg)

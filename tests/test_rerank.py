@@ -99,3 +99,17 @@ def test_reranker_training_config_reads_the_mined_triplets():
         assert t.model.base_model == "/data/runs/r1/model", "built on the embedder this config trained"
     with pytest.raises(ValueError, match="matryoshka"):
         load_config(ROOT / "configs/demo.yaml", ["reranker.train.matryoshka_dims=[32]"])
+
+
+def test_serving_and_evaluation_default_to_the_trained_reranker(tmp_path):
+    from ray_vdr.rerank import trained_reranker
+    from ray_vdr.two_stage import resolve
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["run.name=r2", f"run.storage_path={tmp_path}"])
+    (tmp_path / "r2" / "model").mkdir(parents=True)
+    (tmp_path / "r2" / "model" / "modules.json").write_text("[]")
+    assert trained_reranker(cfg) is None and resolve(cfg)[1] is None, "no reranker run yet: embed only"
+    saved = tmp_path / "r2-reranker" / "model"
+    saved.mkdir(parents=True)
+    (saved / "modules.json").write_text("[]")
+    assert trained_reranker(cfg) == str(saved) and resolve(cfg)[1] == str(saved)
