@@ -54,8 +54,7 @@ def test_config_refuses_a_window_smaller_than_k():
         MineConfig(rank_min=9, rank_max=3)
 
 
-@pytest.mark.slow
-def test_mining_job_exactly_once_resumable_and_bound_to_its_settings(ray_local, synthetic, tiny_qwen, tmp_path):
+def _mine(synthetic, tiny_qwen, tmp_path):
     from ray_vdr import index, mine
     from ray_vdr.vector_index import IndexMismatch
 
@@ -80,10 +79,10 @@ def test_mining_job_exactly_once_resumable_and_bound_to_its_settings(ray_local, 
         ids = mined.column("row_id").to_pylist() + (rejects.column("row_id").to_pylist() if rejects else [])
         return mined, ids
 
-    mined, ids = outcome()
+    table, ids = outcome()
     assert len(ids) == len(set(ids)) == len(rows), "every training row mined or rejected, once"
     index_pages = set(pq.read_table(f"{tmp_path}/index/pages", columns=["image"]).column("image").to_pylist())
-    for row in mined.to_pylist():
+    for row in table.to_pylist():
         negatives = [row["negative_0"], row["negative_1"]]
         assert row["image"] not in negatives, "a negative is never the positive"
         assert all(n in index_pages for n in negatives), "negatives are pages of the index"
@@ -103,3 +102,64 @@ def test_mining_job_exactly_once_resumable_and_bound_to_its_settings(ray_local, 
     cfg.mine.num_negatives = 3
     with pytest.raises(IndexMismatch, match="num_negatives"):
         mine.run(cfg)
+    cfg.mine.num_negatives = 2
+    return cfg, outcome()[0]
+
+
+@pytest.fixture(scope="module")
+def mined(ray_local, synthetic, tiny_qwen, tmp_path_factory):
+    return _mine(synthetic, tiny_qwen, tmp_path_factory.mktemp("mine"))
+
+
+@pytest.mark.slow
+def test_mining_job_exactly_once_resumable_and_bound_to_its_settings(mined):
+    _, table = mined
+    assert table.num_rows > 0
+
+
+@pytest.mark.slow
+def test_reranker_pipeline_on_ray(mined):
+    """The mined triplets train a reranker (Dense head built on the embedder) on 2 Ray Train workers under DeepSpeed
+    ZeRO-1 — the embedder's machinery — and the two-stage evaluation and the serving scorer load what it saved.
+    (That the reranker learns is shown in test_learning.py; these tiny random models only check the plumbing.)"""
+    import numpy as np
+    from sentence_transformers import CrossEncoder
+
+    from ray_vdr import rerank, two_stage
+    from ray_vdr.search import RerankScorer, pil_pages
+    from ray_vdr.train import FINAL_FILE
+
+    cfg, table = mined
+    out = Path(cfg.mine.output).parent
+    cfg.reranker.model.name_or_path = str(out / "reranker-base")
+    cfg.reranker.model.base_model = cfg.index.model  # the (random) tiny embedder: a reranker built on a VLM folder
+    cfg.reranker.data = None
+    for key, value in {"per_device_batch_size": 4, "epochs": 1.0, "strategy": "deepspeed", "zero_stage": 1,
+                       "eval_every": None, "save_every": None}.items():
+        setattr(cfg.reranker.train, key, value)
+    cfg.run.storage_path, cfg.run.name = str(out / "runs"), "pipe"
+    result = rerank.run(cfg)
+    m = result.metrics
+    assert m["distributed_type"] == "DistributedType.DEEPSPEED" and m["world_size"] == 2, m
+    assert result.rows_trained + result.rows_dropped == table.num_rows, "every mined row once (1 epoch)"
+    assert {"ndcg@10_base", "ndcg@10", "mrr@10"} <= set(m), "reranking evaluated before and after training"
+    saved = Path(result.model_uri)
+    assert json.loads((saved / FINAL_FILE).read_text())["config"]["train"]["loss"] == "bce"
+    modules = [x["type"].rsplit(".", 1)[-1] for x in json.loads((saved / "modules.json").read_text())]
+    assert modules == ["Transformer", "Pooling", "Dense"]
+    base = CrossEncoder(cfg.reranker.model.name_or_path, device="cpu")
+    trained = CrossEncoder(str(saved), device="cpu")
+    assert any(not np.allclose(a.detach(), b.detach()) for a, b in zip(base.parameters(), trained.parameters(),
+                                                                        strict=True)), "training changed the weights"
+
+    cfg.evaluate.model = cfg.index.model
+    cfg.evaluate.rerank_depths = [5, 10]
+    report = two_stage.run(cfg)
+    assert report["reranker"] == result.model_uri, "evaluation defaults to the reranker this config trained"
+    assert set(report["results"]) == {"embed only", "rerank@5", "rerank@10"}
+    assert (Path(report["output"]) / "eval.png").stat().st_size > 0 and (Path(report["output"]) / "eval.md").is_file()
+
+    pairs = [(row["query"], page) for row, page in zip(table.slice(0, 4).to_pylist(),
+                                                       pil_pages(table.column("image").to_pylist()[:4]), strict=True)]
+    scorer = RerankScorer(result.model_uri, cfg.serve, device="cpu")  # what the serving Reranker deployment runs
+    assert scorer.score(pairs) == pytest.approx(trained.predict(pairs), abs=1e-5)
