@@ -52,14 +52,13 @@ def cmd_build_model(cfg: VDRConfig) -> int:
     return 0
 
 
-def cmd_train(cfg: VDRConfig) -> int:
+def _report_training(result, run_name: str, what: str, eval_label: str) -> None:
+    """What a training run made: artifact, metrics, rows trained, dropped and rejected, evaluation, time."""
     from ray_vdr.data.dataset import count_rejects
-    from ray_vdr.train import run
 
-    result = run(cfg)
-    print(f"trained model: {result.model_uri}")
+    print(f"trained {what}: {result.model_uri}")
     if result.metrics.get("resumed_from_step"):
-        print(f"resumed run {cfg.run.name!r} from its checkpoint at step {result.metrics['resumed_from_step']}")
+        print(f"resumed run {run_name!r} from its checkpoint at step {result.metrics['resumed_from_step']}")
     print(f"metrics: {json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})}")
     print(f"training rows: {result.rows_trained} trained, {result.rows_dropped} dropped at epoch ends "
           f"(row ids and reasons under {result.model_uri.rsplit('/', 1)[0]})")
@@ -67,20 +66,21 @@ def cmd_train(cfg: VDRConfig) -> int:
         rejects = count_rejects(f"{result.rejects_uri}/{split}")
         print(f"rejected {split} rows: {rejects or 'none'} ({result.rejects_uri}/{split})")
     if result.eval_table:
-        print(f"retrieval on the eval split (base → finetuned):\n{result.eval_table}")
+        print(f"{eval_label} (base → finetuned):\n{result.eval_table}")
     print(f"training took {result.seconds:.1f}s")
+
+
+def cmd_train(cfg: VDRConfig) -> int:
+    from ray_vdr.train import run
+
+    _report_training(run(cfg), cfg.run.name, "model", "retrieval on the eval split")
     return 0
 
 
 def cmd_embed(cfg: VDRConfig) -> int:
     from ray_vdr.index import run
-    from ray_vdr.vector_index import IndexMismatch
 
-    try:
-        result = run(cfg)
-    except (FileNotFoundError, IndexMismatch) as e:  # a missing source or model, a foreign index: say which
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run(cfg)
     s = result.summary
     print(f"index: {result.output} ({s['index_type']}, {s['index_vectors']} vectors, {s['index_bytes']} bytes, "
           f"dim {result.manifest['dim']}, model {result.manifest['model']['path']})")
@@ -93,13 +93,8 @@ def cmd_embed(cfg: VDRConfig) -> int:
 
 def cmd_mine(cfg: VDRConfig) -> int:
     from ray_vdr.mine import run
-    from ray_vdr.vector_index import IndexMismatch
 
-    try:
-        result = run(cfg)
-    except (FileNotFoundError, IndexMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run(cfg)
     s = result.summary
     print(f"mined triplets: {result.output} ({cfg.mine.num_negatives} negatives per query from ranks "
           f"{cfg.mine.rank_min}..{cfg.mine.rank_max})")
@@ -112,30 +107,18 @@ def cmd_mine(cfg: VDRConfig) -> int:
 
 
 def cmd_train_reranker(cfg: VDRConfig) -> int:
-    from ray_vdr.rerank import run
+    from ray_vdr.rerank import reranker_run, run
 
-    try:
-        result = run(cfg)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"trained reranker: {result.model_uri}")
-    print(f"metrics: {json.dumps({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})}")
-    print(f"training rows: {result.rows_trained} trained, {result.rows_dropped} dropped at epoch ends")
-    if result.eval_table:
-        print(f"reranking the eval split's positive among its hard negatives (base → finetuned):\n{result.eval_table}")
-    print(f"training took {result.seconds:.1f}s")
+    result = run(cfg)
+    _report_training(result, reranker_run(cfg).name, "reranker",
+                     "reranking each eval query's positive among its hard negatives")
     return 0
 
 
 def cmd_evaluate(cfg: VDRConfig) -> int:
     from ray_vdr.two_stage import run
 
-    try:
-        report = run(cfg)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = run(cfg)
     print(f"two-stage evaluation: {report['eval_queries']} queries, {report['eval_corpus']} pages, dim {report['dim']}, "
           f"embedder {report['embedder']}, reranker {report['reranker'] or '(none: embed only)'}")
     print(report["table"])
@@ -170,7 +153,6 @@ def cmd_serve(cfg: VDRConfig) -> int:
     from ray import serve
 
     from ray_vdr.rerank import trained_reranker
-    from ray_vdr.vector_index import IndexMismatch
     from serving.app import post_search, run
 
     if cfg.serve.index is None:
@@ -178,11 +160,7 @@ def cmd_serve(cfg: VDRConfig) -> int:
     if cfg.serve.reranker is None and (trained := trained_reranker(cfg)):
         cfg.serve.reranker = trained
         print(f"reranker: {trained} (this config's reranker run)")
-    try:
-        url = run(cfg.serve)
-    except (FileNotFoundError, IndexMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    url = run(cfg.serve)
     print(f"endpoint: {url}  (search page {url} · POST {url}search · health {url}healthz · API docs {url}docs)")
     sample = _sample_query(cfg)
     if sample is not None:
@@ -264,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command][0](cfg)
+    from ray_vdr.vector_index import IndexMismatch
+
+    try:
+        return COMMANDS[args.command][0](cfg)
+    except (FileNotFoundError, IndexMismatch) as e:  # a missing input or model, a foreign index: say which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -42,3 +42,16 @@ def test_embed_names_what_is_missing(tmp_path, capsys):
     assert main(["embed", "-c", str(ROOT / "configs/demo.yaml"), f"index.sources=[{tmp_path / 'none'}]",
                  f"index.model={tmp_path}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reranker_commands_name_what_is_missing(tmp_path, capsys):
+    """mine, train-reranker and evaluate before the steps they build on: exit 2 with what to do, no traceback."""
+    from ray_vdr.cli import main
+
+    base = ["-c", str(ROOT / "configs/demo.yaml"), f"run.storage_path={tmp_path}", f"index.output={tmp_path}/index"]
+    assert main(["mine", *base]) == 2
+    assert "no corpus index at" in capsys.readouterr().err
+    assert main(["train-reranker", *base, f"reranker.model.name_or_path={tmp_path}/reranker"]) == 2
+    assert "no trained embedder" in capsys.readouterr().err
+    assert main(["evaluate", *base]) == 2
+    assert "evaluate.model is not set" in capsys.readouterr().err
