@@ -130,7 +130,7 @@ def done_rows(output: str) -> set[str]:
     return done
 
 
-_DONE_CACHE: dict[str, frozenset[str]] = {}
+_DONE_CACHE: dict[str, pa.Array] = {}
 
 
 def _skip_done(batch: pa.Table, done_ref: list) -> pa.Table:
@@ -142,10 +142,10 @@ def _skip_done(batch: pa.Table, done_ref: list) -> pa.Table:
     done = _DONE_CACHE.get(ref.hex())
     if done is None:  # once per worker process and run
         _DONE_CACHE.clear()
-        done = _DONE_CACHE.setdefault(ref.hex(), frozenset(ray.get(ref)))
-    if not done:
+        done = _DONE_CACHE.setdefault(ref.hex(), pa.array(sorted(ray.get(ref)), pa.string()))
+    if not len(done):
         return batch
-    return batch.filter(pc.invert(pc.is_in(batch.column("row_id"), value_set=pa.array(list(done), pa.string()))))
+    return batch.filter(pc.invert(pc.is_in(batch.column("row_id"), value_set=done)))
 
 
 class NegativeMiner:
