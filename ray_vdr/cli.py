@@ -136,18 +136,6 @@ def _sample_query(cfg: VDRConfig) -> dict[str, str] | None:
     return {"query": first[cfg.data.query_column], "page": Path(first[cfg.data.positive_column]).name}
 
 
-def _eval_corpus_files(cfg: VDRConfig) -> list[str]:
-    """Every page of the synthetic eval split (positives and hard negatives) as image files: the demo's corpus."""
-    jsonl = Path(cfg.data.eval.uri).with_suffix(".jsonl")
-    files: dict[str, None] = {}
-    for line in jsonl.read_text().splitlines():
-        row = json.loads(line)
-        for col in [cfg.data.positive_column, *cfg.data.eval_negative_columns]:
-            if row.get(col):
-                files.setdefault(str(jsonl.parent / row[col]))
-    return list(files)
-
-
 def cmd_serve(cfg: VDRConfig) -> int:
     """Start the two-stage endpoint on Ray, print its URL and a sample query's results, keep it up until Ctrl-C."""
     from ray import serve
@@ -189,29 +177,34 @@ def cmd_serve(cfg: VDRConfig) -> int:
     return 0
 
 
-def cmd_demo(cfg: VDRConfig) -> int:
-    """The README's main command: synthetic data, training, the eval corpus indexed, the endpoint up (local Ray)."""
-    start = time.time()
-    # a demo always trains afresh: rerunning a finished run name would just return its model (see train.run)
-    cfg.run.name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if cfg.synthetic is not None:
-        print("== 1. synthetic VDR pages")
-        cmd_make_data(cfg)
-    print("== 2. model")
-    cmd_build_model(cfg)
-    print("== 3. distributed training on Ray")
-    cmd_train(cfg)
-    if cfg.data.eval is not None and not cfg.index.sources:
-        cfg.index.sources = _eval_corpus_files(cfg)
-        cfg.index.output = cfg.run.uri("index")  # beside this run's model: an index is bound to its model
-    if cfg.index.sources:
-        print("== 4. embed the corpus → Parquet + FAISS (Ray Data)")
-        if cmd_embed(cfg):
-            return 2
-        print("== 5. two-stage retrieval endpoint (Ray Serve)")
-        print(f"== demo finished in {time.time() - start:.1f}s (the endpoint stays up)")
-        return cmd_serve(cfg)
-    print(f"== demo finished in {time.time() - start:.1f}s")
+def cmd_demo(config: str | None, overrides: list[str], *, print_plan: bool = False, serve: bool = True) -> int:
+    """The README's main command: the demo plan (ray_vdr/demo.py) stage by stage in this process, on local Ray (or
+    the cluster in RAY_ADDRESS). Each stage loads the config as its job would and prints its results."""
+    from ray_vdr import demo
+
+    cfg = load_config(config, overrides)
+    name = demo.run_name(cfg, overrides)
+    stages = demo.plan(cfg, name, serve=serve)
+    if print_plan:
+        print(f"# the demo as Ray jobs, from the repo root (run {name!r}); set RAY_ADDRESS to the cluster's dashboard")
+        for stage in stages:
+            print(f"# {stage.title}\n{demo.submit_command(stage, config or '', overrides)}")
+        return 0
+    start, timings = time.time(), []
+    for i, stage in enumerate(stages, 1):
+        where = f" ({stage.job})" if stage.job else ""
+        print(f"\n== {i}/{len(stages)} {stage.title}{where}", flush=True)
+        began = time.time()
+        code = COMMANDS[stage.command][0](load_config(config, demo.stage_overrides(stage, overrides)))
+        timings.append((stage, time.time() - began))
+        if code:
+            print(f"== stage {i} ({stage.command}) failed with exit code {code}", file=sys.stderr)
+            return code
+        for artifact in stage.artifacts:
+            print(f"-> {artifact}")
+    print(f"\n== demo finished in {time.time() - start:.0f}s (run {name!r})")
+    for stage, seconds in timings:
+        print(f"  {seconds:7.1f}s  {stage.title}" + (f"  → {', '.join(stage.artifacts)}" if stage.artifacts else ""))
     return 0
 
 
@@ -225,7 +218,6 @@ COMMANDS: dict[str, tuple[Callable[[VDRConfig], int], str]] = {
     "train-reranker": (cmd_train_reranker, "finetune the multimodal reranker on mined triplets (Ray Train)"),
     "evaluate": (cmd_evaluate, "two-stage evaluation: embed only vs embed + rerank at several depths"),
     "serve": (cmd_serve, "start the two-stage retrieval endpoint (Ray Serve) over index.output"),
-    "demo": (cmd_demo, "synthetic data → model → training → index → endpoint, on a local Ray cluster"),
 }
 
 
@@ -235,17 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         add_config_args(sub.add_parser(name, help=help_text))
+    demo = sub.add_parser("demo", help="synthetic pages → embedder → index → mined negatives → reranker → two-stage "
+                                       "evaluation → endpoint, on a local Ray cluster (the README's main command)")
+    add_config_args(demo)
+    demo.add_argument("--plan", action="store_true", help="print the stages as `ray job submit` commands and exit")
+    demo.add_argument("--no-serve", dest="serve", action="store_false", help="stop after the evaluation")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     from ray_vdr.vector_index import IndexMismatch
 
     try:
-        return COMMANDS[args.command][0](cfg)
+        if args.command == "demo":
+            return cmd_demo(args.config, args.overrides, print_plan=args.plan, serve=args.serve)
+        return COMMANDS[args.command][0](config_from_args(args))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, IndexMismatch) as e:  # a missing input or model, a foreign index: say which
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -18,6 +19,18 @@ _PROPAGATED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLIN
 LOCAL_CLUSTER_ENV = {"RAY_worker_niceness": "0"}
 
 
+def _job_env_keys() -> set[str]:
+    """Environment variables the runtime env of the `ray job submit` job this driver runs in already sets (Ray
+    refuses a ray.init runtime env that sets any of them again)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for job drivers
+    if not raw:
+        return set()
+    try:
+        return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars")) or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
 def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Attach to the cluster in RAY_ADDRESS (``ray job submit`` sets it), else start a local one for this process.
 
@@ -27,7 +40,8 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in _PROPAGATED_ENV if k in os.environ}
+    job_keys = _job_env_keys()
+    env_vars = {k: os.environ[k] for k in _PROPAGATED_ENV if k in os.environ and k not in job_keys}
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if os.environ.get("RAY_ADDRESS"):
         logger.info("connecting to the Ray cluster at %s", os.environ["RAY_ADDRESS"])

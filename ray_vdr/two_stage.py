@@ -157,6 +157,9 @@ def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> dict[str
     from ray_vdr.models.load import build_model
 
     worker_logging()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # 40 rows: bars would only garble the job log
     cfg = VDRConfig.model_validate(cfg_json)
     device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
     spec = TripletSpec.from_config(cfg.data, split="eval")

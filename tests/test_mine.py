@@ -121,7 +121,7 @@ def test_mining_job_exactly_once_resumable_and_bound_to_its_settings(mined):
 def test_reranker_pipeline_on_ray(mined):
     """The mined triplets train a reranker (Dense head built on the embedder) on 2 Ray Train workers under DeepSpeed
     ZeRO-1 — the embedder's machinery — and the two-stage evaluation and the serving scorer load what it saved.
-    (That the reranker learns is shown in test_learning.py; these tiny random models only check the plumbing.)"""
+    (That the reranker learns is shown in test_jobs.py; these tiny random models only check the plumbing.)"""
     import numpy as np
     from sentence_transformers import CrossEncoder
 

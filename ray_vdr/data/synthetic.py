@@ -474,7 +474,7 @@ def _write_jsonl(rows: list[SyntheticRow], path: Path, images: Path, width: int,
                 name = f"page-{page.page_id:06d}.png"
                 if not (images / name).exists():
                     (images / name).write_bytes(page_png(page, width, height))
-                rec[col] = f"{images.name}/{name}"
+                rec[col] = f"{images.relative_to(path.parent).as_posix()}/{name}"
             fh.write(json.dumps(rec) + "\n")
 
 
@@ -494,7 +494,8 @@ def write_synthetic(cfg: SyntheticConfig, rows_per_file: int = 256) -> dict:
 
         train/part-*.parquet   query, image, negative_0..k-1 (+ query_id, answer)
         eval/part-*.parquet    query, image, negative_0..3: N queries over a 5N-page corpus
-        train.jsonl, eval.jsonl, images/   the same rows as image files + JSONL
+        train.jsonl, eval.jsonl            the same rows as JSONL over image files:
+        images/train/, images/eval/        each split's pages (the splits share none): the eval corpus to index
     """
     out = Path(cfg.output_dir)
     for owned in ("train", "eval", "images"):  # a smaller rerun must not leave stale part files behind
@@ -504,8 +505,8 @@ def write_synthetic(cfg: SyntheticConfig, rows_per_file: int = 256) -> dict:
     _write_parquet(train_rows, cfg.num_negatives, out / "train", w, h, rows_per_file)
     _write_parquet(eval_rows, cfg.eval_negatives, out / "eval", w, h, rows_per_file)
     if cfg.jsonl:
-        _write_jsonl(train_rows, out / "train.jsonl", out / "images", w, h)
-        _write_jsonl(eval_rows, out / "eval.jsonl", out / "images", w, h)
+        _write_jsonl(train_rows, out / "train.jsonl", out / "images" / "train", w, h)
+        _write_jsonl(eval_rows, out / "eval.jsonl", out / "images" / "eval", w, h)
     summary = {
         "seed": cfg.seed,
         "train_rows": len(train_rows),

@@ -1,0 +1,104 @@
+"""The demo as a plan of jobs: every stage is one ``jobs/`` entrypoint, and the plan adds only the overrides that tie
+the stages together (one run name, where each index goes). ``ray-vdr demo`` runs the plan in one process on a local
+Ray cluster; ``ray-vdr demo --plan`` prints the same stages as ``ray job submit`` commands for a cluster, and the
+integration test (tests/test_jobs.py) submits them to a real Ray head. So the demo, the jobs and the test cannot drift.
+
+Stages: synthetic pages → train the embedder (Ray Train) → embed the eval corpus into the serving index → embed the
+training pages into a second index → mine hard negatives from it → train the reranker on them (Ray Train) →
+evaluate both stages → serve the endpoint and the search page.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass, field
+
+from ray_vdr.config import ConfigError, VDRConfig
+from ray_vdr.rerank import reranker_run
+
+JOBS = {
+    "make-data": "jobs/make_synthetic.py",
+    "train": "jobs/train_embedder.py",
+    "embed": "jobs/embed_corpus.py",
+    "mine": "jobs/mine_negatives.py",
+    "train-reranker": "jobs/train_reranker.py",
+    "evaluate": "jobs/evaluate.py",
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    command: str
+    """The ``ray-vdr`` subcommand (and, through JOBS, the jobs/ entrypoint) this stage runs."""
+    title: str
+    overrides: tuple[str, ...] = ()
+    """Dotted overrides added to the user's config and overrides for this stage."""
+    artifacts: tuple[str, ...] = field(default=())
+    """Where the stage writes (printed by the demo)."""
+
+    @property
+    def job(self) -> str | None:
+        return JOBS.get(self.command)
+
+
+def run_name(cfg: VDRConfig, overrides: list[str]) -> str:
+    """A demo trains afresh under ``<run.name>-<time>`` (rerunning a finished run would only return its model),
+    unless the user names the run with a ``run.name=`` override."""
+    if any(_key(o) == "run.name" for o in overrides):
+        return cfg.run.name
+    return f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def plan(cfg: VDRConfig, name: str, *, serve: bool = True) -> list[Stage]:
+    """The demo's stages for a config with a ``synthetic`` section, run under the run name ``name``."""
+    if cfg.synthetic is None:
+        raise ConfigError("invalid configuration:\n  synthetic: the demo builds its data from the synthetic section "
+                          "(for your own data, run the jobs/ entrypoints)")
+    data = cfg.synthetic.output_dir.rstrip("/")
+    run = cfg.run.model_copy(update={"name": name})
+    index, pages = run.uri("index"), run.uri("train-pages")
+    # every stage names the run and the paths as resolved here, so jobs whose working directory is a copy of the
+    # repo on the cluster read and write the same places as the stages before them
+    paths = [f"run.storage_path={cfg.run.storage_path}", f"synthetic.output_dir={data}",
+             f"model.name_or_path={cfg.model.name_or_path}"]
+    paths += [f"data.{split}.uri={src.uri}" for split, src in (("train", cfg.data.train), ("eval", cfg.data.eval)) if src]
+    named = (f"run.name={name}", *paths)
+    reranker = reranker_run(cfg.model_copy(update={"run": run})).uri("model")
+    reranker_workers = (cfg.reranker.scaling or cfg.scaling).num_workers
+    stages = [
+        Stage("make-data", "synthetic VDR pages", named, (data,)),
+        Stage("train", f"train the embedder on Ray Train ({cfg.scaling.num_workers} workers)", named,
+              (run.uri("model"),)),
+        Stage("embed", "embed the eval corpus → Parquet + FAISS (the serving index)",
+              (*named, f"index.sources=[{data}/images/eval]", f"index.output={index}"), (index,)),
+        Stage("embed", "embed the training pages → the index hard negatives are mined from",
+              (*named, f"index.sources=[{data}/images/train]", f"index.output={pages}"), (pages,)),
+        Stage("mine", "mine hard negatives for the training queries", (*named, f"mine.index={pages}"),
+              (run.uri("mined"),)),
+        Stage("train-reranker", f"train the reranker on them (Ray Train, {reranker_workers} workers)",
+              (*named, f"reranker.model.name_or_path={run.uri('reranker-base')}"), (reranker,)),
+        Stage("evaluate", "evaluate both stages: embed only vs embed + rerank", named, (run.uri("eval"),)),
+    ]
+    if serve:
+        stages.append(Stage("serve", "serve the two-stage endpoint and the search page (Ray Serve)",
+                            (*named, f"serve.index={index}")))
+    return stages
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
+def stage_overrides(stage: Stage, overrides: list[str]) -> list[str]:
+    """The user's overrides, then the stage's (which win; a key the stage sets is not repeated)."""
+    mine = {_key(o) for o in stage.overrides}
+    return [o for o in overrides if _key(o) not in mine] + list(stage.overrides)
+
+
+def submit_command(stage: Stage, config: str, overrides: list[str], address: str = "$RAY_ADDRESS") -> str:
+    """The ``ray job submit`` line that runs ``stage`` on a cluster (from the repo root)."""
+    args = shlex.join(["--config", config, *stage_overrides(stage, overrides)])
+    if stage.job is None:  # serving is not a batch job: it deploys onto the cluster and returns
+        return f"RAY_ADDRESS={address} ray-vdr {stage.command} {args}"
+    return f"ray job submit --address {address} --working-dir . -- python {stage.job} {args}"

@@ -1,0 +1,218 @@
+"""The jobs/ entrypoints under `ray job submit`, on a real Ray head started on loopback with token auth — and the
+learning proofs, on the models those jobs train.
+
+The module starts `ray start --head --block` (RAY_AUTH_MODE=token, a fresh token), then submits the demo plan's
+stages (ray_vdr/demo.py, the same stages `ray-vdr demo` runs in process) with `--working-dir` and a runtime env:
+synthetic data, embedder training (2 Ray Train workers), embedding of the eval corpus, two-stage evaluation. It stops
+only the head it started, by PID. Mining and reranker training jobs run in process in tests/test_mine.py.
+
+Learning proofs:
+1. The tiny Qwen3-VL embedder trained by the job must retrieve the held-out eval pages far better than before.
+   Measured on the CPU machine (2026-11-22, demo config): NDCG@10 at dim 64 went 0.007 → 0.21-0.24. A broken loss,
+   sharding or collator leaves it near the random 0.01-0.05, so the margins below catch those.
+2. A reranker built on that embedder (Dense head) and trained with the reranker task's pieces must fit its training
+   pairs (the loss falls below the label prior).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from run_checks import check_exactly_once_and_in_sync
+
+from ray_vdr.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# the module's first job test runs the data, training, embedding and evaluation jobs (~8 min here on 2 cores)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+BIN = Path(sys.executable).parent
+# what every job's driver and workers need here: no hub, normal-priority workers, quiet tokenizers
+JOB_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": "0"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Head:
+    address: str
+    env: dict[str, str]
+    proc: subprocess.Popen
+    log: Path
+
+    def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=env or self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+
+    def submit(self, job: str, *args: str, timeout: float = 540) -> str:
+        """`ray job submit` from the repo root, waiting for the job; returns its log, fails the test if it failed."""
+        out = self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
+                       "--runtime-env-json", json.dumps({"env_vars": JOB_ENV}), "--", "python", job, *args,
+                       timeout=timeout)
+        assert out.returncode == 0 and "succeeded" in out.stdout, (
+            f"{job} failed (exit {out.returncode}):\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}")
+        return out.stdout
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on loopback with token auth, 2 CPUs, its own temp dir; stopped by its PID at the end."""
+    temp = Path(tempfile.mkdtemp(prefix="rvh-"))  # short: Ray's socket paths must stay under 108 bytes
+    dashboard = _free_port()
+    env = {**os.environ, **JOB_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # job drivers run this venv's python
+    log = temp / "head.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp}",
+             "--disable-usage-stats"],
+            env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    head = Head(f"http://127.0.0.1:{dashboard}", env, proc, log)
+    try:
+        deadline = time.time() + 120
+        while head.ray("job", "list", "--address", head.address, timeout=60).returncode != 0:
+            assert proc.poll() is None, f"ray start exited:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"the head's job API did not come up:\n{log.read_text()[-3000:]}"
+            time.sleep(2)
+        yield head
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started, and only those
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session), nothing else
+            proc.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def demo_jobs(ray_head, tmp_path_factory):
+    """The demo plan's data, training, embedding and evaluation stages as jobs on the head: (config, stages, logs)."""
+    from ray_vdr import demo
+
+    tmp = tmp_path_factory.mktemp("jobs")
+    overrides = [f"synthetic.output_dir={tmp}/data", f"data.train.uri={tmp}/data/train",
+                 f"data.eval.uri={tmp}/data/eval", f"model.name_or_path={tmp}/model", f"run.storage_path={tmp}/runs",
+                 "run.name=demo-job"]
+    cfg = load_config(ROOT / "configs/demo.yaml", overrides)
+    stages = [s for s in demo.plan(cfg, "demo-job", serve=False)
+              if s.command in ("make-data", "train", "evaluate") or (s.command == "embed" and "eval" in s.title)]
+    assert [s.command for s in stages] == ["make-data", "train", "embed", "evaluate"]
+    logs = {s.command: ray_head.submit(s.job, "--config", "configs/demo.yaml", *demo.stage_overrides(s, overrides))
+            for s in stages}
+    return cfg, stages, logs
+
+
+def test_token_auth_is_enforced(ray_head):
+    env = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_TOKEN"}
+    out = ray_head.ray("job", "list", "--address", ray_head.address, env=env)
+    assert out.returncode != 0 and "auth" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+
+
+def test_jobs_train_embed_and_evaluate(demo_jobs):
+    """Every stage succeeded on the head and printed where its artifacts went; the trained model learned, saw every
+    training row exactly once per epoch on 2 ranks that stayed in sync, and the evaluation job (a fresh process,
+    reading the index job's model) reproduces the training job's own numbers."""
+    from sentence_transformers import SentenceTransformer
+
+    from ray_vdr.models.processor import install_image_only_processor
+    from ray_vdr.search import read_manifest
+    from ray_vdr.train import run
+
+    cfg, stages, logs = demo_jobs
+    for stage in stages:
+        for artifact in stage.artifacts:
+            assert artifact in logs[stage.command], (stage.command, artifact)
+    result = run(cfg)  # finished: read back from storage, nothing trained again
+    m = result.metrics
+    assert m["world_size"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU", m
+    assert m["ndcg@10"] >= 0.12 and m["ndcg@10"] >= m["ndcg@10_base"] + 0.1, result.eval_table
+    report = json.loads((Path(result.model_uri) / "eval.json").read_text())
+    for dim, after in report["finetuned"].items():
+        assert after["ndcg@10"] >= report["base"][dim]["ndcg@10"] + 0.05, (dim, result.eval_table)
+    check_exactly_once_and_in_sync(result, Path(cfg.run.uri()), cfg.synthetic.train_queries, int(cfg.train.epochs))
+    install_image_only_processor()  # this machine has no torchvision (ray_vdr/models/processor.py)
+    model = SentenceTransformer(result.model_uri, device="cpu")
+    assert model.truncate_dim == 32 and model.encode_query(["q"]).shape == (1, 32)
+    assert {"eval.json", "eval.md", "eval.png", "README.md"} <= {p.name for p in Path(result.model_uri).iterdir()}
+
+    # the embedding job indexed the 200 eval pages once each, with the trained model at the saved dimension
+    manifest = read_manifest(cfg.run.uri("index"))
+    assert manifest["model"]["path"] == result.model_uri and manifest["dim"] == cfg.output.truncate_dim
+    assert "200 pages embedded, 0 rejected" in logs["embed"]
+
+    # the evaluation job measured embed-only retrieval with the saved model at its saved dimension
+    two_stage = json.loads((Path(cfg.run.uri("eval")) / "eval.json").read_text())
+    assert two_stage["reranker"] is None and two_stage["dim"] == cfg.output.truncate_dim
+    saved = report["finetuned"][str(cfg.output.truncate_dim)]
+    for metric in ("ndcg@10", "mrr@10", "recall@10"):
+        assert two_stage["results"]["embed only"][metric] == pytest.approx(saved[metric], abs=1e-3), metric
+
+
+def test_reranker_learns_on_the_trained_embedder(demo_jobs, tmp_path):
+    """The reranker task's pieces — a Dense-head reranker built on the trained embedder, (query, page, 1/0) pairs from
+    triplet rows, BinaryCrossEntropyLoss with the model's judge prompt, the streaming CrossEncoderTrainer — fit the
+    training pairs: the loss falls below the label prior. In process (the Ray pipeline is tested in test_mine.py).
+    Training from random weights instead stays at the prior (docs/benchmarks.md), and so would a broken head, loss
+    or prompt.
+    """
+    import random
+
+    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    from ray_vdr.config import ModelConfig
+    from ray_vdr.models.builders import wrap_reranker
+    from ray_vdr.models.load import build_model
+    from ray_vdr.search import pil_pages
+    from ray_vdr.train import RerankerTask, rerank_pairs, streaming_trainer_cls, training_arguments
+
+    cfg, _, _ = demo_jobs
+    path = wrap_reranker(cfg.run.uri("model"), tmp_path / "reranker", head="dense")
+    model = build_model(ModelConfig(name_or_path=str(path), min_pixels=1024, max_pixels=16384), "cpu", reranker=True)
+    rng = random.Random(0)
+
+    def rows_of(uri: str, n: int) -> list[dict]:
+        table = pq.read_table(uri, columns=["query", "image"]).slice(0, n).to_pylist()
+        pages = pil_pages([r["image"]["bytes"] for r in table])
+        return [{"query": r["query"], "image": p} for r, p in zip(table, pages, strict=True)]
+
+    train = rows_of(cfg.data.train.uri, 768)
+    for r in train:  # negatives: other queries' pages (mostly another year or company)
+        for k in range(3):
+            r[f"negative_{k}"] = train[rng.randrange(len(train))]["image"]
+    batches = [rerank_pairs(train[i:i + 8]) for i in range(0, len(train), 8)]
+    task = RerankerTask()
+    tcfg = cfg.model_copy(deep=True)
+    tcfg.train = tcfg.train.model_copy(update={"lr": 1e-3})
+    args = training_arguments(tcfg, len(batches), str(tmp_path / "out"), False, task.prompts(model, []),
+                              args_cls=CrossEncoderTrainingArguments)
+    args.logging_steps, args.save_strategy = len(batches) // 4, "no"
+    trainer = streaming_trainer_cls(task.trainer_base())(
+        model=model, args=args, train_dataset=task.schema([]), loss=BinaryCrossEntropyLoss(model),
+        batch_stream=batches, progress=lambda: 1.0)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print(f"reranker BCE by quarter: {losses}")
+    # Measured (2026-11-22): BCE by quarter 0.566, 0.561, 0.541, 0.509 (the label prior is 0.562); held-out ranking
+    # does not improve yet in this budget (docs/benchmarks.md). A broken head, loss or prompt leaves the loss at the
+    # prior.
+    assert losses[-1] <= 0.535 and losses[-1] <= losses[0] - 0.025, losses
