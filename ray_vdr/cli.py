@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -168,6 +169,9 @@ def cmd_serve(cfg: VDRConfig) -> int:
             print(f"answer: {answer}")
     if cfg.serve.keep_running:
         print(f"serving at {url} until Ctrl-C")
+        # a Ray Train run earlier in this process (the demo) leaves its own SIGINT handler, which only aborts
+        # training runs: restore Python's, so that Ctrl-C ends the wait below
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 time.sleep(3600)
@@ -197,6 +201,7 @@ def cmd_demo(config: str | None, overrides: list[str], *, print_plan: bool = Fal
         began = time.time()
         code = COMMANDS[stage.command][0](load_config(config, demo.stage_overrides(stage, overrides)))
         timings.append((stage, time.time() - began))
+        print(f"== {i}/{len(stages)} done in {timings[-1][1]:.0f}s", flush=True)
         if code:
             print(f"== stage {i} ({stage.command}) failed with exit code {code}", file=sys.stderr)
             return code
