@@ -202,7 +202,7 @@ def test_reranker_learns_on_the_trained_embedder(demo_jobs, tmp_path):
     batches = [rerank_pairs(train[i:i + 8]) for i in range(0, len(train), 8)]
     task = RerankerTask()
     tcfg = cfg.model_copy(deep=True)
-    tcfg.train = tcfg.train.model_copy(update={"lr": 1e-3})
+    tcfg.train = tcfg.train.model_copy(update={"lr": 3e-4})  # at 1e-3 the head can collapse to the prior
     args = training_arguments(tcfg, len(batches), str(tmp_path / "out"), False, task.prompts(model, []),
                               args_cls=CrossEncoderTrainingArguments)
     args.logging_steps, args.save_strategy = len(batches) // 4, "no"
@@ -212,7 +212,7 @@ def test_reranker_learns_on_the_trained_embedder(demo_jobs, tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"reranker BCE by quarter: {losses}")
-    # Measured (2026-11-22): BCE by quarter 0.566, 0.561, 0.541, 0.509 (the label prior is 0.562); held-out ranking
-    # does not improve yet in this budget (docs/benchmarks.md). A broken head, loss or prompt leaves the loss at the
-    # prior.
-    assert losses[-1] <= 0.535 and losses[-1] <= losses[0] - 0.025, losses
+    # Measured (2026-11-22) on four embedders trained by this demo config (NDCG@10 0.21-0.39): BCE by quarter from
+    # 0.526-0.556 down to 0.393-0.432; the label prior is 0.562. At lr 1e-3 the same runs could collapse to the
+    # prior (constant scores). A broken head, loss or prompt stays at the prior.
+    assert losses[-1] <= 0.50 and losses[-1] <= losses[0] - 0.05, losses
