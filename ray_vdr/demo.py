@@ -1,5 +1,5 @@
 """The demo as a plan of jobs: every stage is one ``jobs/`` entrypoint, and the plan adds only the overrides that tie
-the stages together (one run name, where each index goes). ``ray-vdr demo`` runs the plan in one process on a local
+the stages together (one run name, the paths as resolved here, where each index goes). ``ray-vdr demo`` runs the plan in one process on a local
 Ray cluster; ``ray-vdr demo --plan`` prints the same stages as ``ray job submit`` commands for a cluster, and the
 integration test (tests/test_jobs.py) submits them to a real Ray head. So the demo, the jobs and the test cannot drift.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ray_vdr.config import ConfigError, VDRConfig
 from ray_vdr.rerank import reranker_run
@@ -34,7 +34,7 @@ class Stage:
     title: str
     overrides: tuple[str, ...] = ()
     """Dotted overrides added to the user's config and overrides for this stage."""
-    artifacts: tuple[str, ...] = field(default=())
+    artifacts: tuple[str, ...] = ()
     """Where the stage writes (printed by the demo)."""
 
     @property
