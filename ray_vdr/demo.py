@@ -30,6 +30,8 @@ JOBS = {
 
 @dataclass(frozen=True)
 class Stage:
+    name: str
+    """Unique within the plan (two stages may run the same command)."""
     command: str
     """The ``ray-vdr`` subcommand (and, through JOBS, the jobs/ entrypoint) this stage runs."""
     title: str
@@ -63,26 +65,27 @@ def plan(cfg: VDRConfig, name: str, *, serve: bool = True) -> list[Stage]:
     # repo on the cluster read and write the same places as the stages before them
     paths = [f"run.storage_path={cfg.run.storage_path}", f"synthetic.output_dir={data}",
              f"model.name_or_path={cfg.model.name_or_path}"]
-    paths += [f"data.{split}.uri={src.uri}" for split, src in (("train", cfg.data.train), ("eval", cfg.data.eval)) if src]
+    splits = (("train", cfg.data.train), ("eval", cfg.data.eval))
+    paths += [f"data.{split}.uri={src.uri}" for split, src in splits if src]
     named = (f"run.name={name}", *paths)
     reranker = reranker_run(cfg.model_copy(update={"run": run})).uri("model")
     reranker_workers = (cfg.reranker.scaling or cfg.scaling).num_workers
     stages = [
-        Stage("make-data", "synthetic VDR pages", named, (data,)),
-        Stage("train", f"train the embedder on Ray Train ({cfg.scaling.num_workers} workers)", named,
+        Stage("make-data", "make-data", "synthetic VDR pages", named, (data,)),
+        Stage("train", "train", f"train the embedder on Ray Train ({cfg.scaling.num_workers} workers)", named,
               (run.uri("model"),)),
-        Stage("embed", "embed the eval corpus → Parquet + FAISS (the serving index)",
+        Stage("embed-corpus", "embed", "embed the eval corpus → Parquet + FAISS (the serving index)",
               (*named, f"index.sources=[{data}/images/eval]", f"index.output={index}"), (index,)),
-        Stage("embed", "embed the training pages → the index hard negatives are mined from",
+        Stage("embed-train-pages", "embed", "embed the training pages → the index hard negatives are mined from",
               (*named, f"index.sources=[{data}/images/train]", f"index.output={pages}"), (pages,)),
-        Stage("mine", "mine hard negatives for the training queries", (*named, f"mine.index={pages}"),
+        Stage("mine", "mine", "mine hard negatives for the training queries", (*named, f"mine.index={pages}"),
               (run.uri("mined"),)),
-        Stage("train-reranker", f"train the reranker on them (Ray Train, {reranker_workers} workers)",
+        Stage("train-reranker", "train-reranker", f"train the reranker on them (Ray Train, {reranker_workers} workers)",
               (*named, f"reranker.model.name_or_path={run.uri('reranker-base')}"), (reranker,)),
-        Stage("evaluate", "evaluate both stages: embed only vs embed + rerank", named, (run.uri("eval"),)),
+        Stage("evaluate", "evaluate", "evaluate both stages: embed only vs embed + rerank", named, (run.uri("eval"),)),
     ]
     if serve:
-        stages.append(Stage("serve", "serve the two-stage endpoint and the search page (Ray Serve)",
+        stages.append(Stage("serve", "serve", "serve the two-stage endpoint and the search page (Ray Serve)",
                             (*named, f"serve.index={index}")))
     return stages
 

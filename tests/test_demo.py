@@ -26,6 +26,7 @@ def test_plan_ties_the_stages_together(tmp_path):
     stages, cfgs = _stage_configs(tmp_path)
     assert [s.command for s in stages] == ["make-data", "train", "embed", "embed", "mine", "train-reranker",
                                            "evaluate", "serve"]
+    assert len({s.name for s in stages}) == len(stages)
     assert all((ROOT / s.job).is_file() for s in stages if s.job), "every batch stage is a jobs/ entrypoint"
     assert {c.run.uri() for c in cfgs} == {f"{tmp_path}/runs/d"}, "one run name for every stage"
     _, train, corpus, pages, mine, rerank, _, serve = cfgs

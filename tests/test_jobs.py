@@ -113,10 +113,10 @@ def demo_jobs(ray_head, tmp_path_factory):
                  f"data.eval.uri={tmp}/data/eval", f"model.name_or_path={tmp}/model", f"run.storage_path={tmp}/runs",
                  "run.name=demo-job"]
     cfg = load_config(ROOT / "configs/demo.yaml", overrides)
-    stages = [s for s in demo.plan(cfg, "demo-job", serve=False)
-              if s.command in ("make-data", "train", "evaluate") or (s.command == "embed" and "eval" in s.title)]
-    assert [s.command for s in stages] == ["make-data", "train", "embed", "evaluate"]
-    logs = {s.command: ray_head.submit(s.job, "--config", "configs/demo.yaml", *demo.stage_overrides(s, overrides))
+    wanted = ["make-data", "train", "embed-corpus", "evaluate"]
+    stages = [s for s in demo.plan(cfg, "demo-job", serve=False) if s.name in wanted]
+    assert [s.name for s in stages] == wanted
+    logs = {s.name: ray_head.submit(s.job, "--config", "configs/demo.yaml", *demo.stage_overrides(s, overrides))
             for s in stages}
     return cfg, stages, logs
 
@@ -140,7 +140,7 @@ def test_jobs_train_embed_and_evaluate(demo_jobs):
     cfg, stages, logs = demo_jobs
     for stage in stages:
         for artifact in stage.artifacts:
-            assert artifact in logs[stage.command], (stage.command, artifact)
+            assert artifact in logs[stage.name], (stage.name, artifact)
     result = run(cfg)  # finished: read back from storage, nothing trained again
     m = result.metrics
     assert m["world_size"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU", m
@@ -157,7 +157,7 @@ def test_jobs_train_embed_and_evaluate(demo_jobs):
     # the embedding job indexed the 200 eval pages once each, with the trained model at the saved dimension
     manifest = read_manifest(cfg.run.uri("index"))
     assert manifest["model"]["path"] == result.model_uri and manifest["dim"] == cfg.output.truncate_dim
-    assert "200 pages embedded, 0 rejected" in logs["embed"]
+    assert "200 pages embedded, 0 rejected" in logs["embed-corpus"]
 
     # the evaluation job measured embed-only retrieval with the saved model at its saved dimension
     two_stage = json.loads((Path(cfg.run.uri("eval")) / "eval.json").read_text())
