@@ -62,7 +62,7 @@ def build_loss(model: SentenceTransformer, train: TrainConfig, *, gather: bool):
     else:
         loss = MultipleNegativesRankingLoss(model, gather_across_devices=gather)
     if train.matryoshka_dims:
-        dim = model.get_sentence_embedding_dimension()
+        dim = model.get_embedding_dimension()
         if dim is not None and train.matryoshka_dims[0] > dim:
             raise ValueError(f"train.matryoshka_dims starts at {train.matryoshka_dims[0]} but the model outputs {dim}")
         loss = MatryoshkaLoss(model, loss, matryoshka_dims=train.matryoshka_dims)
@@ -190,7 +190,7 @@ def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bo
         use_cpu=not cuda,  # without it accelerate sees DistributedType.NO on CPU and each rank trains alone
         seed=t.seed,
         dataloader_num_workers=t.dataloader_workers,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **{_checkpointing_field(args_cls): t.gradient_checkpointing},
         ddp_find_unused_parameters=False,  # every parameter takes part in each step; the extra graph walk costs time
         # each rank reads its own Ray shard: never let rank 0 read and dispatch (it would slice pixel patches)
         accelerator_config={"dispatch_batches": False, "split_batches": False},
@@ -198,6 +198,14 @@ def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bo
         prompts=prompts,
         disable_tqdm=True,
     )
+
+
+def _checkpointing_field(args_cls) -> str:
+    """transformers 5.x renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name warns)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def peak_memory_bytes(cuda: bool) -> int:
@@ -388,7 +396,7 @@ class Task:
     def evaluator(self, eval_shard, model, cfg: VDRConfig, log: bool) -> _Evaluator:
         from ray_vdr.evaluate import eval_dims, eval_set_from_table
 
-        dims = eval_dims(model.get_sentence_embedding_dimension(), cfg.train.matryoshka_dims)
+        dims = eval_dims(model.get_embedding_dimension(), cfg.train.matryoshka_dims)
         return _RetrievalEvaluator(model, eval_set_from_table(_eval_table(eval_shard)), dims,
                                    batch_size=min(16, cfg.train.per_device_batch_size), log=log)
 

@@ -8,8 +8,10 @@ only the head it started, by PID. Mining and reranker training jobs run in proce
 
 Learning proofs:
 1. The tiny Qwen3-VL embedder trained by the job must retrieve the held-out eval pages far better than before.
-   Measured on the CPU machine (2026-11-22, demo config): NDCG@10 at dim 64 went 0.007 → 0.21-0.24. A broken loss,
-   sharding or collator leaves it near the random 0.01-0.05, so the margins below catch those.
+   Measured on the CPU machine (2026-11-22, demo config, six runs): NDCG@10 at dim 64 went 0.007 → 0.12-0.39; the
+   outcome varies from run to run (streaming order, 40 eval queries) and from machine to machine. Ranking the 200
+   pages at random scores 0.023 on average (standard deviation 0.017 over 40 queries), and a broken loss, sharding
+   or collator stays there, so the bars below sit ~3.4 standard deviations above random and below every run seen.
 2. A reranker built on that embedder (Dense head) and trained with the reranker task's pieces must fit its training
    pairs (the loss falls below the label prior).
 """
@@ -144,9 +146,9 @@ def test_jobs_train_embed_and_evaluate(demo_jobs):
     result = run(cfg)  # finished: read back from storage, nothing trained again
     m = result.metrics
     assert m["world_size"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU", m
-    assert m["ndcg@10"] >= 0.12 and m["ndcg@10"] >= m["ndcg@10_base"] + 0.1, result.eval_table
+    assert m["ndcg@10"] >= 0.08 and m["ndcg@10"] >= m["ndcg@10_base"] + 0.06, result.eval_table
     report = json.loads((Path(result.model_uri) / "eval.json").read_text())
-    for dim, after in report["finetuned"].items():
+    for dim, after in report["finetuned"].items():  # lowest seen: dim 16, 0.0075 -> 0.101
         assert after["ndcg@10"] >= report["base"][dim]["ndcg@10"] + 0.05, (dim, result.eval_table)
     check_exactly_once_and_in_sync(result, Path(cfg.run.uri()), cfg.synthetic.train_queries, int(cfg.train.epochs))
     install_image_only_processor()  # this machine has no torchvision (ray_vdr/models/processor.py)
