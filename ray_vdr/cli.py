@@ -127,6 +127,23 @@ def cmd_evaluate(cfg: VDRConfig) -> int:
     return 0
 
 
+def cmd_promote(cfg: VDRConfig) -> int:
+    from ray_vdr.promote import run
+
+    r = run(cfg)
+    if r.metrics:
+        print("| embedder | model | dim | ndcg@10 | mrr@10 | recall@10 |\n|---|---|---|---|---|---|")
+        for name, gen in (("live", r.before), ("candidate", r.candidate)):
+            m = r.metrics[name]
+            print(f"| {name} | {gen['model']} | {gen['dim']} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} "
+                  f"| {m['recall@10']:.4f} |")
+    print(f"{'promoted' if r.promoted else 'not promoted'}: {r.reason}")
+    print(f"live: {r.live['id']} (model {r.live['model']}, index {r.live['index']}); manifest {r.manifest}")
+    if r.switched is None and r.promoted:
+        print("no endpoint answered: one started with this serve.live serves the new generation")
+    return 0
+
+
 def _sample_query(cfg: VDRConfig) -> dict[str, str] | None:
     """The first query of the eval split, with the file name of its page (the demo's corpus names pages by file)."""
     src = cfg.data.eval
@@ -223,6 +240,8 @@ COMMANDS: dict[str, tuple[Callable[[VDRConfig], int], str]] = {
     "train-reranker": (cmd_train_reranker, "finetune the multimodal reranker on mined triplets (Ray Train)"),
     "evaluate": (cmd_evaluate, "two-stage evaluation: embed only vs embed + rerank at several depths"),
     "serve": (cmd_serve, "start the two-stage retrieval endpoint (Ray Serve) over index.output"),
+    "promote": (cmd_promote, "re-embed the corpus with a candidate embedder and switch the endpoint to it if it is "
+                             "not worse on the eval split"),
 }
 
 

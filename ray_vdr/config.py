@@ -455,8 +455,14 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     route_prefix: str = Field("/", description="Where the application is mounted.")
     app_name: str = Field("ray-vdr", description="Serve application name.")
+    live: str | None = Field(
+        None, description="The live manifest (a JSON file or URI) that `ray-vdr promote` writes: which model and index "
+        "are live, and the previous ones. Set, the endpoint serves what it names (until it exists: ``index``) and "
+        "follows it every ``index_poll_s``; None = ``index`` only, fixed."
+    )
     index_poll_s: float = Field(
-        10.0, gt=0, description="While the index does not exist yet, look for it this often (health stays 503)."
+        10.0, gt=0, description="While the index does not exist yet, look for it this often (health stays 503); also "
+        "how often the endpoint reads the live manifest."
     )
     keep_running: bool = Field(
         True, description="`ray-vdr serve` / `demo` only: after the sample query, keep the endpoint up until Ctrl-C."
@@ -589,6 +595,26 @@ class EvalConfig(_Strict):
         return self
 
 
+class PromoteConfig(_Strict):
+    """Model promotion (jobs/promote.py): re-embed the corpus with a candidate embedder, evaluate it against the live
+    one on the eval split, and switch the endpoint (``serve.live``) to it only if NDCG@10 is not worse."""
+
+    model: str | None = Field(None, description="The candidate embedder. None = the model this config's training saved.")
+    output: str | None = Field(
+        None, description="Folder or URI under which each candidate's index is built (one folder per generation). "
+        "None = <run storage>/<run name>/generations."
+    )
+    min_delta: float = Field(
+        0.0, description="Promote only if candidate NDCG@10 >= live NDCG@10 + min_delta (0 = not worse)."
+    )
+    endpoint: str | None = Field(
+        None, description="The endpoint's URL, to confirm it serves the new generation. None = serve.host:serve.port "
+        "+ route_prefix; skipped (with a message) when nothing answers there."
+    )
+    switch_timeout_s: float = Field(600.0, gt=0, description="How long to wait for the endpoint to switch.")
+    eval_cpus: float = Field(1.0, gt=0, description="CPUs of the evaluation task (on a GPU when scaling.use_gpu).")
+
+
 class SyntheticConfig(_Strict):
     output_dir: str = Field("./data/synthetic", description="Folder for the generated train/eval Parquet and JSONL.")
     train_queries: PositiveInt = Field(200, description="Training rows (query, page, hard negative).")
@@ -618,6 +644,7 @@ class VDRConfig(_Strict):
     mine: MineConfig = Field(default_factory=MineConfig, description="Hard-negative mining from the corpus index.")
     reranker: RerankerConfig = Field(default_factory=RerankerConfig, description="The multimodal reranker.")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="Two-stage evaluation.")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Model promotion on the live endpoint.")
 
     @model_validator(mode="after")
     def _consistent(self) -> VDRConfig:

@@ -85,8 +85,9 @@ def plan(cfg: VDRConfig, name: str, *, serve: bool = True) -> list[Stage]:
         Stage("evaluate", "evaluate", "evaluate both stages: embed only vs embed + rerank", named, (run.uri("eval"),)),
     ]
     if serve:
+        # following a live manifest, so that `ray-vdr promote` with the same serve.live can switch it to a new model
         stages.append(Stage("serve", "serve", "serve the two-stage endpoint and the search page (Ray Serve)",
-                            (*named, f"serve.index={index}")))
+                            (*named, f"serve.index={index}", f"serve.live={run.uri('live.json')}")))
     return stages
 
 

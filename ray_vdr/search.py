@@ -35,8 +35,9 @@ from ray_vdr.vector_index import MANIFEST
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Background", "NotReady", "PageStore", "QueryEncoder", "RequestError", "RerankScorer", "SearchRequest",
-           "check_binding", "merge_results", "parse_request"]
+__all__ = ["Background", "Generations", "NotReady", "PageStore", "QueryEncoder", "RequestError", "RerankScorer",
+           "SearchRequest", "check_binding", "generation", "merge_results", "parse_request", "read_live",
+           "serving_generations"]
 
 
 class RequestError(ValueError):
@@ -354,3 +355,83 @@ def wait_for_manifest(index: str, poll_s: float, say: Callable[[str], None]) -> 
         time.sleep(poll_s)
         waited += poll_s
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generations: which index (and the model it was built with) the endpoint serves, switched by `ray-vdr promote`
+
+
+def generation(index: str, model: str | None = None, dim: int | None = None) -> dict[str, Any]:
+    """A servable generation: an index folder (its id is derived from the URI), optionally its model and dimension."""
+    import hashlib
+
+    gid = "g-" + hashlib.sha1(index.rstrip("/").encode()).hexdigest()[:10]
+    return {"id": gid, "index": index, "model": model, "dim": dim}
+
+
+def read_live(uri: str) -> dict[str, Any] | None:
+    """The live manifest `ray-vdr promote` writes (None while there is none)."""
+    return json.loads(read_bytes(uri)) if is_file(uri) else None
+
+
+def serving_generations(cfg: ServeConfig) -> list[dict[str, Any]]:
+    """The generations an endpoint serves, preferred first: the live manifest's live and previous ones, or, without
+    a manifest, ``cfg.index`` (with ``cfg.model`` and ``cfg.dim``)."""
+    live = read_live(cfg.live) if cfg.live else None
+    if live is None:
+        return [generation(cfg.index, cfg.model, cfg.dim)]
+    return [g for g in (live["live"], live.get("previous")) if g]
+
+
+def generation_config(cfg: ServeConfig, gen: dict[str, Any]) -> ServeConfig:
+    """``cfg`` bound to one generation's index, model and dimension (for check_binding and the loaders)."""
+    return cfg.model_copy(update={"index": gen["index"], "model": gen.get("model"), "dim": gen.get("dim")})
+
+
+class Generations:
+    """What one replica has loaded, per generation: ``load(gen, say)`` runs in the background for each generation
+    the live manifest names, and a generation it no longer names is dropped. With ``cfg.live`` set, the manifest is
+    read again every ``cfg.index_poll_s`` in a thread; without, the one generation of ``cfg.index`` is fixed.
+
+    ``get(gid)`` raises NotReady for a generation not (yet, or any more) loaded here: the ingress then falls back to
+    the next generation, so a switch never fails a request while replicas load the new one.
+    """
+
+    def __init__(self, what: str, cfg: ServeConfig, load: Callable[[dict[str, Any], Callable[[str], None]], Any]):
+        self.what, self.cfg, self._load = what, cfg, load
+        self.loaded: dict[str, Background] = {}
+        self.order: list[str] = []
+        self.refresh()
+        if cfg.live:
+            threading.Thread(target=self._follow, name=f"follow-{what}", daemon=True).start()
+
+    def refresh(self) -> None:
+        gens = serving_generations(self.cfg)
+        for g in gens:
+            if g["id"] not in self.loaded:
+                logger.info("%s: loading generation %s (%s)", self.what, g["id"], g["index"])
+                self.loaded[g["id"]] = Background(f"{self.what} {g['id']}", lambda say, g=g: self._load(g, say))
+        self.order = [g["id"] for g in gens]
+        for gid in [k for k in self.loaded if k not in self.order]:
+            logger.info("%s: dropping generation %s", self.what, gid)
+            del self.loaded[gid]  # requests already holding its objects finish with them
+
+    def _follow(self) -> None:
+        while True:
+            time.sleep(self.cfg.index_poll_s)
+            try:
+                self.refresh()
+            except Exception as e:  # a manifest mid-upload or storage hiccup: keep serving what is loaded
+                logger.warning("%s: reading the live manifest %s failed: %s", self.what, self.cfg.live, e)
+
+    def get(self, gid: str) -> Any:
+        bg = self.loaded.get(gid)
+        if bg is None:
+            raise NotReady(f"{self.what}: generation {gid} is not served here (serving {self.order})")
+        return bg.get()
+
+    def status(self) -> dict[str, Any]:
+        """The preferred generation's state (ready, loading or failed), and every generation's."""
+        first = self.loaded[self.order[0]].status()
+        return {**first, "generation": self.order[0],
+                "generations": {gid: self.loaded[gid].state for gid in self.order}}

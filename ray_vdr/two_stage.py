@@ -143,44 +143,80 @@ def resolve(cfg: VDRConfig) -> tuple[str, str | None, str]:
     return model, cfg.evaluate.reranker or trained_reranker(cfg), cfg.evaluate.output or cfg.run.uri("eval")
 
 
-def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> dict[str, Any]:
-    """Runs as one Ray task: read the eval split, load both models, measure."""
+def _eval_split(cfg: VDRConfig, tag: str):
+    """The eval split as an EvalSet, read with Ray Data (inside a task: 40 rows here, a few thousand in real runs)."""
     import pyarrow as pa
-    import torch
+    import ray.data
 
-    from ray_vdr.cluster import worker_logging
-    from ray_vdr.config import ModelConfig
     from ray_vdr.data.dataset import build_dataset
     from ray_vdr.data.triplets import TripletSpec
     from ray_vdr.evaluate import eval_set_from_table
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a small split: bars would garble the job log
+    spec = TripletSpec.from_config(cfg.data, split="eval")
+    ds = build_dataset(cfg.data.eval, spec, cfg.run.uri("rejects", tag), batch_size=cfg.data.batch_size)
+    return eval_set_from_table(pa.concat_tables(list(ds.iter_batches(batch_size=256, batch_format="pyarrow"))))
+
+
+def _load(cfg: VDRConfig, path: str, device: str, reranker: bool = False):
+    """A saved embedder (or reranker) with this config's dtype, attention and pixel bounds for its kind."""
+    from ray_vdr.config import ModelConfig
     from ray_vdr.index import _local_model
     from ray_vdr.models.load import build_model
 
-    worker_logging()
-    import ray.data
+    m = cfg.reranker.model if reranker else cfg.model
+    return build_model(ModelConfig(name_or_path=_local_model(path), builder="load", dtype=m.dtype,
+                                   attn_implementation=m.attn_implementation, min_pixels=m.min_pixels,
+                                   max_pixels=m.max_pixels), device=device, reranker=reranker)
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # 40 rows: bars would only garble the job log
+
+def _device(cfg: VDRConfig) -> str:
+    import torch
+
+    from ray_vdr.cluster import worker_logging
+
+    worker_logging()
+    return "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> dict[str, Any]:
+    """Runs as one Ray task: read the eval split, load both models, measure."""
     cfg = VDRConfig.model_validate(cfg_json)
-    device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
-    spec = TripletSpec.from_config(cfg.data, split="eval")
-    ds = build_dataset(cfg.data.eval, spec, cfg.run.uri("rejects", "eval-two-stage"), batch_size=cfg.data.batch_size)
-    eval_set = eval_set_from_table(pa.concat_tables(list(ds.iter_batches(batch_size=256, batch_format="pyarrow"))))
-    m = cfg.model
-    emb_cfg = ModelConfig(name_or_path=_local_model(model), builder="load", dtype=m.dtype,
-                          attn_implementation=m.attn_implementation, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
-    embedder = build_model(emb_cfg, device=device)
-    dim = cfg.evaluate.dim or cfg.output.truncate_dim or embedder.get_sentence_embedding_dimension()
-    rr = None
-    if reranker is not None:
-        r = cfg.reranker.model
-        rr = build_model(ModelConfig(name_or_path=_local_model(reranker), builder="load", dtype=r.dtype,
-                                     attn_implementation=r.attn_implementation, min_pixels=r.min_pixels,
-                                     max_pixels=r.max_pixels), device=device, reranker=True)
+    device = _device(cfg)
+    eval_set = _eval_split(cfg, "eval-two-stage")
+    embedder = _load(cfg, model, device)
+    dim = cfg.evaluate.dim or cfg.output.truncate_dim or embedder.get_embedding_dimension()
+    rr = _load(cfg, reranker, device, reranker=True) if reranker is not None else None
     t0 = time.perf_counter()
     results = two_stage_metrics(embedder, rr, eval_set, dim=dim, depths=cfg.evaluate.rerank_depths,
                                 batch_size=cfg.evaluate.batch_size)
     return {"results": results, "dim": dim, "eval_queries": len(eval_set.queries),
             "eval_corpus": len(eval_set.corpus), "seconds": round(time.perf_counter() - t0, 2), "device": device}
+
+
+def _compare_task(cfg_json: dict, embedders: dict[str, tuple[str, int]]) -> dict[str, dict[str, float]]:
+    """Runs as one Ray task: embed-only metrics of each {name: (model, dim)} on the same eval split."""
+    cfg = VDRConfig.model_validate(cfg_json)
+    device = _device(cfg)
+    eval_set = _eval_split(cfg, "eval-compare")
+    out = {}
+    for name, (path, dim) in embedders.items():
+        out[name] = two_stage_metrics(_load(cfg, path, device), None, eval_set, dim=dim, depths=[],
+                                      batch_size=cfg.evaluate.batch_size)[EMBED_ONLY]
+        out[name]["eval_queries"] = len(eval_set.queries)
+    return out
+
+
+def compare_embedders(cfg: VDRConfig, embedders: dict[str, tuple[str, int]], num_cpus: float = 1.0
+                      ) -> dict[str, dict[str, float]]:
+    """Embed-only NDCG@10, MRR@10, Recall@10 of each {name: (model, dim)} on the eval split, in one Ray task (on a
+    GPU when ``scaling.use_gpu``), each embedder at its own dimension."""
+    import ray
+
+    if cfg.data.eval is None:
+        raise FileNotFoundError("data.eval is not set: comparing embedders needs the eval split")
+    task = ray.remote(_compare_task).options(num_gpus=1 if cfg.scaling.use_gpu else 0, num_cpus=num_cpus)
+    return ray.get(task.remote(cfg.model_dump(mode="json"), embedders))
 
 
 def run(cfg: VDRConfig) -> dict[str, Any]:

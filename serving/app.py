@@ -14,6 +14,12 @@ Deployments (each wraps a plain class of :mod:`ray_vdr.search`; models and the i
 - ``Ingress`` (FastAPI): ``POST /search``, ``GET /healthz``, ``GET /pages/{doc_id}``, the search page at ``/``,
   OpenAPI at ``/docs``.
 
+Generations: what the endpoint serves is an index (and the model it was built with), a *generation*. With
+``serve.live`` set, every replica follows the live manifest that ``ray-vdr promote`` writes (ray_vdr/promote.py),
+keeps its live and previous generations loaded and drops older ones; the ingress runs every stage of a request in
+one generation, the live one, or the previous one while a stage is still loading the live one. So a promotion
+switches the endpoint without restarting a replica and without a failed request.
+
 Batching and limits are consistent by construction (checked by :class:`ray_vdr.config.ServeConfig`): a batched
 replica's ``max_ongoing_requests`` is at least its batch size (it caps the batch, Ray #43288), and the ingress can hold
 enough requests in flight to fill every downstream batch. Over capacity every caller gets 503 with Retry-After.
@@ -69,27 +75,41 @@ class QueryEmbedder:
         self.cfg = ServeConfig.model_validate(cfg)
         device = _device(num_gpus)
 
-        def load(say):
-            manifest = core.wait_for_manifest(self.cfg.index, self.cfg.index_poll_s, say)
+        def load(gen, say):
+            manifest = core.wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
             say("checking the model against the index manifest")
-            binding = core.check_binding(self.cfg, manifest)
+            binding = core.check_binding(core.generation_config(self.cfg, gen), manifest)
             say(f"loading {binding['model']} on {device}")
             return core.QueryEncoder(binding, self.cfg, device, num_cpus)
 
-        self.loaded = core.Background("query embedder", load)
-        _set_batching(self.embed, self.cfg.embedder)
+        self.gens = core.Generations("query embedder", self.cfg, load)
+        _set_batching(self._embed, self.cfg.embedder)
 
     def status(self) -> dict[str, Any]:
-        return self.loaded.status()
+        return self.gens.status()
+
+    async def embed(self, gid: str, item: Any) -> tuple[Any, float, int]:
+        """The query's vector from generation ``gid``'s model; also the model time and batch size (for timings)."""
+        return _raise_or_return(await self._embed((gid, item)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def embed(self, items: list) -> list[tuple[Any, float, int]]:
-        """One vector per query; also the model time and batch size, for the timings in the response."""
-        encoder: core.QueryEncoder = self.loaded.get()
-        start = time.perf_counter()
-        vectors = await asyncio.to_thread(encoder.encode, items)  # the loop keeps gathering the next batch
+    async def _embed(self, requests: list[tuple[str, Any]]) -> list[Any]:
+        """One forward per generation in the batch (one, except while a promotion switches)."""
+        start, out = time.perf_counter(), [None] * len(requests)
+        for gid in dict.fromkeys(g for g, _ in requests):
+            idx = [i for i, (g, _) in enumerate(requests) if g == gid]
+            try:
+                encoder: core.QueryEncoder = self.gens.get(gid)
+            except core.NotReady as e:
+                for i in idx:
+                    out[i] = e
+                continue
+            # in a thread: the loop keeps gathering the next batch
+            vectors = await asyncio.to_thread(encoder.encode, [requests[i][1] for i in idx])
+            for i, v in zip(idx, vectors, strict=True):
+                out[i] = v
         seconds = time.perf_counter() - start
-        return [(v, seconds, len(items)) for v in vectors]
+        return [v if isinstance(v, Exception) else (v, seconds, len(requests)) for v in out]
 
 
 @serve.deployment
@@ -97,45 +117,57 @@ class Retriever:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = ServeConfig.model_validate(cfg)
 
-        def load(say):
+        def load(gen, say):
             from ray_vdr.index import open_index
 
-            manifest = core.wait_for_manifest(self.cfg.index, self.cfg.index_poll_s, say)
+            manifest = core.wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
             say("checking the model against the index manifest")
-            binding = core.check_binding(self.cfg, manifest)
+            binding = core.check_binding(core.generation_config(self.cfg, gen), manifest)
             say("loading the FAISS index")
-            index = open_index(self.cfg.index, dim=binding["dim"])
-            return index, core.PageStore(self.cfg.index, index.ids)
+            index = open_index(gen["index"], dim=binding["dim"])
+            return index, core.PageStore(gen["index"], index.ids)
 
-        self.loaded = core.Background("index", load)
-        _set_batching(self.search, self.cfg.retriever)
+        self.gens = core.Generations("index", self.cfg, load)
+        _set_batching(self._search, self.cfg.retriever)
 
     def status(self) -> dict[str, Any]:
-        status = self.loaded.status()
+        status = self.gens.status()
         if status["state"] == "ready":
-            m = self.loaded.value[0].manifest
+            m = self.gens.get(status["generation"])[0].manifest
             status["index"] = {"vectors": m["vectors"], "dim": m["dim"], "type": m["index"]["type"],
                                "model": m["model"]["path"], "updated_at": m.get("updated_at")}
         return status
 
+    async def search(self, gid: str, vector: Any, k: int) -> tuple[list[dict], float]:
+        """The top-k hits of a query vector in generation ``gid``'s index; also the search time."""
+        return _raise_or_return(await self._search((gid, vector, k)))
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def search(self, requests: list[tuple[Any, int]]) -> list[tuple[list[dict], float]]:
-        """Top-k hits per (query vector, k); one FAISS call for the batch at the largest k."""
+    async def _search(self, requests: list[tuple[str, Any, int]]) -> list[Any]:
+        """One FAISS call per generation in the batch, at its largest k."""
         import numpy as np
 
-        index, _ = self.loaded.get()
-        start = time.perf_counter()
-        vectors = np.stack([v for v, _ in requests])
-        k = max(k for _, k in requests)
-        hits = await asyncio.to_thread(index.search, vectors, k)
+        start, out = time.perf_counter(), [None] * len(requests)
+        for gid in dict.fromkeys(g for g, _, _ in requests):
+            idx = [i for i, r in enumerate(requests) if r[0] == gid]
+            try:
+                index, _ = self.gens.get(gid)
+            except core.NotReady as e:
+                for i in idx:
+                    out[i] = e
+                continue
+            k = max(requests[i][2] for i in idx)
+            hits = await asyncio.to_thread(index.search, np.stack([requests[i][1] for i in idx]), k)
+            for i, h in zip(idx, hits, strict=True):
+                out[i] = h[:requests[i][2]]
         seconds = time.perf_counter() - start
-        return [(h[:k], seconds) for h, (_, k) in zip(hits, requests, strict=True)]
+        return [h if isinstance(h, Exception) else (h, seconds) for h in out]
 
-    async def lookup(self, doc_id: str, page: int | None) -> int | None:
-        return self.loaded.get()[1].position(doc_id, page)
+    async def lookup(self, gid: str, doc_id: str, page: int | None) -> int | None:
+        return self.gens.get(gid)[1].position(doc_id, page)
 
-    async def page(self, position: int, column: str) -> bytes:
-        return (await asyncio.to_thread(self.loaded.get()[1].get, [position], column))[0]
+    async def page(self, gid: str, position: int, column: str) -> bytes:
+        return (await asyncio.to_thread(self.gens.get(gid)[1].get, [position], column))[0]
 
 
 @serve.deployment
@@ -144,37 +176,58 @@ class Reranker:
         self.cfg = ServeConfig.model_validate(cfg)
         device = _device(num_gpus)
 
-        def load(say):
-            core.wait_for_manifest(self.cfg.index, self.cfg.index_poll_s, say)
-            store = core.PageStore.open(self.cfg.index)
-            say(f"loading the reranker {self.cfg.reranker} on {device}")
-            return store, core.RerankScorer(self.cfg.reranker, self.cfg, device, num_cpus)
+        self.scorer = core.Background("reranker", lambda say: core.RerankScorer(self.cfg.reranker, self.cfg,
+                                                                               device, num_cpus))
 
-        self.loaded = core.Background("reranker", load)
-        _set_batching(self.rerank, self.cfg.rerank)
+        def load(gen, say):  # the generation's page store: page positions differ from index to index
+            core.wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
+            return core.PageStore.open(gen["index"])
+
+        self.gens = core.Generations("reranker pages", self.cfg, load)
+        _set_batching(self._rerank, self.cfg.rerank)
 
     def status(self) -> dict[str, Any]:
-        return self.loaded.status()
+        pages = self.gens.status()
+        return pages if self.scorer.state == "ready" else {**pages, **self.scorer.status()}
+
+    async def rerank(self, gid: str, query: str, positions: list[int]) -> tuple[Any, float, int]:
+        """Scores of (query, page) for pages of generation ``gid``'s index; also the model time and batch size."""
+        return _raise_or_return(await self._rerank((gid, query, positions)))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
-    async def rerank(self, requests: list[tuple[str, list[int]]]) -> list[tuple[Any, float, int]]:
-        """Scores of each request's (query, page) pairs; the pairs of every request in the batch go through the
-        model together, in forwards of ``rerank_batch_size`` pairs."""
-        store, scorer = self.loaded.get()
+    async def _rerank(self, requests: list[tuple[str, str, list[int]]]) -> list[Any]:
+        """The pairs of every request in the batch go through the model together, in forwards of
+        ``rerank_batch_size`` pairs."""
+        scorer = self.scorer.get()
         start = time.perf_counter()
+        ok, out = [], [None] * len(requests)
+        for i, (gid, _, _) in enumerate(requests):
+            try:
+                ok.append((i, self.gens.get(gid)))
+            except core.NotReady as e:
+                out[i] = e
 
         def run():
-            pages = core.pil_pages(store.get([p for _, ps in requests for p in ps], "image"))
-            queries = [q for q, ps in requests for _ in ps]
-            return scorer.score(list(zip(queries, pages, strict=True)))
+            blobs = [b for i, store in ok for b in store.get(requests[i][2], "image")]
+            queries = [requests[i][1] for i, _ in ok for _ in requests[i][2]]
+            return scorer.score(list(zip(queries, core.pil_pages(blobs), strict=True)))
 
         scores = await asyncio.to_thread(run)
         seconds = time.perf_counter() - start
-        out, i = [], 0
-        for _, ps in requests:
-            out.append((scores[i:i + len(ps)], seconds, len(requests)))
-            i += len(ps)
+        at = 0
+        for i, _ in ok:
+            n = len(requests[i][2])
+            out[i] = (scores[at:at + n], seconds, len(ok))
+            at += n
         return out
+
+
+def _raise_or_return(result: Any) -> Any:
+    """A batched method's per-request result, or the exception it stands for (``@serve.batch`` has no per-request
+    errors: NotReady for one generation must not fail the batch's other requests)."""
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
@@ -200,6 +253,19 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(cfg)
         self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
+        # which generations to ask for, preferred first (nothing to load here: the stages load them)
+        self.gens = core.Generations("ingress", self.cfg, lambda gen, say: gen)
+
+    async def _in_generation(self, call):
+        """``await call(gid)`` in the preferred generation; if a stage has not loaded it (yet: a promotion is
+        switching), in the next one. Every stage of one request uses the same generation."""
+        order = list(self.gens.order)
+        for n, gid in enumerate(order):
+            try:
+                return await call(gid)
+            except Exception as e:
+                if n + 1 == len(order) or not isinstance(_error_cause(e), core.NotReady):
+                    raise
 
     def _unavailable(self, e: BaseException) -> JSONResponse | None:
         """503 + Retry-After for a stage still loading or over capacity; None for anything else."""
@@ -230,7 +296,8 @@ class Ingress:
                 report[name] = {"state": "unavailable", "detail": f"{type(e).__name__}: {e}"[:300]}
         ready = all(s["state"] == "ready" for s in report.values())
         headers = None if ready else {"Retry-After": str(self.cfg.limits.retry_after_s)}
-        return JSONResponse({"ready": ready, "stages": report}, status_code=200 if ready else 503, headers=headers)
+        return JSONResponse({"ready": ready, "generation": self.gens.order[0], "stages": report},
+                            status_code=200 if ready else 503, headers=headers)
 
     @api.post("/search", summary="Top pages for a text or image query, reranked")
     async def search(self, body: core.SearchRequest) -> JSONResponse:
@@ -239,7 +306,8 @@ class Ingress:
         except core.RequestError as e:
             return _error(e.status, str(e))
         try:
-            return JSONResponse(await asyncio.wait_for(self._search(query), self.cfg.limits.request_timeout_s))
+            answer = self._in_generation(lambda gid: self._search(gid, query))
+            return JSONResponse(await asyncio.wait_for(answer, self.cfg.limits.request_timeout_s))
         except TimeoutError:
             return _error(504, f"search took longer than {self.cfg.limits.request_timeout_s}s")
         except Exception as e:
@@ -248,18 +316,18 @@ class Ingress:
                 raise
             return unavailable
 
-    async def _search(self, query: core.Query) -> dict[str, Any]:
+    async def _search(self, gid: str, query: core.Query) -> dict[str, Any]:
         t0 = time.perf_counter()
-        vector, embed_s, embed_batch = await self.embedder.embed.remote(query.item)
+        vector, embed_s, embed_batch = await self.embedder.embed.remote(gid, query.item)
         t1 = time.perf_counter()
         depth = max(query.top_k, query.rerank_depth)
-        hits, search_s = await self.retriever.search.remote((vector, depth))
+        hits, search_s = await self.retriever.search.remote(gid, vector, depth)
         t2 = time.perf_counter()
         scores, rerank_s, rerank_batch = None, 0.0, 0
         if query.rerank_depth and hits:
             head = hits[:query.rerank_depth]
             scores, rerank_s, rerank_batch = await self.reranker.rerank.remote(
-                (query.text, [h["position"] for h in head]))
+                gid, query.text, [h["position"] for h in head])
         t3 = time.perf_counter()
         results = core.merge_results(hits, scores, query.top_k)
         prefix = self.cfg.route_prefix.rstrip("/")
@@ -267,7 +335,7 @@ class Ingress:
             r["thumbnail_url"] = f"{prefix}/pages/{quote(r['doc_id'])}?page={r['page']}"
         ms = 1000.0
         return {
-            "query": query.text, "image_query": query.image is not None, "top_k": query.top_k,
+            "query": query.text, "image_query": query.image is not None, "top_k": query.top_k, "generation": gid,
             "rerank_depth": query.rerank_depth if scores is not None else 0, "results": results,
             "timings": {"embed_ms": (t1 - t0) * ms, "search_ms": (t2 - t1) * ms, "rerank_ms": (t3 - t2) * ms,
                         "total_ms": (time.perf_counter() - t0) * ms, "embed_compute_ms": embed_s * ms,
@@ -279,12 +347,18 @@ class Ingress:
     async def pages(self, doc_id: str, page: int | None = None, size: str = "thumbnail") -> Response:
         if size not in ("thumbnail", "full"):
             return _error(422, "size must be 'thumbnail' or 'full'")
-        try:
-            position = await self.retriever.lookup.remote(doc_id, page)
+
+        async def fetch(gid: str) -> bytes | None:
+            position = await self.retriever.lookup.remote(gid, doc_id, page)
             if position is None:
+                return None
+            return await self.retriever.page.remote(gid, position, "thumbnail" if size == "thumbnail" else "image")
+
+        try:
+            data = await self._in_generation(fetch)
+            if data is None:
                 where = f" page {page}" if page is not None else ""
                 return _error(404, f"no page in the index for doc_id {doc_id!r}{where}")
-            data = await self.retriever.page.remote(position, "thumbnail" if size == "thumbnail" else "image")
         except Exception as e:
             unavailable = self._unavailable(e)
             if unavailable is None:
@@ -328,11 +402,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
     if cfg.index is None:
         raise ValueError("serve.index is not set: give the embedding job's output folder or URI (index=...)")
-    manifest = core.read_manifest(cfg.index)
+    live = core.serving_generations(cfg)[0]  # the live manifest's live generation, or cfg.index
+    manifest = core.read_manifest(live["index"])
     if manifest is not None:
-        core.check_binding(cfg, manifest)
+        core.check_binding(core.generation_config(cfg, live), manifest)
     else:
-        logger.warning("no index at %s yet: the endpoint starts and waits for it (health 503 until loaded)", cfg.index)
+        logger.warning("no index at %s yet: the endpoint starts and waits for it (health 503 until loaded)",
+                       live["index"])
     gpus = _cluster_gpus()
     retry = cfg.limits.retry_after_s
     model_gpus = {name: (d.num_gpus if d.num_gpus is not None else (1.0 if gpus else 0.0))

@@ -50,8 +50,9 @@ def synthetic(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    """A private local Ray cluster for one test module; never attaches to a stray cluster on the machine."""
+def ray_local(tmp_path_factory, request):
+    """A private local Ray cluster for one test module; never attaches to a stray cluster on the machine. It has 2
+    logical CPUs, or the module's RAY_CPUS."""
     import ray
 
     if ray.is_initialized():
@@ -61,7 +62,7 @@ def ray_local(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("ray")
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(temp_dir),
+    ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False, _temp_dir=str(temp_dir),
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -35,6 +35,7 @@ def test_plan_ties_the_stages_together(tmp_path):
     assert corpus.index.output != pages.index.output
     assert mine.mine.index == pages.index.output, "negatives come from the training pages, never the eval corpus"
     assert serve.serve.index == corpus.index.output
+    assert serve.serve.live == serve.run.uri("live.json")  # `ray-vdr promote` with it switches the endpoint
     assert rerank.reranker.model.name_or_path == f"{tmp_path}/runs/d/reranker-base"
     assert stages[1].artifacts == (train.run.uri("model"),)
 

@@ -1,0 +1,189 @@
+"""Model promotion: a candidate embedder goes live on the endpoint only if it retrieves at least as well.
+
+    ray-vdr promote -c configs/demo.yaml promote.model=runs/<run>/model serve.live=runs/<run>/live.json
+
+1. The live generation (index + the model it was built with) comes from the live manifest (``serve.live``), or, before
+   the first promotion, from ``serve.index``.
+2. The candidate re-embeds the live index's sources into a new index, one folder per candidate model under
+   ``promote.output`` (the embedding job: resumable, so a rerun reuses it).
+3. Both embedders are evaluated on the eval split (embed only, each at its index's dimension) in one Ray task.
+4. If the candidate's NDCG@10 >= the live one's + ``promote.min_delta``, the live manifest is rewritten: the candidate
+   is live, the old live is previous. Otherwise the manifest only records the rejected candidate and why.
+5. The running endpoint follows the manifest (serving/app.py): its replicas load the new generation next to the old
+   one and the ingress switches; no replica restarts and no request fails. The job waits until the endpoint answers
+   from the new generation (``promote.endpoint``), and says so.
+
+The live manifest (JSON)::
+
+    {"live": {"id", "index", "model", "dim", "metrics", "promoted_at"}, "previous": {...} | null,
+     "history": [{"at", "candidate", "live", "decision", "reason", ...}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from ray_vdr.config import ConfigError, VDRConfig
+from ray_vdr.search import generation, read_live, read_manifest
+from ray_vdr.storage import is_file, write_bytes
+from ray_vdr.vector_index import now_iso
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromoteResult:
+    promoted: bool
+    reason: str
+    before: dict[str, Any]  # the generation live before this run
+    candidate: dict[str, Any]
+    live: dict[str, Any]  # the generation live after it
+    metrics: dict[str, dict[str, float]]  # "live" and "candidate" embed-only metrics on the eval split
+    switched: bool | None  # the endpoint answered from the new generation (None: not promoted, or no endpoint)
+    manifest: str
+
+
+def decide(live_ndcg: float, candidate_ndcg: float, min_delta: float = 0.0) -> tuple[bool, str]:
+    """Promote when the candidate's NDCG@10 is not worse than the live one's by more than ``-min_delta``."""
+    bar = live_ndcg + min_delta
+    verdict = ">=" if candidate_ndcg >= bar else "<"
+    why = (f"candidate NDCG@10 {candidate_ndcg:.4f} {verdict} live {live_ndcg:.4f}"
+           + (f" + min_delta {min_delta:+.4f}" if min_delta else ""))
+    return candidate_ndcg >= bar, why
+
+
+def endpoint_url(cfg: VDRConfig) -> str:
+    s = cfg.serve
+    if cfg.promote.endpoint:
+        return cfg.promote.endpoint.rstrip("/") + "/"
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}/"
+
+
+def _get_json(url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except ValueError:
+            return e.code, {}
+
+
+def wait_for_switch(url: str, gid: str, timeout_s: float, probes: int = 5) -> bool | None:
+    """Wait until the endpoint at ``url`` answers ``probes`` searches in a row from generation ``gid``.
+
+    None when nothing answers there (no endpoint running: it serves the new generation when it starts); raises
+    TimeoutError when it answers but does not switch in time."""
+    try:
+        _get_json(url + "healthz", timeout=10)
+    except OSError as e:
+        logger.warning("no endpoint answered at %s (%s): it will serve %s when it starts", url, e, gid)
+        return None
+    deadline, streak, last = time.time() + timeout_s, 0, {}
+    while time.time() < deadline:
+        try:
+            status, last = _get_json(url + "search", {"query": "promotion check", "top_k": 1, "rerank_depth": 0})
+        except OSError as e:
+            status, last = 0, {"detail": str(e)}
+        streak = streak + 1 if status == 200 and last.get("generation") == gid else 0
+        if streak >= probes:
+            return True
+        time.sleep(0.5)
+    raise TimeoutError(f"the endpoint at {url} did not switch to {gid} in {timeout_s:.0f}s; last answer: {last}")
+
+
+def _live_generation(cfg: VDRConfig, doc: dict | None) -> dict[str, Any]:
+    if doc is not None:
+        return doc["live"]
+    if cfg.serve.index is None:
+        raise ConfigError("invalid configuration:\n  serve.index: not set, and there is no live manifest yet")
+    manifest = read_manifest(cfg.serve.index)
+    if manifest is None:
+        raise FileNotFoundError(f"the live index {cfg.serve.index} has no manifest: build it with `ray-vdr embed`")
+    return {**generation(cfg.serve.index, manifest["model"]["path"], manifest["dim"]), "metrics": None,
+            "promoted_at": None}
+
+
+def run(cfg: VDRConfig) -> PromoteResult:
+    """Promote ``promote.model`` on the endpoint that follows ``serve.live``, if it is not worse (module doc)."""
+    from ray_vdr import index as index_job
+    from ray_vdr.cluster import init_ray
+    from ray_vdr.index import _local_model
+    from ray_vdr.two_stage import compare_embedders
+    from ray_vdr.vector_index import model_fingerprint
+
+    s = cfg.serve
+    if s.index is None:
+        s.index = cfg.index.output
+    if not s.live:
+        raise ConfigError("invalid configuration:\n  serve.live: not set; promotion switches an endpoint that "
+                          "follows a live manifest (set serve.live for both `ray-vdr serve` and `ray-vdr promote`)")
+    if s.model is not None:
+        raise ConfigError("invalid configuration:\n  serve.model: pins the query embedder; unset it to promote "
+                          "(the endpoint then uses the model each index was built with)")
+    candidate_model = cfg.promote.model or cfg.run.uri("model")
+    if not is_file(f"{candidate_model}/modules.json"):
+        raise FileNotFoundError(f"no saved embedder at {candidate_model} (promote.model; default: this config's "
+                                "training run): train one first (`ray-vdr train`)")
+    doc = read_live(s.live)
+    live = _live_generation(cfg, doc)
+    live_manifest = read_manifest(live["index"])
+    if live_manifest is None:
+        raise FileNotFoundError(f"the live index {live['index']} (in {s.live}) has no manifest")
+
+    # 2. the candidate's index over the live index's corpus
+    init_ray()
+    out_root = (cfg.promote.output or cfg.run.uri("generations")).rstrip("/")
+    candidate_index = f"{out_root}/{model_fingerprint(_local_model(candidate_model))[:12]}"
+    icfg = cfg.model_copy(deep=True)
+    icfg.index.model, icfg.index.output, icfg.index.sources = candidate_model, candidate_index, live_manifest["sources"]
+    print(f"embedding the live corpus ({len(live_manifest['sources'])} source(s), {live_manifest['vectors']} pages) "
+          f"with {candidate_model} into {candidate_index}", flush=True)
+    built = index_job.run(icfg)
+    candidate = generation(candidate_index, candidate_model, built.manifest["dim"])
+    if candidate["id"] == live["id"]:
+        return PromoteResult(False, "the candidate is already live", live, candidate, live, {}, None, s.live)
+
+    # 3. both embedders on the eval split
+    print(f"evaluating live {live['model']} (dim {live['dim']}) and candidate {candidate_model} "
+          f"(dim {candidate['dim']}) on the eval split", flush=True)
+    metrics = compare_embedders(cfg, {"live": (live["model"], live["dim"]), "candidate": (candidate_model,
+                                                                                        candidate["dim"])},
+                                num_cpus=cfg.promote.eval_cpus)
+    promoted, reason = decide(metrics["live"]["ndcg@10"], metrics["candidate"]["ndcg@10"], cfg.promote.min_delta)
+
+    # 4. the manifest: the decision, and the switch when promoted
+    now = now_iso()
+    record = {"at": now, "candidate": {**candidate, "metrics": metrics["candidate"]},
+              "live": {"id": live["id"], "model": live["model"], "metrics": metrics["live"]},
+              "decision": "promoted" if promoted else "rejected", "reason": reason}
+    history = (doc or {}).get("history", []) + [record]
+    if promoted:
+        new_live = {**candidate, "metrics": metrics["candidate"], "promoted_at": now}
+        new_doc = {"live": new_live, "previous": {**live, "metrics": metrics["live"]}, "history": history}
+    else:
+        new_doc = {"live": live, "previous": (doc or {}).get("previous"), "history": history}
+    write_bytes(json.dumps(new_doc, indent=2).encode(), s.live)
+    print(f"{'PROMOTED' if promoted else 'REJECTED'}: {reason}; live manifest {s.live}", flush=True)
+
+    # 5. the endpoint follows the manifest
+    switched = None
+    if promoted:
+        url = endpoint_url(cfg)
+        began = time.time()
+        switched = wait_for_switch(url, candidate["id"], cfg.promote.switch_timeout_s)
+        if switched:
+            print(f"the endpoint at {url} serves {candidate['id']} ({candidate_model}) after "
+                  f"{time.time() - began:.1f}s", flush=True)
+    return PromoteResult(promoted, reason, live, candidate, new_doc["live"], metrics, switched, s.live)
