@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import write_json  # noqa: E402
+
 
 def _pages(args) -> list[Path]:
     """``args.pages`` distinct synthetic page PNGs (448x576), written once under --out."""
@@ -204,6 +206,7 @@ def main() -> None:
     p.add_argument("--faiss-n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--parts", default="a,b", help="a (job ÷ plain loop), b (FAISS recall and latency)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md from them)")
     args = p.parse_args()
     if args.probe:
         probe = {"plain": probe_plain, "job": probe_job}[args.probe]
@@ -219,6 +222,7 @@ def main() -> None:
     name = f"embed_bench_{'_'.join(sorted(parts))}.json"
     Path(args.out, name).write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}/{name}")
+    write_json(args.json, {**report, "parts": sorted(parts)})
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import write_json  # noqa: E402
+
 
 def _pairs(n: int) -> list[tuple[str, object]]:
     from ray_vdr.config import SyntheticConfig
@@ -122,6 +124,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--heads", default="logit,dense")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "ray-vdr-bench-rerank"))
+    p.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md from them)")
     args = p.parse_args()
     pairs = _pairs(64)
     results = [measure(args, head, pairs) for head in args.heads.split(",")]
@@ -136,6 +139,7 @@ def main() -> int:
         a, b = results
         print(f"\n{a['head']} ÷ {b['head']}: training {a['train_pairs_per_s'] / b['train_pairs_per_s']:.2f}, "
               f"scoring {a['score_pairs_per_s'] / b['score_pairs_per_s']:.2f}")
+    write_json(args.json, {"args": vars(args), "results": results})
     return 0
 
 

@@ -35,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import write_json  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -147,6 +150,7 @@ def main() -> None:
     ap.add_argument("--ingress-ongoing", type=int, default=32, help="ingress max_ongoing_requests")
     ap.add_argument("--ingress-queued", type=int, default=32, help="ingress max_queued_requests (then 503)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md from them)")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -237,6 +241,7 @@ def main() -> None:
           f"overhead {report['endpoint_overhead_p50_ms']:.1f} ms (goal <= 5)")
     print(f"batched / unbatched QPS at 32 clients: {report['batched_over_unbatched_qps_32']:.2f} (goal >= 3)")
     print(json.dumps(report, indent=1, default=float))
+    write_json(args.json, {"args": vars(args), **report})
     serve.shutdown()
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -38,6 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import write_json  # noqa: E402
 
 
 def _shape(name: str):
@@ -204,7 +207,7 @@ def run_probe(script: str, args, probe: str, **overrides) -> dict:
     line is the JSON result. Shared by the bench scripts."""
     argv = [sys.executable, script, "--probe", probe]
     for k, v in {**vars(args), **overrides}.items():
-        if k != "probe":
+        if k not in ("probe", "json") and v is not None:  # None: the option's default
             argv += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
@@ -240,6 +243,7 @@ def main() -> None:
     p.add_argument("--zero-repeats", type=int, default=2, help="alternating runs per stage in (c)")
     p.add_argument("--parts", default="a,b", help="which measurements: a (throughput), b (memory), c (ZeRO-2 ÷ "
                                                   "ZeRO-1 step time), d (ZeRO-2 memory, batch 64 ÷ 8)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md from them)")
     args = p.parse_args()
     if args.probe:
         probe = {"plain": probe_plain, "pipeline": probe_pipeline, "memory": probe_memory}[args.probe]
@@ -264,6 +268,7 @@ def main() -> None:
     name = "train_bench.json" if parts <= {"a", "b"} else f"train_bench_{'_'.join(sorted(parts))}.json"
     Path(args.out, name).write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}/{name}")
+    write_json(args.json, {**report, "parts": sorted(parts)})
 
 
 def _throughput(args) -> dict:

@@ -11,6 +11,8 @@ The schema cannot check the rest, so the tests below do:
 - each entrypoint names a jobs/ script and a config, and its overrides load with ray_vdr's own config loader;
 - the jobs of one kustomization agree on the run, bucket and models, and they fit the cluster they bring;
 - the RayService runs serving/config.yaml's application, differing only where documented;
+- the promote job switches that RayService: it writes the live manifest the endpoint follows, starts from the index
+  it serves, and waits for the switch at its Service;
 - GPU groups request and tolerate GPUs, and every copy of the cluster spec agrees;
 - /dev/shm is sized for the object store;
 - one image and one Ray version are used everywhere, equal to pyproject's pin, the Dockerfile's base and the
@@ -31,6 +33,7 @@ import shlex
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -50,13 +53,17 @@ SHARED_CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
 # Every kustomization and whether its clusters have GPUs (a new overlay must be added here to be validated).
 USES_GPU = {"base": True, "overlays/multi-gpu": True, "overlays/dev-cpu": False}
 PIPELINE = ("train_embedder", "embed_corpus", "mine_negatives", "train_reranker", "evaluate")
+JOBS = (*PIPELINE, "promote")  # the pipeline's steps, in order, and model promotion (run after a new training run)
+# Overrides each job's entrypoint must set, so that bucket names and the endpoint's address live in k8s/ only.
+NEEDED_OVERRIDES = {"embed_corpus": {"index.sources"}, "promote": {"serve.index", "serve.live", "promote.endpoint"}}
 GPU = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 REMOTE = ("s3://", "gs://")
 OBJECT_STORE_FRACTION = 0.3  # Ray's default object store size: 30% of the node's memory, placed in /dev/shm
 # Fields of the Serve args that may differ from serving/config.yaml, a documented difference each (k8s/README.md).
 SERVE_ARGS_MAY_DIFFER = re.compile(
-    r"(index|model|reranker)|(embedder|retriever|rerank|ingress)\.(min_replicas|max_replicas|num_cpus|num_gpus)"
+    r"(index|model|reranker|live|index_poll_s)"
+    r"|(embedder|retriever|rerank|ingress)\.(min_replicas|max_replicas|num_cpus|num_gpus)"
 )
 
 
@@ -577,11 +584,14 @@ def job_problems(objects: list[dict[str, Any]], uses_gpu: bool, flash_attn_optio
             problems.append(f"{where}: runs jobs/{script}.py, which belongs to ray-vdr-{script.replace('_', '-')}")
         configs[script] = cfg
         overridden = {o.partition("=")[0] for o in args.overrides}
-        needed = {"run.storage_path", "index.output"} | ({"index.sources"} if script == "embed_corpus" else set())
+        needed = {"run.storage_path", "index.output"} | NEEDED_OVERRIDES.get(script, set())
         if needed - overridden:
             problems.append(f"{where}: set {sorted(needed - overridden)} in the entrypoint, so that bucket names "
-                            "live in k8s/ only")
+                            "and the endpoint's address live in k8s/ only")
         problems += [f"{where}: {p}" for p in _storage_problems(cfg)]
+        if script == "promote" and cfg.serve.model is not None:
+            problems.append(f"{where}: serve.model {cfg.serve.model!r} pins the query embedder, and promotion "
+                            "refuses it: leave it null")
         if cfg.scaling.use_gpu != uses_gpu:
             problems.append(f"{where}: scaling.use_gpu is {cfg.scaling.use_gpu} on a cluster with"
                             f"{'' if uses_gpu else 'out'} GPUs")
@@ -590,8 +600,8 @@ def job_problems(objects: list[dict[str, Any]], uses_gpu: bool, flash_attn_optio
             problems.append(f"{where}: attn_implementation flash_attention_2 fails in an image built with "
                             "FLASH_ATTN=0; use auto")
         problems += [f"{where}: {p}" for p in _fit_problems(script, cfg, capacity(spec["rayClusterSpec"]))]
-    if sorted(configs) != sorted(PIPELINE) or len(jobs) != len(PIPELINE):
-        problems.append(f"RayJobs run {sorted(configs)}, expected one each of {sorted(PIPELINE)}")
+    if sorted(configs) != sorted(JOBS) or len(jobs) != len(JOBS):
+        problems.append(f"RayJobs run {sorted(configs)}, expected one each of {sorted(JOBS)}")
     shared = [(c, _shared_settings(c)) for c in configs.values()]
     if any(settings != shared[0][1] for _, settings in shared):
         problems.append(f"the jobs disagree on their run, bucket or models: {[s for _, s in shared]}")
@@ -618,7 +628,8 @@ def _runtime_env_problems(where: str, text: str) -> list[str]:
 def _storage_problems(cfg: VDRConfig) -> list[str]:
     """Pods share no filesystem: everything one job writes for another must be in a bucket."""
     uris = {"run.storage_path": cfg.run.storage_path, "index.output": cfg.index.output,
-            "mine.output": cfg.mine.output, "evaluate.output": cfg.evaluate.output}
+            "mine.output": cfg.mine.output, "evaluate.output": cfg.evaluate.output, "serve.index": cfg.serve.index,
+            "serve.live": cfg.serve.live, "promote.model": cfg.promote.model, "promote.output": cfg.promote.output}
     uris |= {f"index.sources[{i}]": s for i, s in enumerate(cfg.index.sources)}
     for name, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
                          ("reranker.data", cfg.reranker.data), ("mine.queries", cfg.mine.queries)):
@@ -642,12 +653,19 @@ def _fit_problems(script: str, cfg: VDRConfig, cap: dict[str, float]) -> list[st
         per = scaling.resources_per_worker or {"CPU": 1, "GPU": 1 if scaling.use_gpu else 0}
         n, gpus, cpus = scaling.num_workers, per.get("GPU", 0), per.get("CPU", 1)
         what = f"{n} Train workers x {per}"
+    elif script == "promote":  # re-embeds the corpus (the embedding job's actors), then one evaluation task
+        return (_fit_problems("embed_corpus", cfg, cap)
+                + _fits(1, 1 if cfg.scaling.use_gpu else 0, cfg.promote.eval_cpus, "1 evaluation task", cap))
     elif script in ("embed_corpus", "mine_negatives"):
         section = cfg.index if script == "embed_corpus" else cfg.mine
         n, gpus, cpus = section.actors, 1 if cfg.scaling.use_gpu else 0, section.cpus_per_actor
         what = f"{n} actors x ({cpus} CPU, {gpus} GPU)"
     else:
         n, gpus, cpus, what = 1, 1 if cfg.scaling.use_gpu else 0, 1, "1 evaluation task"
+    return _fits(n, gpus, cpus, what, cap)
+
+
+def _fits(n: int, gpus: float, cpus: float, what: str, cap: dict[str, float]) -> list[str]:
     fits = (n * gpus <= cap["gpus"] and cpus <= cap["gpu_pod_cpus"]) if gpus else n * cpus <= cap["cpus"]
     return [] if fits else [f"{what} do not fit the cluster ({cap})"]
 
@@ -699,6 +717,35 @@ def service_problems(objects: list[dict[str, Any]], uses_gpu: bool) -> list[str]
                 problems.append(f"{where}: args.{key} {mine.get(key, '<unset>')!r} differs from serving/config.yaml's "
                                 f"{theirs.get(key, '<unset>')!r} (not a documented difference)")
         problems += [f"{where}: {p}" for p in _endpoint_problems(cfg, jobs, capacity(spec), uses_gpu)]
+        problems += [f"{where}: {p}" for p in _promotion_problems(
+            cfg, jobs.get("ray-vdr-promote"), service["metadata"]["name"], config["http_options"]["port"],
+            app.get("route_prefix", "/"))]
+    return problems
+
+
+def _promotion_problems(cfg: ServeConfig, promote: VDRConfig | None, service: str, port: int,
+                        route_prefix: str) -> list[str]:
+    """The promote job switches this endpoint: it writes the live manifest the endpoint follows, starts from the
+    index the endpoint serves before the first promotion, and confirms the switch at the endpoint's Service."""
+    if cfg.live is not None and not cfg.live.startswith(REMOTE):
+        return [f"live {cfg.live!r} must be null or a bucket URI (the promote job writes it from another cluster)"]
+    if promote is None:  # job_problems reports the missing job
+        return []
+    problems = []
+    if cfg.live is None or promote.serve.live != cfg.live:
+        problems.append(f"live {cfg.live!r} is not the promote job's serve.live {promote.serve.live!r}: a "
+                        "promotion would not switch this endpoint")
+    if promote.serve.index != cfg.index:
+        problems.append(f"the promote job's serve.index {promote.serve.index!r} is not the index {cfg.index!r} "
+                        "served before the first promotion")
+    # KubeRay's Service for the Serve proxies: <RayService name>-serve-svc, in the namespace of the job
+    url = urlsplit(promote.promote.endpoint or "")
+    host_ok = url.hostname is not None and re.fullmatch(rf"{re.escape(service)}-serve-svc(\.[a-z0-9.-]+)?",
+                                                        url.hostname)
+    if (url.scheme != "http" or not host_ok or url.port != port
+            or url.path.rstrip("/") != route_prefix.rstrip("/")):
+        problems.append(f"the promote job's promote.endpoint {promote.promote.endpoint!r} is not this endpoint "
+                        f"(http://{service}-serve-svc:{port}{route_prefix})")
     return problems
 
 
@@ -852,6 +899,9 @@ def test_vendored_crds_are_kuberays():
 # The checks can fail: broken manifests are caught
 
 
+PROMOTE = "ray-vdr-promote"
+
+
 def _job(objects, name="ray-vdr-train-embedder"):
     return next(o for o in objects if o["kind"] == "RayJob" and o["metadata"]["name"] == name)
 
@@ -892,6 +942,10 @@ def test_schema_validation_rejects_broken_manifests(case):
 
 def _entrypoint(o, old, new):
     o["spec"]["entrypoint"] = o["spec"]["entrypoint"].replace(old, new)
+
+
+def _promote_entrypoint(old, new):
+    return lambda objs: _entrypoint(_job(objs, PROMOTE), old, new)
 
 
 def _serve_args(objects, update):
@@ -945,6 +999,27 @@ CHECK_BREAKS = {
     "serve needs more GPUs than the cluster has": (
         service_problems, lambda objs: _serve_args(objs, lambda a: a["embedder"].update(max_replicas=16)),
         "max_replicas"),
+    "promote job without serve.live": (
+        job_problems, _promote_entrypoint(" serve.live=s3://YOUR-BUCKET/ray-vdr/live.json", ""), "['serve.live']"),
+    "promote job writing a local live manifest": (
+        job_problems, _promote_entrypoint("serve.live=s3://YOUR-BUCKET/ray-vdr/", "serve.live=./"),
+        "serve.live './live.json' is not an s3://"),
+    "promote job's model not the others'": (
+        job_problems, _promote_entrypoint(" index.actors", " model.dtype=float32 index.actors"), "disagree"),
+    "promote job pinning the query embedder": (
+        job_problems, _promote_entrypoint(" index.actors", " serve.model=s3://YOUR-BUCKET/m index.actors"),
+        "serve.model"),
+    "promote job's re-embedding does not fit": (
+        job_problems, _promote_entrypoint("index.actors=1", "index.actors=2"), "do not fit"),
+    "promote job writing another manifest than the endpoint follows": (
+        service_problems, _promote_entrypoint("ray-vdr/live.json", "ray-vdr/live-2.json"), "serve.live"),
+    "endpoint not following the live manifest": (
+        service_problems, lambda objs: _serve_args(objs, lambda a: a.pop("live")), "serve.live"),
+    "promote job starting from another index": (
+        service_problems, _promote_entrypoint("serve.index=s3://YOUR-BUCKET/ray-vdr/index",
+                                              "serve.index=s3://YOUR-BUCKET/ray-vdr/index-2"), "serve.index"),
+    "promote job waiting on another endpoint": (
+        service_problems, _promote_entrypoint("ray-vdr-serve-svc", "ray-vdr-head-svc"), "promote.endpoint"),
 }
 
 
