@@ -206,7 +206,8 @@ def main() -> None:
     p.add_argument("--faiss-n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--parts", default="a,b", help="a (job ÷ plain loop), b (FAISS recall and latency)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md from them)")
+    p.add_argument("--json", default=None,
+                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     if args.probe:
         probe = {"plain": probe_plain, "job": probe_job}[args.probe]

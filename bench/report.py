@@ -57,7 +57,8 @@ def _goal(value: float, goal: str) -> str:
 def render_train(r: dict) -> list[str]:
     out = ["| measurement | figure |", "|---|---|"]
     if "throughput_ratio" in r:
-        out += [f"| plain SentenceTransformerTrainer, samples/s after the first step | {_f(r['plain']['samples_per_s'])} |",
+        out += [f"| plain SentenceTransformerTrainer, samples/s after the first step | "
+                f"{_f(r['plain']['samples_per_s'])} |",
                 f"| ray-vdr pipeline (Ray Data → feeder → 1 Ray Train worker), samples/s | "
                 f"{_f(r['pipeline']['samples_per_s'])} |",
                 f"| (a) pipeline ÷ plain | {_goal(r['throughput_ratio'], '≥ 1.0')} |"]
@@ -133,7 +134,8 @@ BENCHES = {b.key: b for b in [
            "gpu": ["--parts", "d", "--shape", "2b", "--device", "cuda", "--precision", "bf16", "--zero-workers", "1"]},
           "20", render_train),
     Bench("embed", "bench/embed_throughput.py",
-          {"cpu": ["--parts", "a"], "gpu": ["--parts", "a", "--shape", "2b", "--device", "cuda", "--dtype", "bfloat16"]},
+          {"cpu": ["--parts", "a"],
+           "gpu": ["--parts", "a", "--shape", "2b", "--device", "cuda", "--dtype", "bfloat16"]},
           "3", render_embed),
     Bench("faiss", "bench/embed_throughput.py", {"cpu": ["--parts", "b", "--faiss-n", "200000"]}, "15", render_embed),
     Bench("serve", "bench/serve_load.py", {"cpu": []}, "4", render_serve),

@@ -124,7 +124,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--heads", default="logit,dense")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "ray-vdr-bench-rerank"))
-    p.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md from them)")
+    p.add_argument("--json", default=None,
+                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     pairs = _pairs(64)
     results = [measure(args, head, pairs) for head in args.heads.split(",")]

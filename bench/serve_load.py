@@ -150,7 +150,8 @@ def main() -> None:
     ap.add_argument("--ingress-ongoing", type=int, default=32, help="ingress max_ongoing_requests")
     ap.add_argument("--ingress-queued", type=int, default=32, help="ingress max_queued_requests (then 503)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
-    ap.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md from them)")
+    ap.add_argument("--json", default=None,
+                    help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq

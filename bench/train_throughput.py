@@ -243,7 +243,8 @@ def main() -> None:
     p.add_argument("--zero-repeats", type=int, default=2, help="alternating runs per stage in (c)")
     p.add_argument("--parts", default="a,b", help="which measurements: a (throughput), b (memory), c (ZeRO-2 ÷ "
                                                   "ZeRO-1 step time), d (ZeRO-2 memory, batch 64 ÷ 8)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md from them)")
+    p.add_argument("--json", default=None,
+                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     if args.probe:
         probe = {"plain": probe_plain, "pipeline": probe_pipeline, "memory": probe_memory}[args.probe]

@@ -599,7 +599,9 @@ class PromoteConfig(_Strict):
     """Model promotion (jobs/promote.py): re-embed the corpus with a candidate embedder, evaluate it against the live
     one on the eval split, and switch the endpoint (``serve.live``) to it only if NDCG@10 is not worse."""
 
-    model: str | None = Field(None, description="The candidate embedder. None = the model this config's training saved.")
+    model: str | None = Field(
+        None, description="The candidate embedder. None = the model this config's training saved."
+    )
     output: str | None = Field(
         None, description="Folder or URI under which each candidate's index is built (one folder per generation). "
         "None = <run storage>/<run name>/generations."

@@ -142,18 +142,21 @@ def run(cfg: VDRConfig) -> PromoteResult:
     if live_manifest is None:
         raise FileNotFoundError(f"the live index {live['index']} (in {s.live}) has no manifest")
 
+    fingerprint = model_fingerprint(_local_model(candidate_model))
+    if fingerprint == live_manifest["model"]["fingerprint"]:  # the same files: nothing to embed or compare
+        return PromoteResult(False, "the candidate is already live (same model files)", live,
+                             {**live, "model": candidate_model}, live, {}, None, s.live)
+
     # 2. the candidate's index over the live index's corpus
     init_ray()
     out_root = (cfg.promote.output or cfg.run.uri("generations")).rstrip("/")
-    candidate_index = f"{out_root}/{model_fingerprint(_local_model(candidate_model))[:12]}"
+    candidate_index = f"{out_root}/{fingerprint[:12]}"
     icfg = cfg.model_copy(deep=True)
     icfg.index.model, icfg.index.output, icfg.index.sources = candidate_model, candidate_index, live_manifest["sources"]
     print(f"embedding the live corpus ({len(live_manifest['sources'])} source(s), {live_manifest['vectors']} pages) "
           f"with {candidate_model} into {candidate_index}", flush=True)
     built = index_job.run(icfg)
     candidate = generation(candidate_index, candidate_model, built.manifest["dim"])
-    if candidate["id"] == live["id"]:
-        return PromoteResult(False, "the candidate is already live", live, candidate, live, {}, None, s.live)
 
     # 3. both embedders on the eval split
     print(f"evaluating live {live['model']} (dim {live['dim']}) and candidate {candidate_model} "

@@ -88,9 +88,10 @@ class QueryEmbedder:
     def status(self) -> dict[str, Any]:
         return self.gens.status()
 
-    async def embed(self, gid: str, item: Any) -> tuple[Any, float, int]:
-        """The query's vector from generation ``gid``'s model; also the model time and batch size (for timings)."""
-        return _raise_or_return(await self._embed((gid, item)))
+    async def embed(self, gid: str, item: Any) -> tuple[Any, float, int] | core.NotReady:
+        """The query's vector from generation ``gid``'s model; also the model time and batch size (for timings).
+        NotReady is returned, not raised (see ``_raise_or_return``)."""
+        return await self._embed((gid, item))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed(self, requests: list[tuple[str, Any]]) -> list[Any]:
@@ -140,7 +141,7 @@ class Retriever:
 
     async def search(self, gid: str, vector: Any, k: int) -> tuple[list[dict], float]:
         """The top-k hits of a query vector in generation ``gid``'s index; also the search time."""
-        return _raise_or_return(await self._search((gid, vector, k)))
+        return await self._search((gid, vector, k))  # or NotReady, returned (see _raise_or_return)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _search(self, requests: list[tuple[str, Any, int]]) -> list[Any]:
@@ -192,7 +193,7 @@ class Reranker:
 
     async def rerank(self, gid: str, query: str, positions: list[int]) -> tuple[Any, float, int]:
         """Scores of (query, page) for pages of generation ``gid``'s index; also the model time and batch size."""
-        return _raise_or_return(await self._rerank((gid, query, positions)))
+        return await self._rerank((gid, query, positions))  # or NotReady, returned (see _raise_or_return)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _rerank(self, requests: list[tuple[str, str, list[int]]]) -> list[Any]:
@@ -223,8 +224,10 @@ class Reranker:
 
 
 def _raise_or_return(result: Any) -> Any:
-    """A batched method's per-request result, or the exception it stands for (``@serve.batch`` has no per-request
-    errors: NotReady for one generation must not fail the batch's other requests)."""
+    """A stage's answer, or the NotReady it returned, raised here in the ingress. The stages return it rather than
+    raise it: ``@serve.batch`` has no per-request errors (one generation's NotReady must not fail the batch's other
+    requests), and a generation still loading during a promotion is the ingress's to handle (it falls back to the
+    previous one), not an error in the replica's log."""
     if isinstance(result, Exception):
         raise result
     return result
@@ -318,16 +321,16 @@ class Ingress:
 
     async def _search(self, gid: str, query: core.Query) -> dict[str, Any]:
         t0 = time.perf_counter()
-        vector, embed_s, embed_batch = await self.embedder.embed.remote(gid, query.item)
+        vector, embed_s, embed_batch = _raise_or_return(await self.embedder.embed.remote(gid, query.item))
         t1 = time.perf_counter()
         depth = max(query.top_k, query.rerank_depth)
-        hits, search_s = await self.retriever.search.remote(gid, vector, depth)
+        hits, search_s = _raise_or_return(await self.retriever.search.remote(gid, vector, depth))
         t2 = time.perf_counter()
         scores, rerank_s, rerank_batch = None, 0.0, 0
         if query.rerank_depth and hits:
             head = hits[:query.rerank_depth]
-            scores, rerank_s, rerank_batch = await self.reranker.rerank.remote(
-                gid, query.text, [h["position"] for h in head])
+            scores, rerank_s, rerank_batch = _raise_or_return(await self.reranker.rerank.remote(
+                gid, query.text, [h["position"] for h in head]))
         t3 = time.perf_counter()
         results = core.merge_results(hits, scores, query.top_k)
         prefix = self.cfg.route_prefix.rstrip("/")

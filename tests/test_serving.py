@@ -379,7 +379,8 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     syn, _ = synthetic
     candidate = build_qwen3vl_embedder(tmp_path / "candidate", max_pixels=64 * 64, seed=1)
     live_json = corpus_index.parent / "live.json"
-    base = ["index.batch_size=8", "index.dim=32", "index.cpus_per_actor=0.5", "index.decode_cpus=0.25", "synthetic=null",
+    base = ["index.batch_size=8", "index.dim=32", "index.cpus_per_actor=0.5", "index.decode_cpus=0.25",
+            "synthetic=null",
             f"data.eval.uri={syn.output_dir}/eval", f"serve.index={corpus_index}", f"serve.live={live_json}",
             f"promote.output={tmp_path}/generations", f"promote.endpoint={endpoint}", "promote.eval_cpus=0.5",
             "promote.switch_timeout_s=120", f"run.storage_path={tmp_path}/runs"]
@@ -440,3 +441,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     assert doc["live"]["id"] == new and doc["history"][-1]["decision"] == "rejected"
     assert doc["history"][-1]["candidate"]["model"] == str(tiny_qwen)
     assert _post(endpoint, {"query": queries[1], "top_k": 3})[2]["generation"] == new
+    # the live model again: nothing is embedded, evaluated or written
+    again = run(load_config(ROOT / "configs/demo.yaml", [*base, f"promote.model={candidate}"]))
+    assert not again.promoted and "already live" in again.reason and again.metrics == {}
+    assert json.loads(live_json.read_text()) == doc
