@@ -66,34 +66,24 @@ def endpoint_url(cfg: VDRConfig) -> str:
     return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}/"
 
 
-def _get_json(url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            return e.code, json.loads(e.read())
-        except ValueError:
-            return e.code, {}
-
-
 def wait_for_switch(url: str, gid: str, timeout_s: float, probes: int = 5) -> bool | None:
     """Wait until the endpoint at ``url`` answers ``probes`` searches in a row from generation ``gid``.
 
     None when nothing answers there (no endpoint running: it serves the new generation when it starts); raises
     TimeoutError when it answers but does not switch in time."""
+    from serving.app import post_search
+
     try:
-        _get_json(url + "healthz", timeout=10)
+        urllib.request.urlopen(url + "healthz", timeout=10).close()
+    except urllib.error.HTTPError:
+        pass  # it answers (503 while a stage loads)
     except OSError as e:
         logger.warning("no endpoint answered at %s (%s): it will serve %s when it starts", url, e, gid)
         return None
     deadline, streak, last = time.time() + timeout_s, 0, {}
     while time.time() < deadline:
         try:
-            status, last = _get_json(url + "search", {"query": "promotion check", "top_k": 1, "rerank_depth": 0})
+            status, last = post_search(url, {"query": "promotion check", "top_k": 1, "rerank_depth": 0}, timeout=30)
         except OSError as e:
             status, last = 0, {"detail": str(e)}
         streak = streak + 1 if status == 200 and last.get("generation") == gid else 0
