@@ -175,6 +175,10 @@ class DataConfig(_Strict):
         None, description="Where rejected rows go (Parquet with a reason). None = <run storage>/<name>/rejects."
     )
     batch_size: PositiveInt = Field(16, description="Rows per Ray Data decode/validate batch.")
+    cpus_per_task: float = Field(
+        1.0, gt=0, description="CPUs reserved per Ray Data read and validate task. A fraction lets the training "
+        "stream, the eval split and other jobs' reads share CPUs the workers leave free (small machines)."
+    )
 
     @property
     def negative_columns(self) -> list[str]:
@@ -311,6 +315,10 @@ class IndexConfig(_Strict):
         1.0, gt=0, description="CPUs reserved per embedding actor; on CPU its torch threads (rounded up)."
     )
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved per read/decode/rasterise task.")
+    files_per_task: PositiveInt = Field(
+        8, description="Source files per read/decode task (at most 1,000 tasks a run): more spreads Ray's per-task "
+        "cost over many small images, 1 spreads large PDFs over the most CPUs."
+    )
     thumbnail_side: PositiveInt = Field(256, description="Longest side of the stored thumbnails, in pixels.")
     index_type: Literal["auto", "flat", "hnsw", "ivf_sq8", "ivf_pq"] = Field(
         "auto",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -412,7 +413,8 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     logger.info("embedding %d source files into %s with %s (dim %d); %d pages already done", len(files), ix.output,
                 uri, dim, len(known))
     use_gpu = cfg.scaling.use_gpu
-    ds = ray.data.from_items([asdict(f) for f in files], override_num_blocks=max(1, min(len(files), 1000)))
+    tasks = max(1, min(math.ceil(len(files) / ix.files_per_task), 1000))
+    ds = ray.data.from_items([asdict(f) for f in files], override_num_blocks=tasks)
     ds = ds.flat_map(_expand, fn_kwargs={
         "dpi": ix.dpi, "limits": cfg.data.image.model_dump(), "thumb_side": ix.thumbnail_side,
         "image_column": ix.parquet_image_column, "id_column": ix.parquet_id_column,

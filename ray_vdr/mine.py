@@ -282,8 +282,10 @@ def run(cfg: VDRConfig) -> MineResult:
                 cfg.mine.num_negatives, index, cfg.mine.rank_min, cfg.mine.rank_max, output, len(done))
     # only the query and the positive matter here: existing negative columns are neither needed nor validated
     spec = dataclasses.replace(TripletSpec.from_config(cfg.data, split="train"), negative_columns=())
-    ds = build_dataset(source, spec, f"{output}/{INPUT_REJECTS}", batch_size=cfg.data.batch_size)
-    ds = ds.map_batches(_skip_done, batch_format="pyarrow", fn_kwargs={"done_ref": [ray.put(done)]})
+    ds = build_dataset(source, spec, f"{output}/{INPUT_REJECTS}", batch_size=cfg.data.batch_size,
+                       num_cpus=cfg.data.cpus_per_task)
+    ds = ds.map_batches(_skip_done, batch_format="pyarrow", fn_kwargs={"done_ref": [ray.put(done)]},
+                        num_cpus=cfg.data.cpus_per_task)
     use_gpu = cfg.scaling.use_gpu
     ds = ds.map_batches(NegativeMiner, batch_size=cfg.mine.batch_size, batch_format="pyarrow",
                         concurrency=cfg.mine.actors, num_cpus=cfg.mine.cpus_per_actor, num_gpus=1 if use_gpu else 0,

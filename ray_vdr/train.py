@@ -729,7 +729,8 @@ def build_datasets(cfg: VDRConfig) -> tuple[dict[str, ray.data.Dataset], str]:
     for split, source in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         if source is not None:
             spec = TripletSpec.from_config(cfg.data, split=split)
-            datasets[split] = build_dataset(source, spec, f"{rejects_uri}/{split}", batch_size=cfg.data.batch_size)
+            datasets[split] = build_dataset(source, spec, f"{rejects_uri}/{split}", batch_size=cfg.data.batch_size,
+                                           num_cpus=cfg.data.cpus_per_task)
     return datasets, rejects_uri
 
 

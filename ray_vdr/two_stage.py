@@ -154,7 +154,8 @@ def _eval_split(cfg: VDRConfig, tag: str):
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # a small split: bars would garble the job log
     spec = TripletSpec.from_config(cfg.data, split="eval")
-    ds = build_dataset(cfg.data.eval, spec, cfg.run.uri("rejects", tag), batch_size=cfg.data.batch_size)
+    ds = build_dataset(cfg.data.eval, spec, cfg.run.uri("rejects", tag), batch_size=cfg.data.batch_size,
+                       num_cpus=cfg.data.cpus_per_task)
     return eval_set_from_table(pa.concat_tables(list(ds.iter_batches(batch_size=256, batch_format="pyarrow"))))
 
 

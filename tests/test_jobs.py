@@ -38,8 +38,10 @@ from run_checks import check_exactly_once_and_in_sync
 from ray_vdr.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# the module's first job test runs the data, training, embedding and evaluation jobs (~8 min here on 2 cores)
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+# the module's first job test runs the data, training, embedding and evaluation jobs: ~6 min on the development
+# machine (2 cores); on CI (2 cores, 2026-11-22) the training job alone ran past 9 min, and the whole suite took 1.8x
+# as long. The limits leave room for a machine 4x slower than the development one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 BIN = Path(sys.executable).parent
 # what every job's driver and workers need here: no hub, normal-priority workers, quiet tokenizers
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -63,11 +65,16 @@ class Head:
         return subprocess.run([str(BIN / "ray"), *args], env=env or self.env, capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
 
-    def submit(self, job: str, *args: str, timeout: float = 540) -> str:
+    def submit(self, job: str, *args: str, timeout: float = 1500) -> str:
         """`ray job submit` from the repo root, waiting for the job; returns its log, fails the test if it failed."""
-        out = self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
-                       "--runtime-env-json", json.dumps({"env_vars": JOB_ENV}), "--", "python", job, *args,
-                       timeout=timeout)
+        try:
+            out = self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
+                           "--runtime-env-json", json.dumps({"env_vars": JOB_ENV}), "--", "python", job, *args,
+                           timeout=timeout)
+        except subprocess.TimeoutExpired as e:  # show how far the job got, not only the command line
+            tail = (e.stdout or b"")[-6000:]
+            pytest.fail(f"{job} did not finish within {timeout:.0f} s; its log ends:\n"
+                        f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
         assert out.returncode == 0 and "succeeded" in out.stdout, (
             f"{job} failed (exit {out.returncode}):\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}")
         return out.stdout

@@ -110,29 +110,31 @@ def _read_arrow_files(batch: dict[str, Any]):
                 yield table.append_column(SOURCE_COLUMN, pa.array([str(uri)] * table.num_rows, pa.string()))
 
 
-def read_source(source: SourceConfig, columns: list[str] | None = None) -> ray.data.Dataset:
-    """A Ray Dataset of the raw rows of ``source`` with a ``__source`` column saying where each row came from."""
+def read_source(source: SourceConfig, columns: list[str] | None = None, num_cpus: float = 1.0) -> ray.data.Dataset:
+    """A Ray Dataset of the raw rows of ``source`` with a ``__source`` column saying where each row came from. Its
+    read tasks reserve ``num_cpus`` each."""
     import ray.data
 
     fmt = infer_format(source)
+    task = {"num_cpus": num_cpus}
     if fmt == "parquet":
-        ds = ray.data.read_parquet(source.uri, include_paths=True)
+        ds = ray.data.read_parquet(source.uri, include_paths=True, ray_remote_args=task)
         if columns:
             ds = ds.select_columns([*columns, "path"])
         ds = ds.rename_columns({"path": SOURCE_COLUMN})
     elif fmt == "hf_disk":
         files = _hf_disk_files(source.uri)
         ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-        ds = ds.map_batches(_read_arrow_files, batch_size=1, batch_format="numpy")
+        ds = ds.map_batches(_read_arrow_files, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
         if columns:
             ds = ds.select_columns([*columns, SOURCE_COLUMN])
     elif fmt == "images_jsonl":
-        ds = ray.data.read_json(source.uri, lines=True, include_paths=True)
+        ds = ray.data.read_json(source.uri, lines=True, include_paths=True, ray_remote_args=task)
         ds = ds.rename_columns({"path": SOURCE_COLUMN})
     elif fmt == "hf_hub":
         files = hub_parquet_files(source)
         if files:
-            ds = ray.data.read_parquet(files, filesystem=_hub_filesystem(), include_paths=True)
+            ds = ray.data.read_parquet(files, filesystem=_hub_filesystem(), include_paths=True, ray_remote_args=task)
             if columns:
                 ds = ds.select_columns([*columns, "path"])
             ds = ds.rename_columns({"path": SOURCE_COLUMN})
@@ -215,7 +217,7 @@ def build_dataset(
     missing = spec.missing_columns(present)
     if present and missing:
         raise DataError(f"{source.uri}: missing column(s) {missing}; it has {present}")
-    ds = read_source(source, columns=spec.input_columns if fmt in ("parquet", "hf_hub") else None)
+    ds = read_source(source, columns=spec.input_columns if fmt in ("parquet", "hf_hub") else None, num_cpus=num_cpus)
     validate = ValidateTriplets(spec, rejects_uri, source.uri if fmt == "images_jsonl" else None)
     return ds.map_batches(validate, batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
 
