@@ -116,9 +116,8 @@ def read_source(source: SourceConfig, columns: list[str] | None = None, num_cpus
     import ray.data
 
     fmt = infer_format(source)
-    task = {"num_cpus": num_cpus}
     if fmt == "parquet":
-        ds = ray.data.read_parquet(source.uri, include_paths=True, ray_remote_args=task)
+        ds = ray.data.read_parquet(source.uri, include_paths=True, num_cpus=num_cpus)
         if columns:
             ds = ds.select_columns([*columns, "path"])
         ds = ds.rename_columns({"path": SOURCE_COLUMN})
@@ -129,12 +128,12 @@ def read_source(source: SourceConfig, columns: list[str] | None = None, num_cpus
         if columns:
             ds = ds.select_columns([*columns, SOURCE_COLUMN])
     elif fmt == "images_jsonl":
-        ds = ray.data.read_json(source.uri, lines=True, include_paths=True, ray_remote_args=task)
+        ds = ray.data.read_json(source.uri, lines=True, include_paths=True, num_cpus=num_cpus)
         ds = ds.rename_columns({"path": SOURCE_COLUMN})
     elif fmt == "hf_hub":
         files = hub_parquet_files(source)
         if files:
-            ds = ray.data.read_parquet(files, filesystem=_hub_filesystem(), include_paths=True, ray_remote_args=task)
+            ds = ray.data.read_parquet(files, filesystem=_hub_filesystem(), include_paths=True, num_cpus=num_cpus)
             if columns:
                 ds = ds.select_columns([*columns, "path"])
             ds = ds.rename_columns({"path": SOURCE_COLUMN})
