@@ -139,7 +139,7 @@ class Retriever:
                                "model": m["model"]["path"], "updated_at": m.get("updated_at")}
         return status
 
-    async def search(self, gid: str, vector: Any, k: int) -> tuple[list[dict], float]:
+    async def search(self, gid: str, vector: Any, k: int) -> tuple[list[dict], float] | core.NotReady:
         """The top-k hits of a query vector in generation ``gid``'s index; also the search time."""
         return await self._search((gid, vector, k))  # or NotReady, returned (see _raise_or_return)
 
@@ -191,7 +191,7 @@ class Reranker:
         pages = self.gens.status()
         return pages if self.scorer.state == "ready" else {**pages, **self.scorer.status()}
 
-    async def rerank(self, gid: str, query: str, positions: list[int]) -> tuple[Any, float, int]:
+    async def rerank(self, gid: str, query: str, positions: list[int]) -> tuple[Any, float, int] | core.NotReady:
         """Scores of (query, page) for pages of generation ``gid``'s index; also the model time and batch size."""
         return await self._rerank((gid, query, positions))  # or NotReady, returned (see _raise_or_return)
 
