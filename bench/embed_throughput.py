@@ -38,7 +38,8 @@ from common import write_json  # noqa: E402
 def _pages(args) -> list[Path]:
     """``args.pages`` distinct synthetic page PNGs (448x576), written once under --out."""
     from ray_vdr.config import SyntheticConfig
-    from ray_vdr.data.synthetic import generate, iter_pages, page_png
+    from ray_vdr.data.render import page_png
+    from ray_vdr.data.synthetic import generate, iter_pages
 
     folder = Path(args.out) / "pages"
     files = sorted(folder.glob("*.png"))
@@ -95,7 +96,7 @@ def probe_job(args) -> dict:
 
     from ray_vdr.cluster import LOCAL_CLUSTER_ENV
     from ray_vdr.config import load_config
-    from ray_vdr.index import run
+    from ray_vdr.corpus.embed import run
 
     files = _pages(args)
     out = tempfile.mkdtemp(prefix="bench-index-", dir=args.out)
@@ -142,7 +143,7 @@ def _faiss(args) -> dict:
     import numpy as np
 
     from ray_vdr.config import IndexConfig
-    from ray_vdr.vector_index import build_index, choose_spec, search
+    from ray_vdr.corpus.faiss_index import build_index, choose_spec, search
 
     rng = np.random.default_rng(0)
     n, dim = args.faiss_n, 1024

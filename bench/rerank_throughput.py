@@ -32,8 +32,9 @@ from common import write_json  # noqa: E402
 
 def _pairs(n: int) -> list[tuple[str, object]]:
     from ray_vdr.config import SyntheticConfig
-    from ray_vdr.data.synthetic import generate, page_png
-    from ray_vdr.search import pil_pages
+    from ray_vdr.data.images import pil_pages
+    from ray_vdr.data.render import page_png
+    from ray_vdr.data.synthetic import generate
 
     cfg = SyntheticConfig(train_queries=n, eval_queries=1, jsonl=False, seed=11)
     train, _ = generate(cfg)

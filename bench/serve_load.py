@@ -158,13 +158,15 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from ray_vdr.cluster import worker_device
     from ray_vdr.config import ServeConfig, SyntheticConfig, load_config
+    from ray_vdr.corpus.embed import run as embed
+    from ray_vdr.corpus.store import PageStore, open_index
+    from ray_vdr.data.images import pil_pages
     from ray_vdr.data.synthetic import write_synthetic
-    from ray_vdr.index import open_index
-    from ray_vdr.index import run as embed
+    from ray_vdr.endpoint import deploy
     from ray_vdr.models.builders import build_qwen3vl_embedder, build_qwen3vl_reranker
-    from ray_vdr.search import PageStore, QueryEncoder, RerankScorer, check_binding, pil_pages
-    from serving.app import run
+    from serving.core import QueryEncoder, RerankScorer, check_binding
 
     work = Path(args.out or tempfile.mkdtemp(prefix="rvdr-serve-bench-"))
     syn = SyntheticConfig(output_dir=str(work / "syn"), train_queries=max(8, args.pages // 5),
@@ -202,8 +204,8 @@ def main() -> None:
     # 1. in-process floor
     base = serve_cfg(True)
     index = open_index(base.index)
-    encoder = QueryEncoder(check_binding(base, index.manifest), base, "cpu", 1)
-    store, scorer = PageStore(base.index, index.ids), RerankScorer(str(reranker), base, "cpu", 1)
+    encoder = QueryEncoder(check_binding(base, index.manifest), base, worker_device(False, 1))
+    store, scorer = PageStore(base.index, index.ids), RerankScorer(str(reranker), base, "cpu")
     floor = []
     for q in queries[:50]:
         t = time.perf_counter()
@@ -216,7 +218,7 @@ def main() -> None:
 
     for batch in (True, False):
         cfg_b = serve_cfg(batch)
-        url = run(cfg_b, ready_timeout_s=300)
+        url = deploy(cfg_b, ready_timeout_s=300)
         for q in queries[:5]:  # warm up
             post(url, {"query": q, "rerank_depth": args.rerank_depth})
         levels = [closed_loop(url, queries, c, args.requests, args.seconds, args.rerank_depth) for c in (1, 8, 32)]

@@ -117,7 +117,8 @@ def _plain_trainer(cfg, args, dataset, image_cols, callbacks=()):
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 
     from ray_vdr.models.load import build_model
-    from ray_vdr.train import build_loss, training_arguments
+    from ray_vdr.train.recipes import build_loss
+    from ray_vdr.train.trainer import training_arguments
 
     cuda = args.device == "cuda"
     model = build_model(cfg.model, device="cuda" if cuda else "cpu")
@@ -133,11 +134,11 @@ def probe_plain(args) -> dict:
 
     torch.set_num_threads(args.threads)
     cfg = _config(args, args.batch, args.steps)
-    from ray_vdr.train import throughput_meter
+    from ray_vdr.train.trainer import ThroughputMeter
 
     dataset, image_cols = _in_memory_dataset(cfg, args.batch * args.steps)
     trainer = _plain_trainer(cfg, args, dataset, image_cols)
-    meter = throughput_meter(lambda: trainer.state.global_step * args.batch)
+    meter = ThroughputMeter(lambda: trainer.state.global_step * args.batch)
     trainer.add_callback(meter)
     seconds = trainer.train().metrics["train_runtime"]
     return {"samples_per_s": meter.rate(), "whole_run_samples_per_s": args.batch * args.steps / seconds,
@@ -147,7 +148,7 @@ def probe_plain(args) -> dict:
 def probe_pipeline(args) -> dict:
     import ray
 
-    from ray_vdr.train import run
+    from ray_vdr.train.run import run
 
     cfg = _config(args, args.batch, args.steps, loss=args.loss, workers=args.workers, zero=args.zero)
     from ray_vdr.cluster import LOCAL_CLUSTER_ENV

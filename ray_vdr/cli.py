@@ -55,7 +55,7 @@ def cmd_build_model(cfg: VDRConfig) -> int:
 
 def _report_training(result, run_name: str, what: str, eval_label: str) -> None:
     """What a training run made: artifact, metrics, rows trained, dropped and rejected, evaluation, time."""
-    from ray_vdr.data.dataset import count_rejects
+    from ray_vdr.data.sources import count_rejects
 
     print(f"trained {what}: {result.model_uri}")
     if result.metrics.get("resumed_from_step"):
@@ -72,14 +72,14 @@ def _report_training(result, run_name: str, what: str, eval_label: str) -> None:
 
 
 def cmd_train(cfg: VDRConfig) -> int:
-    from ray_vdr.train import run
+    from ray_vdr.train.run import run
 
     _report_training(run(cfg), cfg.run.name, "model", "retrieval on the eval split")
     return 0
 
 
 def cmd_embed(cfg: VDRConfig) -> int:
-    from ray_vdr.index import run
+    from ray_vdr.corpus.embed import run
 
     result = run(cfg)
     s = result.summary
@@ -93,7 +93,7 @@ def cmd_embed(cfg: VDRConfig) -> int:
 
 
 def cmd_mine(cfg: VDRConfig) -> int:
-    from ray_vdr.mine import run
+    from ray_vdr.eval.mine import run
 
     result = run(cfg)
     s = result.summary
@@ -108,7 +108,7 @@ def cmd_mine(cfg: VDRConfig) -> int:
 
 
 def cmd_train_reranker(cfg: VDRConfig) -> int:
-    from ray_vdr.rerank import reranker_run, run
+    from ray_vdr.train.reranker import reranker_run, run
 
     result = run(cfg)
     _report_training(result, reranker_run(cfg).name, "reranker",
@@ -117,7 +117,7 @@ def cmd_train_reranker(cfg: VDRConfig) -> int:
 
 
 def cmd_evaluate(cfg: VDRConfig) -> int:
-    from ray_vdr.two_stage import run
+    from ray_vdr.eval.two_stage import run
 
     report = run(cfg)
     print(f"two-stage evaluation: {report['eval_queries']} queries, {report['eval_corpus']} pages, dim {report['dim']}, "
@@ -158,19 +158,20 @@ def cmd_serve(cfg: VDRConfig) -> int:
     """Start the two-stage endpoint on Ray, print its URL and a sample query's results, keep it up until Ctrl-C."""
     from ray import serve
 
-    from ray_vdr.rerank import trained_reranker
-    from serving.app import post_search, run
+    from ray_vdr.client import EndpointClient
+    from ray_vdr.endpoint import deploy
+    from ray_vdr.train.reranker import trained_reranker
 
     if cfg.serve.index is None:
         cfg.serve.index = cfg.index.output
     if cfg.serve.reranker is None and (trained := trained_reranker(cfg)):
         cfg.serve.reranker = trained
         print(f"reranker: {trained} (this config's reranker run)")
-    url = run(cfg.serve)
+    url = deploy(cfg.serve)
     print(f"endpoint: {url}  (search page {url} · POST {url}search · health {url}healthz · API docs {url}docs)")
     sample = _sample_query(cfg)
     if sample is not None:
-        status, answer = post_search(url, {"query": sample["query"], "top_k": 5})
+        status, answer = EndpointClient(url).search({"query": sample["query"], "top_k": 5})
         print(f"sample query: {sample['query']!r} (its page: {sample['page']}) → HTTP {status}")
         if status == 200:
             print("| rank | doc_id | page | first-stage score (rank) | rerank score (rank) |")
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-serve", dest="serve", action="store_false", help="stop after the evaluation")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    from ray_vdr.vector_index import IndexMismatch
+    from ray_vdr.corpus.store import IndexMismatch
 
     try:
         if args.command == "demo":

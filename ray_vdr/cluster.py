@@ -1,4 +1,4 @@
-"""Connecting to Ray: the cluster a job was submitted to, or a private local one."""
+"""Connecting to Ray (the cluster a job was submitted to, or a private local one) and setting up its workers."""
 
 from __future__ import annotations
 
@@ -63,3 +63,16 @@ def worker_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         lib.addHandler(handler)
         lib.propagate = False
+
+
+def worker_device(use_gpu: bool, num_cpus: float = 1.0) -> str:
+    """The torch device of a Ray actor or task that asked for a GPU when ``use_gpu`` (CUDA if it got one), and on CPU
+    as many torch threads as CPUs it reserved (Ray sets one OpenMP thread per whole CPU reserved)."""
+    import math
+
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(max(1, math.ceil(num_cpus)))
+    return "cpu"

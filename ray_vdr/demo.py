@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ray_vdr.config import ConfigError, VDRConfig
-from ray_vdr.rerank import reranker_run
+from ray_vdr.train.reranker import reranker_run
 
 JOBS = {
     "make-data": "jobs/make_synthetic.py",

@@ -13,10 +13,7 @@
    one and the ingress switches; no replica restarts and no request fails. The job waits until the endpoint answers
    from the new generation (``promote.endpoint``), and says so.
 
-The live manifest (JSON)::
-
-    {"live": {"id", "index", "model", "dim", "metrics", "promoted_at"}, "previous": {...} | null,
-     "history": [{"at", "candidate", "live", "decision", "reason", ...}, ...]}
+The live manifest's format is :mod:`ray_vdr.corpus.live`.
 """
 
 from __future__ import annotations
@@ -24,15 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from ray_vdr.client import EndpointClient
 from ray_vdr.config import ConfigError, VDRConfig
-from ray_vdr.search import generation, read_live, read_manifest
+from ray_vdr.corpus.live import generation, read_live
+from ray_vdr.corpus.store import now_iso, read_manifest
 from ray_vdr.storage import is_file, write_bytes
-from ray_vdr.vector_index import now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +55,9 @@ def decide(live_ndcg: float, candidate_ndcg: float, min_delta: float = 0.0) -> t
 
 
 def endpoint_url(cfg: VDRConfig) -> str:
-    s = cfg.serve
-    if cfg.promote.endpoint:
-        return cfg.promote.endpoint.rstrip("/") + "/"
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-    return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}/"
+    from ray_vdr.endpoint import endpoint_url as local_url
+
+    return cfg.promote.endpoint.rstrip("/") + "/" if cfg.promote.endpoint else local_url(cfg.serve)
 
 
 def wait_for_switch(url: str, gid: str, timeout_s: float, probes: int = 5) -> bool | None:
@@ -71,19 +65,16 @@ def wait_for_switch(url: str, gid: str, timeout_s: float, probes: int = 5) -> bo
 
     None when nothing answers there (no endpoint running: it serves the new generation when it starts); raises
     TimeoutError when it answers but does not switch in time."""
-    from serving.app import post_search
-
+    client = EndpointClient(url, timeout=30)
     try:
-        urllib.request.urlopen(url + "healthz", timeout=10).close()
-    except urllib.error.HTTPError:
-        pass  # it answers (503 while a stage loads)
+        client.health(timeout=10)  # any answer will do (503 while a stage loads)
     except OSError as e:
         logger.warning("no endpoint answered at %s (%s): it will serve %s when it starts", url, e, gid)
         return None
     deadline, streak, last = time.time() + timeout_s, 0, {}
     while time.time() < deadline:
         try:
-            status, last = post_search(url, {"query": "promotion check", "top_k": 1, "rerank_depth": 0}, timeout=30)
+            status, last = client.search({"query": "promotion check", "top_k": 1, "rerank_depth": 0})
         except OSError as e:
             status, last = 0, {"detail": str(e)}
         streak = streak + 1 if status == 200 and last.get("generation") == gid else 0
@@ -107,11 +98,10 @@ def _live_generation(cfg: VDRConfig, doc: dict | None) -> dict[str, Any]:
 
 def run(cfg: VDRConfig) -> PromoteResult:
     """Promote ``promote.model`` on the endpoint that follows ``serve.live``, if it is not worse (module doc)."""
-    from ray_vdr import index as index_job
     from ray_vdr.cluster import init_ray
-    from ray_vdr.index import _local_model
-    from ray_vdr.two_stage import compare_embedders
-    from ray_vdr.vector_index import model_fingerprint
+    from ray_vdr.corpus import embed
+    from ray_vdr.eval.two_stage import compare_embedders
+    from ray_vdr.models.load import local_model, model_fingerprint
 
     s = cfg.serve
     if s.index is None:
@@ -132,7 +122,7 @@ def run(cfg: VDRConfig) -> PromoteResult:
     if live_manifest is None:
         raise FileNotFoundError(f"the live index {live['index']} (in {s.live}) has no manifest")
 
-    fingerprint = model_fingerprint(_local_model(candidate_model))
+    fingerprint = model_fingerprint(local_model(candidate_model))
     if fingerprint == live_manifest["model"]["fingerprint"]:  # the same files: nothing to embed or compare
         return PromoteResult(False, "the candidate is already live (same model files)", live,
                              {**live, "model": candidate_model}, live, {}, None, s.live)
@@ -145,7 +135,7 @@ def run(cfg: VDRConfig) -> PromoteResult:
     icfg.index.model, icfg.index.output, icfg.index.sources = candidate_model, candidate_index, live_manifest["sources"]
     print(f"embedding the live corpus ({len(live_manifest['sources'])} source(s), {live_manifest['vectors']} pages) "
           f"with {candidate_model} into {candidate_index}", flush=True)
-    built = index_job.run(icfg)
+    built = embed.run(icfg)
     candidate = generation(candidate_index, candidate_model, built.manifest["dim"])
 
     # 3. both embedders on the eval split

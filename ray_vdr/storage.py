@@ -8,6 +8,7 @@ are published atomically: a reader never sees a half-written file, even after th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import posixpath
 import uuid
@@ -17,7 +18,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["copy_tree", "fs_path", "is_file", "read_bytes", "read_json_files", "write_bytes", "write_table"]
+__all__ = ["copy_tree", "fs_path", "is_file", "list_dirs", "list_parts", "part_name", "read_bytes", "read_json_files",
+           "read_table", "remove_tree", "write_bytes", "write_table"]
 
 
 def fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -72,6 +74,29 @@ def read_bytes(uri: str) -> bytes:
     fs, path = fs_path(uri)
     with fs.open_input_stream(path) as fh:
         return fh.read()
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = fs_path(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def part_name(ids: list[str]) -> str:
+    """The file name of a published part holding rows with these ids: a hash of the sorted ids, so a batch retried
+    after its writer died rewrites the same file instead of adding a second copy (exactly-once)."""
+    h = hashlib.sha256()
+    for part in sorted(ids):
+        h.update(part.encode() + b"\0")
+    return f"part-{h.hexdigest()[:40]}.parquet"
+
+
+def list_parts(uri: str) -> list[str]:
+    """Names of the parts published directly under ``uri``, sorted (hidden temporary files are skipped; an empty list
+    when the folder does not exist)."""
+    fs, path = fs_path(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in infos
+                  if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith("part-"))
 
 
 def read_json_files(uri: str) -> list[dict]:

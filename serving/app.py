@@ -1,18 +1,13 @@
-"""The two-stage retrieval endpoint on Ray Serve: query embedder → FAISS retriever → multimodal reranker.
+"""The two-stage retrieval endpoint on Ray Serve: the ingress (HTTP routes) and the application builder.
 
     serve run serving/config.yaml                          # from the repo root, on a running or a new local Ray
     serve run serving.app:build_app index=./index reranker=./my-reranker
     ray-vdr serve -c configs/demo.yaml                     # the same app, from a ray-vdr config's serve section
 
-Deployments (each wraps a plain class of :mod:`ray_vdr.search`; models and the index load in the background, so
-``GET /healthz`` answers 503 "loading" rather than the replica hanging in its constructor):
-
-- ``QueryEmbedder``: the embedder with its query prompt at the index's truncated dimension; ``@serve.batch``.
-- ``Retriever``: the FAISS index and its manifest (a mismatched model or dimension is refused), the top-N
-  candidates (``@serve.batch`` over queries), and the page store (thumbnails and page images from the index).
-- ``Reranker`` (optional): a CrossEncoder scoring (query, page image) pairs; ``@serve.batch`` over requests.
-- ``Ingress`` (FastAPI): ``POST /search``, ``GET /healthz``, ``GET /pages/{doc_id}``, the search page at ``/``,
-  OpenAPI at ``/docs``.
+``Ingress`` (FastAPI): ``POST /search``, ``GET /healthz``, ``GET /pages/{doc_id}``, the search page at ``/``, OpenAPI
+at ``/docs``; it calls the deployments of :mod:`serving.deployments` (query embedder → FAISS retriever → reranker).
+Models and the index load in the background, so ``GET /healthz`` answers 503 "loading" rather than a replica
+hanging in its constructor.
 
 Generations: what the endpoint serves is an index (and the model it was built with), a *generation*. With
 ``serve.live`` set, every replica follows the live manifest that ``ray-vdr promote`` writes (ray_vdr/promote.py),
@@ -37,8 +32,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ray_vdr import search as core
 from ray_vdr.config import ServeConfig, ServeDeploymentConfig
+from ray_vdr.corpus.live import generation_config, serving_generations
+from ray_vdr.corpus.store import read_manifest
+from serving import core
+from serving.deployments import QueryEmbedder, Reranker, Retriever
+from serving.generations import Generations
 
 logger = logging.getLogger("ray_vdr.serving")
 
@@ -52,175 +51,9 @@ api = FastAPI(
 )
 
 
-def _device(num_gpus: float) -> str:
-    import torch
-
-    return "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
-
-
 def _error_cause(e: BaseException) -> BaseException:
     """The exception a deployment raised (Ray wraps it in RayTaskError, which may or may not subclass it)."""
     return getattr(e, "cause", None) or e
-
-
-def _set_batching(method, d: ServeDeploymentConfig) -> None:
-    """Apply the configured batch size and wait to a ``@serve.batch`` method (the decorator holds defaults)."""
-    method.set_max_batch_size(d.max_batch_size)
-    method.set_batch_wait_timeout_s(d.batch_wait_timeout_s)
-
-
-@serve.deployment
-class QueryEmbedder:
-    def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
-        self.cfg = ServeConfig.model_validate(cfg)
-        device = _device(num_gpus)
-
-        def load(gen, say):
-            manifest = core.wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
-            say("checking the model against the index manifest")
-            binding = core.check_binding(core.generation_config(self.cfg, gen), manifest)
-            say(f"loading {binding['model']} on {device}")
-            return core.QueryEncoder(binding, self.cfg, device, num_cpus)
-
-        self.gens = core.Generations("query embedder", self.cfg, load)
-        _set_batching(self._embed, self.cfg.embedder)
-
-    def status(self) -> dict[str, Any]:
-        return self.gens.status()
-
-    async def embed(self, gid: str, item: Any) -> tuple[Any, float, int] | core.NotReady:
-        """The query's vector from generation ``gid``'s model; also the model time and batch size (for timings).
-        NotReady is returned, not raised (see ``_raise_or_return``)."""
-        return await self._embed((gid, item))
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _embed(self, requests: list[tuple[str, Any]]) -> list[Any]:
-        """One forward per generation in the batch (one, except while a promotion switches)."""
-        start, out = time.perf_counter(), [None] * len(requests)
-        for gid in dict.fromkeys(g for g, _ in requests):
-            idx = [i for i, (g, _) in enumerate(requests) if g == gid]
-            try:
-                encoder: core.QueryEncoder = self.gens.get(gid)
-            except core.NotReady as e:
-                for i in idx:
-                    out[i] = e
-                continue
-            # in a thread: the loop keeps gathering the next batch
-            vectors = await asyncio.to_thread(encoder.encode, [requests[i][1] for i in idx])
-            for i, v in zip(idx, vectors, strict=True):
-                out[i] = v
-        seconds = time.perf_counter() - start
-        return [v if isinstance(v, Exception) else (v, seconds, len(requests)) for v in out]
-
-
-@serve.deployment
-class Retriever:
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = ServeConfig.model_validate(cfg)
-
-        def load(gen, say):
-            from ray_vdr.index import open_index
-
-            manifest = core.wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
-            say("checking the model against the index manifest")
-            binding = core.check_binding(core.generation_config(self.cfg, gen), manifest)
-            say("loading the FAISS index")
-            index = open_index(gen["index"], dim=binding["dim"])
-            return index, core.PageStore(gen["index"], index.ids)
-
-        self.gens = core.Generations("index", self.cfg, load)
-        _set_batching(self._search, self.cfg.retriever)
-
-    def status(self) -> dict[str, Any]:
-        status = self.gens.status()
-        if status["state"] == "ready":
-            m = self.gens.get(status["generation"])[0].manifest
-            status["index"] = {"vectors": m["vectors"], "dim": m["dim"], "type": m["index"]["type"],
-                               "model": m["model"]["path"], "updated_at": m.get("updated_at")}
-        return status
-
-    async def search(self, gid: str, vector: Any, k: int) -> tuple[list[dict], float] | core.NotReady:
-        """The top-k hits of a query vector in generation ``gid``'s index; also the search time."""
-        return await self._search((gid, vector, k))  # or NotReady, returned (see _raise_or_return)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _search(self, requests: list[tuple[str, Any, int]]) -> list[Any]:
-        """One FAISS call per generation in the batch, at its largest k."""
-        import numpy as np
-
-        start, out = time.perf_counter(), [None] * len(requests)
-        for gid in dict.fromkeys(g for g, _, _ in requests):
-            idx = [i for i, r in enumerate(requests) if r[0] == gid]
-            try:
-                index, _ = self.gens.get(gid)
-            except core.NotReady as e:
-                for i in idx:
-                    out[i] = e
-                continue
-            k = max(requests[i][2] for i in idx)
-            hits = await asyncio.to_thread(index.search, np.stack([requests[i][1] for i in idx]), k)
-            for i, h in zip(idx, hits, strict=True):
-                out[i] = h[:requests[i][2]]
-        seconds = time.perf_counter() - start
-        return [h if isinstance(h, Exception) else (h, seconds) for h in out]
-
-    async def lookup(self, gid: str, doc_id: str, page: int | None) -> int | None:
-        return self.gens.get(gid)[1].position(doc_id, page)
-
-    async def page(self, gid: str, position: int, column: str) -> bytes:
-        return (await asyncio.to_thread(self.gens.get(gid)[1].get, [position], column))[0]
-
-
-@serve.deployment
-class Reranker:
-    def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
-        self.cfg = ServeConfig.model_validate(cfg)
-        device = _device(num_gpus)
-
-        self.scorer = core.Background("reranker", lambda say: core.RerankScorer(self.cfg.reranker, self.cfg,
-                                                                               device, num_cpus))
-
-        def load(gen, say):  # the generation's page store: page positions differ from index to index
-            core.wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
-            return core.PageStore.open(gen["index"])
-
-        self.gens = core.Generations("reranker pages", self.cfg, load)
-        _set_batching(self._rerank, self.cfg.rerank)
-
-    def status(self) -> dict[str, Any]:
-        pages = self.gens.status()
-        return pages if self.scorer.state == "ready" else {**pages, **self.scorer.status()}
-
-    async def rerank(self, gid: str, query: str, positions: list[int]) -> tuple[Any, float, int] | core.NotReady:
-        """Scores of (query, page) for pages of generation ``gid``'s index; also the model time and batch size."""
-        return await self._rerank((gid, query, positions))  # or NotReady, returned (see _raise_or_return)
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
-    async def _rerank(self, requests: list[tuple[str, str, list[int]]]) -> list[Any]:
-        """The pairs of every request in the batch go through the model together, in forwards of
-        ``rerank_batch_size`` pairs."""
-        scorer = self.scorer.get()
-        start = time.perf_counter()
-        ok, out = [], [None] * len(requests)
-        for i, (gid, _, _) in enumerate(requests):
-            try:
-                ok.append((i, self.gens.get(gid)))
-            except core.NotReady as e:
-                out[i] = e
-
-        def run():
-            blobs = [b for i, store in ok for b in store.get(requests[i][2], "image")]
-            queries = [requests[i][1] for i, _ in ok for _ in requests[i][2]]
-            return scorer.score(list(zip(queries, core.pil_pages(blobs), strict=True)))
-
-        scores = await asyncio.to_thread(run)
-        seconds = time.perf_counter() - start
-        at = 0
-        for i, _ in ok:
-            n = len(requests[i][2])
-            out[i] = (scores[at:at + n], seconds, len(ok))
-            at += n
-        return out
 
 
 def _raise_or_return(result: Any) -> Any:
@@ -257,7 +90,7 @@ class Ingress:
         self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
         # which generations to ask for, preferred first (nothing to load here: the stages load them)
-        self.gens = core.Generations("ingress", self.cfg, lambda gen, say: gen)
+        self.gens = Generations("ingress", self.cfg, lambda gen, say: gen)
 
     async def _in_generation(self, call):
         """``await call(gid)`` in the preferred generation; if a stage has not loaded it (yet: a promotion is
@@ -405,10 +238,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
     if cfg.index is None:
         raise ValueError("serve.index is not set: give the embedding job's output folder or URI (index=...)")
-    live = core.serving_generations(cfg)[0]  # the live manifest's live generation, or cfg.index
-    manifest = core.read_manifest(live["index"])
+    live = serving_generations(cfg)[0]  # the live manifest's live generation, or cfg.index
+    manifest = read_manifest(live["index"])
     if manifest is not None:
-        core.check_binding(core.generation_config(cfg, live), manifest)
+        core.check_binding(generation_config(cfg, live), manifest)
     else:
         logger.warning("no index at %s yet: the endpoint starts and waits for it (health 503 until loaded)",
                        live["index"])
@@ -426,59 +259,3 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             data, cfg.rerank.num_cpus, model_gpus["rerank"])
     return Ingress.options(**_options(cfg.ingress, cfg.ingress.num_gpus or 0.0, retry)).bind(
         embedder, retriever, reranker, data)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# running it from ray-vdr (CLI, demo, tests)
-
-
-def run(cfg: ServeConfig, *, ready_timeout_s: float = 600.0) -> str:
-    """Deploy on the Ray cluster in RAY_ADDRESS (or a new local one), wait until ``/healthz`` says ready, and return
-    the endpoint's URL. Raises TimeoutError with the last health report if it never gets ready."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    from ray_vdr.cluster import init_ray
-
-    init_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    url = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/"
-    deadline, last = time.time() + ready_timeout_s, "no answer"
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "healthz", timeout=10):
-                return url  # 200: every stage loaded
-        except urllib.error.HTTPError as e:
-            last = e.read().decode(errors="replace")
-            try:
-                stages = json.loads(last)["stages"]
-                if any(s["state"] == "failed" for s in stages.values()):
-                    raise RuntimeError(f"the endpoint failed to load: {last}")
-            except (ValueError, KeyError):
-                pass
-        except OSError as e:
-            last = str(e)
-        time.sleep(1.0)
-    raise TimeoutError(f"the endpoint at {url} was not ready after {ready_timeout_s:.0f}s: {last}")
-
-
-def post_search(url: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
-    """POST ``body`` to ``<url>search``; (status, JSON answer). A small client for the CLI, demo and tests."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url + "search", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        try:
-            return e.code, json.loads(text)
-        except ValueError:
-            return e.code, {"detail": text}

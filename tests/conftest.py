@@ -53,21 +53,10 @@ def synthetic(tmp_path_factory):
 def ray_local(tmp_path_factory, request):
     """A private local Ray cluster for one test module; never attaches to a stray cluster on the machine. It has 2
     logical CPUs, or the module's RAY_CPUS."""
-    import ray
+    from tests.ray_cluster import local_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    from ray_vdr.cluster import LOCAL_CLUSTER_ENV
-
-    temp_dir = tmp_path_factory.mktemp("ray")
-    for key, value in LOCAL_CLUSTER_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False, _temp_dir=str(temp_dir),
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    with local_ray(tmp_path_factory.mktemp("ray"), getattr(request.module, "RAY_CPUS", 2)) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="session")

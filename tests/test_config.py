@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_vdr.config import ConfigError, TrainConfig, apply_overrides, deepspeed_config, load_config
+from ray_vdr.config import ConfigError, TrainConfig, apply_overrides, load_config
+from ray_vdr.train.deepspeed import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ learning proofs, on the models those jobs train.
 The module starts `ray start --head --block` (RAY_AUTH_MODE=token, a fresh token), then submits the demo plan's
 stages (ray_vdr/demo.py, the same stages `ray-vdr demo` runs in process) with `--working-dir` and a runtime env:
 synthetic data, embedder training (2 Ray Train workers), embedding of the eval corpus, two-stage evaluation. It stops
-only the head it started, by PID. Mining and reranker training jobs run in process in tests/test_mine.py.
+only the head it started, by PID. Mining and reranker training jobs run in process in tests/eval/test_mine.py.
 
 Learning proofs:
 1. The tiny Qwen3-VL embedder trained by the job must retrieve the held-out eval pages far better than before.
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from run_checks import check_exactly_once_and_in_sync
 
 from ray_vdr.config import load_config
+from tests.run_checks import check_exactly_once_and_in_sync
 
 ROOT = Path(__file__).resolve().parents[1]
 # the module's first job test runs the data, training, embedding and evaluation jobs: ~6 min on the development
@@ -142,9 +142,9 @@ def test_jobs_train_embed_and_evaluate(demo_jobs):
     reading the index job's model) reproduces the training job's own numbers."""
     from sentence_transformers import SentenceTransformer
 
+    from ray_vdr.corpus.store import read_manifest
     from ray_vdr.models.processor import install_image_only_processor
-    from ray_vdr.search import read_manifest
-    from ray_vdr.train import run
+    from ray_vdr.train.run import run
 
     cfg, stages, logs = demo_jobs
     for stage in stages:
@@ -179,20 +179,18 @@ def test_jobs_train_embed_and_evaluate(demo_jobs):
 def test_reranker_learns_on_the_trained_embedder(demo_jobs, tmp_path):
     """The reranker task's pieces — a Dense-head reranker built on the trained embedder, (query, page, 1/0) pairs from
     triplet rows, BinaryCrossEntropyLoss with the model's judge prompt, the streaming CrossEncoderTrainer — fit the
-    training pairs: the loss falls below the label prior. In process (the Ray pipeline is tested in test_mine.py).
+    training pairs: the loss falls below the label prior. In process (the Ray pipeline is tested in tests/eval/test_mine.py).
     Training from random weights instead stays at the prior (docs/benchmarks.md), and so would a broken head, loss
     or prompt.
     """
     import random
 
-    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
-
     from ray_vdr.config import ModelConfig
+    from ray_vdr.data.images import pil_pages
     from ray_vdr.models.builders import wrap_reranker
     from ray_vdr.models.load import build_model
-    from ray_vdr.search import pil_pages
-    from ray_vdr.train import RerankerTask, rerank_pairs, streaming_trainer_cls, training_arguments
+    from ray_vdr.train.recipes import RERANKER, rerank_pairs
+    from ray_vdr.train.trainer import StreamingCrossEncoderTrainer, training_arguments
 
     cfg, _, _ = demo_jobs
     path = wrap_reranker(cfg.run.uri("model"), tmp_path / "reranker", head="dense")
@@ -209,14 +207,13 @@ def test_reranker_learns_on_the_trained_embedder(demo_jobs, tmp_path):
         for k in range(3):
             r[f"negative_{k}"] = train[rng.randrange(len(train))]["image"]
     batches = [rerank_pairs(train[i:i + 8]) for i in range(0, len(train), 8)]
-    task = RerankerTask()
     tcfg = cfg.model_copy(deep=True)
     tcfg.train = tcfg.train.model_copy(update={"lr": 3e-4})  # at 1e-3 the head can collapse to the prior
-    args = training_arguments(tcfg, len(batches), str(tmp_path / "out"), False, task.prompts(model, []),
-                              args_cls=CrossEncoderTrainingArguments)
+    args = training_arguments(tcfg, len(batches), str(tmp_path / "out"), False, RERANKER.prompts(model, []),
+                              args_cls=RERANKER.args_cls())
     args.logging_steps, args.save_strategy = len(batches) // 4, "no"
-    trainer = streaming_trainer_cls(task.trainer_base())(
-        model=model, args=args, train_dataset=task.schema([]), loss=BinaryCrossEntropyLoss(model),
+    trainer = StreamingCrossEncoderTrainer(
+        model=model, args=args, train_dataset=RERANKER.schema([]), loss=RERANKER.loss(model, tcfg, 1),
         batch_stream=batches, progress=lambda: 1.0)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

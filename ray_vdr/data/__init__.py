@@ -1,1 +1,2 @@
-"""Data: synthetic VDR pages, image validation, triplet validation and the Ray Data pipelines around them."""
+"""Training data: triplet sources on Ray Data (sources), their validation (triplets), image checks (images) and the
+synthetic VDR dataset (synthetic, render)."""

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from ray_vdr.config import ImageLimits
 
-__all__ = ["ImageRejected", "decode_image", "image_bytes", "normalize_image"]
+__all__ = ["ImageRejected", "decode_image", "image_bytes", "normalize_image", "pil_pages"]
 
 # Our own max_pixels check runs before decoding; lift PIL's global guard so it does not pre-empt ours with a warning.
 Image.MAX_IMAGE_PIXELS = None
@@ -120,3 +120,8 @@ def normalize_image(value: Any, limits: ImageLimits) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def pil_pages(blobs: list[bytes]) -> list[Image.Image]:
+    """Stored page images (already validated when they were written) as RGB PIL images."""
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]

@@ -1,19 +1,30 @@
-"""The one builder every job uses to get a Sentence Transformers model from a :class:`ModelConfig`."""
+"""The one model loader: a Sentence Transformers model from a :class:`ModelConfig`, and the embedder an index was
+built with from its binding (path, prompts, pixel bounds), so every job encodes as the index did.
+
+- :func:`build_model`: load (or build, then load) what a config describes; every job goes through it.
+- :func:`embedder_binding` / :func:`load_embedder`: how an index encodes. The embedding job stores the binding in the
+  index manifest; the job itself, mining, evaluation, promotion and serving all load the embedder from a binding.
+- :func:`local_model`, :func:`model_fingerprint`, :func:`model_signature`: where a model's files are, and its identity
+  (a full hash once, at index build; a cheap signature at load).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ray_vdr.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import CrossEncoder, SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +101,9 @@ def _build(cfg: ModelConfig, path: Path, builders) -> None:
     elif cfg.builder == "qwen3vl-2b-reranker-shape":
         builders.build_qwen3vl_reranker(tmp, builders.QWEN3VL_2B_SHAPE, head=cfg.head, dtype="bfloat16", **pixels)
     elif cfg.builder == "reranker-from-vlm":
-        from ray_vdr.index import _local_model
-
         if not cfg.base_model:
             raise ValueError("model.builder 'reranker-from-vlm' needs model.base_model (the VLM to build on)")
-        builders.wrap_reranker(_local_model(cfg.base_model), tmp, head=cfg.head)
+        builders.wrap_reranker(local_model(cfg.base_model), tmp, head=cfg.head)
     else:  # pragma: no cover - guarded by the config Literal
         raise ValueError(cfg.builder)
     if path.exists():
@@ -154,3 +163,150 @@ def build_model(cfg: ModelConfig, device: str | None = None, *, reranker: bool =
     if cfg.max_seq_length is not None:
         model.max_seq_length = cfg.max_seq_length
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where a model's files are, and what identifies them
+
+
+def local_model(uri: str) -> str:
+    """A local folder with the model: a folder as it is; s3://, gs:// copied once into the temp dir; a hub id resolved
+    by huggingface_hub (its cache, or a download unless HF_HUB_OFFLINE=1)."""
+    from ray_vdr.storage import copy_tree
+
+    if "://" in uri:
+        dest = Path(tempfile.gettempdir()) / "ray-vdr-models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        if not (dest / "modules.json").is_file():
+            copy_tree(uri, str(dest))
+        return str(dest)
+    if Path(uri).is_dir():
+        return uri
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(uri)
+
+
+def _model_files(root: Path) -> list[Path]:
+    """The files that make a model (the model card carries dates and metrics, not weights; hidden files are locks)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "README.md")
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 over every file of a model folder (relative names and contents): equal iff the folders are equal.
+
+    Reads the whole model (a 2B model in ~5 s): computed once, when an index is built, and stored in its manifest;
+    loaders compare the cheap :func:`model_signature` instead.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in _model_files(root):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+SIGNATURE_SMALL_FILE = 1 << 20
+SIGNATURE_SAMPLES = 8
+SIGNATURE_BLOCK = 1 << 16
+
+
+def model_signature(path: str | Path) -> str:
+    """A cheap identity of a model folder, for checks at load time: every file's name and size, the whole of every
+    file up to 1 MiB (configs, prompts, processor settings) and 8 blocks of 64 KiB spread over each larger file.
+
+    It reads well under 1 MiB per weight file, however large. Two trainings of one architecture differ in every
+    sampled block, so a model swapped under an index's path is caught at load without hashing the weights again;
+    :func:`model_fingerprint`, stored with the index, is the full identity.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in _model_files(root):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root)}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= SIGNATURE_SMALL_FILE:
+                h.update(fh.read())
+                continue
+            for i in range(SIGNATURE_SAMPLES):
+                fh.seek((size - SIGNATURE_BLOCK) * i // (SIGNATURE_SAMPLES - 1))
+                h.update(fh.read(SIGNATURE_BLOCK))
+    return h.hexdigest()
+
+
+def embedding_dimension(path: str | Path) -> int:
+    """The model's output dimension, from its Pooling (or Dense) module config, without loading the weights."""
+    dim = None
+    for module in json.loads((Path(path) / "modules.json").read_text()):
+        conf = Path(path) / module.get("path", "") / "config.json"
+        if module.get("type", "").endswith(("Pooling", "Dense")) and conf.is_file():
+            c = json.loads(conf.read_text())
+            dim = c.get("out_features") or c.get("embedding_dimension") or c.get("word_embedding_dimension") or dim
+    if dim is None:
+        raise ValueError(f"cannot tell the embedding dimension of {path}: no Pooling or Dense module config")
+    return int(dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The embedder an index was built with
+
+
+def _pixel_bounds(cfg: ModelConfig, path: Path) -> dict[str, Any]:
+    """The image processor's pixel budget as the embedder will use it (the saved one, overridden by ``cfg``)."""
+    size: dict[str, Any] = {}
+    for name, nested in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        f = path / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            size = dict((data.get(nested, {}) if nested else data).get("size") or {}) or size
+    if cfg.min_pixels:
+        size["shortest_edge"] = cfg.min_pixels
+    if cfg.max_pixels:
+        size["longest_edge"] = cfg.max_pixels
+    return {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
+
+
+def embedder_binding(cfg: ModelConfig, uri: str) -> dict[str, Any]:
+    """How the embedder at ``uri`` encodes when a job runs it with the model section ``cfg``: its path, the prompts
+    (the saved ones, overridden by ``cfg``), processor pixel bounds (likewise), token limit, saved truncation and
+    whether it normalises. Reads configuration files only.
+
+    The embedding job stores this in the index manifest (``model``), with the model's identity; every job that
+    encodes against an index loads the embedder from it with :func:`load_embedder`, so queries are encoded exactly
+    as the index's pages were, and an evaluation computes it from the same config as the job would.
+    """
+    local = Path(local_model(uri))
+    st_cfg = local / "config_sentence_transformers.json"
+    st = json.loads(st_cfg.read_text()) if st_cfg.is_file() else {}
+    modules = json.loads((local / "modules.json").read_text())
+    prompts = dict(st.get("prompts") or {})
+    if cfg.document_prompt is not None:
+        prompts["document"] = cfg.document_prompt
+    if cfg.query_prompt is not None:
+        prompts["query"] = cfg.query_prompt
+    return {"path": uri, "truncate_dim": st.get("truncate_dim"),
+            "normalized": any(m.get("type", "").endswith("Normalize") for m in modules),
+            "document_prompt": prompts.get("document"), "query_prompt": prompts.get("query"),
+            "pixel_bounds": _pixel_bounds(cfg, local), "max_seq_length": cfg.max_seq_length}
+
+
+def load_embedder(binding: dict[str, Any], *, dtype: str = "auto", attn_implementation: str = "auto",
+                  device: str | None = None, trust_remote_code: bool = False) -> SentenceTransformer:
+    """The embedder of a binding (:func:`embedder_binding`, or an index manifest's ``model``), encoding with its
+    prompts, pixel bounds and token limit."""
+    bounds = binding.get("pixel_bounds") or {}
+    cfg = ModelConfig(name_or_path=local_model(binding["path"]), builder="load", dtype=dtype,
+                      attn_implementation=attn_implementation, min_pixels=bounds.get("min_pixels"),
+                      max_pixels=bounds.get("max_pixels"), query_prompt=binding.get("query_prompt"),
+                      document_prompt=binding.get("document_prompt"), max_seq_length=binding.get("max_seq_length"),
+                      trust_remote_code=trust_remote_code)
+    return build_model(cfg, device=device)
+
+
+def load_reranker(uri: str, *, dtype: str = "auto", attn_implementation: str = "auto", device: str | None = None,
+                  min_pixels: int | None = None, max_pixels: int | None = None) -> CrossEncoder:
+    """A saved CrossEncoder (folder, URI or hub id), with its saved pixel bounds unless given."""
+    cfg = ModelConfig(name_or_path=local_model(uri), builder="load", dtype=dtype,
+                      attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
+    return build_model(cfg, device=device, reranker=True)

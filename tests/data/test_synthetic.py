@@ -7,7 +7,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ray_vdr.config import SyntheticConfig
-from ray_vdr.data.synthetic import generate, page_png, write_synthetic
+from ray_vdr.data.render import page_png
+from ray_vdr.data.synthetic import generate, write_synthetic
 
 
 def _digest(folder: Path) -> str:

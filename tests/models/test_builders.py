@@ -147,11 +147,11 @@ def test_qwen3vl_real_shapes_match_the_public_models(shape, params, vision, dim)
     import torch
     from transformers import Qwen3VLModel
 
-    from ray_vdr.models import builders
+    from ray_vdr.models import qwen3vl
 
-    tok = builders._qwen_tokenizer(512)
-    s = getattr(builders, shape)
-    config = builders._qwen3vl_config(s, tok, s.vocab_size)
+    tok = qwen3vl.qwen_tokenizer(512)
+    s = getattr(qwen3vl, shape)
+    config = qwen3vl.qwen3vl_config(s, tok, s.vocab_size)
     with torch.device("meta"):
         model = Qwen3VLModel(config)
     assert sum(p.numel() for p in model.parameters()) == params

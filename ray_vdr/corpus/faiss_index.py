@@ -1,0 +1,137 @@
+"""FAISS indexes over normalised page embeddings: choosing, building, extending, searching, storing (no Ray).
+
+Vectors are L2-normalised, so inner product is cosine similarity. The index type follows the corpus size unless
+set: exact search (``IndexFlatIP``) for small corpora, HNSW for large ones, IVF-PQ for very large ones; IVF with
+8-bit scalar quantisation is available as an override. Building runs on GPU when FAISS sees GPUs (flat and IVF
+types; HNSW is CPU-only in FAISS) and the index is always stored as a CPU index. The index folder around it
+(shards, ids, manifest) is :mod:`ray_vdr.corpus.store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "read_index", "search", "write_index"]
+
+INDEX_FILE = "index.faiss"
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    type: str  # flat | hnsw | ivf_sq8 | ivf_pq
+    params: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "params": self.params}
+
+
+def choose_spec(n: int, dim: int, cfg) -> IndexSpec:
+    """The index for ``n`` vectors of ``dim`` from an IndexConfig (``index_type: auto`` picks by size)."""
+    kind = cfg.index_type
+    if kind == "auto":
+        kind = "flat" if n <= cfg.flat_max else "hnsw" if n <= cfg.hnsw_max else "ivf_pq"
+    if kind == "flat":
+        return IndexSpec("flat", {})
+    if kind == "hnsw":
+        return IndexSpec("hnsw", {"m": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction,
+                                  "ef_search": cfg.hnsw_ef_search})
+    # IVF needs ~39 training points per list (FAISS warns below that)
+    nlist = cfg.ivf_nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+    params: dict[str, Any] = {"nlist": nlist, "nprobe": min(cfg.ivf_nprobe, nlist)}
+    if kind == "ivf_pq":
+        m = cfg.pq_bytes or max(1, dim // 8)
+        while dim % m:  # PQ sub-vectors must split the dimension evenly
+            m -= 1
+        params["pq_m"] = m
+        params["pq_bits"] = 8
+    return IndexSpec(kind, params)
+
+
+def _factory(spec: IndexSpec, dim: int):
+    import faiss
+
+    p = spec.params
+    if spec.type == "flat":
+        return faiss.IndexFlatIP(dim)
+    if spec.type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, p["m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = p["ef_construction"]
+        index.hnsw.efSearch = p["ef_search"]
+        return index
+    key = f"IVF{p['nlist']},SQ8" if spec.type == "ivf_sq8" else f"IVF{p['nlist']},PQ{p['pq_m']}x{p['pq_bits']}"
+    return faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+
+
+def gpu_count() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec, *, use_gpu: bool | None = None, train_size: int = 262_144,
+                seed: int = 0):
+    """A trained, filled CPU index over ``vectors`` (float32, normalised)."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    index = _factory(spec, dim)
+    gpus = gpu_count() if use_gpu is None else (gpu_count() if use_gpu else 0)
+    on_gpu = gpus > 0 and spec.type != "hnsw"
+    if on_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = vectors if n <= train_size else vectors[np.sort(rng.choice(n, train_size, replace=False))]
+        index.train(sample)
+    add_to(index, vectors)
+    if on_gpu:
+        index = faiss.index_gpu_to_cpu(index)
+    _set_search_params(index, spec)
+    return index
+
+
+def add_to(index, vectors: np.ndarray, chunk: int = 65_536) -> None:
+    for start in range(0, len(vectors), chunk):
+        index.add(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
+
+
+def _set_search_params(index, spec: IndexSpec) -> None:
+    import faiss
+
+    if spec.type.startswith("ivf"):
+        faiss.extract_index_ivf(index).nprobe = spec.params["nprobe"]
+    elif spec.type == "hnsw":
+        index.hnsw.efSearch = spec.params["ef_search"]
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions) of the top ``k`` per query; positions are -1 where the index has fewer than k."""
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    return index.search(q, min(k, max(1, index.ntotal)))
+
+
+def write_index(index, path: str | Path) -> None:
+    import faiss
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, path)
+
+
+def read_index(path: str | Path, spec: dict[str, Any] | None = None):
+    import faiss
+
+    index = faiss.read_index(str(path))
+    if spec is not None:
+        _set_search_params(index, IndexSpec(spec["type"], spec["params"]))
+    return index

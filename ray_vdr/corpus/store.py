@@ -1,0 +1,203 @@
+"""The index folder the embedding job writes and everything else reads: shards, ids, manifest, FAISS index, pages.
+
+Layout under an index's ``output`` (a folder or URI)::
+
+    pages/part-<hash>.parquet     key, doc_id, source, page, width, height, image, thumbnail, embedding
+    rejects/part-<hash>.parquet   key, doc_id, source, page, reason, detail
+    index.faiss, ids.parquet      the index; row i of ids.parquet is vector i (key, doc_id, source, page, shard, row)
+    manifest.json                 what made the index: the embedder's binding and identity, dim, type, counts
+    embedding.json                the model, dim and dpi of the shards (every later run must match them)
+
+The manifest binds the index to its embedder (:func:`ray_vdr.models.load.embedder_binding` plus the model's full
+fingerprint and cheap signature): :func:`check_manifest` refuses to pair it with another model or dimension, which
+would return confident nonsense rather than fail. Readers only: :mod:`ray_vdr.corpus.embed` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_vdr.corpus.faiss_index import INDEX_FILE, read_index
+from ray_vdr.storage import is_file, list_parts, read_bytes, read_table
+
+__all__ = ["EMBEDDING_FILE", "IDS_FILE", "MANIFEST", "PAGES", "REJECTS", "IndexMismatch", "PageIndex", "PageStore",
+           "check_manifest", "known_keys", "now_iso", "open_index", "read_ids", "read_manifest", "read_shard",
+           "shards"]
+
+PAGES, REJECTS = "pages", "rejects"
+MANIFEST = "manifest.json"
+IDS_FILE = "ids.parquet"
+EMBEDDING_FILE = "embedding.json"
+
+
+class IndexMismatch(ValueError):
+    """An index used with a model or dimension other than the one it was built with."""
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def shards(output: str, kind: str) -> list[str]:
+    """Names of the published shards of ``kind`` (pages or rejects)."""
+    return list_parts(f"{output}/{kind}")
+
+
+def read_shard(output: str, kind: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    return read_table(f"{output}/{kind}/{name}", columns)
+
+
+def known_keys(output: str) -> set[str]:
+    """Keys already embedded or rejected under ``output`` (reads one column of every shard)."""
+    keys: set[str] = set()
+    for kind in (PAGES, REJECTS):
+        for name in shards(output, kind):
+            keys.update(read_shard(output, kind, name, ["key"]).column("key").to_pylist())
+    return keys
+
+
+def read_ids(output: str) -> pa.Table:
+    return read_table(f"{output}/{IDS_FILE}")
+
+
+def read_manifest(output: str) -> dict[str, Any] | None:
+    """The index manifest, or None while the embedding job has not published one."""
+    return json.loads(read_bytes(f"{output}/{MANIFEST}")) if is_file(f"{output}/{MANIFEST}") else None
+
+
+def check_manifest(manifest: dict[str, Any], *, model_path: str | None = None, fingerprint: str | None = None,
+                   dim: int | None = None, where: str = "the index") -> None:
+    """Refuse an index built by another model or at another dimension, saying what differs and what to do.
+
+    ``model_path`` is compared by the cheap signature the manifest stores (a few MiB read, not the weights);
+    ``fingerprint`` (the full hash) when the caller already has it. Indexes from before signatures compare the
+    model's full fingerprint.
+    """
+    from ray_vdr.models.load import local_model, model_fingerprint, model_signature
+
+    if dim is not None and manifest["dim"] != dim:
+        raise IndexMismatch(f"{where} holds {manifest['dim']}-d embeddings but {dim}-d vectors were asked for: "
+                            f"use the dimension it was built with (index.dim / output.truncate_dim) or rebuild it")
+    m = manifest["model"]
+    if model_path is not None:
+        local = local_model(model_path)
+        if m.get("signature"):
+            same = model_signature(local) == m["signature"]
+        else:
+            fingerprint = model_fingerprint(local)
+            same = fingerprint == m["fingerprint"]
+    elif fingerprint is not None:
+        same = fingerprint == m["fingerprint"]
+    else:
+        return
+    if not same:
+        raise IndexMismatch(f"{where} was built with the model at {m['path']} (fingerprint {m['fingerprint'][:12]}…), "
+                            f"not with {model_path or 'this model'}: its files differ; embed the corpus again with "
+                            "this model into a new index.output")
+
+
+@dataclass
+class PageIndex:
+    """A loaded index: FAISS index, its id table (row i = vector i) and manifest."""
+
+    index: Any
+    ids: pa.Table
+    manifest: dict[str, Any]
+    output: str
+
+    def search(self, queries, k: int) -> list[list[dict[str, Any]]]:
+        """Top-``k`` pages per query vector: key, doc_id, source, page, score, rank (1-based), position."""
+        from ray_vdr.corpus.faiss_index import search
+
+        scores, positions = search(self.index, queries, k)
+        cols = {c: self.ids.column(c) for c in ("key", "doc_id", "source", "page")}
+        out = []
+        for row_scores, row_pos in zip(scores, positions, strict=True):
+            found = [(s, p) for s, p in zip(row_scores, row_pos, strict=True) if p >= 0]
+            out.append([{**{c: col[int(pos)].as_py() for c, col in cols.items()}, "score": float(score),
+                         "rank": rank, "position": int(pos)} for rank, (score, pos) in enumerate(found, start=1)])
+        return out
+
+
+def open_index(output: str, *, model_path: str | None = None, dim: int | None = None) -> PageIndex:
+    """Load the index under ``output``; refuses it (IndexMismatch) when ``model_path`` is not the model it was built
+    with or ``dim`` is not its dimension."""
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise FileNotFoundError(f"no index at {output} ({MANIFEST} missing): run jobs/embed_corpus.py first")
+    check_manifest(manifest, model_path=model_path, dim=dim, where=f"the index at {output}")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{INDEX_FILE}"))
+        index = read_index(Path(tmp) / INDEX_FILE, manifest["index"])
+    return PageIndex(index, read_ids(output), manifest, output)
+
+
+class PageStore:
+    """Page images, thumbnails and stored embeddings of an index, read from its Parquet shards by vector position,
+    with an LRU cache."""
+
+    def __init__(self, output: str, ids: pa.Table, cache_bytes: int = 256 << 20):
+        self.output, self.ids = output, ids
+        self._cache: OrderedDict[tuple[int, str], bytes] = OrderedDict()
+        self._cache_bytes, self._held = cache_bytes, 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, output: str, cache_bytes: int = 256 << 20) -> PageStore:
+        return cls(output, read_ids(output), cache_bytes)
+
+    def get(self, positions: list[int], column: str = "image") -> list[Any]:
+        """The ``column`` (image, thumbnail or embedding) of each vector position; one read per shard for the
+        misses."""
+        found: dict[int, Any] = {}
+        with self._lock:
+            for p in positions:
+                if (p, column) in self._cache:
+                    self._cache.move_to_end((p, column))
+                    found[p] = self._cache[(p, column)]
+        by_shard: dict[str, list[int]] = {}
+        for p in positions:
+            if p not in found:
+                by_shard.setdefault(self.ids.column("shard")[p].as_py(), []).append(p)
+        for shard, wanted in by_shard.items():
+            rows = [self.ids.column("row")[p].as_py() for p in wanted]
+            values = read_shard(self.output, PAGES, shard, [column]).column(column).take(pa.array(rows)).to_pylist()
+            for p, value in zip(wanted, values, strict=True):
+                found[p] = value
+                self._remember((p, column), value)
+        return [found[p] for p in positions]
+
+    def _remember(self, key: tuple[int, str], value: Any) -> None:
+        size = len(value) if isinstance(value, bytes) else 4 * len(value)
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = value
+            self._held += size
+            while self._held > self._cache_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._held -= len(old) if isinstance(old, bytes) else 4 * len(old)
+
+    def position(self, doc_id: str, page: int | None) -> int | None:
+        """The vector position of a document's page (its first page when ``page`` is None)."""
+        mask = pc.equal(self.ids.column("doc_id"), doc_id)
+        if page is not None:
+            mask = pc.and_(mask, pc.equal(self.ids.column("page"), page))
+        hits = np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False)).tolist()
+        if not hits:
+            return None
+        if page is None:
+            pages = self.ids.column("page").take(pa.array(hits)).to_pylist()
+            return hits[int(np.argmin(pages))]
+        return hits[0]

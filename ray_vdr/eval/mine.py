@@ -1,0 +1,290 @@
+"""Hard-negative mining from our own corpus index: training queries → index search → triplets for the reranker.
+
+Pipeline (streaming; the driver sees per-batch counts, never pages)::
+
+    validated triplets (mine.queries, else data.train) ─► skip rows mined by an earlier run
+        ─► map_batches(NegativeMiner): encode queries and positives, search the FAISS index, pick each query's
+           negatives, read their pages from the index, publish one shard (actor pool)
+        ─► driver: counts → progress and summary
+
+For every query the miner looks at the pages ranked ``rank_min..rank_max`` and keeps the first ``num_negatives``
+that are neither its positive (same content key) nor a near-duplicate of it (page-to-page cosine >=
+``duplicate_similarity``) nor scored within ``margin`` of the positive (likely unlabeled positives). A query left with fewer negatives is a reject with the
+reason, never a silently shorter row.
+
+Output under ``mine.output``::
+
+    triplets/part-<hash>.parquet  row_id, query, image, negative_0..k-1 (the triplet layout the trainers read), and
+                                  positive_score, negative_scores, negative_ranks, negative_doc_ids
+    rejects/part-<hash>.parquet   row_id, query, reason, detail
+    input-rejects/                training rows that failed validation (reason per row)
+    mine.json                     index, model, window, margin and k; a rerun must use the same
+
+Resumable like the embedding job: a shard is named by the hash of its row ids and published atomically, and rows
+already in a shard (mined or rejected) are skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ray_vdr.config import MineConfig, VDRConfig
+from ray_vdr.corpus.pages import page_key
+from ray_vdr.corpus.store import IndexMismatch, read_manifest
+from ray_vdr.data.triplets import TripletSpec
+from ray_vdr.storage import is_file, list_parts, part_name, read_bytes, read_table, write_bytes, write_table
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MineResult", "NegativeMiner", "run", "select_negatives"]
+
+TRIPLETS = "triplets"  # the reranker's training data: <output>/triplets
+REJECTS = "rejects"
+INPUT_REJECTS = "input-rejects"
+BINDING_FILE = "mine.json"
+REJECT_SCHEMA = pa.schema([("row_id", pa.string()), ("query", pa.string()), ("reason", pa.string()),
+                           ("detail", pa.string())])
+
+
+@dataclass
+class MineResult:
+    output: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def mined_schema(k: int) -> pa.Schema:
+    return pa.schema(
+        [("row_id", pa.string()), ("query", pa.string()), ("image", pa.binary())]
+        + [(f"negative_{i}", pa.binary()) for i in range(k)]
+        + [("positive_score", pa.float32()), ("negative_scores", pa.list_(pa.float32())),
+           ("negative_ranks", pa.list_(pa.int32())), ("negative_doc_ids", pa.list_(pa.string()))]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# selection (pure)
+
+
+DROP_REASONS = ("positive", "near_duplicate", "within_margin")
+
+
+def select_negatives(hits: list[dict[str, Any]], positive_key: str, positive_score: float,
+                     similarity_to_positive: dict[int, float], cfg: MineConfig, row_id: str = ""
+                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The negatives for one query among its search ``hits`` (rank order), and why other candidates were dropped.
+
+    A hit is the positive when its content key is the positive's; ``similarity_to_positive`` maps a hit's vector
+    position to its cosine with the positive page. ``cfg.sampling`` "top" keeps the best-ranked eligible hits,
+    "random" a sample of them drawn with a generator seeded by ``cfg.seed`` and ``row_id`` (a rerun draws the same).
+    """
+    import random
+
+    eligible: list[dict[str, Any]] = []
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    for hit in hits:
+        if not cfg.rank_min <= hit["rank"] <= cfg.rank_max:
+            continue
+        if hit["key"] == positive_key:
+            dropped["positive"] += 1
+        elif similarity_to_positive.get(hit["position"], -1.0) >= cfg.duplicate_similarity:
+            dropped["near_duplicate"] += 1
+        elif cfg.margin is not None and hit["score"] >= positive_score - cfg.margin:
+            dropped["within_margin"] += 1
+        else:
+            eligible.append(hit)
+            if cfg.sampling == "top" and len(eligible) == cfg.num_negatives:
+                break
+    if cfg.sampling == "random" and len(eligible) > cfg.num_negatives:
+        rng = random.Random(f"{cfg.seed}:{row_id}")
+        eligible = sorted(rng.sample(eligible, cfg.num_negatives), key=lambda h: h["rank"])
+    return eligible, dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the Ray Data stages
+
+
+def done_rows(output: str) -> set[str]:
+    """Row ids already mined or rejected under ``output``."""
+    done: set[str] = set()
+    for kind in (TRIPLETS, REJECTS):
+        for name in list_parts(f"{output}/{kind}"):
+            done.update(read_table(f"{output}/{kind}/{name}", ["row_id"]).column("row_id").to_pylist())
+    return done
+
+
+_DONE_CACHE: dict[str, pa.Array] = {}
+
+
+def _skip_done(batch: pa.Table, done_ref: list) -> pa.Table:
+    """map_batches stage: drop rows an earlier run already mined or rejected."""
+    import pyarrow.compute as pc
+    import ray
+
+    ref = done_ref[0]
+    done = _DONE_CACHE.get(ref.hex())
+    if done is None:  # once per worker process and run
+        _DONE_CACHE.clear()
+        done = _DONE_CACHE.setdefault(ref.hex(), pa.array(sorted(ray.get(ref)), pa.string()))
+    if not len(done):
+        return batch
+    return batch.filter(pc.invert(pc.is_in(batch.column("row_id"), value_set=done)))
+
+
+class NegativeMiner:
+    """Actor-pool stage: mines one batch of training rows and publishes it as one shard, returning only counts."""
+
+    def __init__(self, index: str, model: str, mine: dict, dtype: str, attn: str, use_gpu: bool, cpus: float = 1.0):
+        from ray_vdr.cluster import worker_device, worker_logging
+        from ray_vdr.corpus.store import PageStore, open_index
+        from ray_vdr.models.load import load_embedder
+
+        worker_logging()
+        device = worker_device(use_gpu, cpus)
+        self.cfg = MineConfig.model_validate(mine)
+        self.index = open_index(index, model_path=model)
+        binding = {**self.index.manifest["model"], "path": model}  # encode as the index did, with these files
+        self.model = load_embedder(binding, dtype=dtype, attn_implementation=attn, device=device)
+        self.dim = self.index.manifest["dim"]
+        self.pages = PageStore(index, self.index.ids, cache_bytes=64 << 20)
+        self.output = mine["output"]
+
+    def _embed(self, fn, items) -> np.ndarray:
+        return fn(items, batch_size=len(items), truncate_dim=self.dim, normalize_embeddings=True,
+                  convert_to_numpy=True, show_progress_bar=False)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ray_vdr.data.images import pil_pages
+
+        start = time.perf_counter()
+        k = self.cfg.num_negatives
+        out: dict[str, list] = {name: [] for name in mined_schema(k).names}
+        rejects: list[dict[str, str]] = []
+        dropped = dict.fromkeys(DROP_REASONS, 0)
+        n = batch.num_rows
+        if n:
+            queries = batch.column("query").to_pylist()
+            positives = batch.column("image").to_pylist()
+            q = self._embed(self.model.encode_query, queries)
+            p = self._embed(self.model.encode_document, pil_pages(positives))
+            hits = self.index.search(q, self.cfg.rank_max)
+            positions = sorted({h["position"] for row in hits for h in row})
+            stored = dict(zip(positions, self.pages.get(positions, "embedding"), strict=True))
+            for i, rid in enumerate(batch.column("row_id").to_pylist()):
+                pos_score = float(q[i] @ p[i])
+                sims = {h["position"]: float(np.asarray(stored[h["position"]], np.float32) @ p[i]) for h in hits[i]}
+                chosen, why = select_negatives(hits[i], page_key(positives[i]), pos_score, sims, self.cfg, rid)
+                for reason, count in why.items():
+                    dropped[reason] += count
+                if len(chosen) < k:
+                    rejects.append({"row_id": rid, "query": queries[i][:200], "reason": "too_few_negatives",
+                                    "detail": f"{len(chosen)} of {k} in ranks {self.cfg.rank_min}..{self.cfg.rank_max} "
+                                              f"of {len(hits[i])} hits; dropped {why}"})
+                    continue
+                images = self.pages.get([h["position"] for h in chosen], "image")
+                out["row_id"].append(rid)
+                out["query"].append(queries[i])
+                out["image"].append(positives[i])
+                for j, img in enumerate(images):
+                    out[f"negative_{j}"].append(img)
+                out["positive_score"].append(pos_score)
+                out["negative_scores"].append([h["score"] for h in chosen])
+                out["negative_ranks"].append([h["rank"] for h in chosen])
+                out["negative_doc_ids"].append([h["doc_id"] for h in chosen])
+        name = part_name(batch.column("row_id").to_pylist())
+        mined = pa.table(out, schema=mined_schema(k))
+        if mined.num_rows:
+            write_table(mined, f"{self.output}/{TRIPLETS}/{name}")
+        if rejects:
+            write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), f"{self.output}/{REJECTS}/{name}")
+        return pa.table({"mined": [mined.num_rows], "rejected": [len(rejects)],
+                         **{reason: [count] for reason, count in dropped.items()},
+                         "seconds": [time.perf_counter() - start]})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def resolve(cfg: VDRConfig) -> tuple[str, str, str]:
+    """(index, model, output) of the mining job, defaults filled in."""
+    index = cfg.mine.index or cfg.index.output
+    manifest = read_manifest(index)
+    if manifest is None:
+        raise FileNotFoundError(f"no corpus index at {index}: build it first (jobs/embed_corpus.py) or set mine.index")
+    model = cfg.mine.model or manifest["model"]["path"]
+    return index, model, cfg.mine.output or cfg.run.uri("mined")
+
+
+def _binding(cfg: MineConfig, index: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    keep = ("num_negatives", "rank_min", "rank_max", "margin", "duplicate_similarity", "sampling", "seed")
+    return {"index": index, "model_fingerprint": manifest["model"]["fingerprint"], "dim": manifest["dim"],
+            **{name: getattr(cfg, name) for name in keep}}
+
+
+def run(cfg: VDRConfig) -> MineResult:
+    """Mine ``cfg.mine.num_negatives`` hard negatives per training query from the corpus index."""
+    import ray
+    import ray.data
+
+    from ray_vdr.cluster import init_ray
+    from ray_vdr.data.sources import build_dataset, count_rejects
+
+    start = time.time()
+    index, model, output = resolve(cfg)
+    source = cfg.mine.queries or cfg.data.train
+    if source is None:
+        raise FileNotFoundError("mine.queries and data.train are both unset: nothing to mine for")
+    manifest = read_manifest(index)
+    binding = _binding(cfg.mine, index, manifest)
+    if is_file(f"{output}/{BINDING_FILE}"):
+        earlier = {k: v for k, v in json.loads(read_bytes(f"{output}/{BINDING_FILE}")).items() if k in binding}
+        if earlier != binding:
+            changed = sorted(k for k in binding if earlier.get(k) != binding[k])
+            raise IndexMismatch(f"{output} holds negatives mined with other settings ({', '.join(changed)} differ): "
+                                "mine into a new mine.output or restore the settings to resume")
+    write_bytes(json.dumps(binding, indent=2).encode(), f"{output}/{BINDING_FILE}")
+    init_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    done = done_rows(output)
+    logger.info("mining %d negatives per query from %s (ranks %d..%d) into %s; %d rows done before",
+                cfg.mine.num_negatives, index, cfg.mine.rank_min, cfg.mine.rank_max, output, len(done))
+    # only the query and the positive matter here: existing negative columns are neither needed nor validated
+    spec = dataclasses.replace(TripletSpec.from_config(cfg.data, split="train"), negative_columns=())
+    ds = build_dataset(source, spec, f"{output}/{INPUT_REJECTS}", batch_size=cfg.data.batch_size,
+                       num_cpus=cfg.data.cpus_per_task)
+    ds = ds.map_batches(_skip_done, batch_format="pyarrow", fn_kwargs={"done_ref": [ray.put(done)]},
+                        num_cpus=cfg.data.cpus_per_task)
+    use_gpu = cfg.scaling.use_gpu
+    ds = ds.map_batches(NegativeMiner, batch_size=cfg.mine.batch_size, batch_format="pyarrow",
+                        concurrency=cfg.mine.actors, num_cpus=cfg.mine.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+                        fn_constructor_kwargs={"index": index, "model": model,
+                                               "mine": {**cfg.mine.model_dump(), "output": output},
+                                               "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,
+                                               "use_gpu": use_gpu, "cpus": cfg.mine.cpus_per_actor})
+    totals = dict.fromkeys(("mined", "rejected", *DROP_REASONS, "batches"), 0)
+    t0 = time.perf_counter()
+    for row in ds.iter_rows():
+        for key in ("mined", "rejected", *DROP_REASONS):
+            totals[key] += row[key]
+        totals["batches"] += 1
+        if totals["batches"] % 20 == 0:
+            logger.info("%d batches: %d rows mined, %d rejected (%.1f rows/s)", totals["batches"], totals["mined"],
+                        totals["rejected"], (totals["mined"] + totals["rejected"]) / (time.perf_counter() - t0))
+    seconds = time.perf_counter() - t0
+    summary = {"rows_mined": totals["mined"], "rows_rejected": totals["rejected"], "rows_done_before": len(done),
+               "input_rejects": sum(count_rejects(f"{output}/{INPUT_REJECTS}").values()),
+               **{f"dropped_{reason}": totals[reason] for reason in DROP_REASONS},
+               "rows_per_second": round((totals["mined"] + totals["rejected"]) / seconds, 2) if seconds else 0.0,
+               "seconds": round(time.time() - start, 2)}
+    write_bytes(json.dumps({**binding, "last_run": summary}, indent=2).encode(), f"{output}/{BINDING_FILE}")
+    logger.info("mining summary: %s", summary)
+    return MineResult(output, summary)

@@ -1,0 +1,298 @@
+"""Feeding Ray Train workers from one Ray Data stream, one equal slice of each global batch per rank.
+
+A single :class:`BatchFeeder` (a Ray actor in training) consumes the validated stream, assembles duplicate-free
+global batches with :class:`~ray_vdr.train.batching.GlobalBatcher` in a background thread (a few batches ahead of
+the trainers), and hands rank r its slice of step s. Because batch composition is decided in one place:
+
+- every row is trained exactly once per epoch (or reported as dropped, with the reason, at the epoch's end);
+- no global batch repeats a query or a page (in-batch negatives stay true negatives);
+- every rank gets the same number of equally sized batches, so DDP/DeepSpeed collectives and the cross-rank
+  ``all_gather`` of the loss always line up, even when rows are rejected or the last batch is partial.
+
+The feeder also owns the *data position* that checkpoints store (:meth:`BatchFeeder.position`): the epoch of the
+next step and which rows the steps before it trained or dropped. A worker group that starts — the first time, after
+a worker failure, or in a rerun of the job — calls :meth:`BatchFeeder.start` with the position of the checkpoint it
+resumes from; the feeder then rebuilds its stream from there, skipping the rows the epoch already used, so no row is
+trained twice in an epoch however often the run is interrupted.
+
+The worker side, :class:`SliceStream`, is a torch IterableDataset that yields one ready-made per-device batch per
+step; the trainer's collator (the model's processor) turns it into tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch.utils.data
+
+from ray_vdr.train.batching import GlobalBatcher
+
+logger = logging.getLogger(__name__)
+
+HISTORY_SCHEMA = pa.schema([("row_id", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()),
+                            ("rank", pa.int32())])
+
+
+class _Superseded(Exception):
+    """Raised in a producer thread whose generation was replaced by a restart."""
+
+
+def empty_position() -> dict[str, Any]:
+    """The data position of a run that has not trained anything yet."""
+    return {"step": 0, "epoch": 0, "history": HISTORY_SCHEMA.empty_table().to_pydict(), "dropped": []}
+
+
+class BatchFeeder:
+    """Builds global batches ahead of the trainers and serves them slice by slice."""
+
+    def __init__(self, dataset: Any, *, world_size: int, per_device: int, image_columns: list[str],
+                 epochs: int = 1, dedup: bool = True, prefetch: int = 2, read_batch_size: int = 64,
+                 shuffle_buffer: int = 0, seed: int = 0):
+        from ray_vdr.cluster import worker_logging
+
+        worker_logging()
+        self.dataset = dataset
+        self.epochs = epochs
+        self.prefetch = prefetch
+        self.read_batch_size = read_batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.world_size = world_size
+        self.per_device = per_device
+        self.image_columns = image_columns
+        self.dedup = dedup
+        self._cond = threading.Condition()
+        self._start_lock = threading.Lock()  # one start() at a time: later ranks must see the finished restart
+        self._token: str | None = None
+        self._generation = 0
+        self._thread: threading.Thread | None = None
+        self._reset(empty_position())
+
+    # lifecycle --------------------------------------------------------------------------------------------------
+
+    def _reset(self, position: dict[str, Any]) -> None:
+        """State for a producer that starts at ``position`` (caller holds the lock or no thread runs)."""
+        self._start_step = self._next_step = int(position["step"])
+        self._start_epoch = int(position["epoch"])
+        self._ready: dict[int, list[list[dict]]] = {}
+        self._fetched: dict[int, set[int]] = {}
+        self._epoch_of: dict[int, int] = {}
+        self._drops_before: dict[int, int] = {}
+        # rows trained by the steps before the start (from the checkpoint), then by each step built since
+        hist = position["history"]
+        self._history: list[tuple[str, int, int, int]] = list(zip(hist["row_id"], hist["epoch"], hist["step"],
+                                                                   hist["rank"], strict=True))
+        self._dropped: list[tuple[str, int, str]] = [tuple(d) for d in position["dropped"]]  # (row_id, epoch, reason)
+        self._done = False
+        self._error: BaseException | None = None
+
+    def start(self, token: str, position: dict[str, Any] | None = None) -> int:
+        """Begin (or restart) serving from ``position`` (a checkpoint's :meth:`position`; None = from the start).
+
+        Every rank of a worker group calls this with the group's ``token`` before its first :meth:`get`; the first
+        call of a new token stops any previous producer and rebuilds the stream, later calls are no-ops. Returns the
+        step the group starts at.
+        """
+        with self._start_lock:
+            return self._start(token, position)
+
+    def _start(self, token: str, position: dict[str, Any] | None) -> int:
+        with self._cond:
+            if token == self._token:
+                return self._start_step
+            self._token = token
+            self._generation += 1
+            self._cond.notify_all()  # a producer waiting for room sees that it was superseded
+            old = self._thread
+        if old is not None:
+            old.join(timeout=60)
+        position = position or empty_position()
+        with self._cond:
+            self._reset(position)
+            self._thread = threading.Thread(target=self._produce, args=(self._generation,), name="batch-feeder",
+                                            daemon=True)
+            self._thread.start()
+        if position["step"]:
+            logger.info("data stream resumes at step %d (epoch %d; %d rows of the run already trained)",
+                        position["step"], position["epoch"], len(position["history"]["row_id"]))
+        return self._start_step
+
+    # producer ---------------------------------------------------------------------------------------------------
+
+    def _publish(self, generation: int, epoch: int, slices: list[list[dict]]) -> None:
+        with self._cond:
+            while len(self._ready) >= self.prefetch and generation == self._generation:
+                self._cond.wait()
+            if generation != self._generation:
+                raise _Superseded
+            step = self._next_step
+            self._ready[step] = slices
+            self._fetched[step] = set()
+            self._epoch_of[step] = epoch
+            self._drops_before[step] = len(self._dropped)
+            for rank, rows in enumerate(slices):
+                self._history.extend((r["row_id"], epoch, step, rank) for r in rows)
+            self._next_step += 1
+            self._cond.notify_all()
+
+    def _note_drops(self, generation: int, batcher: GlobalBatcher, epoch: int, seen: int) -> int:
+        new = batcher.dropped()[seen:]
+        with self._cond:
+            if generation != self._generation:
+                raise _Superseded
+            self._dropped += [(row_id, epoch, reason) for row_id, reason in new]
+        return seen + len(new)
+
+    def _produce(self, generation: int) -> None:
+        try:
+            for epoch in range(self._start_epoch, self.epochs):
+                # resuming mid-epoch: the rows this epoch already trained (or dropped) are not read again
+                skip = set()
+                if epoch == self._start_epoch:
+                    skip = {h[0] for h in self._history if h[1] == epoch} | {d[0] for d in self._dropped
+                                                                            if d[1] == epoch}
+                batcher = GlobalBatcher(self.world_size, self.per_device, self.image_columns, dedup=self.dedup)
+                seen = 0
+                start, rows = time.monotonic(), 0
+                shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer, "local_shuffle_seed": self.seed + epoch} \
+                    if self.shuffle_buffer else {}
+                batches = iter(self.dataset.iter_batches(batch_size=self.read_batch_size, batch_format="pyarrow",
+                                                         **shuffle))
+                try:
+                    for table in batches:
+                        if skip:
+                            keep = [rid not in skip for rid in table.column("row_id").to_pylist()]
+                            table = table.filter(pa.array(keep, pa.bool_()))
+                        rows += table.num_rows
+                        batcher.add_table(table)
+                        while (slices := batcher.next_batch()) is not None:
+                            self._publish(generation, epoch, slices)
+                finally:
+                    close = getattr(batches, "close", None)
+                    if close is not None:
+                        close()  # a superseded or failed stream stops its read tasks now
+                while (slices := batcher.next_batch(final=True)) is not None:
+                    seen = self._note_drops(generation, batcher, epoch, seen)
+                    self._publish(generation, epoch, slices)
+                seen = self._note_drops(generation, batcher, epoch, seen)
+                logger.info("epoch %d: %d validated rows streamed in %.1fs%s; %d steps assembled so far, %d rows "
+                            "dropped", epoch, rows, time.monotonic() - start,
+                            f" ({len(skip)} skipped: trained before the resume)" if skip else "", self._next_step,
+                            len(self._dropped))
+        except _Superseded:
+            return
+        except BaseException as e:  # surfaced to the trainers on their next get()
+            with self._cond:
+                if generation == self._generation:
+                    self._error = e
+        finally:
+            with self._cond:
+                if generation == self._generation:
+                    self._done = True
+                    self._cond.notify_all()
+
+    # consumers --------------------------------------------------------------------------------------------------
+
+    def _wait_for(self, step: int) -> None:
+        """Block until ``step`` is built or the data is exhausted (caller holds the lock)."""
+        while step not in self._epoch_of and not (self._done and step >= self._next_step):
+            if self._error is not None:
+                break
+            self._cond.wait(timeout=1.0)
+        if self._error is not None:
+            raise RuntimeError(f"the training data stream failed: {self._error!r}") from self._error
+
+    def get(self, rank: int, step: int) -> dict[str, Any] | None:
+        """Rank ``rank``'s slice of global batch ``step`` as {"epoch", "rows"}; None when the data is exhausted."""
+        with self._cond:
+            if self._token is None:
+                raise RuntimeError("BatchFeeder.get before start(): every worker group calls start() first")
+            self._wait_for(step)
+            if step not in self._ready:
+                if step < self._next_step:
+                    raise RuntimeError(f"step {step} was already served to every rank (a rank is out of step)")
+                return None
+            rows = self._ready[step][rank]
+            self._fetched[step].add(rank)
+            if len(self._fetched[step]) == self.world_size:
+                del self._ready[step], self._fetched[step]
+                self._cond.notify_all()
+            return {"epoch": self._epoch_of[step], "rows": rows}
+
+    def position(self, step: int) -> dict[str, Any]:
+        """The data position before ``step``: what a checkpoint taken after ``step - 1`` stores to resume from.
+
+        Holds the epoch ``step`` belongs to (``epochs`` when the data is exhausted), every row trained by the steps
+        before it (row_id, epoch, step, rank) and the rows dropped so far.
+        """
+        with self._cond:
+            self._wait_for(step)
+            if step in self._epoch_of:
+                epoch, n_dropped = self._epoch_of[step], self._drops_before[step]
+            else:
+                epoch, n_dropped = self.epochs, len(self._dropped)
+            hist = [h for h in self._history if h[2] < step]
+            dropped = self._dropped[:n_dropped]
+        return {"step": step, "epoch": epoch,
+                "history": {name: [h[i] for h in hist] for i, name in enumerate(HISTORY_SCHEMA.names)},
+                "dropped": [list(d) for d in dropped]}
+
+    def dropped(self) -> list[tuple[str, str]]:
+        """(row_id, reason) of every row dropped so far in the run."""
+        with self._cond:
+            return [(row_id, f"epoch {epoch}: {reason}") for row_id, epoch, reason in self._dropped]
+
+
+class SliceStream(torch.utils.data.IterableDataset):
+    """torch IterableDataset of this rank's per-device batches, fetched from the feeder step by step.
+
+    Iterating again continues where the last iteration stopped, so a trainer that restarts its epoch loop after
+    the data ran out sees an empty epoch and stops, instead of training rows twice.
+    """
+
+    def __init__(self, get_slice, rank: int, image_columns: list[str], start_step: int = 0, transform=None):
+        super().__init__()
+        self.get_slice = get_slice
+        self.transform = transform  # per-device rows → the collator's features (e.g. a reranker's labelled pairs)
+        self.rank = rank
+        self.image_columns = image_columns
+        self.step = start_step
+        self.trained: list[tuple[str, int, int]] = []  # (row_id, epoch, step) handed to the trainer
+
+    @property
+    def rows(self) -> int:
+        """Rows this rank has handed to the trainer since this stream started."""
+        return len(self.trained)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        import io
+
+        from PIL import Image
+
+        while True:
+            got = self.get_slice(self.rank, self.step)
+            if got is None:
+                return
+            rows = got["rows"]
+            self.trained.extend((r["row_id"], got["epoch"], self.step) for r in rows)
+            self.step += 1
+            batch = [
+                {"query": r["query"], **{c: Image.open(io.BytesIO(r[c])).convert("RGB") for c in self.image_columns}}
+                for r in rows
+            ]
+            yield self.transform(batch) if self.transform else batch
+
+
+def history_table(position: dict[str, Any] | None, trained: list[tuple[str, int, int]], rank: int) -> pa.Table:
+    """This rank's audit trail for the whole run: its rows in the resumed-from position plus ``trained`` since."""
+    hist = pa.table((position or empty_position())["history"], schema=HISTORY_SCHEMA)
+    mine = hist.filter(pc.equal(hist["rank"], rank)) if hist.num_rows else hist
+    new = pa.table({"row_id": [t[0] for t in trained], "epoch": [t[1] for t in trained],
+                    "step": [t[2] for t in trained], "rank": [rank] * len(trained)}, schema=HISTORY_SCHEMA)
+    return pa.concat_tables([mine, new])

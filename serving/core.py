@@ -1,0 +1,201 @@
+"""The endpoint's core, without Ray: request checks, the index binding, query encoding, reranking, result merging.
+
+The Serve deployments in ``serving/app.py`` wrap these plain classes; the load benchmark runs them in-process to
+measure what the endpoint adds on top of the compute. Pages come from the index's page store
+(:class:`ray_vdr.corpus.store.PageStore`).
+
+Stages of one search::
+
+    request ─► validate (limits, base64 image decode with the bomb guard) ─► QueryEncoder (query prompt, truncated
+    dim, normalised) ─► FAISS top-N (N = max(top_k, rerank_depth)) ─► RerankScorer on the first rerank_depth
+    (query, page image) pairs ─► merge: reranked candidates by rerank score, then the rest in first-stage order
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from ray_vdr.config import ImageLimits, ServeConfig, ServeLimits
+from ray_vdr.eval.metrics import rerank_order
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NotReady", "QueryEncoder", "RequestError", "RerankScorer", "SearchRequest", "check_binding",
+           "merge_results", "parse_request"]
+
+
+class RequestError(ValueError):
+    """A request the endpoint refuses: ``status`` is the HTTP status (4xx), the message says what to change."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class NotReady(RuntimeError):
+    """A stage still loading (or waiting for its index); the endpoint answers 503 with Retry-After."""
+
+
+class SearchRequest(BaseModel):
+    """``POST /search``: a text query, an image query (base64), or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str | None = Field(None, description="The text query.", examples=["What was ACME's Q3 2021 revenue?"])
+    image: str | None = Field(
+        None, description="An image query: base64 of PNG/JPEG/WebP bytes (a data: URL prefix is accepted). The "
+        "endpoint never fetches URLs."
+    )
+    top_k: int | None = Field(None, description="Results to return (default and bound: the server's limits).")
+    rerank_depth: int | None = Field(
+        None, description="First-stage candidates the reranker scores (0 = no reranking; default: the server's)."
+    )
+
+
+@dataclass
+class Query:
+    text: str | None
+    image: Image.Image | None
+    top_k: int
+    rerank_depth: int
+
+    @property
+    def item(self) -> str | Image.Image:
+        """What the embedder encodes: the image when there is one (a text+image query is searched by its image and
+        reranked by its text)."""
+        return self.image if self.image is not None else self.text
+
+
+def _decode_image_query(data: str, limits: ImageLimits) -> Image.Image:
+    from ray_vdr.data.images import ImageRejected, decode_image
+
+    text = data.strip()
+    if text.startswith(("http://", "https://", "ftp://", "file:", "s3://", "gs://")):
+        raise RequestError(422, "image must be base64-encoded image bytes: the endpoint never fetches URLs")
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise RequestError(422, "image data URLs must be base64 (data:image/png;base64,...)")
+    if len(text) > limits.max_bytes * 4 // 3 + 4:
+        raise RequestError(413, f"image is larger than {limits.max_bytes} bytes")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(422, f"image is not valid base64: {e}") from None
+    try:
+        img, _ = decode_image(raw, limits)
+    except ImageRejected as e:
+        raise RequestError(422, f"image rejected ({e.reason}): {e.detail}") from None
+    return img
+
+
+def parse_request(req: SearchRequest, limits: ServeLimits, rerank_available: bool) -> Query:
+    """Check a request against the limits; raises RequestError (4xx) naming the limit."""
+    text = req.query.strip() if req.query is not None else None
+    if not text and req.image is None:
+        raise RequestError(422, "give a non-empty 'query' (text) or an 'image' (base64)")
+    if text and len(text) > limits.max_query_chars:
+        raise RequestError(422, f"query has {len(text)} characters; the limit is {limits.max_query_chars}")
+    top_k = limits.default_top_k if req.top_k is None else req.top_k
+    if not 1 <= top_k <= limits.max_top_k:
+        raise RequestError(422, f"top_k must be between 1 and {limits.max_top_k}, got {top_k}")
+    depth = (limits.default_rerank_depth if rerank_available else 0) if req.rerank_depth is None else req.rerank_depth
+    if not 0 <= depth <= limits.max_rerank_depth:
+        raise RequestError(422, f"rerank_depth must be between 0 and {limits.max_rerank_depth}, got {depth}")
+    if depth and not rerank_available:
+        raise RequestError(422, "this endpoint has no reranker: use rerank_depth 0")
+    image = _decode_image_query(req.image, limits.image) if req.image is not None else None
+    if depth and not text:
+        depth = 0  # the reranker scores (text, page) pairs: an image-only query is ranked by the first stage
+    return Query(text or None, image, top_k, depth)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the index binding: which model and dimension the endpoint must use
+
+
+def check_binding(cfg: ServeConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The query embedder for an index: the index's embedder binding (prompts, pixel bounds; ray_vdr.models.load) with
+    the model to load, and the index's dimension.
+
+    Refuses (IndexMismatch) a ``cfg.dim`` other than the index's, and a model whose files differ from the ones the
+    index was built with (by the cheap signature the manifest stores): queries and pages must come from the same
+    weights, prompt and truncation.
+    """
+    from ray_vdr.corpus.store import check_manifest
+
+    model = cfg.model or manifest["model"]["path"]
+    check_manifest(manifest, model_path=model, dim=cfg.dim, where=f"the index at {cfg.index}")
+    return {**manifest["model"], "path": model, "dim": manifest["dim"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models
+
+
+class QueryEncoder:
+    """The embedder, encoding queries the way the index encoded pages: query prompt, truncated dim, normalised."""
+
+    def __init__(self, binding: dict[str, Any], cfg: ServeConfig, device: str):
+        from ray_vdr.models.load import load_embedder
+
+        self.model = load_embedder(binding, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                   device=device)
+        self.dim = binding["dim"]
+
+    def encode(self, items: list[str | Image.Image]) -> np.ndarray:
+        """One row per item; texts and images are encoded in separate calls (one modality per forward)."""
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        for want_text in (True, False):
+            idx = [i for i, x in enumerate(items) if isinstance(x, str) == want_text]
+            if idx:
+                out[idx] = self.model.encode_query([items[i] for i in idx], batch_size=len(idx),
+                                                   truncate_dim=self.dim, normalize_embeddings=True,
+                                                   convert_to_numpy=True, show_progress_bar=False)
+        return out
+
+
+class RerankScorer:
+    """A Sentence Transformers CrossEncoder scoring (query text, page image) pairs."""
+
+    def __init__(self, path: str, cfg: ServeConfig, device: str):
+        from ray_vdr.models.load import load_reranker
+
+        self.model = load_reranker(path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, device=device)
+        self.batch_size = cfg.rerank_batch_size
+
+    def score(self, pairs: list[tuple[str, Image.Image]]) -> np.ndarray:
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        scores = self.model.predict(pairs, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(scores, dtype=np.float32).reshape(len(pairs))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# merging the stages
+
+
+def merge_results(hits: list[dict[str, Any]], rerank_scores: np.ndarray | None, top_k: int) -> list[dict[str, Any]]:
+    """Final ranking: the reranked head by rerank score (ties by first-stage rank), then the rest as retrieved.
+
+    Each result keeps both stages' score and rank, so a client can see what the reranker changed.
+    """
+    depth = 0 if rerank_scores is None else len(rerank_scores)
+    scores = [float(x) for x in rerank_scores] if depth else []
+    order = rerank_order(list(range(len(hits))), scores, depth)
+    rerank_rank = {i: r for r, i in enumerate(order[:depth], start=1)}
+    out = []
+    for final, i in enumerate(order[:top_k], start=1):
+        h = hits[i]
+        out.append({"rank": final, "doc_id": h["doc_id"], "page": h["page"], "source": h["source"], "key": h["key"],
+                    "position": h["position"], "score": h["score"], "first_stage_rank": h["rank"],
+                    "rerank_score": scores[i] if i < depth else None, "rerank_rank": rerank_rank.get(i)})
+    return out

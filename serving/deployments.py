@@ -1,0 +1,184 @@
+"""The endpoint's model and index deployments (Ray Serve), each wrapping plain classes of :mod:`serving.core` and
+:mod:`ray_vdr.corpus.store` per generation (:mod:`serving.generations`); the ingress and the builder are in
+:mod:`serving.app`.
+
+- ``QueryEmbedder``: the embedder with its query prompt at the index's truncated dimension; ``@serve.batch``.
+- ``Retriever``: the FAISS index (``@serve.batch`` over queries) and the page store (thumbnails and page images).
+- ``Reranker`` (optional): a CrossEncoder scoring (query, page image) pairs; ``@serve.batch`` over requests.
+
+The batched methods return NotReady per request instead of raising it: ``@serve.batch`` has no per-request errors,
+and one generation still loading during a promotion must not fail the batch's other requests (the ingress raises it
+and falls back to the previous generation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray import serve
+
+from ray_vdr.cluster import worker_device
+from ray_vdr.config import ServeConfig, ServeDeploymentConfig
+from ray_vdr.corpus.live import generation_config
+from ray_vdr.corpus.store import PageStore, open_index
+from ray_vdr.data.images import pil_pages
+from serving import core
+from serving.generations import Background, Generations, wait_for_manifest
+
+__all__ = ["QueryEmbedder", "Reranker", "Retriever"]
+
+
+def _set_batching(method, d: ServeDeploymentConfig) -> None:
+    """Apply the configured batch size and wait to a ``@serve.batch`` method (the decorator holds defaults)."""
+    method.set_max_batch_size(d.max_batch_size)
+    method.set_batch_wait_timeout_s(d.batch_wait_timeout_s)
+
+
+@serve.deployment
+class QueryEmbedder:
+    def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
+        self.cfg = ServeConfig.model_validate(cfg)
+        device = worker_device(bool(num_gpus), num_cpus)
+
+        def load(gen, say):
+            manifest = wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
+            say("checking the model against the index manifest")
+            binding = core.check_binding(generation_config(self.cfg, gen), manifest)
+            say(f"loading {binding['path']} on {device}")
+            return core.QueryEncoder(binding, self.cfg, device)
+
+        self.gens = Generations("query embedder", self.cfg, load)
+        _set_batching(self._embed, self.cfg.embedder)
+
+    def status(self) -> dict[str, Any]:
+        return self.gens.status()
+
+    async def embed(self, gid: str, item: Any) -> tuple[Any, float, int] | core.NotReady:
+        """The query's vector from generation ``gid``'s model; also the model time and batch size (for timings).
+        NotReady is returned, not raised (see ``_raise_or_return``)."""
+        return await self._embed((gid, item))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _embed(self, requests: list[tuple[str, Any]]) -> list[Any]:
+        """One forward per generation in the batch (one, except while a promotion switches)."""
+        start, out = time.perf_counter(), [None] * len(requests)
+        for gid in dict.fromkeys(g for g, _ in requests):
+            idx = [i for i, (g, _) in enumerate(requests) if g == gid]
+            try:
+                encoder: core.QueryEncoder = self.gens.get(gid)
+            except core.NotReady as e:
+                for i in idx:
+                    out[i] = e
+                continue
+            # in a thread: the loop keeps gathering the next batch
+            vectors = await asyncio.to_thread(encoder.encode, [requests[i][1] for i in idx])
+            for i, v in zip(idx, vectors, strict=True):
+                out[i] = v
+        seconds = time.perf_counter() - start
+        return [v if isinstance(v, Exception) else (v, seconds, len(requests)) for v in out]
+
+
+@serve.deployment
+class Retriever:
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = ServeConfig.model_validate(cfg)
+
+        def load(gen, say):  # the index alone: the model is the QueryEmbedder's to check and load
+            wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
+            say("loading the FAISS index")
+            index = open_index(gen["index"], dim=generation_config(self.cfg, gen).dim)
+            return index, PageStore(gen["index"], index.ids)
+
+        self.gens = Generations("index", self.cfg, load)
+        _set_batching(self._search, self.cfg.retriever)
+
+    def status(self) -> dict[str, Any]:
+        status = self.gens.status()
+        if status["state"] == "ready":
+            m = self.gens.get(status["generation"])[0].manifest
+            status["index"] = {"vectors": m["vectors"], "dim": m["dim"], "type": m["index"]["type"],
+                               "model": m["model"]["path"], "updated_at": m.get("updated_at")}
+        return status
+
+    async def search(self, gid: str, vector: Any, k: int) -> tuple[list[dict], float] | core.NotReady:
+        """The top-k hits of a query vector in generation ``gid``'s index; also the search time."""
+        return await self._search((gid, vector, k))  # or NotReady, returned (see _raise_or_return)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _search(self, requests: list[tuple[str, Any, int]]) -> list[Any]:
+        """One FAISS call per generation in the batch, at its largest k."""
+        import numpy as np
+
+        start, out = time.perf_counter(), [None] * len(requests)
+        for gid in dict.fromkeys(g for g, _, _ in requests):
+            idx = [i for i, r in enumerate(requests) if r[0] == gid]
+            try:
+                index, _ = self.gens.get(gid)
+            except core.NotReady as e:
+                for i in idx:
+                    out[i] = e
+                continue
+            k = max(requests[i][2] for i in idx)
+            hits = await asyncio.to_thread(index.search, np.stack([requests[i][1] for i in idx]), k)
+            for i, h in zip(idx, hits, strict=True):
+                out[i] = h[:requests[i][2]]
+        seconds = time.perf_counter() - start
+        return [h if isinstance(h, Exception) else (h, seconds) for h in out]
+
+    async def lookup(self, gid: str, doc_id: str, page: int | None) -> int | None:
+        return self.gens.get(gid)[1].position(doc_id, page)
+
+    async def page(self, gid: str, position: int, column: str) -> bytes:
+        return (await asyncio.to_thread(self.gens.get(gid)[1].get, [position], column))[0]
+
+
+@serve.deployment
+class Reranker:
+    def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
+        self.cfg = ServeConfig.model_validate(cfg)
+        device = worker_device(bool(num_gpus), num_cpus)
+        self.scorer = Background("reranker", lambda say: core.RerankScorer(self.cfg.reranker, self.cfg, device))
+
+        def load(gen, say):  # the generation's page store: page positions differ from index to index
+            wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
+            return PageStore.open(gen["index"])
+
+        self.gens = Generations("reranker pages", self.cfg, load)
+        _set_batching(self._rerank, self.cfg.rerank)
+
+    def status(self) -> dict[str, Any]:
+        pages = self.gens.status()
+        return pages if self.scorer.state == "ready" else {**pages, **self.scorer.status()}
+
+    async def rerank(self, gid: str, query: str, positions: list[int]) -> tuple[Any, float, int] | core.NotReady:
+        """Scores of (query, page) for pages of generation ``gid``'s index; also the model time and batch size."""
+        return await self._rerank((gid, query, positions))  # or NotReady, returned (see _raise_or_return)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
+    async def _rerank(self, requests: list[tuple[str, str, list[int]]]) -> list[Any]:
+        """The pairs of every request in the batch go through the model together, in forwards of
+        ``rerank_batch_size`` pairs."""
+        scorer = self.scorer.get()
+        start = time.perf_counter()
+        ok, out = [], [None] * len(requests)
+        for i, (gid, _, _) in enumerate(requests):
+            try:
+                ok.append((i, self.gens.get(gid)))
+            except core.NotReady as e:
+                out[i] = e
+
+        def run():
+            blobs = [b for i, store in ok for b in store.get(requests[i][2], "image")]
+            queries = [requests[i][1] for i, _ in ok for _ in requests[i][2]]
+            return scorer.score(list(zip(queries, pil_pages(blobs), strict=True)))
+
+        scores = await asyncio.to_thread(run)
+        seconds = time.perf_counter() - start
+        at = 0
+        for i, _ in ok:
+            n = len(requests[i][2])
+            out[i] = (scores[at:at + n], seconds, len(ok))
+            at += n
+        return out

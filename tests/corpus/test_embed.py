@@ -1,0 +1,188 @@
+"""The corpus embedding job on a real local Ray cluster: exactly-once output and index, reruns that skip what is
+done, growth of the corpus, a killed embedding actor and an interrupted job; plus batch invariance (no Ray)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ray_vdr.config import load_config
+from tests.corpus_helpers import write_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tiny_qwen, corpus, out, *extra):
+    return load_config(ROOT / "configs/demo.yaml", [
+        f"index.model={tiny_qwen}", f"index.sources=[{corpus}]", f"index.output={out}", "index.batch_size=4",
+        "index.dim=32", "synthetic=null", *extra])
+
+
+def _output_rows(out: Path) -> tuple[list[str], list[str], Counter]:
+    pages = pq.read_table(out / "pages", columns=["key"]).column("key").to_pylist()
+    rejects = pq.read_table(out / "rejects", columns=["key", "reason"])
+    return pages, rejects.column("key").to_pylist(), Counter(rejects.column("reason").to_pylist())
+
+
+def _assert_exactly_once(out: Path, expected: dict, index) -> None:
+    pages, rejects, reasons = _output_rows(out)
+    assert len(pages) == len(set(pages)) == expected["pages"], "every good page once in the output"
+    assert len(rejects) == len(set(rejects)) and reasons == expected["rejects"]
+    assert len(pages) + len(rejects) == expected["inputs"]
+    ids = index.ids.column("key").to_pylist()
+    assert sorted(ids) == sorted(pages) and index.index.ntotal == len(pages), "every page once in the index"
+
+
+@pytest.mark.slow
+def test_embed_corpus_exactly_once_rerun_and_growth(ray_local, tiny_qwen, page_pngs, tmp_path):
+    from ray_vdr.corpus.embed import run
+    from ray_vdr.corpus.store import IndexMismatch, PageStore, open_index
+
+    corpus, out = tmp_path / "corpus", tmp_path / "index"
+    corpus.mkdir()
+    expected = write_corpus(corpus, page_pngs[:20])
+    result = run(_cfg(tiny_qwen, corpus, out))
+    s = result.summary
+    assert (s["pages_embedded"], s["pages_rejected"]) == (expected["pages"], sum(expected["rejects"].values()))
+    m = result.manifest
+    assert m["dim"] == 32 and m["index"]["type"] == "flat" and m["vectors"] == expected["pages"]
+    assert m["model"]["document_prompt"] == "Represent the user's input." and m["model"]["fingerprint"]
+    assert m["model"]["pixel_bounds"] == {"min_pixels": 1024, "max_pixels": 16384}  # demo config's model bounds
+    index = open_index(str(out), model_path=str(tiny_qwen), dim=32)
+    _assert_exactly_once(out, expected, index)
+
+    # each page's stored vector finds that page first; its stored image and thumbnail are served back
+    table = pq.read_table(out / "pages", columns=["key", "embedding"])
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    norms = np.linalg.norm(vectors, axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-5), "normalised after truncation"
+    hits = index.search(vectors[:5], k=3)
+    assert [h[0]["key"] for h in hits] == table.column("key").to_pylist()[:5]
+    assert PageStore.open(str(out)).get([hits[0][0]["position"]], "thumbnail")[0][:2] == b"\xff\xd8"  # a JPEG
+
+    # a rerun over the same sources embeds nothing and leaves the index as it was
+    again = run(_cfg(tiny_qwen, corpus, out))
+    assert again.summary["pages_embedded"] == again.summary["pages_rejected"] == 0
+    assert again.summary["pages_done_before"] == expected["inputs"] and again.manifest["vectors"] == expected["pages"]
+
+    # new files: only they are embedded, and the index is extended, not rebuilt
+    (corpus / "more").mkdir()
+    for i, png in enumerate(page_pngs[20:26]):
+        (corpus / "more" / f"new-{i}.png").write_bytes(png)
+    grown = run(_cfg(tiny_qwen, corpus, out))
+    assert grown.summary["pages_embedded"] == 6 and grown.manifest["extended"]
+    assert grown.manifest["added_vectors"] == 6
+    expected = {**expected, "pages": expected["pages"] + 6, "inputs": expected["inputs"] + 6}
+    _assert_exactly_once(out, expected, open_index(str(out)))
+
+    # the index refuses another dimension, and another model cannot add to it
+    with pytest.raises(IndexMismatch, match="32-d embeddings"):
+        open_index(str(out), dim=64)
+    with pytest.raises(IndexMismatch, match="32-d embeddings"):
+        run(_cfg(tiny_qwen, corpus, out, "index.dim=16"))
+
+
+@pytest.mark.slow
+def test_killed_embedding_actor_still_exactly_once(ray_local, tiny_qwen, page_pngs, tmp_path):
+    from ray_vdr.corpus.embed import run
+    from ray_vdr.corpus.store import open_index
+
+    corpus, out = tmp_path / "corpus", tmp_path / "index"
+    corpus.mkdir()
+    expected = write_corpus(corpus, page_pngs[:24])
+    marker = tmp_path / "killed"
+    run(_cfg(tiny_qwen, corpus, out), chaos={"after_batches": 2, "marker": str(marker)})
+    assert marker.exists(), "the actor was killed after publishing a shard"
+    _assert_exactly_once(out, expected, open_index(str(out)))
+
+
+@pytest.mark.slow
+def test_interrupted_job_resumes_exactly_once(ray_local, tiny_qwen, page_pngs, tmp_path):
+    """The job (its own process and Ray cluster) is SIGKILLed mid-stream; the rerun embeds only what is missing."""
+    from ray_vdr.corpus.embed import run
+    from ray_vdr.corpus.store import open_index
+
+    corpus, out = tmp_path / "corpus", tmp_path / "index"
+    corpus.mkdir()
+    expected = write_corpus(corpus, page_pngs[:24])
+    temp = Path(tempfile.mkdtemp(prefix="rvdr-", dir="/tmp"))  # Ray's socket paths must stay short
+    code = ("import sys; from ray_vdr.cluster import init_ray; from ray_vdr.config import load_config; "
+            "from ray_vdr.corpus.embed import run; init_ray(num_cpus=2, temp_dir=sys.argv[2]); "
+            "run(load_config(sys.argv[3], sys.argv[4:]), chaos={'sleep': 1.0})")
+    overrides = [f"index.model={tiny_qwen}", f"index.sources=[{corpus}]", f"index.output={out}", "index.batch_size=4",
+                 "index.dim=32", "synthetic=null"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "job.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", code, "x", str(temp), str(ROOT / "configs/demo.yaml"),
+                                 *overrides], cwd=ROOT, env=env, start_new_session=True, stdout=fh, stderr=fh)
+    try:
+        deadline = time.time() + 240
+        while len(list((out / "pages").glob("part-*.parquet"))) < 2:
+            assert proc.poll() is None, f"the job ended before it could be interrupted:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, "no shard within 240 s"
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _kill_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    done = len(pq.read_table(out / "pages", columns=["key"]))
+    assert 0 < done < expected["pages"]
+    result = run(_cfg(tiny_qwen, corpus, out))
+    assert result.summary["pages_done_before"] >= done
+    assert result.summary["pages_embedded"] <= expected["pages"] - done
+    _assert_exactly_once(out, expected, open_index(str(out)))
+
+
+def _kill_cluster(temp: Path) -> None:
+    """SIGKILL, by PID, the processes of the Ray cluster this test started under ``temp``, and no other."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(temp).encode() in cmd:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def test_page_embeddings_do_not_depend_on_the_batch(tiny_qwen, page_pngs):
+    """A page's vector is the same alone, in a batch of 4 or of 16 with pages of other sizes (offline corpus vectors
+    and online query-time vectors must agree). Tolerance: 1e-5 absolute per component (fp32, CPU)."""
+    import io
+
+    from PIL import Image
+
+    from ray_vdr.config import ModelConfig
+    from ray_vdr.models.load import build_model
+
+    model = build_model(ModelConfig(name_or_path=str(tiny_qwen), min_pixels=1024, max_pixels=16384), device="cpu")
+    pages = [Image.open(io.BytesIO(b)).convert("RGB") for b in page_pngs[:16]]
+    pages = [p.resize((p.width // (1 + i % 3), p.height // (1 + i % 2))) for i, p in enumerate(pages)]  # mixed sizes
+
+    def enc(images):
+        return model.encode_document(images, batch_size=len(images), truncate_dim=32, normalize_embeddings=True,
+                                     convert_to_numpy=True)
+
+    alone = np.stack([enc([p])[0] for p in pages])
+    for size in (4, 16):
+        batched = np.concatenate([enc(pages[i:i + size]) for i in range(0, len(pages), size)])
+        assert np.abs(batched - alone).max() < 1e-5, size
+    reordered = enc(pages[::-1])[::-1]
+    assert np.abs(reordered - alone).max() < 1e-5

@@ -1,0 +1,39 @@
+"""FAISS index choice, build and recall (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ray_vdr.config import IndexConfig
+from ray_vdr.corpus.faiss_index import build_index, choose_spec, search
+
+
+def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Normalised vectors around 64 centres (embeddings of real pages cluster by layout and topic)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((64, dim))
+    x = centres[rng.integers(0, 64, n)] + 0.6 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_auto_choice_follows_corpus_size():
+    cfg = IndexConfig(flat_max=1000, hnsw_max=10_000)
+    assert choose_spec(1000, 64, cfg).type == "flat"
+    assert choose_spec(1001, 64, cfg).type == "hnsw"
+    ivf = choose_spec(10_001, 1024, cfg)
+    assert ivf.type == "ivf_pq" and 1024 % ivf.params["pq_m"] == 0 and ivf.params["nlist"] <= 10_001 // 39
+    assert choose_spec(50, 64, IndexConfig(index_type="ivf_sq8")).params["nlist"] == 1  # never more lists than data
+
+
+@pytest.mark.parametrize("kind,min_recall", [("flat", 1.0), ("hnsw", 0.95), ("ivf_sq8", 0.9), ("ivf_pq", 0.4)])
+def test_index_recall_against_exact_search(kind, min_recall):
+    data, queries = _clustered(6000, 64), _clustered(100, 64, seed=1)
+    exact = build_index(data, choose_spec(len(data), 64, IndexConfig(index_type="flat")))
+    index = build_index(data, choose_spec(len(data), 64, IndexConfig(index_type=kind, ivf_nprobe=16)))
+    _, truth = search(exact, queries, 10)
+    scores, got = search(index, queries, 10)
+    recall = np.mean([len(set(t) & set(g)) / 10 for t, g in zip(truth, got, strict=True)])
+    assert recall >= min_recall, (kind, recall)
+    assert np.all(np.diff(scores, axis=1) <= 1e-5)  # best first
+    assert index.ntotal == len(data)

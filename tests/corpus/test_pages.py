@@ -1,0 +1,55 @@
+"""Source listing and page expansion: every input page becomes a page or a reject with its reason (no Ray)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from ray_vdr.config import ImageLimits
+from ray_vdr.corpus.pages import expand_file, list_sources
+from tests.corpus_helpers import write_corpus
+
+
+def _expand_all(root, known=lambda key: False, dpi=100):
+    rows = []
+    for f in list_sources([str(root)]):
+        rows += list(expand_file(f, dpi=dpi, limits=ImageLimits(), thumb_side=64, known=known))
+    return rows
+
+
+def test_every_input_page_is_a_page_or_a_reject_with_its_reason(tmp_path, page_pngs):
+    expected = write_corpus(tmp_path, page_pngs)
+    rows = _expand_all(tmp_path)
+    pages = [r for r in rows if r["reason"] is None]
+    rejects = [r for r in rows if r["reason"] is not None]
+    assert len(pages) == expected["pages"] and len(pages) + len(rejects) == expected["inputs"]
+    assert Counter(r["reason"] for r in rejects) == expected["rejects"]
+    assert len({r["key"] for r in rows}) == len(rows)  # one key per page
+    pdf = sorted((r["doc_id"], r["page"]) for r in pages if r["source"].endswith("report.pdf"))
+    assert pdf == [("report.pdf", p) for p in (1, 2, 3, 4)]
+    assert sorted(r["doc_id"] for r in pages if r["source"].endswith(".parquet")) == ["table-0", "table-1", "table-2"]
+    assert any(r["doc_id"] == "scans/2021/page-001.png" for r in pages)
+    for r in pages:
+        assert r["image"] and r["thumbnail"] and r["width"] >= 16 and r["height"] >= 16
+    poster = next(r for r in rejects if r["reason"] == "page_too_large")
+    assert poster["page"] == 1 and "max_pixels" in poster["detail"]
+
+
+def test_known_pages_are_skipped_before_decoding(tmp_path, page_pngs):
+    write_corpus(tmp_path, page_pngs)
+    first = _expand_all(tmp_path)
+    done = {r["key"] for r in first[::2]}
+    again = _expand_all(tmp_path, known=done.__contains__)
+    assert {r["key"] for r in again} == {r["key"] for r in first} - done
+
+
+def test_pdf_page_keys_follow_the_dpi(tmp_path, page_pngs):
+    write_corpus(tmp_path, page_pngs, bad=False)
+    at = {dpi: {r["key"] for r in _expand_all(tmp_path, dpi=dpi) if r["source"].endswith(".pdf")} for dpi in (72, 100)}
+    assert len(at[72]) == len(at[100]) == 4 and not at[72] & at[100]  # another rasterisation is another page
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_sources([str(tmp_path / "nope")])

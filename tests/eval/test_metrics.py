@@ -1,0 +1,79 @@
+"""The one metrics module (NDCG@k, MRR@k, Recall@k, the rerank order), held to Sentence Transformers' own evaluators
+on the same rankings: InformationRetrievalEvaluator for retrieval (training's Matryoshka evaluation and two-stage
+evaluation) and CrossEncoderRerankingEvaluator for the reranker's evaluation during its training (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ray_vdr.config import DataConfig
+from ray_vdr.data.triplets import TripletSpec, validate_batch
+from ray_vdr.eval.matryoshka import MatryoshkaRetrievalEvaluator, eval_set_from_table
+from ray_vdr.eval.metrics import ranking_metrics, rerank_order
+
+
+@pytest.fixture(scope="module")
+def eval_rows(synthetic):
+    cfg, _ = synthetic
+    accepted, _ = validate_batch(pq.read_table(Path(cfg.output_dir) / "eval"),
+                                 TripletSpec.from_config(DataConfig(), split="eval"))
+    return accepted
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_qwen):
+    from sentence_transformers import SentenceTransformer
+
+    from ray_vdr.models.processor import install_image_only_processor
+
+    install_image_only_processor()
+    return SentenceTransformer(str(tiny_qwen), device="cpu")
+
+
+def test_ranking_metrics_and_rerank_order():
+    m = ranking_metrics(["a", "b", "c"], {"b"})
+    assert m == pytest.approx({"ndcg@10": 1 / np.log2(3), "mrr@10": 0.5, "recall@10": 1.0})
+    assert ranking_metrics(["x"] * 10 + ["b"], {"b"}) == {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@10": 0.0}
+    two = ranking_metrics(["a", "b", "c", "d"], {"a", "d"}, ks=(1, 3))
+    assert two["recall@1"] == 0.5 and two["recall@3"] == 0.5 and two["mrr@3"] == 1.0
+    assert two["ndcg@3"] == pytest.approx(1 / (1 + 1 / np.log2(3)))
+    # the reranker reorders only the first `depth` candidates; ties keep the first-stage order
+    assert rerank_order(["a", "b", "c", "d"], np.array([0.1, 0.9, 0.9]), 3) == ["b", "c", "a", "d"]
+    assert rerank_order(["a", "b"], [], 0) == ["a", "b"]
+
+
+def test_retrieval_metrics_equal_the_information_retrieval_evaluator(eval_rows, embedder):
+    """Training's Matryoshka evaluation (one encoding pass, every dim) and two-stage evaluation's embed-only ranking
+    give what InformationRetrievalEvaluator computes on the same model and eval split, dim by dim."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    from ray_vdr.eval.two_stage import EMBED_ONLY, two_stage_metrics
+
+    eval_set = eval_set_from_table(eval_rows)
+    ours = MatryoshkaRetrievalEvaluator(eval_set, [64, 16])(embedder)
+    for dim in (64, 32, 16):
+        theirs = InformationRetrievalEvaluator(eval_set.queries, eval_set.corpus, eval_set.relevant, truncate_dim=dim,
+                                               name="p", write_csv=False, accuracy_at_k=[1, 5, 10],
+                                               precision_recall_at_k=[1, 5, 10])(embedder)
+        got = ours[dim] if dim in ours else two_stage_metrics(embedder, None, eval_set, dim=dim, depths=[])[EMBED_ONLY]
+        for metric in got:
+            assert got[metric] == pytest.approx(theirs[f"p_cosine_{metric}"], abs=1e-6), (dim, metric)
+
+
+def test_rerank_metrics_equal_the_cross_encoder_reranking_evaluator(eval_rows, tiny_reranker):
+    """The reranker's evaluation during training ranks each eval query's positive among its hard negatives as
+    CrossEncoderRerankingEvaluator does."""
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    from ray_vdr.train.recipes import rerank_metrics, rerank_samples
+
+    samples = rerank_samples(eval_rows)
+    model = CrossEncoder(str(tiny_reranker), device="cpu")
+    ours = rerank_metrics(model, samples)
+    theirs = CrossEncoderRerankingEvaluator(samples, at_k=10, name="r", write_csv=False)(model)
+    assert ours == pytest.approx({"ndcg@10": theirs["r_ndcg@10"], "mrr@10": theirs["r_mrr@10"]}, abs=1e-6)
