@@ -6,7 +6,8 @@
    the first promotion, from ``serve.index``.
 2. The candidate re-embeds the live index's sources into a new index, one folder per candidate model under
    ``promote.output`` (the embedding job: resumable, so a rerun reuses it).
-3. Both embedders are evaluated on the eval split (embed only, each at its index's dimension) in one Ray task.
+3. Both embedders are evaluated on the eval split in one Ray task, each as its index encodes (the prompts, pixel
+   bounds and dimension its manifest records).
 4. If the candidate's NDCG@10 >= the live one's + ``promote.min_delta``, the live manifest is rewritten: the candidate
    is live, the old live is previous. Otherwise the manifest only records the rejected candidate and why.
 5. The running endpoint follows the manifest (serving/app.py): its replicas load the new generation next to the old
@@ -84,6 +85,11 @@ def wait_for_switch(url: str, gid: str, timeout_s: float, probes: int = 5) -> bo
     raise TimeoutError(f"the endpoint at {url} did not switch to {gid} in {timeout_s:.0f}s; last answer: {last}")
 
 
+def generation_binding(gen: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """How a generation encodes queries: its index's embedder binding (prompts, pixel bounds) with its model."""
+    return {**manifest["model"], "path": gen["model"] or manifest["model"]["path"]}
+
+
 def _live_generation(cfg: VDRConfig, doc: dict | None) -> dict[str, Any]:
     if doc is not None:
         return doc["live"]
@@ -141,8 +147,8 @@ def run(cfg: VDRConfig) -> PromoteResult:
     # 3. both embedders on the eval split
     print(f"evaluating live {live['model']} (dim {live['dim']}) and candidate {candidate_model} "
           f"(dim {candidate['dim']}) on the eval split", flush=True)
-    metrics = compare_embedders(cfg, {"live": (live["model"], live["dim"]), "candidate": (candidate_model,
-                                                                                        candidate["dim"])},
+    metrics = compare_embedders(cfg, {"live": (generation_binding(live, live_manifest), live["dim"]),
+                                      "candidate": (built.manifest["model"], candidate["dim"])},
                                 num_cpus=cfg.promote.eval_cpus)
     promoted, reason = decide(metrics["live"]["ndcg@10"], metrics["candidate"]["ndcg@10"], cfg.promote.min_delta)
 

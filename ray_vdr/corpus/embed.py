@@ -112,8 +112,9 @@ class PageEmbedder:
 
         worker_logging()
         device = worker_device(use_gpu, cpus)
-        self.model = load_embedder(binding, dtype=model_cfg["dtype"], attn_implementation=model_cfg["attn_implementation"],
-                                   device=device, trust_remote_code=model_cfg["trust_remote_code"])
+        self.model = load_embedder(binding, dtype=model_cfg["dtype"], device=device,
+                                   attn_implementation=model_cfg["attn_implementation"],
+                                   trust_remote_code=model_cfg["trust_remote_code"])
         self.dim, self.output, self.chaos, self.batches = dim, output, chaos or {}, 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -295,18 +296,23 @@ def resolve_model(cfg: VDRConfig) -> str:
     return uri
 
 
+def index_binding(cfg: VDRConfig, uri: str) -> dict[str, Any]:
+    """What the manifest records of the embedder: how it encodes pages (and, later, queries) under this config
+    (:func:`ray_vdr.models.load.embedder_binding`) and its identity: the full fingerprint, computed once, here, and the
+    cheap signature loaders compare."""
+    from ray_vdr.models.load import embedder_binding, local_model, model_fingerprint, model_signature
+
+    local = local_model(uri)
+    return {**embedder_binding(cfg.model, uri), "fingerprint": model_fingerprint(local),
+            "signature": model_signature(local)}
+
+
 def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     """Embed ``cfg.index.sources`` into ``cfg.index.output`` and build or extend its FAISS index."""
     import ray
 
     from ray_vdr.cluster import init_ray
-    from ray_vdr.models.load import (
-        embedder_binding,
-        embedding_dimension,
-        local_model,
-        model_fingerprint,
-        model_signature,
-    )
+    from ray_vdr.models.load import embedding_dimension, local_model
 
     ix = cfg.index
     if not ix.sources:
@@ -314,11 +320,8 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     start = time.time()
     uri = resolve_model(cfg)
     files = list_sources(ix.sources)
-    local = local_model(uri)
-    # how pages (and, later, queries) are encoded, and the model's identity: the full hash once, here
-    info = {**embedder_binding(cfg.model, uri), "fingerprint": model_fingerprint(local),
-            "signature": model_signature(local)}
-    full_dim = embedding_dimension(local)
+    info = index_binding(cfg, uri)
+    full_dim = embedding_dimension(local_model(uri))
     dim = ix.dim or cfg.output.truncate_dim or info["truncate_dim"] or full_dim
     dim = min(dim, full_dim)
     # Shards already under the output (an index, or an interrupted run) must come from the same model, dimension and

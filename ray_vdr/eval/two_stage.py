@@ -142,15 +142,30 @@ def _eval_split(cfg: VDRConfig, tag: str):
     return eval_set_from_table(pa.concat_tables(list(ds.iter_batches(batch_size=256, batch_format="pyarrow"))))
 
 
-def _load(cfg: VDRConfig, path: str, device: str, reranker: bool = False):
-    """A saved embedder (or reranker) with this config's dtype, attention and pixel bounds for its kind."""
-    from ray_vdr.config import ModelConfig
-    from ray_vdr.models.load import build_model, local_model
+def evaluated_embedder(cfg: VDRConfig, binding: dict[str, Any], device: str):
+    """The embedder of an index binding (ray_vdr.models.load), with this config's dtype and attention: an index's
+    manifest binding (promotion), or the binding the embedding job would record for a model under this config
+    (:func:`config_binding`), so evaluation encodes exactly as the index and the endpoint do."""
+    from ray_vdr.models.load import load_embedder
 
-    m = cfg.reranker.model if reranker else cfg.model
-    return build_model(ModelConfig(name_or_path=local_model(path), builder="load", dtype=m.dtype,
-                                   attn_implementation=m.attn_implementation, min_pixels=m.min_pixels,
-                                   max_pixels=m.max_pixels), device=device, reranker=reranker)
+    return load_embedder(binding, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                         device=device, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def config_binding(cfg: VDRConfig, model: str) -> dict[str, Any]:
+    """How the embedding job would encode with ``model`` under this config: its prompts, pixel bounds and token limit
+    (the model's saved ones, overridden by the config's model section)."""
+    from ray_vdr.models.load import embedder_binding
+
+    return embedder_binding(cfg.model, model)
+
+
+def _reranker(cfg: VDRConfig, path: str, device: str):
+    from ray_vdr.models.load import load_reranker
+
+    m = cfg.reranker.model
+    return load_reranker(path, dtype=m.dtype, attn_implementation=m.attn_implementation, device=device,
+                         min_pixels=m.min_pixels, max_pixels=m.max_pixels)
 
 
 def _device(cfg: VDRConfig, num_cpus: float = 1.0) -> str:
@@ -165,9 +180,9 @@ def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> dict[str
     cfg = VDRConfig.model_validate(cfg_json)
     device = _device(cfg)
     eval_set = _eval_split(cfg, "eval-two-stage")
-    embedder = _load(cfg, model, device)
+    embedder = evaluated_embedder(cfg, config_binding(cfg, model), device)
     dim = cfg.evaluate.dim or cfg.output.truncate_dim or embedder.get_embedding_dimension()
-    rr = _load(cfg, reranker, device, reranker=True) if reranker is not None else None
+    rr = _reranker(cfg, reranker, device) if reranker is not None else None
     t0 = time.perf_counter()
     results = two_stage_metrics(embedder, rr, eval_set, dim=dim, depths=cfg.evaluate.rerank_depths,
                                 batch_size=cfg.evaluate.batch_size)
@@ -175,23 +190,24 @@ def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> dict[str
             "eval_corpus": len(eval_set.corpus), "seconds": round(time.perf_counter() - t0, 2), "device": device}
 
 
-def _compare_task(cfg_json: dict, embedders: dict[str, tuple[str, int]]) -> dict[str, dict[str, float]]:
-    """Runs as one Ray task: embed-only metrics of each {name: (model, dim)} on the same eval split."""
+def _compare_task(cfg_json: dict, embedders: dict[str, tuple[dict, int]]) -> dict[str, dict[str, float]]:
+    """Runs as one Ray task: embed-only metrics of each {name: (binding, dim)} on the same eval split."""
     cfg = VDRConfig.model_validate(cfg_json)
     device = _device(cfg)
     eval_set = _eval_split(cfg, "eval-compare")
     out = {}
-    for name, (path, dim) in embedders.items():
-        out[name] = two_stage_metrics(_load(cfg, path, device), None, eval_set, dim=dim, depths=[],
+    for name, (binding, dim) in embedders.items():
+        out[name] = two_stage_metrics(evaluated_embedder(cfg, binding, device), None, eval_set, dim=dim, depths=[],
                                       batch_size=cfg.evaluate.batch_size)[EMBED_ONLY]
         out[name]["eval_queries"] = len(eval_set.queries)
     return out
 
 
-def compare_embedders(cfg: VDRConfig, embedders: dict[str, tuple[str, int]], num_cpus: float = 1.0
+def compare_embedders(cfg: VDRConfig, embedders: dict[str, tuple[dict, int]], num_cpus: float = 1.0
                       ) -> dict[str, dict[str, float]]:
-    """Embed-only NDCG@10, MRR@10, Recall@10 of each {name: (model, dim)} on the eval split, in one Ray task (on a
-    GPU when ``scaling.use_gpu``), each embedder at its own dimension."""
+    """Embed-only NDCG@10, MRR@10, Recall@10 of each {name: (binding, dim)} on the eval split, in one Ray task (on a
+    GPU when ``scaling.use_gpu``), each embedder as its index encodes (an index manifest's ``model`` binding) and
+    at its index's dimension."""
     import ray
 
     if cfg.data.eval is None:

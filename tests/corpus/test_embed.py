@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from ray_vdr.config import load_config
 from tests.corpus_helpers import write_corpus
@@ -160,6 +161,65 @@ def _kill_cluster(temp: Path) -> None:
         if str(temp).encode() in cmd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_every_job_encodes_as_the_index_does(ray_local, tiny_qwen, page_pngs, tmp_path):
+    """One loader for "the embedder this index was built with": with the config's query and document prompts
+    overridden, the embedding job stores page vectors, and mining, two-stage evaluation, promotion's comparison and
+    the endpoint's query encoder all encode a query, exactly as Sentence Transformers itself does with those prompts,
+    the config's pixel bounds and the index's dimension (evaluation once used the model's saved prompts instead)."""
+    from sentence_transformers import SentenceTransformer
+
+    from ray_vdr.config import ServeConfig
+    from ray_vdr.corpus.embed import run
+    from ray_vdr.corpus.store import read_manifest
+    from ray_vdr.eval import two_stage
+    from ray_vdr.eval.mine import NegativeMiner
+    from ray_vdr.models.processor import install_image_only_processor
+    from ray_vdr.promote import generation_binding
+    from serving.core import QueryEncoder, check_binding
+
+    corpus, out = tmp_path / "corpus", tmp_path / "index"
+    corpus.mkdir()
+    for i, png in enumerate(page_pngs[:4]):
+        (corpus / f"page-{i}.png").write_bytes(png)
+    prompts = {"query": "Find the report page that answers the question.", "document": "A page of an annual report."}
+    cfg = _cfg(tiny_qwen, corpus, out, f"model.query_prompt={prompts['query']}",
+               f"model.document_prompt={prompts['document']}")
+    run(cfg)
+    manifest = read_manifest(str(out))
+    assert (manifest["model"]["query_prompt"], manifest["model"]["document_prompt"]) == (prompts["query"],
+                                                                                        prompts["document"])
+
+    # the reference: Sentence Transformers itself, with the overriding prompts and the config's pixel bounds
+    install_image_only_processor()
+    st = SentenceTransformer(str(tiny_qwen), device="cpu")
+    st[0].processor.image_processor.size = {"shortest_edge": cfg.model.min_pixels, "longest_edge": cfg.model.max_pixels}
+    kwargs = {"truncate_dim": 32, "normalize_embeddings": True, "convert_to_numpy": True}
+    query = ["What was Northwind Logistics' Q3 2021 revenue?"]
+    want = st.encode(query, prompt=prompts["query"], **kwargs)
+    assert not np.allclose(want, st.encode_query(query, **kwargs), atol=1e-4), "the override changes the vector"
+    table = pq.read_table(out / "pages", columns=["doc_id", "embedding"]).sort_by("doc_id")
+    stored = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    pages = [Image.open(corpus / d).convert("RGB") for d in table.column("doc_id").to_pylist()]
+    assert np.abs(stored - st.encode(pages, prompt=prompts["document"], **kwargs)).max() < 1e-5, "the job's pages"
+
+    serve = ServeConfig(index=str(out))
+    miner = NegativeMiner(str(out), str(tiny_qwen), {**cfg.mine.model_dump(), "output": str(tmp_path / "mined")},
+                          "auto", "auto", use_gpu=False, cpus=2)
+    live = {"index": str(out), "model": str(tiny_qwen), "dim": 32}
+    encoders = {
+        "mining": miner.model,
+        "two-stage evaluation": two_stage.evaluated_embedder(cfg, two_stage.config_binding(cfg, str(tiny_qwen)), "cpu"),
+        "promotion": two_stage.evaluated_embedder(cfg, generation_binding(live, manifest), "cpu"),
+    }
+    got = {name: model.encode_query(query, **kwargs) for name, model in encoders.items()}
+    got["endpoint"] = QueryEncoder(check_binding(serve, manifest), serve, "cpu").encode(query)
+    for name, vector in got.items():
+        assert np.abs(vector - want).max() < 1e-5, name
+    evaluated = encoders["two-stage evaluation"].encode_document(pages, **kwargs)
+    assert np.abs(evaluated - stored).max() < 1e-5, "evaluation encodes pages as the job did"
 
 
 def test_page_embeddings_do_not_depend_on_the_batch(tiny_qwen, page_pngs):
