@@ -64,9 +64,11 @@ def test_preflight_errors_name_the_problem(tmp_path, tiny_qwen):
 
 # Checkpoints and failures: 48 rows, global batch 16, 2 epochs (6 planned steps; more in fact, since the tiny
 # synthetic set repeats pages and duplicate-free batches come out smaller); a checkpoint every 2 steps (save_every
-# 0.34 of the plan), the latest 2 kept. Rank 1 is SIGKILLed after step 5, so the run resumes from the checkpoint of
-# step 4 — or of step 2, when Ray Train's controller had not yet registered step 4's report as the worker died.
-RESUMABLE = ["train.epochs=2", "train.save_every=0.34", "train.eval_every=null", "run.keep_checkpoints=2"]
+# 0.34 of the plan), the latest 2 kept. A kill after step 5 resumes from the checkpoint of step 4 — or of step 2,
+# when Ray Train's controller had not yet registered step 4's report as the worker died; a kill after step 7 from
+# step 6 (or 4).
+RESUMABLE = ["train.epochs=2", "train.save_every=0.34", "train.eval_every=null", "run.keep_checkpoints=2",
+             "train.strategy=deepspeed"]
 EPOCHS = 2
 
 
@@ -82,25 +84,35 @@ def _base_ndcg(cfg, synthetic) -> float:
     return MatryoshkaRetrievalEvaluator(eval_set_from_table(rows), [64], batch_size=8)(model)[64]["ndcg@10"]
 
 
-def _chaos(tmp_path) -> dict:
-    return {"rank": 1, "step": 5, "marker": str(tmp_path / "chaos-fired")}
+def test_interrupted_run_resumes_and_recovers_exactly_once(ray_local, synthetic, tiny_qwen, tmp_path):
+    """One DeepSpeed run (ZeRO-1, the default stage, with the cached loss; every stage is also held to a plain-MNRL
+    reference in tests/train/test_gradcache.py), interrupted twice, both ways a run resumes:
 
+    1. rank 1 is SIGKILLed after step 5 with run.max_failures=0: the run fails and saves no model;
+    2. the same run name again, with run.max_failures=1: it resumes from its latest checkpoint (model, optimizer,
+       scheduler, data position), and rank 1 is killed once more, after step 7: Ray Train restarts the worker group,
+       which rewinds to the latest checkpoint again.
 
-# DeepSpeed only: the harder case (its own optimizer and checkpoint state); DDP runs through the same recovery path in
-# the rerun test below and in tests/test_jobs.py.
-@pytest.mark.parametrize("strategy", ["deepspeed"])
-def test_worker_killed_mid_run_is_recovered(ray_local, synthetic, tiny_qwen, tmp_path, strategy):
-    _, summary = synthetic
+    Every row is then trained exactly once per epoch, the ranks end in sync with the optimizer's own step count
+    continued, the eval table still compares with the untrained model, the latest 2 checkpoints are kept, and a
+    rerun of the finished run trains nothing. (DDP recovers through the same feeder, state files and checkpoints; it
+    trains, evaluates and saves in tests/test_jobs.py.)"""
+    from ray.train import TrainingFailedError
+
     from ray_vdr.train.run import run
 
-    cfg = _config(synthetic, tiny_qwen, tmp_path, *RESUMABLE, "run.max_failures=1", f"train.strategy={strategy}")
-    result = run(cfg, chaos=_chaos(tmp_path))
-    assert (tmp_path / "chaos-fired").exists(), "the worker was not killed"
-    # DeepSpeed (ZeRO-1, the default stage) with the cached loss through the whole pipeline; every stage is also held
-    # to a plain-MNRL reference in tests/train/test_gradcache.py
-    expected = {"ddp": "DistributedType.MULTI_CPU", "deepspeed": "DistributedType.DEEPSPEED"}[strategy]
-    assert result.metrics["distributed_type"] == expected
-    assert result.metrics["resumed_from_step"] in (2, 4) and result.metrics["step"] > 6
+    _, summary = synthetic
+    first, second = tmp_path / "killed-at-5", tmp_path / "killed-at-7"
+    with pytest.raises(TrainingFailedError):
+        run(_config(synthetic, tiny_qwen, tmp_path, *RESUMABLE, "run.max_failures=0"),
+            chaos={"rank": 1, "step": 5, "marker": str(first)})
+    assert first.exists() and not (tmp_path / "demo" / "model").exists()
+
+    cfg = _config(synthetic, tiny_qwen, tmp_path, *RESUMABLE, "run.max_failures=1")
+    result = run(cfg, chaos={"rank": 1, "step": 7, "marker": str(second)})
+    assert second.exists(), "the resumed run's worker was not killed"
+    assert result.metrics["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert result.metrics["resumed_from_step"] in (4, 6) and result.metrics["step"] >= 7
     check_exactly_once_and_in_sync(result, tmp_path / "demo", summary["train_rows"], epochs=EPOCHS)
     # Ray Train kept the latest 2 checkpoints: the last intermediate one and the final model
     kept = sorted(p for p in (tmp_path / "demo").iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
@@ -108,23 +120,6 @@ def test_worker_killed_mid_run_is_recovered(ray_local, synthetic, tiny_qwen, tmp
     last_step = json.loads((kept[0] / "ray_vdr_state.json").read_text())["step"]
     assert last_step % 2 == 0 and result.metrics["step"] - 2 < last_step < result.metrics["step"] + 1
     assert (kept[1] / "ray_vdr_train.json").exists()
-
-
-def test_rerun_resumes_an_interrupted_run(ray_local, synthetic, tiny_qwen, tmp_path):
-    from ray.train import TrainingFailedError
-
-    from ray_vdr.train.run import run
-
-    _, summary = synthetic
-    with pytest.raises(TrainingFailedError):
-        run(_config(synthetic, tiny_qwen, tmp_path, *RESUMABLE, "run.max_failures=0"), chaos=_chaos(tmp_path))
-    assert not (tmp_path / "demo" / "model").exists()
-
-    # the same run name again: continues from the step-4 checkpoint with optimizer state and data position
-    cfg = _config(synthetic, tiny_qwen, tmp_path, *RESUMABLE, "run.max_failures=0")
-    result = run(cfg)
-    assert result.metrics["resumed_from_step"] in (2, 4) and result.metrics["step"] > 6
-    check_exactly_once_and_in_sync(result, tmp_path / "demo", summary["train_rows"], epochs=EPOCHS)
     # the eval table still compares with the model before any training (kept in the checkpoint, not re-measured
     # on the resumed weights)
     report = json.loads((Path(result.model_uri) / "eval.json").read_text())
