@@ -80,7 +80,8 @@ def check_manifest(manifest: dict[str, Any], *, model_path: str | None = None, f
                    dim: int | None = None, where: str = "the index") -> None:
     """Refuse an index built by another model or at another dimension, saying what differs and what to do.
 
-    ``model_path`` is compared by the cheap signature the manifest stores (a few MiB read, not the weights);
+    ``model_path`` is compared by the cheap signature the manifest stores (a few MiB read, not the weights, and a
+    remote model is not copied);
     ``fingerprint`` (the full hash) when the caller already has it. Indexes from before signatures compare the
     model's full fingerprint.
     """
@@ -91,12 +92,11 @@ def check_manifest(manifest: dict[str, Any], *, model_path: str | None = None, f
                             f"use the dimension it was built with (index.dim / output.truncate_dim) or rebuild it")
     m = manifest["model"]
     if model_path is not None:
-        local = local_model(model_path)
-        if m.get("signature"):
-            same = model_signature(local) == m["signature"]
+        if m.get("signature"):  # a folder or URI is read in place; a hub id from the local cache
+            where = model_path if "://" in model_path or Path(model_path).is_dir() else local_model(model_path)
+            same = model_signature(where) == m["signature"]
         else:
-            fingerprint = model_fingerprint(local)
-            same = fingerprint == m["fingerprint"]
+            same = model_fingerprint(local_model(model_path)) == m["fingerprint"]
     elif fingerprint is not None:
         same = fingerprint == m["fingerprint"]
     else:

@@ -212,26 +212,34 @@ SIGNATURE_SAMPLES = 8
 SIGNATURE_BLOCK = 1 << 16
 
 
-def model_signature(path: str | Path) -> str:
+def model_signature(uri: str | Path) -> str:
     """A cheap identity of a model folder, for checks at load time: every file's name and size, the whole of every
     file up to 1 MiB (configs, prompts, processor settings) and 8 blocks of 64 KiB spread over each larger file.
 
-    It reads well under 1 MiB per weight file, however large. Two trainings of one architecture differ in every
-    sampled block, so a model swapped under an index's path is caught at load without hashing the weights again;
-    :func:`model_fingerprint`, stored with the index, is the full identity.
+    It reads well under 1 MiB per weight file, however large, and reads a remote folder (``s3://``, ``gs://``) in
+    place rather than copying it. Two trainings of one architecture differ in every sampled block, so a model swapped
+    under an index's path is caught at load without hashing the weights again; :func:`model_fingerprint`, stored with
+    the index, is the full identity.
     """
-    root = Path(path)
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    from ray_vdr.storage import fs_path
+
+    fs, root = fs_path(str(uri))
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted((posixpath.relpath(i.path, root), i.size) for i in infos if i.type == pafs.FileType.File
+                   and not posixpath.basename(i.path).startswith(".") and posixpath.basename(i.path) != "README.md")
     h = hashlib.sha256()
-    for f in _model_files(root):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(root)}\0{size}\0".encode())
-        with f.open("rb") as fh:
+    for rel, size in files:
+        h.update(f"{rel}\0{size}\0".encode())
+        with fs.open_input_file(posixpath.join(root, rel)) as fh:
             if size <= SIGNATURE_SMALL_FILE:
                 h.update(fh.read())
                 continue
             for i in range(SIGNATURE_SAMPLES):
-                fh.seek((size - SIGNATURE_BLOCK) * i // (SIGNATURE_SAMPLES - 1))
-                h.update(fh.read(SIGNATURE_BLOCK))
+                h.update(fh.read_at(SIGNATURE_BLOCK, (size - SIGNATURE_BLOCK) * i // (SIGNATURE_SAMPLES - 1)))
     return h.hexdigest()
 
 

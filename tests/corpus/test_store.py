@@ -36,6 +36,7 @@ def test_loaders_compare_the_cheap_signature_and_catch_a_swapped_model(tmp_path)
     manifest = {"dim": 32, "model": {"path": str(model), "fingerprint": model_fingerprint(model),
                                      "signature": model_signature(model)}}
     check_manifest(manifest, model_path=str(model), dim=32)
+    assert model_signature(f"file://{model}") == manifest["model"]["signature"], "a URI is read in place, alike"
     weights[-100] ^= 0xFF  # a change in the last sampled block
     (model / "model.safetensors").write_bytes(bytes(weights))
     with pytest.raises(IndexMismatch, match="its files differ"):
