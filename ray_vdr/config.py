@@ -292,7 +292,8 @@ class IndexConfig(_Strict):
     sources: list[str] = Field(
         default_factory=list,
         description="Folders, files or URIs of page images (.png .jpg .jpeg .webp .bmp .tif .tiff .gif), PDFs and "
-        "Parquet files with image bytes. Folders are walked recursively; other files are rejected with a reason.",
+        "Parquet files with image bytes. Folders are walked recursively; other files are rejected with a reason. A "
+        "page's text is stored with it: a PDF's text layer, an image's sidecar <file>.txt, a Parquet text column.",
     )
     model: str | None = Field(
         None,
@@ -307,6 +308,9 @@ class IndexConfig(_Strict):
     parquet_image_column: str = Field("image", description="Column with image bytes (or {bytes, path}) in Parquet.")
     parquet_id_column: str | None = Field(
         "doc_id", description="Column with a document id in Parquet sources, when present; else file#row."
+    )
+    parquet_text_column: str | None = Field(
+        "text", description="Column with a page's text in Parquet sources, when present (stored with the page)."
     )
     batch_size: PositiveInt = Field(16, description="Pages per embedding call.")
     actors: PositiveInt = Field(1, description="Embedding actors (one GPU each when scaling.use_gpu).")

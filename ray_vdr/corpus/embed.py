@@ -75,7 +75,7 @@ def page_table(rows: pa.Table, embeddings, dim: int) -> pa.Table:
 
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     emb = pa.FixedSizeListArray.from_arrays(flat, dim)
-    cols = ["key", "doc_id", "source", "page", "width", "height", "image", "thumbnail"]
+    cols = ["key", "doc_id", "source", "page", "width", "height", "image", "thumbnail", "text"]
     return rows.select(cols).append_column("embedding", emb)
 
 
@@ -83,7 +83,7 @@ _KNOWN_CACHE: dict[str, frozenset[str]] = {}
 
 
 def _expand(row: dict[str, Any], *, dpi: int, limits: dict, thumb_side: int, image_column: str,
-            id_column: str | None, known_ref: list) -> Iterator[dict[str, Any]]:
+            id_column: str | None, text_column: str | None, known_ref: list) -> Iterator[dict[str, Any]]:
     """flat_map stage: one source file → its pages and rejects (PAGE_SCHEMA rows), streamed (a 500-page PDF is
     never held whole)."""
     import ray
@@ -93,9 +93,9 @@ def _expand(row: dict[str, Any], *, dpi: int, limits: dict, thumb_side: int, ima
     if known is None:  # once per worker process and run; workers outlive runs, so keep only this run's set
         _KNOWN_CACHE.clear()
         known = _KNOWN_CACHE.setdefault(ref.hex(), frozenset(ray.get(ref)))
-    f = SourceFile(row["uri"], row["doc_id"], row["kind"])
-    yield from expand_file(f, dpi=dpi, limits=ImageLimits(**limits), thumb_side=thumb_side,
-                           image_column=image_column, id_column=id_column, known=known.__contains__)
+    f = SourceFile(row["uri"], row["doc_id"], row["kind"], row["sidecar"])
+    yield from expand_file(f, dpi=dpi, limits=ImageLimits(**limits), thumb_side=thumb_side, image_column=image_column,
+                           id_column=id_column, text_column=text_column, known=known.__contains__)
 
 
 class PageEmbedder:
@@ -345,7 +345,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     ds = ds.flat_map(_expand, fn_kwargs={
         "dpi": ix.dpi, "limits": cfg.data.image.model_dump(), "thumb_side": ix.thumbnail_side,
         "image_column": ix.parquet_image_column, "id_column": ix.parquet_id_column,
-        "known_ref": [ray.put(known)]}, num_cpus=ix.decode_cpus)
+        "text_column": ix.parquet_text_column, "known_ref": [ray.put(known)]}, num_cpus=ix.decode_cpus)
     ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow", concurrency=ix.actors,
                         num_cpus=ix.cpus_per_actor, num_gpus=1 if use_gpu else 0,
                         fn_constructor_kwargs={"binding": info,

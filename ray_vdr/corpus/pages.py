@@ -36,7 +36,8 @@ __all__ = ["PAGE_SCHEMA", "SourceFile", "expand_file", "list_sources", "page_key
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 KINDS = {**{s: "image" for s in IMAGE_SUFFIXES}, ".pdf": "pdf", ".parquet": "parquet"}
 
-# What the expansion stage hands to the embedder: one row per page, a reject when ``reason`` is set.
+# What the expansion stage hands to the embedder: one row per page, a reject when ``reason`` is set. ``text`` is the
+# page's own text where it has one: a PDF page's text layer, an image's sidecar ``<file>.txt``, a Parquet text column.
 PAGE_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("doc_id", pa.string()),
@@ -46,9 +47,14 @@ PAGE_SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("image", pa.binary()),
     ("thumbnail", pa.binary()),
+    ("text", pa.string()),
     ("reason", pa.string()),
     ("detail", pa.string()),
 ])
+
+
+MAX_TEXT_CHARS = 100_000  # a page's text is cut here (a page holds a few thousand characters; more is not text)
+SIDECAR_SUFFIX = ".txt"  # page.png + page.png.txt: the text of an image page
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,12 @@ class SourceFile:
     uri: str  # as given, or under a given folder
     doc_id: str  # path relative to the source folder (the file name for a single file)
     kind: str  # image | pdf | parquet | unsupported
+    sidecar: str | None = None  # an image's text file (<file>.txt next to it)
 
 
 def list_sources(sources: list[str]) -> list[SourceFile]:
-    """Every file under the given folders/files/URIs, sorted. Raises FileNotFoundError for a missing source."""
+    """Every file under the given folders/files/URIs, sorted; an image's sidecar text file (``<file>.txt``) goes with
+    its image rather than being a source of its own. Raises FileNotFoundError for a missing source."""
     out: list[SourceFile] = []
     for src in sources:
         fs, path = fs_path(src)
@@ -68,13 +76,20 @@ def list_sources(sources: list[str]) -> list[SourceFile]:
             raise FileNotFoundError(f"index source {src!r} does not exist")
         prefix = src.split("://", 1)[0] + "://" if "://" in src else ""
         if info.type == pafs.FileType.File:
-            out.append(SourceFile(src, posixpath.basename(path), _kind(path)))
+            sidecar = path + SIDECAR_SUFFIX
+            has = _kind(path) == "image" and fs.get_file_info(sidecar).type == pafs.FileType.File
+            out.append(SourceFile(src, posixpath.basename(path), _kind(path), src + SIDECAR_SUFFIX if has else None))
             continue
-        for f in sorted(fs.get_file_info(pafs.FileSelector(path, recursive=True)), key=lambda i: i.path):
-            if f.type != pafs.FileType.File or posixpath.basename(f.path).startswith("."):
-                continue
-            rel = posixpath.relpath(f.path, path)
-            out.append(SourceFile(prefix + f.path if prefix else f.path, rel, _kind(f.path)))
+        files = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if f.type == pafs.FileType.File and not posixpath.basename(f.path).startswith(".")]
+        present = set(files)
+        sidecars = {f for f in files if f.endswith(SIDECAR_SUFFIX) and _kind(f[: -len(SIDECAR_SUFFIX)]) == "image"
+                    and f[: -len(SIDECAR_SUFFIX)] in present}
+        for f in sorted(set(files) - sidecars):
+            uri = prefix + f if prefix else f
+            sidecar = f + SIDECAR_SUFFIX if f + SIDECAR_SUFFIX in sidecars else None
+            out.append(SourceFile(uri, posixpath.relpath(f, path), _kind(f),
+                                  (prefix + sidecar if prefix else sidecar) if sidecar else None))
     return out
 
 
@@ -107,23 +122,44 @@ def _png(img: Image.Image) -> bytes:
 
 def _reject(key: str, doc_id: str, source: str, page: int | None, reason: str, detail: str = "") -> dict[str, Any]:
     return {"key": key, "doc_id": doc_id, "source": source, "page": page, "width": None, "height": None,
-            "image": None, "thumbnail": None, "reason": reason, "detail": detail[:500]}
+            "image": None, "thumbnail": None, "text": None, "reason": reason, "detail": detail[:500]}
+
+
+def _clean_text(text: str | None) -> str | None:
+    """A page's text with line ends normalised, cut at MAX_TEXT_CHARS; None when it has none."""
+    if text is None:
+        return None
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").strip()
+    return text[:MAX_TEXT_CHARS] or None
 
 
 def _accept(key: str, doc_id: str, source: str, page: int, img: Image.Image, data: bytes | None,
-            thumb_side: int) -> dict[str, Any]:
+            thumb_side: int, text: str | None = None) -> dict[str, Any]:
     return {"key": key, "doc_id": doc_id, "source": source, "page": page, "width": img.width, "height": img.height,
             "image": data if data is not None else _png(img), "thumbnail": thumbnail(img, thumb_side),
-            "reason": None, "detail": None}
+            "text": _clean_text(text), "reason": None, "detail": None}
 
 
 def _image_page(data: bytes, key: str, doc_id: str, source: str, page: int, limits: ImageLimits,
-                thumb_side: int) -> dict[str, Any]:
+                thumb_side: int, text: str | None = None) -> dict[str, Any]:
     try:
         img, changed = decode_image(data, limits)
     except ImageRejected as e:
         return _reject(key, doc_id, source, page, e.reason, e.detail)
-    return _accept(key, doc_id, source, page, img, None if not changed else _png(img), thumb_side)
+    return _accept(key, doc_id, source, page, img, None if not changed else _png(img), thumb_side, text)
+
+
+def _sidecar_text(uri: str | None) -> str | None:
+    """An image's sidecar text (UTF-8; undecodable bytes replaced), None when it has none or it cannot be read."""
+    if uri is None:
+        return None
+    fs, path = fs_path(uri)
+    try:
+        with fs.open_input_stream(path) as fh:
+            return fh.read(4 * MAX_TEXT_CHARS).decode("utf-8", errors="replace")
+    except OSError as e:
+        logger.warning("cannot read the sidecar text %s: %s", uri, e)
+        return None
 
 
 def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: ImageLimits, thumb_side: int,
@@ -157,13 +193,16 @@ def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: Imag
                     yield _reject(key, f.doc_id, f.uri, i + 1, "too_small", f"{w}x{h} px at {dpi} dpi")
                     continue
                 img = page.render(scale=scale).to_pil().convert("RGB")
+                textpage = page.get_textpage()
+                text = textpage.get_text_range()
+                textpage.close()
                 page.close()
             except Exception as e:  # pdfium raises for damaged page trees and content streams
                 yield _reject(key, f.doc_id, f.uri, i + 1, "corrupt_pdf_page", f"{type(e).__name__}: {e}")
                 continue
             if max(img.size) > limits.max_side:
                 img.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS)
-            yield _accept(key, f.doc_id, f.uri, i + 1, img, None, thumb_side)
+            yield _accept(key, f.doc_id, f.uri, i + 1, img, None, thumb_side, text)
     finally:
         doc.close()
 
@@ -179,7 +218,7 @@ def _pdf_failure(data: bytes) -> str:
 
 
 def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limits: ImageLimits, thumb_side: int,
-                   known: Callable[[str], bool]) -> Iterator[dict[str, Any]]:
+                   known: Callable[[str], bool], text_column: str | None = None) -> Iterator[dict[str, Any]]:
     fs, path = fs_path(f.uri)
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
@@ -191,12 +230,14 @@ def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limi
         yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "missing_column",
                       f"no column {image_column!r} (has {names})")
         return
-    columns = [image_column] + ([id_column] if id_column and id_column in names else [])
+    has_id, has_text = bool(id_column and id_column in names), bool(text_column and text_column in names)
+    columns = [image_column] + ([id_column] if has_id else []) + ([text_column] if has_text else [])
     row = 0
     for batch in pf.iter_batches(batch_size=64, columns=columns):
         images = batch.column(image_column).to_pylist()
-        ids = batch.column(id_column).to_pylist() if len(columns) == 2 else [None] * len(images)
-        for value, doc in zip(images, ids, strict=True):
+        ids = batch.column(id_column).to_pylist() if has_id else [None] * len(images)
+        texts = batch.column(text_column).to_pylist() if has_text else [None] * len(images)
+        for value, doc, text in zip(images, ids, texts, strict=True):
             row += 1
             doc_id = str(doc) if doc is not None else f"{f.doc_id}#{row}"
             try:
@@ -206,16 +247,17 @@ def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limi
                 continue
             key = page_key(data)
             if not known(key):
-                yield _image_page(data, key, doc_id, f.uri, row, limits, thumb_side)
+                yield _image_page(data, key, doc_id, f.uri, row, limits, thumb_side,
+                                  text if isinstance(text, str) else None)
 
 
 def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, thumb_side: int, image_column: str = "image",
-                id_column: str | None = "doc_id", known: Callable[[str], bool] = lambda key: False
-                ) -> Iterator[dict[str, Any]]:
-    """The pages (and rejects) of one source file, as PAGE_SCHEMA rows; pages whose key ``known`` returns True for
-    (already embedded or rejected) are skipped before decoding."""
+                id_column: str | None = "doc_id", text_column: str | None = "text",
+                known: Callable[[str], bool] = lambda key: False) -> Iterator[dict[str, Any]]:
+    """The pages (and rejects) of one source file, as PAGE_SCHEMA rows with their text; pages whose key ``known``
+    returns True for (already embedded or rejected) are skipped before decoding."""
     if f.kind == "parquet":
-        yield from _parquet_pages(f, image_column, id_column, limits, thumb_side, known)
+        yield from _parquet_pages(f, image_column, id_column, limits, thumb_side, known, text_column)
         return
     fs, path = fs_path(f.uri)
     try:
@@ -234,4 +276,4 @@ def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, thumb_side: int
         if not known(page_key(file_key, "file")):
             yield from _pdf_pages(data, file_key, f, dpi, limits, thumb_side, known)
     elif not known(file_key):
-        yield _image_page(data, file_key, f.doc_id, f.uri, 1, limits, thumb_side)
+        yield _image_page(data, file_key, f.doc_id, f.uri, 1, limits, thumb_side, _sidecar_text(f.sidecar))

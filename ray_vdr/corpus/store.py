@@ -2,7 +2,7 @@
 
 Layout under an index's ``output`` (a folder or URI)::
 
-    pages/part-<hash>.parquet     key, doc_id, source, page, width, height, image, thumbnail, embedding
+    pages/part-<hash>.parquet     key, doc_id, source, page, width, height, image, thumbnail, text, embedding
     rejects/part-<hash>.parquet   key, doc_id, source, page, reason, detail
     index.faiss, ids.parquet      the index; row i of ids.parquet is vector i (key, doc_id, source, page, shard, row)
     manifest.json                 what made the index: the embedder's binding and identity, dim, type, counts

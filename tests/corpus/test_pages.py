@@ -53,3 +53,46 @@ def test_pdf_page_keys_follow_the_dpi(tmp_path, page_pngs):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_sources([str(tmp_path / "nope")])
+
+
+def _text_pdf(path, lines: list[str]) -> None:
+    """A vector PDF whose text pypdfium2 extracts (matplotlib writes TrueType text)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"pdf.fonttype": 42}):
+        fig = plt.figure(figsize=(4, 5))
+        for i, line in enumerate(lines):
+            fig.text(0.05, 0.9 - 0.1 * i, line)
+        fig.savefig(path, format="pdf")
+        plt.close(fig)
+
+
+def test_every_page_carries_its_own_text(tmp_path, page_pngs):
+    """A PDF page's text layer, an image's sidecar <file>.txt and a Parquet text column come with the page; a .txt
+    without its image is still an unsupported file, and a scanned page (no text layer) has none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _text_pdf(tmp_path / "report.pdf", ["Northwind Logistics 2021", "Revenue 512.3"])
+    (tmp_path / "scan.png").write_bytes(page_pngs[0])
+    (tmp_path / "scan.png.txt").write_text("Contoso Foods\r\nannual report 2019\n")
+    (tmp_path / "plain.png").write_bytes(page_pngs[1])
+    (tmp_path / "notes.txt").write_text("not a page")
+    pq.write_table(pa.table({"image": [page_pngs[2]], "text": ["Fabrikam memo"]}), tmp_path / "rows.parquet")
+    from tests.corpus_helpers import images_pdf
+
+    (tmp_path / "scanned.pdf").write_bytes(images_pdf([page_pngs[3]]))
+    sources = list_sources([str(tmp_path)])
+    assert [f.doc_id for f in sources] == ["notes.txt", "plain.png", "report.pdf", "rows.parquet", "scan.png",
+                                           "scanned.pdf"], "a sidecar travels with its image"
+    text = {r["doc_id"]: r["text"] for r in _expand_all(tmp_path) if r["reason"] is None}
+    assert text["report.pdf"].splitlines() == ["Northwind Logistics 2021", "Revenue 512.3"]
+    assert text["scan.png"] == "Contoso Foods\nannual report 2019"
+    assert text["rows.parquet#1"] == "Fabrikam memo"
+    assert text["plain.png"] is None and text["scanned.pdf"] is None
+    assert [r["reason"] for r in _expand_all(tmp_path) if r["doc_id"] == "notes.txt"] == ["unsupported_file_type"]
+    single = list_sources([str(tmp_path / "scan.png")])[0]
+    assert single.sidecar == str(tmp_path / "scan.png.txt")
