@@ -37,11 +37,12 @@ def cmd_config(cfg: VDRConfig) -> int:
 
 
 def cmd_make_data(cfg: VDRConfig) -> int:
+    from ray_vdr.data.documents import write_documents
     from ray_vdr.data.synthetic import write_synthetic
 
     if cfg.synthetic is None:
         raise ConfigError("invalid configuration:\n  synthetic: this command needs a synthetic section")
-    summary = write_synthetic(cfg.synthetic)
+    summary = (write_documents if cfg.synthetic.kind == "documents" else write_synthetic)(cfg.synthetic)
     print(f"synthetic dataset in {cfg.synthetic.output_dir}: {json.dumps(summary)}")
     return 0
 

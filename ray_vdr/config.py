@@ -643,6 +643,16 @@ class SyntheticConfig(_Strict):
     page_height: PositiveInt = Field(576, description="Rendered page height in pixels.")
     seed: int = Field(0, description="Everything generated is a function of this seed.")
     jsonl: bool = Field(True, description="Also write the images-folder + JSONL variant.")
+    kind: Literal["triplets", "documents"] = Field(
+        "triplets", description="'triplets': the labelled train/eval splits above. 'documents': unlabeled company "
+        "reports as vector PDFs with a text layer (documents/), plus a held-out eval split of other documents' "
+        "pages with their template questions (heldout/eval/): the own-documents loop's input (ray_vdr/data/documents.py)."
+    )
+    documents: PositiveInt = Field(100, description="'documents': unlabeled documents (one company each).")
+    pages_per_document: PositiveInt = Field(5, le=16, description="'documents': pages per document (a year each).")
+    heldout_documents: PositiveInt = Field(40, description="'documents': documents of the held-out eval split.")
+    dpi: PositiveInt = Field(100, description="'documents': resolution the held-out pages are rasterised at (as "
+                             "index.dpi rasterises the documents).")
 
 
 class VDRConfig(_Strict):
