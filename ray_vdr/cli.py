@@ -108,6 +108,25 @@ def cmd_mine(cfg: VDRConfig) -> int:
     return 0
 
 
+def cmd_make_training_data(cfg: VDRConfig) -> int:
+    from ray_vdr.queries.run import run
+
+    r = run(cfg)
+    s = r.summary
+    p, sp = s["pages"], s["splits"]
+    print(f"training data: {r.output} (train {sp['train']} rows, eval {sp['eval']} rows; card {r.card})")
+    print(f"pages: {p['in']} in = {p['kept']} with a kept query + {p['rejected']} rejected "
+          f"({', '.join(f'{k}: {n}' for k, n in sorted(p['rejected_by_reason'].items())) or 'none'}; "
+          f"{r.output}/rejected-pages.parquet)")
+    q = s["queries"]
+    print(f"queries: {q['generated']} generated, rejected: "
+          f"{', '.join(f'{k}: {n}' for k, n in sorted(q['rejected_by_reason'].items())) or 'none'} "
+          f"({r.output}/generated, {r.output}/rejects); consistency kept {s['consistency_kept']} of {s['consistency_checked']}")
+    print(f"generation: {s['rates']['pages_per_second']} pages/s, {s['rates']['queries_per_second']} queries/s; "
+          f"took {s['seconds']['total']:.0f}s")
+    return 0
+
+
 def cmd_train_reranker(cfg: VDRConfig) -> int:
     from ray_vdr.train.reranker import reranker_run, run
 
@@ -236,6 +255,8 @@ COMMANDS: dict[str, tuple[Callable[[VDRConfig], int], str]] = {
     "config": (cmd_config, "validate a config and print it resolved"),
     "make-data": (cmd_make_data, "write the synthetic VDR dataset described by the synthetic section"),
     "build-model": (cmd_build_model, "build a random-weight model when model.builder asks for one"),
+    "make-training-data": (cmd_make_training_data, "make training triplets from unlabeled documents (PDFs, images): "
+                                                   "generated queries, filters, mined negatives, a card"),
     "train": (cmd_train, "finetune the embedder on Ray Train"),
     "embed": (cmd_embed, "embed a page corpus (images, PDFs, Parquet) and build its FAISS index"),
     "mine": (cmd_mine, "mine hard negatives for the training queries from the corpus index"),

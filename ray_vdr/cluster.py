@@ -1,4 +1,5 @@
-"""Connecting to Ray (the cluster a job was submitted to, or a private local one) and setting up its workers."""
+"""Connecting to Ray (the cluster a job was submitted to, or a private local one) and what its workers share: logging,
+their device and threads, objects the driver puts once per run, skipping what an earlier run did."""
 
 from __future__ import annotations
 
@@ -76,3 +77,49 @@ def worker_device(use_gpu: bool, num_cpus: float = 1.0) -> str:
         return "cuda"
     torch.set_num_threads(max(1, math.ceil(num_cpus)))
     return "cpu"
+
+
+_SHARED: dict[str, object] = {}
+
+
+def fetch_once(ref, convert=None):
+    """An object the driver put in the object store once per run (``ray.put``), fetched (and converted) once per
+    worker process. Workers outlive runs: only the few latest objects are kept."""
+    import ray
+
+    key = ref.hex()
+    if key not in _SHARED:
+        while len(_SHARED) >= 4:
+            _SHARED.pop(next(iter(_SHARED)))
+        value = ray.get(ref)
+        _SHARED[key] = convert(value) if convert is not None else value
+    return _SHARED[key]
+
+
+def skip_known(batch, *, column: str, known_ref: list):
+    """map_batches stage (pyarrow): the rows whose ``column`` is not in the set the driver put as ``known_ref[0]`` (what
+    an earlier run already did)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    known = fetch_once(known_ref[0], lambda done: pa.array(sorted(done), pa.string()))
+    if not len(known):
+        return batch
+    return batch.filter(pc.invert(pc.is_in(batch.column(column), value_set=known)))
+
+
+def chaos_strike(chaos: dict | None, batches: int, what: str) -> None:
+    """Fault injection for tests and failure drills, in an actor after it published its ``batches``-th batch (result
+    not yet returned): ``chaos['sleep']`` seconds of delay every batch; SIGKILL once after ``chaos['after_batches']``
+    batches (``chaos['marker']`` is created first, so the restarted actor does not fire again)."""
+    import time
+    from pathlib import Path
+
+    chaos = chaos or {}
+    if chaos.get("sleep"):
+        time.sleep(chaos["sleep"])
+    after, marker = chaos.get("after_batches"), chaos.get("marker")
+    if after and batches >= after and marker and not os.path.exists(marker):
+        Path(marker).write_text(f"killed {what} pid {os.getpid()} after {batches} batches")
+        logger.warning("chaos: killing the %s actor after %d batches", what, batches)
+        os.kill(os.getpid(), 9)

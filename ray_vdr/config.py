@@ -25,6 +25,7 @@ __all__ = [
     "MineConfig",
     "ModelConfig",
     "OutputConfig",
+    "QueriesConfig",
     "RerankerConfig",
     "RunConfig",
     "ScalingConfig",
@@ -560,6 +561,103 @@ class MineConfig(_Strict):
         return self
 
 
+DEFAULT_QUESTION_PROMPT = (
+    "You write the questions people type into a search box to find this document page. Write {n} different "
+    "questions that only this page answers: name the specific company, product, person, place, period or figure "
+    "it shows, and never ask what the page shows or contains. Write them in the page's language, one per line, "
+    "with no numbering and nothing else."
+)
+
+
+class VLMGeneratorConfig(_Strict):
+    """``queries.generator: vlm``: a generative vision-language model writes questions from each page image."""
+
+    model: str = Field("Qwen/Qwen3-VL-8B-Instruct", description="The VLM: hub id, folder or URI (a chat model).")
+    builder: Literal["load", "tiny-qwen3vl-generator"] = Field(
+        "load", description="'load' reads model; 'tiny-qwen3vl-generator' builds a tiny random-weight Qwen3-VL chat "
+        "model into model when it is missing (tests and the demo: its text is gibberish)."
+    )
+    prompt: str = Field(DEFAULT_QUESTION_PROMPT, description="The instruction; {n} becomes queries.per_page.")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="'vllm': Ray Data LLM batch inference (ray.data.llm, GPU); 'transformers': generate() in "
+        "an actor pool (CPU or GPU). 'auto' = vllm when scaling.use_gpu and vllm imports, else transformers."
+    )
+    max_tokens: PositiveInt = Field(256, description="Most tokens generated per page.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
+    max_pixels: PositiveInt = Field(1280 * 28 * 28, description="Most pixels of a page image the VLM sees.")
+    batch_size: PositiveInt = Field(16, description="Pages per generation call.")
+    replicas: PositiveInt = Field(1, description="Model replicas (actors or vLLM engines), one GPU each on GPU.")
+    tensor_parallel_size: PositiveInt = Field(1, description="vLLM: GPUs per engine.")
+    max_model_len: PositiveInt = Field(8192, description="vLLM: context length per request.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="transformers engine: CPUs per actor (its torch threads).")
+
+
+class QueriesConfig(_Strict):
+    """Training data from unlabeled documents (jobs/make_training_data.py): pages → generated queries → filters →
+    hard negatives mined with the base embedder → train and eval splits by document, and a dataset card."""
+
+    sources: list[str] = Field(
+        default_factory=list, description="Folders, files or URIs of PDFs, page images (an optional <file>.txt "
+        "sidecar holds an image's text) and Parquet with image bytes, as index.sources; turned into pages by the "
+        "corpus job's code."
+    )
+    output: str = Field("./training-data", description="Folder or URI of the dataset: train/, eval/, rejects, card.")
+    generator: Literal["text", "vlm", "callable"] = Field(
+        "text", description="'text': spans of the page's own text layer (no model; the CPU default). 'vlm': a "
+        "generative VLM (queries.vlm). 'callable': queries.callable."
+    )
+    callable: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="generator 'callable': module:function(page: dict) -> list[str]; the page has doc_id, page, "
+        "source, text and image (PNG bytes).",
+    )
+    per_page: PositiveInt = Field(3, description="Queries generated per page (at most).")
+    text_kinds: list[Literal["title_figures", "table_row", "sentence"]] = Field(
+        default_factory=lambda: ["title_figures", "table_row", "sentence"],
+        description="generator 'text': the spans to draw queries from (ray_vdr/queries/text.py).",
+    )
+    vlm: VLMGeneratorConfig = Field(default_factory=VLMGeneratorConfig, description="generator 'vlm'.")
+    min_words: PositiveInt = Field(3, description="Queries with fewer words are rejected (query_too_short).")
+    max_words: PositiveInt = Field(40, description="Queries with more words are rejected (query_too_long).")
+    max_chars: PositiveInt = Field(300, description="Queries with more characters are rejected (query_too_long).")
+    boilerplate_share: float = Field(
+        0.2, gt=0, le=1, description="A line on at least this share of the pages (and on boilerplate_min_pages) is "
+        "boilerplate (headers, footers): no query is made from it, and a query that is one is rejected."
+    )
+    boilerplate_min_pages: PositiveInt = Field(3, description="Fewest pages a boilerplate line is on.")
+    dedupe: bool = Field(True, description="Reject queries generated for more than one page (they single none out).")
+    base_model: str | None = Field(
+        None, description="The base embedder, which indexes the pages, checks consistency and mines negatives: a "
+        "Sentence Transformers folder, URI or hub id. None = this config's model (built first when model.builder "
+        "asks for a random-weight one)."
+    )
+    consistency_k: PositiveInt | None = Field(
+        10, description="Keep a query only if the base embedder ranks its own page within the top k of the corpus "
+        "(the round-trip filter). None = off."
+    )
+    num_negatives: int = Field(1, ge=0, le=8, description="Mined hard negatives per training row (the recipe: 1).")
+    eval_negatives: int = Field(4, ge=0, le=8, description="Mined hard negatives per eval row (the reference: 4).")
+    exclude_same_document: bool = Field(
+        True, description="Never take a page of the query's own document as its negative (it may answer it too)."
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of the documents (not pages) whose queries form the eval split; no "
+        "document is in both splits."
+    )
+    seed: int = Field(0, description="Seeds the span choice, the split and the negatives' sampling.")
+    batch_size: PositiveInt = Field(32, description="Pages per generation batch, queries per mining batch.")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs per generation task (text, callable).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QueriesConfig:
+        if self.generator == "callable" and not self.callable:
+            raise ValueError("generator 'callable' needs callable: module:function")
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) exceeds max_words ({self.max_words})")
+        return self
+
+
 class RerankerTrainConfig(TrainConfig):
     loss: Literal["bce"] = Field("bce", description="BinaryCrossEntropyLoss over positive and negative pairs.")
     per_device_batch_size: PositiveInt = Field(
@@ -654,6 +752,14 @@ class SyntheticConfig(_Strict):
     dpi: PositiveInt = Field(100, description="'documents': resolution the held-out pages are rasterised at (as "
                              "index.dpi rasterises the documents).")
 
+    @model_validator(mode="after")
+    def _enough_heldout_pages(self) -> SyntheticConfig:
+        others = (self.heldout_documents - 1) * self.pages_per_document
+        if self.kind == "documents" and others < self.eval_negatives:
+            raise ValueError(f"heldout_documents: each held-out question needs {self.eval_negatives} negatives from the "
+                             f"other held-out documents, which hold {others} pages")
+        return self
+
 
 class VDRConfig(_Strict):
     """A whole ray-vdr run. Sections mirror the jobs that read them."""
@@ -673,6 +779,9 @@ class VDRConfig(_Strict):
     reranker: RerankerConfig = Field(default_factory=RerankerConfig, description="The multimodal reranker.")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="Two-stage evaluation.")
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Model promotion on the live endpoint.")
+    queries: QueriesConfig = Field(
+        default_factory=QueriesConfig, description="Training data made from unlabeled documents."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> VDRConfig:
@@ -778,6 +887,14 @@ def resolve_paths(cfg: VDRConfig, base: Path | None = None) -> VDRConfig:
         rm.name_or_path = _absolute(rm.name_or_path, base)
     if rm.base_model and _is_local_path(rm.base_model):
         rm.base_model = _absolute(rm.base_model, base)
+    qs = cfg.queries
+    qs.sources = [s if "://" in s else _absolute(s, base) for s in qs.sources]
+    if "://" not in qs.output:
+        qs.output = _absolute(qs.output, base)
+    if qs.base_model is not None and _is_local_path(qs.base_model):
+        qs.base_model = _absolute(qs.base_model, base)
+    if qs.vlm.builder != "load" or _is_local_path(qs.vlm.model):
+        qs.vlm.model = _absolute(qs.vlm.model, base)
     for src in (cfg.mine.queries, cfg.reranker.data):
         if src is not None and src.format != "hf_hub" and "://" not in src.uri:
             src.uri = _absolute(src.uri, base)

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["copy_tree", "fs_path", "is_file", "list_dirs", "list_parts", "part_name", "read_bytes", "read_json_files",
-           "read_table", "remove_tree", "write_bytes", "write_table"]
+__all__ = ["copy_tree", "dedupe_parts", "fs_path", "is_file", "list_dirs", "list_parts", "part_name", "read_bytes",
+           "read_json_files", "read_table", "remove_tree", "write_bytes", "write_table"]
 
 
 def fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -127,3 +127,36 @@ def list_dirs(uri: str) -> list[str]:
 def remove_tree(uri: str) -> None:
     fs, path = fs_path(uri)
     fs.delete_dir(path)
+
+
+def dedupe_parts(folders: list[str], column: str, *, first: frozenset[str] | set[str] = frozenset(),
+                 unique_rows: bool = True) -> int:
+    """Keep each value of ``column`` in the first part that holds it, over the parts of ``folders`` in order (within a
+    folder the parts named in ``first`` come first, then by name); rewrite or delete the parts that repeat one.
+    Returns the rows removed.
+
+    Parts are named by their rows' ids, so a batch retried after its writer died rewrites its own part; a repeat only
+    arises when a retried batch was cut differently, or when two inputs have the same content. ``unique_rows``: each
+    row has its own value (also within a part); else a part may hold many rows of one value (a page's queries).
+    """
+    removed = 0
+    seen: set[str] = set()
+    for folder in folders:
+        for name in sorted(list_parts(folder), key=lambda n: (n not in first, n)):
+            values = read_table(f"{folder}/{name}", [column]).column(column).to_pylist()
+            keep, here = [], set()
+            for i, value in enumerate(values):
+                if value in seen or (unique_rows and value in here):
+                    continue
+                keep.append(i)
+                here.add(value)
+            seen |= here
+            if len(keep) == len(values):
+                continue
+            removed += len(values) - len(keep)
+            if keep:
+                write_table(read_table(f"{folder}/{name}").take(keep), f"{folder}/{name}")
+            else:
+                fs, path = fs_path(f"{folder}/{name}")
+                fs.delete_file(path)
+    return removed

@@ -185,7 +185,7 @@ def test_every_module_says_what_it_holds():
 
 def test_tests_mirror_the_library():
     subpackages = sorted(p.parent.name for p in (ROOT / "ray_vdr").glob("*/__init__.py"))
-    assert subpackages == ["corpus", "data", "eval", "models", "train"]
+    assert subpackages == ["corpus", "data", "eval", "models", "queries", "train"]
     for sub in subpackages:
         assert list((ROOT / "tests" / sub).glob("test_*.py")), f"tests/{sub}/ holds no tests of ray_vdr/{sub}/"
     assert list((ROOT / "tests" / "serving").glob("test_*.py"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ray_vdr.cluster import chaos_strike
 from ray_vdr.config import ImageLimits, VDRConfig
 from ray_vdr.corpus.pages import PAGE_SCHEMA, SourceFile, expand_file, list_sources
 from ray_vdr.corpus.store import (
@@ -50,7 +50,7 @@ from ray_vdr.corpus.store import (
     read_shard,
     shards,
 )
-from ray_vdr.storage import fs_path, is_file, part_name, read_bytes, write_bytes, write_table
+from ray_vdr.storage import dedupe_parts, fs_path, is_file, part_name, read_bytes, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -79,20 +79,13 @@ def page_table(rows: pa.Table, embeddings, dim: int) -> pa.Table:
     return rows.select(cols).append_column("embedding", emb)
 
 
-_KNOWN_CACHE: dict[str, frozenset[str]] = {}
-
-
 def _expand(row: dict[str, Any], *, dpi: int, limits: dict, thumb_side: int, image_column: str,
             id_column: str | None, text_column: str | None, known_ref: list) -> Iterator[dict[str, Any]]:
     """flat_map stage: one source file → its pages and rejects (PAGE_SCHEMA rows), streamed (a 500-page PDF is
     never held whole)."""
-    import ray
+    from ray_vdr.cluster import fetch_once
 
-    ref = known_ref[0]
-    known = _KNOWN_CACHE.get(ref.hex())
-    if known is None:  # once per worker process and run; workers outlive runs, so keep only this run's set
-        _KNOWN_CACHE.clear()
-        known = _KNOWN_CACHE.setdefault(ref.hex(), frozenset(ray.get(ref)))
+    known = fetch_once(known_ref[0], frozenset)
     f = SourceFile(row["uri"], row["doc_id"], row["kind"], row["sidecar"])
     yield from expand_file(f, dpi=dpi, limits=ImageLimits(**limits), thumb_side=thumb_side, image_column=image_column,
                            id_column=id_column, text_column=text_column, known=known.__contains__)
@@ -146,7 +139,7 @@ class PageEmbedder:
         if rejected:
             write_table(pa.concat_tables(rejected), f"{self.output}/{REJECTS}/{name}")
         self.batches += 1
-        self._maybe_fail()
+        chaos_strike(self.chaos, self.batches, "embedding")
         return pa.table({"shard": [name], "pages": [embedded.num_rows if embedded is not None else 0],
                          "rejects": [sum(t.num_rows for t in rejected)],
                          "seconds": [time.perf_counter() - start]})
@@ -171,49 +164,9 @@ class PageEmbedder:
         return out, np.stack(vectors) if vectors else np.zeros((0, self.dim), np.float32), (
             pa.concat_tables(failed) if failed else None)
 
-    def _maybe_fail(self) -> None:
-        """Fault injection for tests and drills: after ``chaos['after_batches']`` batches (shard written, result not
-        yet returned) SIGKILL this actor once; ``chaos['sleep']`` slows every batch down."""
-        if self.chaos.get("sleep"):
-            time.sleep(self.chaos["sleep"])
-        after, marker = self.chaos.get("after_batches"), self.chaos.get("marker")
-        if after and self.batches >= after and marker and not os.path.exists(marker):
-            Path(marker).write_text(f"killed embedder pid {os.getpid()} after {self.batches} batches")
-            logger.warning("chaos: killing embedding actor after %d batches", self.batches)
-            os.kill(os.getpid(), 9)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # after the stream: duplicates, index
-
-
-def dedupe_shards(output: str, indexed: set[str] = frozenset()) -> int:
-    """Keep each key in the first shard holding it (indexed shards first, then by name); returns rows removed.
-
-    Normally a no-op: duplicates arise only when two inputs have the same content, or when a batch retried after a
-    failure was cut differently from the attempt that had already published its shard.
-    """
-    removed = 0
-    seen: set[str] = set()
-    for kind in (PAGES, REJECTS):
-        for name in sorted(shards(output, kind), key=lambda n: (n not in indexed, n)):
-            keys = read_shard(output, kind, name, ["key"]).column("key").to_pylist()
-            dup = []
-            for i, key in enumerate(keys):
-                if key in seen:
-                    dup.append(i)
-                seen.add(key)
-            if not dup:
-                continue
-            removed += len(dup)
-            table = read_shard(output, kind, name)
-            keep = sorted(set(range(len(keys))) - set(dup))
-            fs, path = fs_path(f"{output}/{kind}/{name}")
-            if keep:
-                write_table(table.take(keep), f"{output}/{kind}/{name}")
-            else:
-                fs.delete_file(path)
-    return removed
 
 
 def _index_vectors(output: str, names: list[str]):
@@ -346,7 +299,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
         "dpi": ix.dpi, "limits": cfg.data.image.model_dump(), "thumb_side": ix.thumbnail_side,
         "image_column": ix.parquet_image_column, "id_column": ix.parquet_id_column,
         "text_column": ix.parquet_text_column, "known_ref": [ray.put(known)]}, num_cpus=ix.decode_cpus)
-    ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow", concurrency=ix.actors,
+    ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=ix.actors),
                         num_cpus=ix.cpus_per_actor, num_gpus=1 if use_gpu else 0,
                         fn_constructor_kwargs={"binding": info,
                                                "model_cfg": cfg.model.model_dump(), "dim": dim, "output": ix.output,
@@ -367,7 +320,9 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     stream_seconds = time.perf_counter() - t0
     steady = (totals["pages"] - first[1]) / (now - first[0]) if first and now > first[0] else 0.0
     old_manifest = read_manifest(ix.output)
-    removed = dedupe_shards(ix.output, set(old_manifest["shards"]) if old_manifest else set())
+    # normally a no-op: two inputs with the same content, or a batch retried after a failure and cut differently
+    removed = dedupe_parts([f"{ix.output}/{PAGES}", f"{ix.output}/{REJECTS}"], "key",
+                           first=set(old_manifest["shards"]) if old_manifest else set())
     base = {**binding, "normalized": True, "metric": "inner_product", "updated_at": now_iso(), "sources": ix.sources}
     build = ray.remote(build_or_extend_index).options(num_gpus=1 if use_gpu else 0)  # FAISS uses it if it can
     manifest = ray.get(build.remote(ix.output, base, ix.model_dump()))

@@ -1,5 +1,6 @@
 """The synthetic documents' facts: which company and year each page is about, its numbers (a pure function of its
-seed) and the queries only it answers. Rendering is :mod:`ray_vdr.data.render`; the dataset, :mod:`ray_vdr.data.synthetic`.
+seed) and the queries only it answers. Rendering is :mod:`ray_vdr.data.render`; the datasets are
+:mod:`ray_vdr.data.synthetic` (labelled triplets) and :mod:`ray_vdr.data.documents` (unlabeled PDFs).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from ray_vdr.storage import is_file, list_parts, part_name, read_bytes, read_tab
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MineResult", "NegativeMiner", "run", "select_negatives"]
+__all__ = ["IndexMiner", "Mined", "MineResult", "NegativeMiner", "run", "select_negatives"]
 
 TRIPLETS = "triplets"  # the reranker's training data: <output>/triplets
 REJECTS = "rejects"
@@ -73,17 +73,19 @@ def mined_schema(k: int) -> pa.Schema:
 # selection (pure)
 
 
-DROP_REASONS = ("positive", "near_duplicate", "within_margin")
+DROP_REASONS = ("positive", "same_document", "near_duplicate", "within_margin")
 
 
 def select_negatives(hits: list[dict[str, Any]], positive_key: str, positive_score: float,
-                     similarity_to_positive: dict[int, float], cfg: MineConfig, row_id: str = ""
-                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+                     similarity_to_positive: dict[int, float], cfg: MineConfig, row_id: str = "",
+                     exclude_doc: str | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The negatives for one query among its search ``hits`` (rank order), and why other candidates were dropped.
 
     A hit is the positive when its content key is the positive's; ``similarity_to_positive`` maps a hit's vector
-    position to its cosine with the positive page. ``cfg.sampling`` "top" keeps the best-ranked eligible hits,
-    "random" a sample of them drawn with a generator seeded by ``cfg.seed`` and ``row_id`` (a rerun draws the same).
+    position to its cosine with the positive page; pages of the document ``exclude_doc`` (the positive's own, which
+    may answer the query too) are dropped when it is given. ``cfg.sampling`` "top" keeps the best-ranked eligible
+    hits, "random" a sample of them drawn with a generator seeded by ``cfg.seed`` and ``row_id`` (a rerun draws the
+    same).
     """
     import random
 
@@ -94,6 +96,8 @@ def select_negatives(hits: list[dict[str, Any]], positive_key: str, positive_sco
             continue
         if hit["key"] == positive_key:
             dropped["positive"] += 1
+        elif exclude_doc is not None and hit["doc_id"] == exclude_doc:
+            dropped["same_document"] += 1
         elif similarity_to_positive.get(hit["position"], -1.0) >= cfg.duplicate_similarity:
             dropped["near_duplicate"] += 1
         elif cfg.margin is not None and hit["score"] >= positive_score - cfg.margin:
@@ -121,91 +125,117 @@ def done_rows(output: str) -> set[str]:
     return done
 
 
-_DONE_CACHE: dict[str, pa.Array] = {}
+@dataclass
+class Mined:
+    """One query's outcome: the negatives chosen (search hits), why other candidates were dropped, the positive's
+    score and its rank among the hits (None when it is not among them)."""
+
+    chosen: list[dict[str, Any]]
+    dropped: dict[str, int]
+    positive_score: float
+    positive_rank: int | None
+    hits: int
 
 
-def _skip_done(batch: pa.Table, done_ref: list) -> pa.Table:
-    """map_batches stage: drop rows an earlier run already mined or rejected."""
-    import pyarrow.compute as pc
-    import ray
+class IndexMiner:
+    """Hard negatives from one corpus index: its FAISS index, page store and the embedder it was built with (loaded
+    from the manifest's binding, so queries are encoded as the index's pages were). Shared by the mining job and the
+    training-data job (:mod:`ray_vdr.queries.pairs`)."""
 
-    ref = done_ref[0]
-    done = _DONE_CACHE.get(ref.hex())
-    if done is None:  # once per worker process and run
-        _DONE_CACHE.clear()
-        done = _DONE_CACHE.setdefault(ref.hex(), pa.array(sorted(ray.get(ref)), pa.string()))
-    if not len(done):
-        return batch
-    return batch.filter(pc.invert(pc.is_in(batch.column("row_id"), value_set=done)))
-
-
-class NegativeMiner:
-    """Actor-pool stage: mines one batch of training rows and publishes it as one shard, returning only counts."""
-
-    def __init__(self, index: str, model: str, mine: dict, dtype: str, attn: str, use_gpu: bool, cpus: float = 1.0):
+    def __init__(self, index: str, model: str, dtype: str = "auto", attn: str = "auto", use_gpu: bool = False,
+                 cpus: float = 1.0):
         from ray_vdr.cluster import worker_device, worker_logging
         from ray_vdr.corpus.store import PageStore, open_index
         from ray_vdr.models.load import load_embedder
 
         worker_logging()
         device = worker_device(use_gpu, cpus)
-        self.cfg = MineConfig.model_validate(mine)
         self.index = open_index(index, model_path=model)
         binding = {**self.index.manifest["model"], "path": model}  # encode as the index did, with these files
         self.model = load_embedder(binding, dtype=dtype, attn_implementation=attn, device=device)
         self.dim = self.index.manifest["dim"]
         self.pages = PageStore(index, self.index.ids, cache_bytes=64 << 20)
-        self.output = mine["output"]
 
     def _embed(self, fn, items) -> np.ndarray:
         return fn(items, batch_size=len(items), truncate_dim=self.dim, normalize_embeddings=True,
                   convert_to_numpy=True, show_progress_bar=False)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def encode_queries(self, queries: list[str]) -> np.ndarray:
+        return self._embed(self.model.encode_query, queries)
+
+    def encode_pages(self, images: list[bytes]) -> np.ndarray:
         from ray_vdr.data.images import pil_pages
 
+        return self._embed(self.model.encode_document, pil_pages(images))
+
+    def stored(self, positions: list[int]) -> np.ndarray:
+        """The vectors the index stored for these positions."""
+        return np.asarray(self.pages.get(positions, "embedding"), dtype=np.float32).reshape(len(positions), self.dim)
+
+    def mine(self, q: np.ndarray, p: np.ndarray, positive_keys: list[str], row_ids: list[str],
+             cfgs: list[MineConfig], depth: int, exclude_docs: list[str | None] | None = None) -> list[Mined]:
+        """Negatives for each (query vector, positive vector) pair, each row with its own MineConfig, from the top
+        ``depth`` hits of the index."""
+        hits = self.index.search(q, depth)
+        positions = sorted({h["position"] for row in hits for h in row})
+        stored = dict(zip(positions, self.stored(positions), strict=True)) if positions else {}
+        out = []
+        for i, rid in enumerate(row_ids):
+            pos_score = float(q[i] @ p[i])
+            sims = {h["position"]: float(stored[h["position"]] @ p[i]) for h in hits[i]}
+            chosen, why = select_negatives(hits[i], positive_keys[i], pos_score, sims, cfgs[i], rid,
+                                           exclude_docs[i] if exclude_docs else None)
+            rank = next((h["rank"] for h in hits[i] if h["key"] == positive_keys[i]), None)
+            out.append(Mined(chosen, why, pos_score, rank, len(hits[i])))
+        return out
+
+
+class NegativeMiner:
+    """Actor-pool stage: mines one batch of training rows and publishes it as one shard, returning only counts."""
+
+    def __init__(self, index: str, model: str, mine: dict, dtype: str, attn: str, use_gpu: bool, cpus: float = 1.0):
+        self.cfg = MineConfig.model_validate(mine)
+        self.miner = IndexMiner(index, model, dtype, attn, use_gpu, cpus)
+        self.output = mine["output"]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         k = self.cfg.num_negatives
         out: dict[str, list] = {name: [] for name in mined_schema(k).names}
         rejects: list[dict[str, str]] = []
         dropped = dict.fromkeys(DROP_REASONS, 0)
-        n = batch.num_rows
-        if n:
+        if batch.num_rows:
             queries = batch.column("query").to_pylist()
             positives = batch.column("image").to_pylist()
-            q = self._embed(self.model.encode_query, queries)
-            p = self._embed(self.model.encode_document, pil_pages(positives))
-            hits = self.index.search(q, self.cfg.rank_max)
-            positions = sorted({h["position"] for row in hits for h in row})
-            stored = dict(zip(positions, self.pages.get(positions, "embedding"), strict=True))
-            for i, rid in enumerate(batch.column("row_id").to_pylist()):
-                pos_score = float(q[i] @ p[i])
-                sims = {h["position"]: float(np.asarray(stored[h["position"]], np.float32) @ p[i]) for h in hits[i]}
-                chosen, why = select_negatives(hits[i], page_key(positives[i]), pos_score, sims, self.cfg, rid)
-                for reason, count in why.items():
+            row_ids = batch.column("row_id").to_pylist()
+            mined = self.miner.mine(self.miner.encode_queries(queries), self.miner.encode_pages(positives),
+                                    [page_key(p) for p in positives], row_ids, [self.cfg] * len(row_ids),
+                                    self.cfg.rank_max)
+            for i, m in enumerate(mined):
+                for reason, count in m.dropped.items():
                     dropped[reason] += count
-                if len(chosen) < k:
-                    rejects.append({"row_id": rid, "query": queries[i][:200], "reason": "too_few_negatives",
-                                    "detail": f"{len(chosen)} of {k} in ranks {self.cfg.rank_min}..{self.cfg.rank_max} "
-                                              f"of {len(hits[i])} hits; dropped {why}"})
+                if len(m.chosen) < k:
+                    rejects.append({"row_id": row_ids[i], "query": queries[i][:200], "reason": "too_few_negatives",
+                                    "detail": f"{len(m.chosen)} of {k} in ranks {self.cfg.rank_min}..{self.cfg.rank_max}"
+                                              f" of {m.hits} hits; dropped {m.dropped}"})
                     continue
-                images = self.pages.get([h["position"] for h in chosen], "image")
-                out["row_id"].append(rid)
+                images = self.miner.pages.get([h["position"] for h in m.chosen], "image")
+                out["row_id"].append(row_ids[i])
                 out["query"].append(queries[i])
                 out["image"].append(positives[i])
                 for j, img in enumerate(images):
                     out[f"negative_{j}"].append(img)
-                out["positive_score"].append(pos_score)
-                out["negative_scores"].append([h["score"] for h in chosen])
-                out["negative_ranks"].append([h["rank"] for h in chosen])
-                out["negative_doc_ids"].append([h["doc_id"] for h in chosen])
+                out["positive_score"].append(m.positive_score)
+                out["negative_scores"].append([h["score"] for h in m.chosen])
+                out["negative_ranks"].append([h["rank"] for h in m.chosen])
+                out["negative_doc_ids"].append([h["doc_id"] for h in m.chosen])
         name = part_name(batch.column("row_id").to_pylist())
-        mined = pa.table(out, schema=mined_schema(k))
-        if mined.num_rows:
-            write_table(mined, f"{self.output}/{TRIPLETS}/{name}")
+        table = pa.table(out, schema=mined_schema(k))
+        if table.num_rows:
+            write_table(table, f"{self.output}/{TRIPLETS}/{name}")
         if rejects:
             write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), f"{self.output}/{REJECTS}/{name}")
-        return pa.table({"mined": [mined.num_rows], "rejected": [len(rejects)],
+        return pa.table({"mined": [table.num_rows], "rejected": [len(rejects)],
                          **{reason: [count] for reason, count in dropped.items()},
                          "seconds": [time.perf_counter() - start]})
 
@@ -235,7 +265,7 @@ def run(cfg: VDRConfig) -> MineResult:
     import ray
     import ray.data
 
-    from ray_vdr.cluster import init_ray
+    from ray_vdr.cluster import init_ray, skip_known
     from ray_vdr.data.sources import build_dataset, count_rejects
 
     start = time.time()
@@ -261,11 +291,11 @@ def run(cfg: VDRConfig) -> MineResult:
     spec = dataclasses.replace(TripletSpec.from_config(cfg.data, split="train"), negative_columns=())
     ds = build_dataset(source, spec, f"{output}/{INPUT_REJECTS}", batch_size=cfg.data.batch_size,
                        num_cpus=cfg.data.cpus_per_task)
-    ds = ds.map_batches(_skip_done, batch_format="pyarrow", fn_kwargs={"done_ref": [ray.put(done)]},
-                        num_cpus=cfg.data.cpus_per_task)
+    ds = ds.map_batches(skip_known, batch_format="pyarrow", num_cpus=cfg.data.cpus_per_task,
+                        fn_kwargs={"column": "row_id", "known_ref": [ray.put(done)]})
     use_gpu = cfg.scaling.use_gpu
     ds = ds.map_batches(NegativeMiner, batch_size=cfg.mine.batch_size, batch_format="pyarrow",
-                        concurrency=cfg.mine.actors, num_cpus=cfg.mine.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors), num_cpus=cfg.mine.cpus_per_actor, num_gpus=1 if use_gpu else 0,
                         fn_constructor_kwargs={"index": index, "model": model,
                                                "mine": {**cfg.mine.model_dump(), "output": output},
                                                "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,

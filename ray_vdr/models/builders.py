@@ -45,7 +45,7 @@ from ray_vdr.models.qwen3vl import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["QWEN3VL_2B_SHAPE", "QWEN3VL_8B_SHAPE", "RERANK_HEADS", "TINY_QWEN3VL", "build_qwen3vl_embedder",
-           "build_qwen3vl_reranker", "build_tiny_clip", "wrap_reranker"]
+           "build_qwen3vl_generator", "build_qwen3vl_reranker", "build_tiny_clip", "wrap_reranker"]
 
 
 def build_qwen3vl_embedder(
@@ -199,6 +199,24 @@ def build_qwen3vl_reranker(
     _write_build_info(path, f"qwen3vl-reranker-{head}", asdict(shape) | {
         "min_pixels": min_pixels, "max_pixels": max_pixels, "dtype": dtype, "seed": seed, "head": head,
         "true_token": RERANK_TRUE_TOKEN, "false_token": RERANK_FALSE_TOKEN})
+    return path
+
+
+def build_qwen3vl_generator(path: str | Path, shape: Qwen3VLShape = TINY_QWEN3VL, *, min_pixels: int = 32 * 32,
+                            max_pixels: int = 128 * 128, dtype: str = "float32", seed: int = 0) -> Path:
+    """Write a Qwen3-VL chat model (Qwen3VLForConditionalGeneration, its processor and chat template) with random
+    weights to ``path`` and return it: it loads with ``AutoModelForImageTextToText`` and generates text from a page
+    image and a prompt (gibberish, at this size; tests of the generation pipeline)."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "hf"
+        save_qwen3vl_backbone(hf_dir, shape, "Qwen3VLForConditionalGeneration", chat_template=QWEN3VL_CHAT_TEMPLATE,
+                              min_pixels=min_pixels, max_pixels=max_pixels, dtype=dtype, seed=seed)
+        if path.exists():
+            shutil.rmtree(path)
+        shutil.copytree(hf_dir, path)
+    _write_build_info(path, "qwen3vl-generator", asdict(shape) | {"min_pixels": min_pixels, "max_pixels": max_pixels,
+                                                                    "dtype": dtype, "seed": seed})
     return path
 
 

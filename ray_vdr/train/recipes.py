@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from ray_vdr.config import TrainConfig, VDRConfig
 
-__all__ = ["EMBEDDER", "RECIPES", "RERANKER", "Evaluation", "Recipe", "build_loss", "rerank_metrics", "rerank_pairs", "rerank_samples"]
+__all__ = ["EMBEDDER", "RECIPES", "RERANKER", "Evaluation", "Recipe", "build_loss", "rerank_metrics", "rerank_pairs",
+           "rerank_samples"]
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,8 @@ def _rerank_evaluation(table: pa.Table, model, cfg: VDRConfig) -> Evaluation:
 
     def reports(out: Path, before: dict, after: dict) -> None:
         rows = [f"| {m} | {before[m]:.4f} | {after[m]:.4f} | {after[m] - before[m]:+.4f} |" for m in names]
-        (out / "eval.md").write_text("\n".join(["| metric | base | finetuned | Δ |", "|---|---|---|---|", *rows]) + "\n")
+        head = ["| metric | base | finetuned | Δ |", "|---|---|---|---|"]
+        (out / "eval.md").write_text("\n".join([*head, *rows]) + "\n")
         (out / "eval.json").write_text(json.dumps({"base": before, "finetuned": after, "eval_queries": len(samples)},
                                                   indent=2))
 

@@ -1,5 +1,5 @@
-"""The reranker's training run (jobs/train_reranker.py): its config, derived from the ``reranker`` section, and where its
-model lands. The mined triplets train a CrossEncoder on Ray Train.
+"""The reranker's training run (jobs/train_reranker.py): its config, derived from the ``reranker`` section, and where
+its model lands. The mined triplets train a CrossEncoder on Ray Train.
 
 The ``reranker`` section of a config becomes a training config of its own (:func:`training_config`) and runs
 through :func:`ray_vdr.train.run.run` with the reranker recipe: the same streaming, batching, checkpointing, resume and

@@ -176,7 +176,8 @@ class EvaluateEvery(TrainerCallback):
     """Evaluate every ``every`` steps before the last (the last step is followed by the final evaluation)."""
 
     def __init__(self, model, evaluation: Evaluation, every: int, planned_steps: int, log: bool):
-        self.model, self.evaluation, self.every, self.planned_steps, self.log = model, evaluation, every, planned_steps, log
+        self.model, self.evaluation, self.log = model, evaluation, log
+        self.every, self.planned_steps = every, planned_steps
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < self.planned_steps:
@@ -256,7 +257,8 @@ def read_state(folder: Path) -> tuple[dict[str, Any], dict | None]:
 def _optimizer_steps(optimizer) -> int | None:
     """The step count in the optimizer's own state (Adam's ``step``): continues across a resume, or restarts at 0
     when the optimizer state was not restored."""
-    steps = [int(st["step"]) for st in getattr(optimizer, "state", {}).values() if isinstance(st, dict) and "step" in st]
+    states = getattr(optimizer, "state", {}).values()
+    steps = [int(st["step"]) for st in states if isinstance(st, dict) and "step" in st]
     return max(steps) if steps else None
 
 

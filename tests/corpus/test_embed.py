@@ -210,7 +210,7 @@ def test_every_job_encodes_as_the_index_does(ray_local, tiny_qwen, page_pngs, tm
                           "auto", "auto", use_gpu=False, cpus=2)
     live = {"index": str(out), "model": str(tiny_qwen), "dim": 32}
     encoders = {
-        "mining": miner.model,
+        "mining": miner.miner.model,
         "two-stage evaluation": two_stage.evaluated_embedder(cfg, two_stage.config_binding(cfg, str(tiny_qwen)), "cpu"),
         "promotion": two_stage.evaluated_embedder(cfg, generation_binding(live, manifest), "cpu"),
     }

@@ -24,7 +24,11 @@ def test_selection_takes_the_window_and_drops_the_positive_copies_and_the_margin
     cfg = MineConfig(num_negatives=2, rank_min=2, rank_max=6, margin=None, duplicate_similarity=0.99)
     chosen, dropped = select_negatives(_hits(10), "k3", 0.5, {4: 0.995}, cfg)
     assert [h["rank"] for h in chosen] == [2, 5], "rank 1 is outside the window, 3 is the positive, 4 its copy"
-    assert dropped == {"positive": 1, "near_duplicate": 1, "within_margin": 0}
+    assert dropped == {"positive": 1, "same_document": 0, "near_duplicate": 1, "within_margin": 0}
+    # the positive's own document excluded: its other pages are dropped, the next hits taken
+    hits = [{**h, "doc_id": "doc-a" if h["rank"] in (2, 5) else h["doc_id"]} for h in _hits(10)]
+    chosen, dropped = select_negatives(hits, "k3", 0.5, {4: 0.995}, cfg, exclude_doc="doc-a")
+    assert [h["rank"] for h in chosen] == [6] and dropped["same_document"] == 2
 
     # the margin: the positive scores 0.97, so candidates scoring >= 0.97 - 0.02 are dropped (ranks 1-5)
     cfg = MineConfig(num_negatives=2, rank_min=1, rank_max=10, margin=0.02, duplicate_similarity=0.99)
