@@ -165,13 +165,26 @@ def cmd_promote(cfg: VDRConfig) -> int:
 
 
 def _sample_query(cfg: VDRConfig) -> dict[str, str] | None:
-    """The first query of the eval split, with the file name of its page (the demo's corpus names pages by file)."""
+    """The first query of the eval split, with where its page is: the file name of its image (the synthetic
+    corpus names pages by file), or the document and page a made training set records."""
     src = cfg.data.eval
-    jsonl = Path(src.uri).with_suffix(".jsonl") if src is not None and "://" not in src.uri else None
-    if jsonl is None or not jsonl.is_file():
+    if src is None or "://" in src.uri:
         return None
-    first = json.loads(jsonl.read_text().splitlines()[0])
-    return {"query": first[cfg.data.query_column], "page": Path(first[cfg.data.positive_column]).name}
+    jsonl = Path(src.uri).with_suffix(".jsonl")
+    if jsonl.is_file():
+        first = json.loads(jsonl.read_text().splitlines()[0])
+        return {"query": first[cfg.data.query_column], "page": Path(first[cfg.data.positive_column]).name}
+    parts = sorted(Path(src.uri).glob("*.parquet"))
+    if not parts:
+        return None
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(parts[0]).names
+    first = pq.read_table(parts[0], columns=[c for c in ("query", "doc_id", "page") if c in names]).slice(0, 1)
+    row = first.to_pylist()[0] if first.num_rows else None
+    if row is None:
+        return None
+    return {"query": row["query"], "page": f"{row.get('doc_id', '?')} page {row.get('page', '?')}"}
 
 
 def cmd_serve(cfg: VDRConfig) -> int:
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     from ray_vdr.corpus.store import IndexMismatch
+    from ray_vdr.data.triplets import DataError
 
     try:
         if args.command == "demo":
@@ -290,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IndexMismatch) as e:  # a missing input or model, a foreign index: say which
+    except (FileNotFoundError, IndexMismatch, DataError) as e:  # a missing input or model, a foreign index: say which
         print(f"error: {e}", file=sys.stderr)
         return 2
 

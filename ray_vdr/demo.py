@@ -20,6 +20,7 @@ from ray_vdr.train.reranker import reranker_run
 
 JOBS = {
     "make-data": "jobs/make_synthetic.py",
+    "make-training-data": "jobs/make_training_data.py",
     "train": "jobs/train_embedder.py",
     "embed": "jobs/embed_corpus.py",
     "mine": "jobs/mine_negatives.py",
@@ -54,10 +55,13 @@ def run_name(cfg: VDRConfig, overrides: list[str]) -> str:
 
 
 def plan(cfg: VDRConfig, name: str, *, serve: bool = True) -> list[Stage]:
-    """The demo's stages for a config with a ``synthetic`` section, run under the run name ``name``."""
+    """The demo's stages for a config with a ``synthetic`` section, run under the run name ``name``: the labelled
+    triplets' pipeline, or (``synthetic.kind: documents``) the own-documents loop."""
     if cfg.synthetic is None:
         raise ConfigError("invalid configuration:\n  synthetic: the demo builds its data from the synthetic section "
                           "(for your own data, run the jobs/ entrypoints)")
+    if cfg.synthetic.kind == "documents":
+        return _own_documents_plan(cfg, name, serve=serve)
     data = cfg.synthetic.output_dir.rstrip("/")
     run = cfg.run.model_copy(update={"name": name})
     index, pages = run.uri("index"), run.uri("train-pages")
@@ -88,6 +92,33 @@ def plan(cfg: VDRConfig, name: str, *, serve: bool = True) -> list[Stage]:
         # following a live manifest, so that `ray-vdr promote` with the same serve.live can switch it to a new model
         stages.append(Stage("serve", "serve", "serve the two-stage endpoint and the search page (Ray Serve)",
                             (*named, f"serve.index={index}", f"serve.live={run.uri('live.json')}")))
+    return stages
+
+
+def _own_documents_plan(cfg: VDRConfig, name: str, *, serve: bool) -> list[Stage]:
+    """Unlabeled documents → training data → the embedder trained on it, evaluated on held-out documents' template
+    questions → the documents indexed with it → the endpoint."""
+    data = cfg.synthetic.output_dir.rstrip("/")
+    run = cfg.run.model_copy(update={"name": name})
+    made, index = run.uri("training-data"), run.uri("index")
+    named = (f"run.name={name}", f"run.storage_path={cfg.run.storage_path}", f"synthetic.output_dir={data}",
+             f"model.name_or_path={cfg.model.name_or_path}", f"queries.sources=[{data}/documents]",
+             f"queries.output={made}", f"data.train.uri={made}/train", f"data.eval.uri={data}/heldout/eval")
+    stages = [
+        Stage("make-data", "make-data", "unlabeled documents (vector PDFs) and held-out documents' questions", named,
+              (f"{data}/documents", f"{data}/heldout/eval")),
+        Stage("make-training-data", "make-training-data", "training data from the documents: generated queries, "
+              "filters, mined negatives, a split by document", named, (made,)),
+        Stage("train", "train", f"train the embedder on it (Ray Train, {cfg.scaling.num_workers} workers); evaluated "
+              "on the held-out documents", named, (run.uri("model"),)),
+        Stage("embed-documents", "embed", "embed the documents with the finetuned embedder → Parquet + FAISS",
+              (*named, f"index.sources=[{data}/documents]", f"index.output={index}"), (index,)),
+    ]
+    if serve:
+        # the sample query: a generated one of the documents' own eval split (their pages are the ones served)
+        stages.append(Stage("serve", "serve", "serve the endpoint over the documents (Ray Serve)",
+                            (*named, f"serve.index={index}", f"serve.live={run.uri('live.json')}",
+                             f"data.eval.uri={made}/eval")))
     return stages
 
 

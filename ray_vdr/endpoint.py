@@ -36,6 +36,9 @@ def deploy(cfg: ServeConfig, *, ready_timeout_s: float = 600.0) -> str:
     module, _, name = cfg.application.partition(":")
     build_app = getattr(importlib.import_module(module), name)
     init_ray()
+    fit = _fit(cfg)
+    if fit:
+        logger.warning("%s: the endpoint can only start where the cluster grows (an autoscaler)", fit)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     url = endpoint_url(cfg)
@@ -54,4 +57,20 @@ def deploy(cfg: ServeConfig, *, ready_timeout_s: float = 600.0) -> str:
             if any(s.get("state") == "failed" for s in stages.values()):
                 raise RuntimeError(f"the endpoint failed to load: {report}")
         time.sleep(1.0)
-    raise TimeoutError(f"the endpoint at {url} was not ready after {ready_timeout_s:.0f}s: {last}")
+    raise TimeoutError(f"the endpoint at {url} was not ready after {ready_timeout_s:.0f}s: {last}"
+                       + (f"; {fit}" if fit else ""))
+
+
+def _fit(cfg: ServeConfig) -> str | None:
+    """Why the deployments' replicas do not fit the cluster as it is (its CPUs now), or None when they do."""
+    import ray
+
+    deployments = {"embedder": cfg.embedder, "retriever": cfg.retriever, "ingress": cfg.ingress}
+    if cfg.reranker is not None:
+        deployments["rerank"] = cfg.rerank
+    need = sum(d.min_replicas * d.num_cpus for d in deployments.values())
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    if need <= have + 1e-9:
+        return None
+    parts = ", ".join(f"serve.{n}: {d.min_replicas} x {d.num_cpus}" for n, d in deployments.items())
+    return f"the deployments need {need:g} CPUs at min_replicas ({parts}); the cluster has {have:g}"

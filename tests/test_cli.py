@@ -55,3 +55,43 @@ def test_reranker_commands_name_what_is_missing(tmp_path, capsys):
     assert "no trained embedder" in capsys.readouterr().err
     assert main(["evaluate", *base]) == 2
     assert "evaluate.model is not set" in capsys.readouterr().err
+
+
+def test_unreachable_hub_is_one_line_naming_the_field(tmp_path, capsys, monkeypatch):
+    """No network: a hub dataset (the reference recipe's data.train) or a hub model that is not cached is one line
+    that names the field and the remedies, before any Ray work — never a connection error's traceback. The network
+    is replaced by a failing one (no test reaches the Hub)."""
+    import huggingface_hub
+
+    from ray_vdr.cli import main
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+
+    class Offline(huggingface_hub.HfFileSystem):
+        glob = no_network
+
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", Offline)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    recipe = str(ROOT / "configs/qwen3vl-2b-vdr.yaml")
+    assert main(["train", "-c", recipe, f"run.storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.name_or_path:") and "cannot be reached (ConnectionError" in err
+    assert "HF_HUB_OFFLINE=1" in err and len(err.splitlines()) == 1, err
+    assert main(["train", "-c", recipe, f"run.storage_path={tmp_path}", f"model.name_or_path={tmp_path}",
+                 "model.builder=tiny-qwen3vl", "train.matryoshka_dims=[64]", "output.truncate_dim=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.train.uri: the Hub dataset 'tomaarsen/llamaindex-vdr-en-train-preprocessed'")
+    assert "cannot be reached" in err and len(err.splitlines()) == 1, err
+
+
+def test_make_training_data_names_what_is_missing(tmp_path, capsys):
+    from ray_vdr.cli import main
+
+    config = str(ROOT / "configs/demo-own-docs.yaml")
+    assert main(["make-training-data", "-c", config, "queries.sources=[]"]) == 2
+    assert "queries.sources is empty" in capsys.readouterr().err
+    assert main(["make-training-data", "-c", config, f"queries.sources=[{tmp_path}]", "queries.generator=callable",
+                 "queries.callable=no_such_module:f"]) == 2
+    assert "queries.callable: 'no_such_module:f' cannot be loaded" in capsys.readouterr().err

@@ -222,3 +222,52 @@ def test_reranker_learns_on_the_trained_embedder(demo_jobs, tmp_path):
     # 0.526-0.556 down to 0.393-0.432; the label prior is 0.562. At lr 1e-3 the same runs could collapse to the
     # prior (constant scores). A broken head, loss or prompt stays at the prior.
     assert losses[-1] <= 0.50 and losses[-1] <= losses[0] - 0.05, losses
+
+
+@pytest.fixture(scope="module")
+def own_docs_jobs(ray_head, tmp_path_factory):
+    """The own-documents demo plan's stages as jobs on the head: unlabeled PDFs → make-training-data → training."""
+    from ray_vdr import demo
+
+    tmp = tmp_path_factory.mktemp("own-docs")
+    overrides = [f"synthetic.output_dir={tmp}/data", f"model.name_or_path={tmp}/model", f"run.storage_path={tmp}/runs",
+                 "run.name=own-docs-job"]
+    cfg = load_config(ROOT / "configs/demo-own-docs.yaml", overrides)
+    stages = [s for s in demo.plan(cfg, "own-docs-job", serve=False) if s.name != "embed-documents"]
+    assert [s.name for s in stages] == ["make-data", "make-training-data", "train"]
+    logs = {s.name: ray_head.submit(s.job, "--config", "configs/demo-own-docs.yaml",
+                                    *demo.stage_overrides(s, overrides)) for s in stages}
+    return load_config(ROOT / "configs/demo-own-docs.yaml", demo.stage_overrides(stages[-1], overrides)), logs
+
+
+def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_docs_jobs):
+    """The own-documents loop learns. Unlabeled synthetic PDFs (100 companies' reports, 500 pages) became training
+    data with the text generator and the consistency filter (a random base embedder: top 400 of 500), and the tiny
+    embedder trained on it retrieves the pages of 40 other companies' documents for template questions no training
+    step saw ("What was X's Q3 2021 revenue?").
+
+    Measured (2026-11-29, this config, five trainings on the same made data): NDCG@10 at dim 64 went 0.024 → 0.072,
+    0.073, 0.078, 0.079, 0.083 (lowest at any dim: 0.071). Ranking 200 pages at random scores ~0.023 (standard
+    deviation ~0.008 over 200 questions), and a broken generator, filter or split stays there: the bars below sit
+    ~3.4 standard deviations above random and below every run seen."""
+    from ray_vdr.train.run import run
+
+    cfg, logs = own_docs_jobs
+    made = Path(cfg.queries.output)
+    assert str(made) in logs["make-training-data"] and "pages:" in logs["make-training-data"]
+    card = json.loads((made / "card.json").read_text())
+    pages = card["pages"]
+    assert pages["in"] == 500 == pages["kept"] + pages["rejected"] and card["splits"]["train"] >= 600
+    train_docs = set(pq.read_table(made / "train", columns=["doc_id"]).column("doc_id").to_pylist())
+    eval_docs = set(pq.read_table(made / "eval", columns=["doc_id"]).column("doc_id").to_pylist())
+    heldout = set(pq.read_table(Path(cfg.synthetic.output_dir) / "heldout" / "eval",
+                                columns=["doc_id"]).column("doc_id").to_pylist())
+    assert not train_docs & eval_docs and not train_docs & heldout, "no document in two splits, none held out"
+
+    result = run(cfg)  # finished by the job: read back from storage
+    report = json.loads((Path(result.model_uri) / "eval.json").read_text())
+    assert report["eval_queries"] == 200 and report["eval_corpus"] == 200
+    for dim, after in report["finetuned"].items():
+        base = report["base"][dim]["ndcg@10"]
+        assert after["ndcg@10"] >= 0.05 and after["ndcg@10"] >= base + 0.03, (dim, result.eval_table)
+    check_exactly_once_and_in_sync(result, Path(cfg.run.uri()), card["splits"]["train"], int(cfg.train.epochs))

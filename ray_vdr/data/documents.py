@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import os
 import random
 import re
 import shutil
 import textwrap
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -189,6 +192,12 @@ def _rasterise(path: Path, dpi: int) -> list[bytes]:
     return out
 
 
+def _write_document(pages: list[Page], path: Path, width: int, height: int, dpi: int | None) -> list[bytes]:
+    """One document's PDF; its pages rasterised at ``dpi`` when given (a worker process's task)."""
+    _write_pdf(pages, path, width, height)
+    return _rasterise(path, dpi) if dpi else []
+
+
 def _heldout_eval(docs: list[list[Page]], images: dict[int, bytes], k: int, rng: random.Random) -> pa.Table:
     """Each held-out page's first template question, its page and ``k`` look-alike pages (same year, else same
     template, else any) from the other held-out documents."""
@@ -225,13 +234,15 @@ def write_documents(cfg: SyntheticConfig) -> dict:
     docs = plan_documents(cfg.documents, cfg.pages_per_document, rng, taken)
     heldout = plan_documents(cfg.heldout_documents, cfg.pages_per_document, rng, taken)
     w, h = cfg.page_width, cfg.page_height
-    for doc in docs:
-        _write_pdf(doc, out / "documents" / f"{_slug(doc[0].company)}.pdf", w, h)
+    jobs = [(doc, out / "documents" / f"{_slug(doc[0].company)}.pdf", None) for doc in docs]
+    jobs += [(doc, out / "heldout" / "documents" / f"{_slug(doc[0].company)}.pdf", cfg.dpi) for doc in heldout]
+    # drawing is CPU-bound (~0.1 s a page): one process per core; each document is a pure function of its plan
+    workers = min(len(jobs), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rendered = list(pool.map(_write_document, *zip(*[(d, p, w, h, dpi) for d, p, dpi in jobs], strict=True)))
     images: dict[int, bytes] = {}
-    for doc in heldout:
-        path = out / "heldout" / "documents" / f"{_slug(doc[0].company)}.pdf"
-        _write_pdf(doc, path, w, h)
-        for n, (page, png) in enumerate(zip(doc, _rasterise(path, cfg.dpi), strict=True), start=1):
+    for doc, pngs in zip(heldout, rendered[len(docs):], strict=True):
+        for n, (page, png) in enumerate(zip(doc, pngs, strict=True), start=1):
             page.page_id, images[id(page)] = n, png
     table = _heldout_eval(heldout, images, cfg.eval_negatives, rng)
     (out / "heldout" / "eval").mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_dataset", "count_rejects", "count_rows", "infer_format", "read_rejects", "read_source"]
+__all__ = ["SourceUnreachable", "build_dataset", "check_source", "count_rejects", "count_rows", "infer_format",
+           "read_rejects", "read_source", "unreachable"]
 
 
 def infer_format(source: SourceConfig) -> str:
@@ -54,19 +55,34 @@ def _hub_filesystem() -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
 
 
+class SourceUnreachable(FileNotFoundError):
+    """A data source (a Hub dataset) that cannot be reached from here: the message names it and the remedies."""
+
+
+def unreachable(what: str, e: BaseException) -> str:
+    """One line saying that ``what`` cannot be reached, why (the error's first line) and what to do instead."""
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    return (f"{what} cannot be reached ({type(e).__name__}: {why}): use a local path or a bucket URI, a copy in the "
+            "local Hugging Face cache with HF_HUB_OFFLINE=1, or a machine with network access to the Hub")
+
+
 def hub_parquet_files(source: SourceConfig) -> list[str]:
-    """Parquet files of a Hub dataset config/split (the layout `push_to_hub` writes), streamed by Ray workers."""
+    """Parquet files of a Hub dataset config/split (the layout `push_to_hub` writes), streamed by Ray workers.
+    Raises SourceUnreachable, one line, when the Hub cannot be reached (offline, no network)."""
     from huggingface_hub import HfFileSystem
 
-    fs = HfFileSystem()
     base = f"datasets/{source.uri}"
     config = source.hf_config or "default"
     split = source.hf_split
-    for pattern in (f"{base}/{config}/{split}-*.parquet", f"{base}/{config}/{split}/*.parquet",
-                    f"{base}/data/{split}-*.parquet", f"{base}/{split}-*.parquet"):
-        files = sorted(fs.glob(pattern))
-        if files:
-            return files
+    try:
+        fs = HfFileSystem()
+        for pattern in (f"{base}/{config}/{split}-*.parquet", f"{base}/{config}/{split}/*.parquet",
+                        f"{base}/data/{split}-*.parquet", f"{base}/{split}-*.parquet"):
+            files = sorted(fs.glob(pattern))
+            if files:
+                return files
+    except Exception as e:  # httpx/requests connection errors, huggingface_hub's offline mode, timeouts
+        raise SourceUnreachable(unreachable(f"the Hub dataset {source.uri!r}", e)) from None
     return []
 
 
@@ -200,6 +216,19 @@ class ValidateTriplets:
         fs, path = fs_path(self.rejects_uri)
         fs.create_dir(path, recursive=True)
         pq.write_table(table, posixpath.join(path, f"rejects-{digest.hexdigest()}.parquet"), filesystem=fs)
+
+
+def check_source(source: SourceConfig, spec: TripletSpec, field: str) -> None:
+    """Fail at once, naming ``field`` (e.g. ``data.train.uri``), when a source cannot be found or reached or lacks
+    the columns ``spec`` reads (the driver checks this before it starts Ray)."""
+    try:
+        fmt = infer_format(source)
+        present = _source_columns(source, fmt)
+    except (SourceUnreachable, DataError) as e:
+        raise SourceUnreachable(f"{field}: {e}") from None
+    missing = spec.missing_columns(present)
+    if present and missing:
+        raise DataError(f"{field}: {source.uri}: missing column(s) {missing}; it has {present}")
 
 
 def build_dataset(

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from ray_vdr.cluster import fetch_once
-from ray_vdr.config import QueriesConfig, VLMGeneratorConfig
+from ray_vdr.config import ConfigError, QueriesConfig, VLMGeneratorConfig
 from ray_vdr.queries.filters import is_boilerplate, length_problem, parse_questions, per_page_unique
 from ray_vdr.queries.text import text_queries
 from ray_vdr.storage import part_name, write_table
@@ -94,14 +94,14 @@ def publish(pages: list[dict], generated: list[list[tuple[str, str]] | tuple[str
 
 
 def load_callable(path: str) -> Callable[[dict], list[str]]:
-    """``module:function`` → the function (raises ValueError naming what is missing)."""
+    """``module:function`` → the function (raises ConfigError naming what is missing)."""
     module, _, name = path.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"queries.callable {path!r} cannot be loaded: {e}") from None
+        raise ConfigError(f"invalid configuration:\n  queries.callable: {path!r} cannot be loaded: {e}") from None
     if not callable(fn):
-        raise ValueError(f"queries.callable {path!r} is not callable")
+        raise ConfigError(f"invalid configuration:\n  queries.callable: {path!r} is not callable")
     return fn
 
 

@@ -81,7 +81,6 @@ def build_datasets(cfg: VDRConfig) -> tuple[dict[str, ray.data.Dataset], str]:
 
 def preflight(cfg: VDRConfig) -> None:
     """Fail in the driver, with a clear message, on what would otherwise fail later on every worker."""
-    import os
 
     from ray_vdr.storage import fs_path
 
@@ -92,12 +91,13 @@ def preflight(cfg: VDRConfig) -> None:
             if not ((path / "modules.json").is_file() or (path / "config.json").is_file()):
                 raise FileNotFoundError(f"model.name_or_path: no model at {m.name_or_path} (expected a Sentence "
                                         "Transformers folder with modules.json, or a transformers folder)")
-        elif os.environ.get("HF_HUB_OFFLINE") == "1":
-            from huggingface_hub import try_to_load_from_cache
+        else:
+            _check_hub_model("model.name_or_path", m.name_or_path)
+    from ray_vdr.data.sources import check_source
 
-            if not isinstance(try_to_load_from_cache(m.name_or_path, "config.json"), str):
-                raise FileNotFoundError(f"model.name_or_path: {m.name_or_path!r} is not in the local Hugging Face "
-                                        "cache and HF_HUB_OFFLINE=1 forbids downloading it")
+    for split, source in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        if source is not None:
+            check_source(source, TripletSpec.from_config(cfg.data, split=split), f"data.{split}.uri")
     probe = cfg.run.uri(".write-probe")
     try:
         write_bytes(b"ok", probe)
@@ -105,6 +105,25 @@ def preflight(cfg: VDRConfig) -> None:
         fs.delete_file(path)
     except Exception as e:
         raise PermissionError(f"run.storage_path: cannot write under {cfg.run.uri()}: {e}") from None
+
+
+def _check_hub_model(field: str, name: str) -> None:
+    """A hub model must be in the local cache, or the Hub must answer: else one line naming it and the remedies."""
+    import os
+
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    from ray_vdr.data.sources import unreachable
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"{field}: {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                                "forbids downloading it: use a local path, or cache it on a machine with network")
+    try:
+        HfApi().model_info(name, timeout=15)
+    except Exception as e:  # no network, DNS, proxy, a private or missing repository
+        raise FileNotFoundError(f"{field}: {unreachable(f'the model {name!r}', e)}") from None
 
 
 def _start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: int | None):

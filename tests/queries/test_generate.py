@@ -94,7 +94,7 @@ def test_callable_generator_failures_become_page_rejects(tmp_path):
 
     from ray_vdr.queries.generate import load_callable, text_stage
 
-    with pytest.raises(ValueError, match="cannot be loaded"):
+    with pytest.raises(ValueError, match="queries.callable: .* cannot be loaded"):
         load_callable("tests.queries.test_generate:no_such_function")
     cfg = QueriesConfig(generator="callable", callable="tests.queries.test_generate:failing_generator")
     batch = pa.Table.from_pylist([{**p, "page": i + 1, "image": b""} for i, p in enumerate(_pages(3))])
