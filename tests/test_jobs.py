@@ -14,6 +14,8 @@ Learning proofs:
    or collator stays there, so the bars below sit ~3.4 standard deviations above random and below every run seen.
 2. A reranker built on that embedder (Dense head) and trained with the reranker task's pieces must fit its training
    pairs (the loss falls below the label prior).
+3. The own-documents loop (configs/demo-own-docs.yaml): training data made from unlabeled PDFs must teach the
+   embedder to find held-out documents' pages (the mean rank of a question's own page falls well below random).
 """
 
 from __future__ import annotations
@@ -240,16 +242,37 @@ def own_docs_jobs(ray_head, tmp_path_factory):
     return load_config(ROOT / "configs/demo-own-docs.yaml", demo.stage_overrides(stages[-1], overrides)), logs
 
 
+def _own_page_ranks(cfg, model_uri: str, dim: int):
+    """The rank of each held-out question's own page among all 200 held-out pages (1 = first), as the evaluator
+    encodes them: a full-ranking measure, far less noisy than NDCG@10, which only the top 10 move."""
+    import numpy as np
+
+    from ray_vdr.data.triplets import TripletSpec, validate_batch
+    from ray_vdr.eval.matryoshka import eval_set_from_table
+    from ray_vdr.models.load import build_model
+
+    table = pq.read_table(Path(cfg.synthetic.output_dir) / "heldout" / "eval")
+    es = eval_set_from_table(validate_batch(table, TripletSpec.from_config(cfg.data, split="eval"))[0])
+    model = build_model(cfg.model.model_copy(update={"name_or_path": model_uri, "builder": "load"}), device="cpu")
+    qids, cids = list(es.queries), list(es.corpus)
+    q = model.encode_query([es.queries[i] for i in qids], batch_size=16, convert_to_numpy=True)[:, :dim]
+    c = model.encode_document([es.corpus[i] for i in cids], batch_size=16, convert_to_numpy=True)[:, :dim]
+    scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T
+    own = np.array([cids.index(next(iter(es.relevant[qid]))) for qid in qids])
+    return (scores > scores[np.arange(len(qids)), own][:, None]).sum(axis=1) + 1
+
+
 def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_docs_jobs):
     """The own-documents loop learns. Unlabeled synthetic PDFs (100 companies' reports, 500 pages) became training
     data with the text generator and the consistency filter (a random base embedder: top 400 of 500), and the tiny
     embedder trained on it retrieves the pages of 40 other companies' documents for template questions no training
     step saw ("What was X's Q3 2021 revenue?").
 
-    Measured (2026-11-29, this config, five trainings on the same made data): NDCG@10 at dim 64 went 0.024 → 0.072,
-    0.073, 0.078, 0.079, 0.083 (lowest at any dim: 0.071). Ranking 200 pages at random scores ~0.023 (standard
-    deviation ~0.008 over 200 questions), and a broken generator, filter or split stays there: the bars below sit
-    ~3.4 standard deviations above random and below every run seen."""
+    Measured (2026-11-29, this config, six trainings on data made the same way, dim 64): the mean rank of a
+    question's own page among the 200 went 101.0 (random: 100.5, standard deviation 4.1 over 200 questions) →
+    38.9-70.4, and NDCG@10 0.024 → 0.048-0.083 (random: 0.023, standard deviation ~0.008). A broken generator,
+    filter or split stays at random: the mean-rank bar sits ~3 standard deviations below random and far above every
+    run seen; NDCG@10, which only the top 10 move, must rise by a smaller margin."""
     from ray_vdr.train.run import run
 
     cfg, logs = own_docs_jobs
@@ -268,6 +291,8 @@ def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_doc
     report = json.loads((Path(result.model_uri) / "eval.json").read_text())
     assert report["eval_queries"] == 200 and report["eval_corpus"] == 200
     for dim, after in report["finetuned"].items():
-        base = report["base"][dim]["ndcg@10"]
-        assert after["ndcg@10"] >= 0.05 and after["ndcg@10"] >= base + 0.03, (dim, result.eval_table)
+        assert after["ndcg@10"] >= report["base"][dim]["ndcg@10"] + 0.015, (dim, result.eval_table)
+    dim = max(cfg.train.matryoshka_dims)
+    base, finetuned = _own_page_ranks(cfg, cfg.model.name_or_path, dim), _own_page_ranks(cfg, result.model_uri, dim)
+    assert base.mean() >= 88 and finetuned.mean() <= 88, (base.mean(), finetuned.mean(), result.eval_table)
     check_exactly_once_and_in_sync(result, Path(cfg.run.uri()), card["splits"]["train"], int(cfg.train.epochs))

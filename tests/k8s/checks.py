@@ -176,7 +176,7 @@ def job_problems(objects: list[dict[str, Any]], uses_gpu: bool, flash_attn_optio
         if needed - overridden:
             problems.append(f"{where}: set {sorted(needed - overridden)} in the entrypoint, so that bucket names "
                             "and the endpoint's address live in k8s/ only")
-        problems += [f"{where}: {p}" for p in _storage_problems(cfg)]
+        problems += [f"{where}: {p}" for p in _storage_problems(script, cfg)]
         if script == "promote" and cfg.serve.model is not None:
             problems.append(f"{where}: serve.model {cfg.serve.model!r} pins the query embedder, and promotion "
                             "refuses it: leave it null")
@@ -214,12 +214,15 @@ def _runtime_env_problems(where: str, text: str) -> list[str]:
     return problems
 
 
-def _storage_problems(cfg: VDRConfig) -> list[str]:
+def _storage_problems(script: str, cfg: VDRConfig) -> list[str]:
     """Pods share no filesystem: everything one job writes for another must be in a bucket."""
     uris = {"run.storage_path": cfg.run.storage_path, "index.output": cfg.index.output,
             "mine.output": cfg.mine.output, "evaluate.output": cfg.evaluate.output, "serve.index": cfg.serve.index,
             "serve.live": cfg.serve.live, "promote.model": cfg.promote.model, "promote.output": cfg.promote.output}
     uris |= {f"index.sources[{i}]": s for i, s in enumerate(cfg.index.sources)}
+    if script == "make_training_data":  # the other jobs never read the queries section
+        uris |= {f"queries.sources[{i}]": s for i, s in enumerate(cfg.queries.sources)}
+        uris["queries.output"] = cfg.queries.output
     for name, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
                          ("reranker.data", cfg.reranker.data), ("mine.queries", cfg.mine.queries)):
         if source is not None and source.format != "hf_hub":
@@ -245,6 +248,12 @@ def _fit_problems(script: str, cfg: VDRConfig, cap: dict[str, float]) -> list[st
     elif script == "promote":  # re-embeds the corpus (the embedding job's actors), then one evaluation task
         return (_fit_problems("embed_corpus", cfg, cap)
                 + _fits(1, 1 if cfg.scaling.use_gpu else 0, cfg.promote.eval_cpus, "1 evaluation task", cap))
+    elif script == "make_training_data":  # indexes the pages, generates (a VLM's replicas), mines: one after another
+        q, gpu = cfg.queries, 1 if cfg.scaling.use_gpu else 0
+        generation = [] if q.generator != "vlm" else _fits(
+            q.vlm.replicas, gpu * q.vlm.tensor_parallel_size, q.vlm.cpus_per_actor,
+            f"{q.vlm.replicas} VLM replicas x ({q.vlm.cpus_per_actor} CPU, {gpu * q.vlm.tensor_parallel_size} GPU)", cap)
+        return _fit_problems("embed_corpus", cfg, cap) + generation + _fit_problems("mine_negatives", cfg, cap)
     elif script in ("embed_corpus", "mine_negatives"):
         section = cfg.index if script == "embed_corpus" else cfg.mine
         n, gpus, cpus = section.actors, 1 if cfg.scaling.use_gpu else 0, section.cpus_per_actor

@@ -29,9 +29,12 @@ SHARED_CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
 # Every kustomization and whether its clusters have GPUs (a new overlay must be added here to be validated).
 USES_GPU = {"base": True, "overlays/multi-gpu": True, "overlays/dev-cpu": False}
 PIPELINE = ("train_embedder", "embed_corpus", "mine_negatives", "train_reranker", "evaluate")
-JOBS = (*PIPELINE, "promote")  # the pipeline's steps, in order, and model promotion (run after a new training run)
+# The pipeline's steps in order; training data from one's own documents (before it) and model promotion (after a new
+# training run).
+JOBS = ("make_training_data", *PIPELINE, "promote")
 # Overrides each job's entrypoint must set, so that bucket names and the endpoint's address live in k8s/ only.
-NEEDED_OVERRIDES = {"embed_corpus": {"index.sources"}, "promote": {"serve.index", "serve.live", "promote.endpoint"}}
+NEEDED_OVERRIDES = {"embed_corpus": {"index.sources"}, "promote": {"serve.index", "serve.live", "promote.endpoint"},
+                    "make_training_data": {"queries.sources", "queries.output"}}
 GPU = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 REMOTE = ("s3://", "gs://")

@@ -29,6 +29,7 @@ from tests.k8s.manifests import (
 )
 
 PROMOTE = "ray-vdr-promote"
+MAKE_DATA = "ray-vdr-make-training-data"
 WORKER = "/spec/rayClusterSpec/workerGroupSpecs/0"
 HEAD_POD = "/spec/rayClusterSpec/headGroupSpec/template/spec"
 HEAD = f"{HEAD_POD}/containers/0"
@@ -143,6 +144,14 @@ CHECK_BREAKS = {
         job_problems, _promote_entrypoint("index.actors=1", "index.actors=2"), "do not fit"),
     "promote job writing another manifest than the endpoint follows": (
         service_problems, _promote_entrypoint("ray-vdr/live.json", "ray-vdr/live-2.json"), "serve.live"),
+    "training data written to a local folder": (
+        job_problems, _entrypoint("queries.output=s3://YOUR-BUCKET/ray-vdr/", "queries.output=./", MAKE_DATA),
+        "training-data' is not an s3://"),
+    "training-data job without its documents": (
+        job_problems, _entrypoint(" 'queries.sources=[s3://YOUR-BUCKET/documents]'", "", MAKE_DATA),
+        "['queries.sources']"),
+    "more VLM replicas than GPUs": (
+        job_problems, _entrypoint("queries.vlm.replicas=1", "queries.vlm.replicas=2", MAKE_DATA), "VLM replicas"),
     "endpoint not following the live manifest": (
         service_problems, _serve_args([{"op": "remove", "path": "/live"}]), "serve.live"),
     "promote job starting from another index": (

@@ -47,10 +47,12 @@ def _config(synthetic, tiny_qwen, tmp_path, *overrides: str):
     ])
 
 
-def test_preflight_errors_name_the_problem(tmp_path, tiny_qwen):
+def test_preflight_errors_name_the_problem(tmp_path, tiny_qwen, synthetic):
     from ray_vdr.train.run import preflight
 
-    ok = [f"model.name_or_path={tiny_qwen}", "model.builder=load", f"run.storage_path={tmp_path}"]
+    syn, _ = synthetic
+    ok = [f"model.name_or_path={tiny_qwen}", "model.builder=load", f"run.storage_path={tmp_path}",
+          f"data.train.uri={syn.output_dir}/train", f"data.eval.uri={syn.output_dir}/eval"]
     preflight(load_config(ROOT / "configs/demo.yaml", ok))
     with pytest.raises(FileNotFoundError, match="model.name_or_path: no model at"):
         preflight(load_config(ROOT / "configs/demo.yaml", [*ok, f"model.name_or_path={tmp_path}/missing"]))
