@@ -126,6 +126,21 @@ def render_rerank(r: dict) -> list[str]:
     return out
 
 
+def render_querygen(r: dict) -> list[str]:
+    pl, jb = r["plain"], r["job"]
+    return ["| measurement | figure |", "|---|---|",
+            f"| PDFs, pages | {r['pdfs']}, {pl['pages']} |",
+            f"| plain loop (text layer → spans → length filter), pages/s, queries/s | {_f(pl['pages_per_s'], 1)}, "
+            f"{_f(pl['queries_per_s'], 1)} |",
+            f"| job's generation stage (Ray Data tasks, filters, published parts), pages/s, queries/s | "
+            f"{_f(jb['generation_pages_per_s'], 1)}, {_f(jb['generation_queries_per_s'], 1)} |",
+            f"| job ÷ plain, generation | {r['generation_ratio']:.3f} |",
+            f"| whole job (pages rasterised and indexed, boilerplate, duplicates, negatives), pages/s | "
+            f"{_f(jb['whole_job_pages_per_s'], 1)} ({jb['seconds']['total']:.0f} s) |",
+            "| whole job by stage, seconds | " + ", ".join(f"{k} {v:.0f}" for k, v in jb["seconds"].items()
+                                                         if k != "total") + " |"]
+
+
 BENCHES = {b.key: b for b in [
     Bench("train", "bench/train_throughput.py",
           {"cpu": [], "gpu": ["--shape", "2b", "--device", "cuda", "--precision", "bf16"]}, "5", render_train),
@@ -142,6 +157,7 @@ BENCHES = {b.key: b for b in [
     Bench("rerank", "bench/rerank_throughput.py",
           {"cpu": [], "gpu": ["--shape", "2b", "--device", "cuda", "--dtype", "bfloat16", "--max-pixels", "360000",
                               "--batch", "16"]}, "3", render_rerank),
+    Bench("querygen", "bench/querygen_throughput.py", {"cpu": []}, "3", render_querygen),
 ]}
 
 SECTIONS = [
@@ -153,6 +169,7 @@ SECTIONS = [
     Section("Corpus embedding and FAISS — `bench/embed_throughput.py`", "embed", ["embed", "faiss"]),
     Section("Retrieval endpoint — `bench/serve_load.py`", "serve", ["serve"]),
     Section("Reranker — mining, training, two-stage evaluation", "rerank", ["rerank"]),
+    Section("Training data from unlabeled documents — `bench/querygen_throughput.py`", "querygen", ["querygen"]),
     Section("GPU", "gpu"),
 ]
 
