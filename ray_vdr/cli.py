@@ -121,7 +121,9 @@ def cmd_make_training_data(cfg: VDRConfig) -> int:
     q = s["queries"]
     print(f"queries: {q['generated']} generated, rejected: "
           f"{', '.join(f'{k}: {n}' for k, n in sorted(q['rejected_by_reason'].items())) or 'none'} "
-          f"({r.output}/generated, {r.output}/rejects); consistency kept {s['consistency_kept']} of {s['consistency_checked']}")
+          f"({r.output}/generated, {r.output}/rejects); "
+          + ("consistency filter off" if s["consistency"] == "off"
+             else f"consistency kept {s['consistency_kept']} of {s['consistency_checked']}"))
     print(f"generation: {s['rates']['pages_per_second']} pages/s, {s['rates']['queries_per_second']} queries/s; "
           f"took {s['seconds']['total']:.0f}s")
     return 0

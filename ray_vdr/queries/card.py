@@ -55,6 +55,7 @@ def render_card(s: dict[str, Any]) -> str:
               f"{pages['rejected']}.", "", "## Rejects by reason", "",
               _table(sorted(pages["rejected_by_reason"].items()), ("page reject", "pages")), "",
               _table(sorted(queries["rejected_by_reason"].items()), ("query reject", "queries")), "",
+              "The consistency filter was off." if s["consistency"] == "off" else
               f"The consistency filter kept {s['consistency_kept']} of the {s['consistency_checked']} queries it "
               "checked.", "", "## Time", "",
               _table([(stage, f"{sec:.1f} s") for stage, sec in s["seconds"].items()], ("stage", "time")), "",

@@ -147,3 +147,4 @@ def test_vlm_generator_pipeline(ray_local, tiny_qwen, sources, tmp_path):
     assert {r["query_source"] for r in rows if r["query"] is not None} <= {"vlm"}
     assert {r["reason"] for r in rows if r["query"] is None} <= {"no_usable_question", "no_query"}
     assert len({r["page_key"] for r in rows}) == 21, "every indexed page went through the VLM (the scan, the images)"
+    assert s["consistency"] == "off" and "The consistency filter was off." in (out / "README.md").read_text()
