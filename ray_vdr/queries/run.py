@@ -105,6 +105,12 @@ def _check_settings(output: str, settings: dict[str, Any]) -> None:
     write_bytes(json.dumps(settings, indent=2).encode(), uri)
 
 
+def _shuffle_partitions(n_pages: int) -> int:
+    """Partitions of a groupby over a corpus's lines or queries: one per 2,000 pages, at most Ray Data's default
+    (200), whose fixed cost per partition dominates small corpora (a minute of a 500-page run on 2 CPUs)."""
+    return max(1, min(200, -(-n_pages // 2000)))
+
+
 def _boilerplate(pages, n_pages: int, cfg: VDRConfig) -> set[str]:
     """Lines on at least ``boilerplate_share`` of the pages: a groupby count over each page's distinct lines."""
     from ray_vdr.queries.filters import boilerplate_lines
@@ -117,7 +123,8 @@ def _boilerplate(pages, n_pages: int, cfg: VDRConfig) -> set[str]:
 
     q = cfg.queries
     counts = pages.select_columns(["text"]).map_batches(lines, batch_format="pyarrow",
-                                                        num_cpus=q.cpus_per_task).groupby("line").count()
+                                                        num_cpus=q.cpus_per_task).groupby(
+        "line", num_partitions=_shuffle_partitions(n_pages)).count()
     bar = max(q.boilerplate_min_pages, q.boilerplate_share * n_pages)
     frequent = counts.map_batches(lambda b: b.filter(pc.greater_equal(b.column("count()"), bar)),
                                   batch_format="pyarrow").take_all()
@@ -127,7 +134,7 @@ def _boilerplate(pages, n_pages: int, cfg: VDRConfig) -> set[str]:
     return found
 
 
-def _duplicates(output: str, cfg: VDRConfig) -> dict[str, int]:
+def _duplicates(output: str, n_pages: int, cfg: VDRConfig) -> dict[str, int]:
     """Query keys generated for more than one page, with their page count (a groupby count)."""
     import ray.data
 
@@ -142,7 +149,7 @@ def _duplicates(output: str, cfg: VDRConfig) -> dict[str, int]:
 
     ds = ray.data.read_parquet(f"{output}/{GENERATED}", num_cpus=cfg.queries.cpus_per_task)
     ds = ds.select_columns(["query", "reason"])
-    counts = ds.map_batches(keys, batch_format="pyarrow").groupby("key").count()
+    counts = ds.map_batches(keys, batch_format="pyarrow").groupby("key", num_partitions=_shuffle_partitions(n_pages)).count()
     repeated = counts.map_batches(lambda b: b.filter(pc.greater(b.column("count()"), 1)), batch_format="pyarrow")
     return {r["key"]: r["count()"] for r in repeated.take_all()}
 
@@ -308,7 +315,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> TrainingDataResult:
 
     # 4. duplicates across the corpus, 5. the split by document, 6. consistency and negatives
     t0 = time.time()
-    duplicates = _duplicates(output, cfg)
+    duplicates = _duplicates(output, n_pages, cfg)
     docs = sorted(set(read_ids(corpus).column("doc_id").to_pylist())) if n_pages else []
     eval_docs = eval_documents(docs, q.eval_fraction, q.seed)
     seconds["duplicates and split"] = time.time() - t0
