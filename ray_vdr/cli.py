@@ -84,12 +84,54 @@ def cmd_embed(cfg: VDRConfig) -> int:
 
     result = run(cfg)
     s = result.summary
-    print(f"index: {result.output} ({s['index_type']}, {s['index_vectors']} vectors, {s['index_bytes']} bytes, "
-          f"dim {result.manifest['dim']}, model {result.manifest['model']['path']})")
+    d, p = s["documents"], s["pages"]
+    print(f"index: {result.output} version {s['version']} ({s['index_type']}, {s['live_pages']} live pages of "
+          f"{s['index_vectors']} vectors, {s['index_bytes']} bytes, dim {result.manifest['dim']}, "
+          f"model {result.manifest['model']['path']})")
+    print(f"{s['mode']}: documents {d['added']} added, {d['updated']} updated, {d['removed']} removed, "
+          f"{d['unchanged']} unchanged, {d['metadata_updated']} metadata-only updates, {d['rejected']} rejected; "
+          f"pages {p['added']} added, {p['removed']} removed, {p['unchanged']} unchanged")
+    for r in s["documents_rejected"]:
+        print(f"  rejected {r['source']}: {r['reason']}: {r['detail']}")
     print(f"this run: {s['pages_embedded']} pages embedded, {s['pages_rejected']} rejected "
           f"(reasons in {result.output}/rejects), {s['pages_done_before']} done by earlier runs, "
           f"{s['duplicates_removed']} duplicates removed; {s['pages_per_second']} pages/s over {s['stream_seconds']}s")
+    if "compaction" in s:
+        print(f"compacted: {json.dumps(s['compaction'])}")
     print(f"summary: {json.dumps(s)}")
+    return 0
+
+
+def cmd_delete(cfg: VDRConfig, doc_ids: list[str], sources: list[str], filter_json: str | None) -> int:
+    from ray_vdr.corpus.metadata import FilterError
+    from ray_vdr.corpus.sync import delete
+
+    try:
+        flt = json.loads(filter_json) if filter_json else None
+    except json.JSONDecodeError as e:
+        print(f"error: --filter is not JSON: {e}", file=sys.stderr)
+        return 2
+    try:
+        s = delete(cfg.index.output, doc_ids=doc_ids, sources=sources, filter=flt,
+                   compact_share=cfg.index.compact_removed_share, index_cfg=cfg.index.model_dump())
+    except (LookupError, FilterError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"deleted {s['documents_removed']} documents ({s['pages_removed']} pages) matching {s['matched']}: "
+          f"index {cfg.index.output} is now version {s['version']}")
+    if cfg.index.mode == "sync":
+        print("note: with index.mode sync, the next `ray-vdr embed` adds them back if their files are still in "
+              "index.sources")
+    print(f"summary: {json.dumps(s)}")
+    return 0
+
+
+def cmd_compact(cfg: VDRConfig) -> int:
+    from ray_vdr.corpus.sync import compact
+
+    s = compact(cfg.index.output, cfg.index.model_dump())
+    print(f"compacted {cfg.index.output}: {s['removed_pages_dropped']} removed pages dropped, {s['vectors']} vectors, "
+          f"version {s['version']}")
     return 0
 
 
@@ -273,7 +315,9 @@ COMMANDS: dict[str, tuple[Callable[[VDRConfig], int], str]] = {
     "make-training-data": (cmd_make_training_data, "make training triplets from unlabeled documents (PDFs, images): "
                                                    "generated queries, filters, mined negatives, a card"),
     "train": (cmd_train, "finetune the embedder on Ray Train"),
-    "embed": (cmd_embed, "embed a page corpus (images, PDFs, Parquet) and build its FAISS index"),
+    "embed": (cmd_embed, "sync a page corpus (images, PDFs, Parquet) into its index: embed new and changed files, "
+                         "remove the pages of changed and deleted ones, publish a new version"),
+    "compact": (cmd_compact, "drop removed pages from the index and its shards for good (a new version)"),
     "mine": (cmd_mine, "mine hard negatives for the training queries from the corpus index"),
     "train-reranker": (cmd_train_reranker, "finetune the multimodal reranker on mined triplets (Ray Train)"),
     "evaluate": (cmd_evaluate, "two-stage evaluation: embed only vs embed + rerank at several depths"),
@@ -294,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(demo)
     demo.add_argument("--plan", action="store_true", help="print the stages as `ray job submit` commands and exit")
     demo.add_argument("--no-serve", dest="serve", action="store_false", help="stop after the evaluation")
+    delete = sub.add_parser("delete", help="remove documents from the index (a new version the endpoint switches to)")
+    add_config_args(delete)
+    delete.add_argument("--doc-id", action="append", default=[], help="a document id (repeat for more)")
+    delete.add_argument("--source", action="append", default=[], help="a source file or folder (repeat for more)")
+    delete.add_argument("--filter", dest="filter_json", help='a metadata filter, e.g. \'{"collection": "old"}\'')
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     from ray_vdr.corpus.store import IndexMismatch
@@ -302,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return cmd_demo(args.config, args.overrides, print_plan=args.plan, serve=args.serve)
+        if args.command == "delete":
+            return cmd_delete(config_from_args(args), args.doc_id, args.source, args.filter_json)
         return COMMANDS[args.command][0](config_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -302,6 +302,20 @@ class IndexConfig(_Strict):
         "training run saved (run.storage_path/run.name/model).",
     )
     output: str = Field("./index", description="Folder or URI for page shards, rejects, the FAISS index and manifest.")
+    mode: Literal["sync", "append"] = Field(
+        "sync", description="'sync': the index mirrors its sources on every run: new and changed files are embedded, "
+        "the pages of changed and deleted files are removed, unchanged files are skipped unread (by content hash). "
+        "'append': pages are only ever added (a changed file's old pages stay searchable)."
+    )
+    metadata: str | None = Field(
+        None, description="A metadata table (Parquet, or JSONL) with a 'source' or 'doc_id' column and one column per "
+        "field (reserved: collection, tenant, title, url, lang; free: strings, numbers, dates). A sidecar "
+        "<file>.json next to a source overrides its row. Stored with the pages, returned in results, filterable."
+    )
+    compact_removed_share: float = Field(
+        0.2, ge=0, le=1, description="Compact (rebuild the index over live pages, drop removed ones from the shards) "
+        "when removed pages pass this share of the index, after a sync or delete. `ray-vdr compact` forces it."
+    )
     dim: PositiveInt | None = Field(
         None, description="Embedding dimension (Matryoshka truncation). None = output.truncate_dim, else the model's."
     )
@@ -392,6 +406,8 @@ class ServeLimits(_Strict):
         description="Image queries: decompression-bomb guard, size bounds (same checks as training data).",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="A request still unanswered after this gets 504.")
+    max_filter_clauses: PositiveInt = Field(16, description="Most clauses in a search filter.")
+    max_filter_values: PositiveInt = Field(1000, description="Most values in one 'in' clause of a filter.")
     retry_after_s: PositiveInt = Field(2, description="Retry-After sent with every 503 (over capacity, loading).")
 
     @model_validator(mode="after")
@@ -480,6 +496,11 @@ class ServeConfig(_Strict):
     index_poll_s: float = Field(
         10.0, gt=0, description="While the index does not exist yet, look for it this often (health stays 503); also "
         "how often the endpoint reads the live manifest."
+    )
+    admin_deletes: bool = Field(
+        False, description="Enable POST /admin/delete (remove documents by doc_id, source or filter; publishes a new "
+        "index version the endpoint switches to). Off by default: until API keys exist, anyone who can reach the "
+        "endpoint could delete."
     )
     keep_running: bool = Field(
         True, description="`ray-vdr serve` / `demo` only: after the sample query, keep the endpoint up until Ctrl-C."

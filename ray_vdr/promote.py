@@ -27,7 +27,7 @@ from typing import Any
 
 from ray_vdr.client import EndpointClient
 from ray_vdr.config import ConfigError, VDRConfig
-from ray_vdr.corpus.live import generation, read_live
+from ray_vdr.corpus.live import base_id, generation, read_live
 from ray_vdr.corpus.store import now_iso, read_manifest
 from ray_vdr.storage import is_file, write_bytes
 
@@ -78,7 +78,7 @@ def wait_for_switch(url: str, gid: str, timeout_s: float, probes: int = 5) -> bo
             status, last = client.search({"query": "promotion check", "top_k": 1, "rerank_depth": 0})
         except OSError as e:
             status, last = 0, {"detail": str(e)}
-        streak = streak + 1 if status == 200 and last.get("generation") == gid else 0
+        streak = streak + 1 if status == 200 and base_id(last.get("generation") or "") == base_id(gid) else 0
         if streak >= probes:
             return True
         time.sleep(0.5)

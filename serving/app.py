@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -79,6 +80,16 @@ async def _limit_body(request: Request, call_next):
     if limit is not None and length is not None and length.isdigit() and int(length) > limit:
         return _error(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
     return await call_next(request)
+
+
+class DeleteRequest(BaseModel):
+    """``POST /admin/delete``: documents to remove (any of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    doc_ids: list[str] = Field(default_factory=list, max_length=10_000)
+    sources: list[str] = Field(default_factory=list, max_length=1_000)
+    filter: dict[str, Any] | None = None
 
 
 @serve.deployment
@@ -147,6 +158,8 @@ class Ingress:
         except TimeoutError:
             return _error(504, f"search took longer than {self.cfg.limits.request_timeout_s}s")
         except Exception as e:
+            if isinstance(_error_cause(e), core.RequestError):  # a filter this index cannot apply
+                return _error(_error_cause(e).status, str(_error_cause(e)))
             unavailable = self._unavailable(e)
             if unavailable is None:
                 raise
@@ -157,7 +170,7 @@ class Ingress:
         vector, embed_s, embed_batch = _raise_or_return(await self.embedder.embed.remote(gid, query.item))
         t1 = time.perf_counter()
         depth = max(query.top_k, query.rerank_depth)
-        hits, search_s = _raise_or_return(await self.retriever.search.remote(gid, vector, depth))
+        hits, search_s = _raise_or_return(await self.retriever.search.remote(gid, vector, depth, query.clauses))
         t2 = time.perf_counter()
         scores, rerank_s, rerank_batch = None, 0.0, 0
         if query.rerank_depth and hits:
@@ -178,6 +191,37 @@ class Ingress:
                         "search_compute_ms": search_s * ms, "rerank_compute_ms": rerank_s * ms,
                         "embed_batch": embed_batch, "rerank_batch": rerank_batch},
         }
+
+    @api.post("/admin/delete", summary="Remove documents from the live index (off unless serve.admin_deletes)")
+    async def admin_delete(self, body: DeleteRequest) -> JSONResponse:
+        """Publishes a new index version without the matching documents and returns once this endpoint's stages
+        serve it: no later response contains a removed page."""
+        from ray_vdr.corpus.metadata import FilterError
+        from ray_vdr.corpus.sync import delete
+
+        if not self.cfg.admin_deletes:
+            return _error(403, "admin deletes are off on this endpoint (serve.admin_deletes: false)")
+        if not (body.doc_ids or body.sources or body.filter):
+            return _error(422, "say what to delete: doc_ids, sources or filter")
+        index = serving_generations(self.cfg)[0]["index"]
+        try:
+            summary = await asyncio.to_thread(delete, index, doc_ids=body.doc_ids, sources=body.sources,
+                                              filter=body.filter)
+        except LookupError as e:
+            return _error(404, str(e))
+        except (FilterError, ValueError) as e:
+            return _error(422, str(e))
+        self.gens.refresh()
+        wanted, deadline = self.gens.order[0], time.monotonic() + self.cfg.limits.request_timeout_s
+        while time.monotonic() < deadline:
+            states = [await h.status.remote() for h in (self.embedder, self.retriever, self.reranker) if h is not None]
+            if all(st.get("generations", {}).get(wanted) == "ready" or (
+                    st.get("generations") and wanted.split("@")[0] in st["generations"] and st["state"] == "ready")
+                   for st in states):
+                break
+            await asyncio.sleep(0.2)
+        logger.info("admin delete: %s", {k: summary[k] for k in ("version", "documents_removed", "pages_removed")})
+        return JSONResponse({**summary, "generation": wanted})
 
     @api.get("/pages/{doc_id:path}", summary="A page's thumbnail (or full image) from the index's page store")
     async def pages(self, doc_id: str, page: int | None = None, size: str = "thumbnail") -> Response:

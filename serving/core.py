@@ -58,6 +58,12 @@ class SearchRequest(BaseModel):
     rerank_depth: int | None = Field(
         None, description="First-stage candidates the reranker scores (0 = no reranking; default: the server's)."
     )
+    filter: dict[str, Any] | None = Field(
+        None, description="Only pages whose document metadata matches every clause: field: value (equality), "
+        "field: {in: [...]}, field: {gte/gt/lte/lt: number or date}. doc_id and source are always fields. Applied "
+        "inside the vector search, so top_k stays full. An unknown field or a wrong type is a 422 naming it.",
+        examples=[{"collection": "finance", "year": {"gte": 2021}}],
+    )
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Query:
     image: Image.Image | None
     top_k: int
     rerank_depth: int
+    clauses: list | None = None
 
     @property
     def item(self) -> str | Image.Image:
@@ -115,7 +122,15 @@ def parse_request(req: SearchRequest, limits: ServeLimits, rerank_available: boo
     image = _decode_image_query(req.image, limits.image) if req.image is not None else None
     if depth and not text:
         depth = 0  # the reranker scores (text, page) pairs: an image-only query is ranked by the first stage
-    return Query(text or None, image, top_k, depth)
+    clauses = None
+    if req.filter is not None:
+        from ray_vdr.corpus.metadata import FilterError, parse_filter
+
+        try:
+            clauses = parse_filter(req.filter, limits.max_filter_clauses, limits.max_filter_values) or None
+        except FilterError as e:
+            raise RequestError(422, str(e)) from None
+    return Query(text or None, image, top_k, depth, clauses)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -196,6 +211,7 @@ def merge_results(hits: list[dict[str, Any]], rerank_scores: np.ndarray | None, 
     for final, i in enumerate(order[:top_k], start=1):
         h = hits[i]
         out.append({"rank": final, "doc_id": h["doc_id"], "page": h["page"], "source": h["source"], "key": h["key"],
+                    "metadata": h.get("metadata", {}),
                     "position": h["position"], "score": h["score"], "first_stage_rank": h["rank"],
                     "rerank_score": scores[i] if i < depth else None, "rerank_rank": rerank_rank.get(i)})
     return out

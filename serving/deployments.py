@@ -49,7 +49,7 @@ class QueryEmbedder:
             say(f"loading {binding['path']} on {device}")
             return core.QueryEncoder(binding, self.cfg, device)
 
-        self.gens = Generations("query embedder", self.cfg, load)
+        self.gens = Generations("query embedder", self.cfg, load, per_version=False)
         _set_batching(self._embed, self.cfg.embedder)
 
     def status(self) -> dict[str, Any]:
@@ -87,8 +87,8 @@ class Retriever:
 
         def load(gen, say):  # the index alone: the model is the QueryEmbedder's to check and load
             wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
-            say("loading the FAISS index")
-            index = open_index(gen["index"], dim=generation_config(self.cfg, gen).dim)
+            say(f"loading the FAISS index (version {gen.get('version')})")
+            index = open_index(gen["index"], dim=generation_config(self.cfg, gen).dim, version=gen.get("version"))
             return index, PageStore(gen["index"], index.ids)
 
         self.gens = Generations("index", self.cfg, load)
@@ -99,29 +99,43 @@ class Retriever:
         if status["state"] == "ready":
             m = self.gens.get(status["generation"])[0].manifest
             status["index"] = {"vectors": m["vectors"], "dim": m["dim"], "type": m["index"]["type"],
-                               "model": m["model"]["path"], "updated_at": m.get("updated_at")}
+                               "model": m["model"]["path"], "updated_at": m.get("updated_at"),
+                               "version": m.get("version"), "live_pages": m.get("live_pages", m["vectors"])}
         return status
 
-    async def search(self, gid: str, vector: Any, k: int) -> tuple[list[dict], float] | core.NotReady:
-        """The top-k hits of a query vector in generation ``gid``'s index; also the search time."""
-        return await self._search((gid, vector, k))  # or NotReady, returned (see _raise_or_return)
+    async def search(self, gid: str, vector: Any, k: int, clauses: list | None = None
+                     ) -> tuple[list[dict], float] | core.NotReady | core.RequestError:
+        """The top-k live hits of a query vector in generation ``gid``'s index, matching the filter ``clauses``; also
+        the search time. A filter this index cannot apply comes back as a RequestError (422 naming the field)."""
+        return await self._search((gid, vector, k, clauses))  # or NotReady, returned (see _raise_or_return)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _search(self, requests: list[tuple[str, Any, int]]) -> list[Any]:
-        """One FAISS call per generation in the batch, at its largest k."""
+    async def _search(self, requests: list[tuple[str, Any, int, list | None]]) -> list[Any]:
+        """One FAISS call per generation and filter in the batch, at its largest k."""
+        import json
+
         import numpy as np
 
+        from ray_vdr.corpus.metadata import FilterError
+
         start, out = time.perf_counter(), [None] * len(requests)
-        for gid in dict.fromkeys(g for g, _, _ in requests):
-            idx = [i for i, r in enumerate(requests) if r[0] == gid]
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r[0], json.dumps(r[3], sort_keys=True)), []).append(i)
+        for (gid, _), idx in groups.items():
             try:
                 index, _ = self.gens.get(gid)
             except core.NotReady as e:
                 for i in idx:
                     out[i] = e
                 continue
-            k = max(requests[i][2] for i in idx)
-            hits = await asyncio.to_thread(index.search, np.stack([requests[i][1] for i in idx]), k)
+            k, clauses = max(requests[i][2] for i in idx), requests[idx[0]][3]
+            try:
+                hits = await asyncio.to_thread(index.search, np.stack([requests[i][1] for i in idx]), k, clauses)
+            except FilterError as e:
+                for i in idx:
+                    out[i] = core.RequestError(422, str(e))
+                continue
             for i, h in zip(idx, hits, strict=True):
                 out[i] = h[:requests[i][2]]
         seconds = time.perf_counter() - start
@@ -143,7 +157,7 @@ class Reranker:
 
         def load(gen, say):  # the generation's page store: page positions differ from index to index
             wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
-            return PageStore.open(gen["index"])
+            return PageStore.open(gen["index"], version=gen.get("version"))
 
         self.gens = Generations("reranker pages", self.cfg, load)
         _set_batching(self._rerank, self.cfg.rerank)

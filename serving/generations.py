@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ray_vdr.config import ServeConfig
-from ray_vdr.corpus.live import serving_generations
+from ray_vdr.corpus.live import base_id, serving_generations
 from ray_vdr.corpus.store import MANIFEST, read_manifest
 from serving.core import NotReady
 
@@ -64,23 +64,30 @@ def wait_for_manifest(index: str, poll_s: float, say: Callable[[str], None]) -> 
 
 class Generations:
     """What one replica has loaded, per generation: ``load(gen, say)`` runs in the background for each generation
-    the live manifest names, and a generation it no longer names is dropped. With ``cfg.live`` set, the manifest is
-    read again every ``cfg.index_poll_s`` in a thread; without, the one generation of ``cfg.index`` is fixed.
+    the live manifest names (or ``cfg.index``), at its index's current and previous versions, and a generation no
+    longer named is dropped. The manifests are read again every ``cfg.index_poll_s`` in a thread, so a promotion,
+    a sync, a delete or a compaction reaches every replica without a restart. ``per_version=False``: one load per
+    index and model, shared by its versions (the query embedder).
 
     ``get(gid)`` raises NotReady for a generation not (yet, or any more) loaded here: the ingress then falls back to
     the next generation, so a switch never fails a request while replicas load the new one.
     """
 
-    def __init__(self, what: str, cfg: ServeConfig, load: Callable[[dict[str, Any], Callable[[str], None]], Any]):
-        self.what, self.cfg, self._load = what, cfg, load
+    def __init__(self, what: str, cfg: ServeConfig, load: Callable[[dict[str, Any], Callable[[str], None]], Any],
+                 per_version: bool = True):
+        self.what, self.cfg, self._load, self.per_version = what, cfg, load, per_version
         self.loaded: dict[str, Background] = {}
         self.order: list[str] = []
         self.refresh()
-        if cfg.live:
-            threading.Thread(target=self._follow, name=f"follow-{what}", daemon=True).start()
+        threading.Thread(target=self._follow, name=f"follow-{what}", daemon=True).start()
+
+    def _key(self, gid: str) -> str:
+        return gid if self.per_version else base_id(gid)
 
     def refresh(self) -> None:
         gens = serving_generations(self.cfg)
+        if not self.per_version:  # what versions of one index share (the model) is loaded once for them all
+            gens = list({base_id(g["id"]): {**g, "id": base_id(g["id"])} for g in gens}.values())
         for g in gens:
             if g["id"] not in self.loaded:
                 logger.info("%s: loading generation %s (%s)", self.what, g["id"], g["index"])
@@ -99,6 +106,7 @@ class Generations:
                 logger.warning("%s: reading the live manifest %s failed: %s", self.what, self.cfg.live, e)
 
     def get(self, gid: str) -> Any:
+        gid = self._key(gid)
         bg = self.loaded.get(gid)
         if bg is None:
             raise NotReady(f"{self.what}: generation {gid} is not served here (serving {self.order})")

@@ -69,3 +69,39 @@ def write_corpus(root: Path, pngs: list[bytes], *, bad: bool = True) -> dict:
         rejects = {"corrupt_image": 1, "unsupported_file_type": 1, "encrypted_pdf": 1, "empty_pdf": 1,
                    "corrupt_pdf": 1, "page_too_large": 1}
     return {"pages": good, "rejects": rejects, "inputs": good + sum(rejects.values())}
+
+
+def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16, seed: int = 0) -> Path:
+    """Version 1 of an index over random page vectors (no model, no Ray): ``docs`` documents ``doc-<i>`` of
+    ``pages_per_doc`` pages each, in one shard, with metadata ``{"collection": "c<i % 2>"}``."""
+    import json
+
+    import numpy as np
+
+    from ray_vdr.config import IndexConfig
+    from ray_vdr.corpus.build import build_version
+    from ray_vdr.corpus.pages import page_key, scoped
+    from ray_vdr.corpus.versions import docs_table, live_ids, publish
+    from ray_vdr.storage import part_name, write_table
+
+    rng = np.random.default_rng(seed)
+    rows, doc_rows = [], []
+    for d in range(docs):
+        source, file_hash = f"{out.parent}/docs/doc-{d}.pdf", page_key(f"file {d}")
+        doc_rows.append({"source": source, "doc_id": f"doc-{d}", "kind": "pdf", "file_hash": file_hash,
+                         "metadata": json.dumps({"collection": f"c{d % 2}"})})
+        for p in range(pages_per_doc):
+            key, content, _ = scoped(page_key(file_hash, str(p + 1)), source, file_hash)
+            v = rng.standard_normal(dim).astype(np.float32)
+            rows.append({"key": key, "content": content, "file_hash": file_hash, "doc_id": f"doc-{d}",
+                         "source": source, "page": p + 1, "embedding": (v / np.linalg.norm(v)).tolist()})
+    table = pa.Table.from_pylist(rows).cast(pa.schema([
+        ("key", pa.string()), ("content", pa.string()), ("file_hash", pa.string()), ("doc_id", pa.string()),
+        ("source", pa.string()), ("page", pa.int32()), ("embedding", pa.list_(pa.float32(), dim))]))
+    write_table(table, f"{out}/pages/{part_name(table.column('key').to_pylist())}")
+    names = [part_name(table.column("key").to_pylist())]
+    fields, ids = build_version(str(out), names, dim, IndexConfig().model_dump(), None, 1)
+    docs_t = docs_table(doc_rows)
+    manifest = {"model": {"path": "none", "fingerprint": "none"}, "dim": dim, **fields, "version": 1}
+    publish(str(out), manifest, docs_t, live_ids(ids, docs_t), None)
+    return out

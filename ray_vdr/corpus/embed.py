@@ -21,42 +21,38 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ray_vdr.cluster import chaos_strike
 from ray_vdr.config import ImageLimits, VDRConfig
 from ray_vdr.corpus.pages import PAGE_SCHEMA, SourceFile, expand_file, list_sources
 from ray_vdr.corpus.store import (
     EMBEDDING_FILE,
-    IDS_FILE,
-    MANIFEST,
     PAGES,
     REJECTS,
     IndexMismatch,
     check_manifest,
     known_keys,
     now_iso,
-    read_ids,
     read_manifest,
-    read_shard,
     shards,
 )
-from ray_vdr.storage import dedupe_parts, fs_path, is_file, part_name, read_bytes, write_bytes, write_table
+from ray_vdr.corpus.sync import hash_file
+from ray_vdr.corpus.versions import docs_table
+from ray_vdr.storage import dedupe_parts, is_file, part_name, read_bytes, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IndexResult", "PageEmbedder", "run"]
 
-REJECT_COLUMNS = ["key", "doc_id", "source", "page", "reason", "detail"]
+KEY_SCHEME = "source-scoped-v2"  # page keys scoped to their source, versions (recorded in embedding.json)
+REJECT_COLUMNS = ["key", "file_hash", "doc_id", "source", "page", "reason", "detail"]
 
 
 @dataclass
@@ -75,7 +71,7 @@ def page_table(rows: pa.Table, embeddings, dim: int) -> pa.Table:
 
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     emb = pa.FixedSizeListArray.from_arrays(flat, dim)
-    cols = ["key", "doc_id", "source", "page", "width", "height", "image", "thumbnail", "text"]
+    cols = ["key", "content", "file_hash", "doc_id", "source", "page", "width", "height", "image", "thumbnail", "text"]
     return rows.select(cols).append_column("embedding", emb)
 
 
@@ -86,7 +82,7 @@ def _expand(row: dict[str, Any], *, dpi: int, limits: dict, thumb_side: int, ima
     from ray_vdr.cluster import fetch_once
 
     known = fetch_once(known_ref[0], frozenset)
-    f = SourceFile(row["uri"], row["doc_id"], row["kind"], row["sidecar"])
+    f = SourceFile(row["uri"], row["doc_id"], row["kind"], row["sidecar"], row["meta_sidecar"], row["file_hash"])
     yield from expand_file(f, dpi=dpi, limits=ImageLimits(**limits), thumb_side=thumb_side, image_column=image_column,
                            id_column=id_column, text_column=text_column, known=known.__contains__)
 
@@ -157,83 +153,12 @@ class PageEmbedder:
                 vectors.append(self._encode([img])[0])
                 keep.append(i)
             except Exception as e:
-                row = pages.slice(i, 1).select(REJECT_COLUMNS[:4])
+                row = pages.slice(i, 1).select(REJECT_COLUMNS[:5])
                 failed.append(row.append_column("reason", pa.array(["embed_failed"]))
                               .append_column("detail", pa.array([f"{type(e).__name__}: {e}"[:500]])))
         out = pages.take(keep)
         return out, np.stack(vectors) if vectors else np.zeros((0, self.dim), np.float32), (
             pa.concat_tables(failed) if failed else None)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# after the stream: duplicates, index
-
-
-def _index_vectors(output: str, names: list[str]):
-    import numpy as np
-
-    tables = [read_shard(output, PAGES, n, ["key", "doc_id", "source", "page", "embedding"]) for n in names]
-    ids, vecs = [], []
-    for name, t in zip(names, tables, strict=True):
-        if not t.num_rows:
-            continue
-        emb = t.column("embedding").combine_chunks()
-        vecs.append(emb.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, emb.type.list_size))
-        ids.append(t.drop_columns(["embedding"]).append_column("shard", pa.array([name] * t.num_rows))
-                   .append_column("row", pa.array(range(t.num_rows), pa.int32())))
-    if not vecs:
-        return None, np.zeros((0, 0), np.float32)
-    return pa.concat_tables(ids), np.concatenate(vecs).astype(np.float32)
-
-
-def build_or_extend_index(output: str, base_manifest: dict[str, Any], index_cfg: dict) -> dict[str, Any]:
-    """Build the FAISS index over every page shard, or add the new shards to the existing index when its type still
-    fits the corpus size; write index.faiss, ids.parquet and manifest.json. Runs as a Ray task (GPU if any)."""
-    from ray_vdr.config import IndexConfig
-    from ray_vdr.corpus.faiss_index import (
-        INDEX_FILE,
-        IndexSpec,
-        add_to,
-        build_index,
-        choose_spec,
-        read_index,
-        write_index,
-    )
-
-    cfg = IndexConfig.model_validate(index_cfg)
-    t0 = time.perf_counter()
-    names = shards(output, PAGES)
-    total = sum(pq.ParquetFile(fs_path(f"{output}/{PAGES}/{n}")[1],
-                               filesystem=fs_path(output)[0]).metadata.num_rows for n in names)
-    spec = choose_spec(total, base_manifest["dim"], cfg)
-    old = read_manifest(output)
-    # extend while the size still calls for the same type (an IVF quantiser stays valid as the corpus grows)
-    extend = old is not None and old["index"]["type"] == spec.type and is_file(f"{output}/{INDEX_FILE}")
-    if extend:
-        spec = IndexSpec(old["index"]["type"], old["index"]["params"])
-    with tempfile.TemporaryDirectory() as tmp:
-        new = [n for n in names if n not in set(old["shards"])] if extend else names
-        ids, vectors = _index_vectors(output, new)
-        if extend:
-            (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{INDEX_FILE}"))
-            index = read_index(Path(tmp) / INDEX_FILE, old["index"])
-            if len(vectors):
-                add_to(index, vectors)
-            old_ids = read_ids(output)
-            ids = pa.concat_tables([old_ids, ids]) if ids is not None else old_ids
-        else:
-            index = build_index(vectors, spec) if len(vectors) else None
-        if index is not None:
-            write_index(index, Path(tmp) / INDEX_FILE)
-            write_bytes((Path(tmp) / INDEX_FILE).read_bytes(), f"{output}/{INDEX_FILE}")
-            write_table(ids, f"{output}/{IDS_FILE}")
-        size = (Path(tmp) / INDEX_FILE).stat().st_size if index is not None else 0
-    manifest = {**base_manifest, "index": spec.as_dict(), "vectors": int(index.ntotal) if index else 0,
-                "index_bytes": size, "shards": names, "extended": extend, "added_vectors": int(len(vectors)),
-                "build_seconds": round(time.perf_counter() - t0, 3)}
-    manifest["created_at"] = old["created_at"] if old is not None else base_manifest["updated_at"]
-    write_bytes(json.dumps(manifest, indent=2).encode(), f"{output}/{MANIFEST}")
-    return manifest
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,53 +185,59 @@ def index_binding(cfg: VDRConfig, uri: str) -> dict[str, Any]:
             "signature": model_signature(local)}
 
 
-def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
-    """Embed ``cfg.index.sources`` into ``cfg.index.output`` and build or extend its FAISS index."""
+def _check_output(ix, binding: dict[str, Any], info: dict[str, Any]) -> None:
+    """Shards already under the output (an index, or an interrupted run) must come from the same model, dimension,
+    dpi and key scheme, or the index would mix vector spaces: the first run records them, every later run is checked
+    against them."""
+    if not is_file(f"{ix.output}/{EMBEDDING_FILE}"):
+        write_bytes(json.dumps(binding, indent=2).encode(), f"{ix.output}/{EMBEDDING_FILE}")
+        return
+    earlier = json.loads(read_bytes(f"{ix.output}/{EMBEDDING_FILE}"))
+    check_manifest(earlier, fingerprint=info["fingerprint"], dim=binding["dim"], where=f"the corpus at {ix.output}")
+    if earlier["dpi"] != ix.dpi:
+        raise IndexMismatch(f"the corpus at {ix.output} was rasterised at {earlier['dpi']} dpi, not "
+                            f"{ix.dpi}: keep index.dpi={earlier['dpi']} or embed into a new index.output")
+    if earlier.get("keys") != KEY_SCHEME:
+        raise IndexMismatch(f"the corpus at {ix.output} was built by an older ray-vdr (page keys not scoped to "
+                            "their source, no versions): embed into a new index.output")
+
+
+def _hash_sources(files: list[SourceFile], ix) -> list[dict[str, Any]]:
+    """Every source's content hash and sidecar, from a Ray Data pass (bytes read, nothing decoded); one small record
+    per file comes back to the driver."""
     import ray
 
-    from ray_vdr.cluster import init_ray
-    from ray_vdr.models.load import embedding_dimension, local_model
+    if not files:
+        return []
+    tasks = max(1, min(math.ceil(len(files) / (4 * ix.files_per_task)), 1000))
+    ds = ray.data.from_items([asdict(f) for f in files], override_num_blocks=tasks)
+    return sorted(ds.map(hash_file, num_cpus=ix.decode_cpus).iter_rows(), key=lambda r: r["uri"])
+
+
+def _embed_stream(cfg: VDRConfig, files: list[SourceFile], info: dict, dim: int, known: set[str],
+                  chaos: dict | None) -> dict[str, Any]:
+    import ray
 
     ix = cfg.index
-    if not ix.sources:
-        raise FileNotFoundError("index.sources is empty: give folders, files or URIs of page images, PDFs or Parquet")
-    start = time.time()
-    uri = resolve_model(cfg)
-    files = list_sources(ix.sources)
-    info = index_binding(cfg, uri)
-    full_dim = embedding_dimension(local_model(uri))
-    dim = ix.dim or cfg.output.truncate_dim or info["truncate_dim"] or full_dim
-    dim = min(dim, full_dim)
-    # Shards already under the output (an index, or an interrupted run) must come from the same model, dimension and
-    # dpi, or the index would mix vector spaces: the first run records them, every later run is checked against them.
-    binding = {"model": info, "dim": dim, "dpi": ix.dpi}
-    if is_file(f"{ix.output}/{EMBEDDING_FILE}"):
-        earlier = json.loads(read_bytes(f"{ix.output}/{EMBEDDING_FILE}"))
-        check_manifest(earlier, fingerprint=info["fingerprint"], dim=dim, where=f"the corpus at {ix.output}")
-        if earlier["dpi"] != ix.dpi:
-            raise IndexMismatch(f"the corpus at {ix.output} was rasterised at {earlier['dpi']} dpi, not "
-                                f"{ix.dpi}: keep index.dpi={earlier['dpi']} or embed into a new index.output")
-    else:
-        write_bytes(json.dumps(binding, indent=2).encode(), f"{ix.output}/{EMBEDDING_FILE}")
-    init_ray()
-    known = known_keys(ix.output)
-    logger.info("embedding %d source files into %s with %s (dim %d); %d pages already done", len(files), ix.output,
-                uri, dim, len(known))
     use_gpu = cfg.scaling.use_gpu
+    totals = {"pages": 0, "rejects": 0, "batches": 0, "embed_seconds": 0.0, "stream_seconds": 0.0, "steady": 0.0}
+    if not files:
+        return totals
     tasks = max(1, min(math.ceil(len(files) / ix.files_per_task), 1000))
     ds = ray.data.from_items([asdict(f) for f in files], override_num_blocks=tasks)
     ds = ds.flat_map(_expand, fn_kwargs={
         "dpi": ix.dpi, "limits": cfg.data.image.model_dump(), "thumb_side": ix.thumbnail_side,
         "image_column": ix.parquet_image_column, "id_column": ix.parquet_id_column,
         "text_column": ix.parquet_text_column, "known_ref": [ray.put(known)]}, num_cpus=ix.decode_cpus)
-    ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=ix.actors),
+    ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=ix.actors),
                         num_cpus=ix.cpus_per_actor, num_gpus=1 if use_gpu else 0,
                         fn_constructor_kwargs={"binding": info,
                                                "model_cfg": cfg.model.model_dump(), "dim": dim, "output": ix.output,
                                                "use_gpu": use_gpu, "cpus": ix.cpus_per_actor, "chaos": chaos})
-    totals = {"pages": 0, "rejects": 0, "batches": 0, "embed_seconds": 0.0}
     t0 = time.perf_counter()
     first: tuple[float, int] | None = None  # after the first batch: start-up (model loading) excluded
+    now = t0
     for row in ds.iter_rows():
         totals["pages"] += row["pages"]
         totals["rejects"] += row["rejects"]
@@ -317,25 +248,82 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
         if totals["batches"] % 50 == 0:
             logger.info("%d batches: %d pages embedded, %d rejected (%.1f pages/s)", totals["batches"],
                         totals["pages"], totals["rejects"], totals["pages"] / (now - t0))
-    stream_seconds = time.perf_counter() - t0
-    steady = (totals["pages"] - first[1]) / (now - first[0]) if first and now > first[0] else 0.0
-    old_manifest = read_manifest(ix.output)
-    # normally a no-op: two inputs with the same content, or a batch retried after a failure and cut differently
+    totals["stream_seconds"] = time.perf_counter() - t0
+    totals["steady"] = (totals["pages"] - first[1]) / (now - first[0]) if first and now > first[0] else 0.0
+    return totals
+
+
+def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
+    """Sync (or append) ``cfg.index.sources`` into ``cfg.index.output``: embed new and changed files, remove the pages
+    of changed and deleted ones (sync), build or extend the FAISS index, and publish a new version."""
+    import ray
+
+    from ray_vdr.cluster import init_ray
+    from ray_vdr.corpus.build import build_version, read_all_ids
+    from ray_vdr.corpus.metadata import read_metadata_table
+    from ray_vdr.corpus.sync import compact, plan
+    from ray_vdr.corpus.versions import live_ids, next_version, publish, read_docs, retired_shards
+    from ray_vdr.models.load import embedding_dimension, local_model
+
+    ix = cfg.index
+    if not ix.sources:
+        raise FileNotFoundError("index.sources is empty: give folders, files or URIs of page images, PDFs or Parquet")
+    start = time.time()
+    uri = resolve_model(cfg)
+    files = list_sources(ix.sources)
+    table = read_metadata_table(ix.metadata) if ix.metadata else None
+    info = index_binding(cfg, uri)
+    full_dim = embedding_dimension(local_model(uri))
+    dim = min(ix.dim or cfg.output.truncate_dim or info["truncate_dim"] or full_dim, full_dim)
+    binding = {"model": info, "dim": dim, "dpi": ix.dpi, "keys": KEY_SCHEME}
+    _check_output(ix, binding, info)
+    init_ray()
+    current = read_manifest(ix.output)
+    listed = _hash_sources(files, ix)
+    the_plan = plan(listed, read_docs(ix.output, current), ix.mode, table)
+    for r in the_plan.rejects:
+        logger.warning("rejected %s: %s (%s)", r["source"], r["reason"], r["detail"])
+    retired = retired_shards(current)
+    known = known_keys(ix.output, skip=retired)
+    logger.info("%s %d source files into %s with %s (dim %d): %s; embedding %d files", ix.mode, len(files),
+                ix.output, uri, dim, the_plan.documents, len(the_plan.embed))
+    totals = _embed_stream(cfg, the_plan.embed, info, dim, known, chaos)
+    # normally a no-op: a batch retried after a failure and cut differently
     removed = dedupe_parts([f"{ix.output}/{PAGES}", f"{ix.output}/{REJECTS}"], "key",
-                           first=set(old_manifest["shards"]) if old_manifest else set())
-    base = {**binding, "normalized": True, "metric": "inner_product", "updated_at": now_iso(), "sources": ix.sources}
-    build = ray.remote(build_or_extend_index).options(num_gpus=1 if use_gpu else 0)  # FAISS uses it if it can
-    manifest = ray.get(build.remote(ix.output, base, ix.model_dump()))
+                           first=set(current["shards"]) if current else set())
+    names = [n for n in shards(ix.output, PAGES) if n not in retired]
+    version = next_version(current)
+    build = ray.remote(build_version).options(num_gpus=1 if cfg.scaling.use_gpu else 0)  # FAISS uses it if it can
+    fields, ids = ray.get(build.remote(ix.output, names, dim, ix.model_dump(), current, version))
+    docs = docs_table(the_plan.docs)
+    ids = live_ids(ids, docs)
+    before = set(read_all_ids(ix.output, current).filter(pc.field("live")).column("key").to_pylist()) \
+        if current and "files" in current else set()
+    after = set(ids.filter(pc.field("live")).column("key").to_pylist())
     summary = {
-        "source_files": len(files), "pages_embedded": totals["pages"], "pages_rejected": totals["rejects"],
-        "pages_done_before": len(known), "duplicates_removed": removed, "batches": totals["batches"],
-        "stream_seconds": round(stream_seconds, 2), "embed_seconds": round(totals["embed_seconds"], 2),
-        "pages_per_second": round(totals["pages"] / stream_seconds, 2) if stream_seconds else 0.0,
-        "steady_pages_per_second": round(steady, 2),
-        "index_vectors": manifest["vectors"], "index_type": manifest["index"]["type"],
-        "index_bytes": manifest["index_bytes"], "seconds": round(time.time() - start, 2),
+        "mode": ix.mode, "source_files": len(files), "documents": the_plan.documents,
+        "pages": {"added": len(after - before), "removed": len(before - after), "unchanged": len(after & before)},
+        "pages_embedded": totals["pages"], "pages_rejected": totals["rejects"], "pages_done_before": len(known),
+        "documents_rejected": the_plan.rejects[:100], "duplicates_removed": removed, "batches": totals["batches"],
+        "stream_seconds": round(totals["stream_seconds"], 2), "embed_seconds": round(totals["embed_seconds"], 2),
+        "pages_per_second": round(totals["pages"] / totals["stream_seconds"], 2) if totals["stream_seconds"] else 0.0,
+        "steady_pages_per_second": round(totals["steady"], 2),
     }
-    manifest = {**manifest, "last_run": summary}
-    write_bytes(json.dumps(manifest, indent=2).encode(), f"{ix.output}/{MANIFEST}")
-    logger.info("index summary: %s", summary)
+    files_ = {**((current or {}).get("files") or {}), **fields.pop("files")}
+    files_.pop("ids", None), files_.pop("docs", None)
+    manifest = {**binding, **fields, "files": files_, "version": version, "operation": ix.mode,
+                "normalized": True, "metric": "inner_product", "updated_at": now_iso(), "sources": ix.sources,
+                "created_at": (current or {}).get("created_at", now_iso()), "last_run": summary}
+    manifest = publish(ix.output, manifest, docs, ids, current)
+    removed_share = manifest["removed_pages"] / max(1, manifest["vectors"])
+    if manifest["removed_pages"] and removed_share > ix.compact_removed_share:
+        logger.info("removed pages are %.0f%% of the index (> %.0f%%): compacting", 100 * removed_share,
+                    100 * ix.compact_removed_share)
+        summary["compaction"] = compact(ix.output, ix.model_dump())
+        manifest = read_manifest(ix.output)
+    summary.update({"version": manifest["version"], "index_vectors": manifest["vectors"],
+                    "live_pages": manifest["live_pages"], "index_type": manifest["index"]["type"],
+                    "index_bytes": manifest["index_bytes"], "seconds": round(time.time() - start, 2)})
+    logger.info("index summary: %s", json.dumps({k: summary[k] for k in ("documents", "pages", "version",
+                                                                         "live_pages")}))
     return IndexResult(ix.output, manifest, summary)

@@ -114,10 +114,55 @@ def _set_search_params(index, spec: IndexSpec) -> None:
         index.hnsw.efSearch = spec.params["ef_search"]
 
 
-def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, positions) of the top ``k`` per query; positions are -1 where the index has fewer than k."""
+def search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+           exact_max: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions) of the top ``k`` per query; positions are -1 where fewer than k qualify.
+
+    ``allowed`` (a bool per vector position: not removed, and matching the request's filter) is applied *inside* the
+    search, so top-k stays full under selective filters: up to ``exact_max`` allowed vectors are scored exactly from
+    the index's own storage (flat and HNSW keep the vectors); otherwise FAISS searches with an ``IDSelectorBitmap`` and
+    a search depth (HNSW efSearch, IVF nprobe) widened by the inverse of the allowed share.
+    """
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    return index.search(q, min(k, max(1, index.ntotal)))
+    if allowed is None:
+        return index.search(q, min(k, max(1, index.ntotal)))
+    ids = np.flatnonzero(allowed)
+    if len(ids) == 0:
+        return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
+    k = min(k, len(ids))
+    if len(ids) <= exact_max and _stores_vectors(index):
+        vectors = index.reconstruct_batch(ids.astype(np.int64))
+        scores = q @ vectors.T
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, top, axis=1), ids[top]
+    return index.search(q, k, params=_selector_params(index, allowed, len(ids) / index.ntotal, k))
+
+
+def _stores_vectors(index) -> bool:
+    import faiss
+
+    return isinstance(index, faiss.IndexFlat | faiss.IndexHNSWFlat)
+
+
+def _selector_params(index, allowed: np.ndarray, share: float, k: int):
+    import faiss
+
+    sel = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
+    widen = 1.0 / max(share, 1e-6)
+    if isinstance(index, faiss.IndexHNSW):
+        ef = int(min(max(index.hnsw.efSearch, k) * widen, max(index.ntotal, 1)))
+        params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(ef, index.hnsw.efSearch, k))
+    else:
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            ivf = None
+        if ivf is not None:
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=int(min(ivf.nlist, max(1, ivf.nprobe * widen))))
+        else:
+            params = faiss.SearchParameters(sel=sel)
+    params._selector = sel  # keep the selector alive as long as the parameters
+    return params
 
 
 def write_index(index, path: str | Path) -> None:

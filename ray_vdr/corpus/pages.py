@@ -1,10 +1,12 @@
 """Page corpora: listing sources and turning each file into pages or rejects (pure functions, no Ray).
 
 A *page* is one image the embedder sees: an image file, one page of a PDF rasterised at ``dpi``, or one row of a
-Parquet file with image bytes. Every page has a ``key``, a content hash, which makes the embedding job resumable and
-exactly-once: a page whose key is already in the output (embedded or rejected) is skipped, and two inputs with
-the same content are one page. Keys are cheap to compute before decoding (the file bytes; for PDF pages the file
-bytes, the page number and the dpi), so a rerun skips pages without rendering them.
+Parquet file with image bytes. Every page has a ``key``: its ``content`` hash scoped to its source, which makes the
+embedding job resumable and exactly-once: a page whose key is already in the output (embedded or rejected) is
+skipped, and the same file under two sources is two pages (each with its document's metadata). Keys are cheap to
+compute before decoding (the file bytes; for PDF pages the file bytes, the page number and the dpi), so a rerun skips
+pages without rendering them. Each row also carries its file's content hash (``file_hash``): the index's version
+says which (source, file_hash) pairs are live (:mod:`ray_vdr.corpus.versions`).
 
 Nothing is dropped silently: a file or page that cannot be used becomes a reject row with a short reason.
 """
@@ -31,7 +33,7 @@ from ray_vdr.storage import fs_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PAGE_SCHEMA", "SourceFile", "expand_file", "list_sources", "page_key", "thumbnail"]
+__all__ = ["PAGE_SCHEMA", "SourceFile", "expand_file", "list_sources", "page_key", "scoped", "thumbnail"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 KINDS = {**{s: "image" for s in IMAGE_SUFFIXES}, ".pdf": "pdf", ".parquet": "parquet"}
@@ -40,6 +42,8 @@ KINDS = {**{s: "image" for s in IMAGE_SUFFIXES}, ".pdf": "pdf", ".parquet": "par
 # page's own text where it has one: a PDF page's text layer, an image's sidecar ``<file>.txt``, a Parquet text column.
 PAGE_SCHEMA = pa.schema([
     ("key", pa.string()),
+    ("content", pa.string()),
+    ("file_hash", pa.string()),
     ("doc_id", pa.string()),
     ("source", pa.string()),
     ("page", pa.int32()),
@@ -55,6 +59,7 @@ PAGE_SCHEMA = pa.schema([
 
 MAX_TEXT_CHARS = 100_000  # a page's text is cut here (a page holds a few thousand characters; more is not text)
 SIDECAR_SUFFIX = ".txt"  # page.png + page.png.txt: the text of an image page
+META_SUFFIX = ".json"  # report.pdf + report.pdf.json: a document's metadata (ray_vdr.corpus.metadata)
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,15 @@ class SourceFile:
     doc_id: str  # path relative to the source folder (the file name for a single file)
     kind: str  # image | pdf | parquet | unsupported
     sidecar: str | None = None  # an image's text file (<file>.txt next to it)
+    meta_sidecar: str | None = None  # the document's metadata (<file>.json next to it)
+    file_hash: str | None = None  # its content hash, when known (sync: from the hashing pass)
 
 
 def list_sources(sources: list[str]) -> list[SourceFile]:
-    """Every file under the given folders/files/URIs, sorted; an image's sidecar text file (``<file>.txt``) goes with
-    its image rather than being a source of its own. Raises FileNotFoundError for a missing source."""
+    """Every file under the given folders/files/URIs, sorted, by normalised URI (an absolute path for local files):
+    a source's identity across syncs. Sidecars go with their file rather than being sources of their own: an image's
+    text (``<file>.txt``) and any document's metadata (``<file>.json``). Raises FileNotFoundError for a missing
+    source."""
     out: list[SourceFile] = []
     for src in sources:
         fs, path = fs_path(src)
@@ -76,20 +85,20 @@ def list_sources(sources: list[str]) -> list[SourceFile]:
             raise FileNotFoundError(f"index source {src!r} does not exist")
         prefix = src.split("://", 1)[0] + "://" if "://" in src else ""
         if info.type == pafs.FileType.File:
-            sidecar = path + SIDECAR_SUFFIX
-            has = _kind(path) == "image" and fs.get_file_info(sidecar).type == pafs.FileType.File
-            out.append(SourceFile(src, posixpath.basename(path), _kind(path), src + SIDECAR_SUFFIX if has else None))
-            continue
-        files = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                 if f.type == pafs.FileType.File and not posixpath.basename(f.path).startswith(".")]
+            files, root = [path], posixpath.dirname(path)
+            files += [p for p in (path + SIDECAR_SUFFIX, path + META_SUFFIX)
+                      if fs.get_file_info(p).type == pafs.FileType.File]
+        else:
+            files, root = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                           if f.type == pafs.FileType.File and not posixpath.basename(f.path).startswith(".")], path
         present = set(files)
-        sidecars = {f for f in files if f.endswith(SIDECAR_SUFFIX) and _kind(f[: -len(SIDECAR_SUFFIX)]) == "image"
-                    and f[: -len(SIDECAR_SUFFIX)] in present}
-        for f in sorted(set(files) - sidecars):
-            uri = prefix + f if prefix else f
-            sidecar = f + SIDECAR_SUFFIX if f + SIDECAR_SUFFIX in sidecars else None
-            out.append(SourceFile(uri, posixpath.relpath(f, path), _kind(f),
-                                  (prefix + sidecar if prefix else sidecar) if sidecar else None))
+        texts = {f for f in files if f.endswith(SIDECAR_SUFFIX) and _kind(f[: -len(SIDECAR_SUFFIX)]) == "image"
+                 and f[: -len(SIDECAR_SUFFIX)] in present}
+        metas = {f for f in files if f.endswith(META_SUFFIX) and f[: -len(META_SUFFIX)] in present}
+        for f in sorted(present - texts - metas):
+            text, meta = f + SIDECAR_SUFFIX, f + META_SUFFIX
+            out.append(SourceFile(prefix + f, posixpath.relpath(f, root), _kind(f),
+                                  prefix + text if text in texts else None, prefix + meta if meta in metas else None))
     return out
 
 
@@ -120,8 +129,9 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _reject(key: str, doc_id: str, source: str, page: int | None, reason: str, detail: str = "") -> dict[str, Any]:
-    return {"key": key, "doc_id": doc_id, "source": source, "page": page, "width": None, "height": None,
+def _reject(key: str, doc_id: str, source: str, page: int | None, reason: str, detail: str = "",
+            file_hash: str | None = None) -> dict[str, Any]:
+    return {"key": key, "content": None, "file_hash": file_hash, "doc_id": doc_id, "source": source, "page": page, "width": None, "height": None,
             "image": None, "thumbnail": None, "text": None, "reason": reason, "detail": detail[:500]}
 
 
@@ -133,19 +143,25 @@ def _clean_text(text: str | None) -> str | None:
     return text[:MAX_TEXT_CHARS] or None
 
 
-def _accept(key: str, doc_id: str, source: str, page: int, img: Image.Image, data: bytes | None,
+def _accept(key: tuple[str, str, str], doc_id: str, source: str, page: int, img: Image.Image, data: bytes | None,
             thumb_side: int, text: str | None = None) -> dict[str, Any]:
-    return {"key": key, "doc_id": doc_id, "source": source, "page": page, "width": img.width, "height": img.height,
+    return {"key": key[0], "content": key[1], "file_hash": key[2], "doc_id": doc_id, "source": source, "page": page, "width": img.width, "height": img.height,
             "image": data if data is not None else _png(img), "thumbnail": thumbnail(img, thumb_side),
             "text": _clean_text(text), "reason": None, "detail": None}
 
 
-def _image_page(data: bytes, key: str, doc_id: str, source: str, page: int, limits: ImageLimits,
-                thumb_side: int, text: str | None = None) -> dict[str, Any]:
+def scoped(content: str, source: str, file_hash: str | None) -> tuple[str, str, str | None]:
+    """(key, content, file_hash) of a page: its key is its content key scoped to its source, so the same file under
+    two sources (two teams' copies) is two pages, each with its document's metadata."""
+    return page_key(content, "@", source), content, file_hash
+
+
+def _image_page(data: bytes, key: tuple[str, str, str | None], doc_id: str, source: str, page: int,
+                limits: ImageLimits, thumb_side: int, text: str | None = None) -> dict[str, Any]:
     try:
         img, changed = decode_image(data, limits)
     except ImageRejected as e:
-        return _reject(key, doc_id, source, page, e.reason, e.detail)
+        return _reject(key[0], doc_id, source, page, e.reason, e.detail, key[2])
     return _accept(key, doc_id, source, page, img, None if not changed else _png(img), thumb_side, text)
 
 
@@ -169,16 +185,19 @@ def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: Imag
     try:
         doc = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as e:
-        yield _reject(page_key(file_key, "file"), f.doc_id, f.uri, None, _pdf_failure(data), str(e))
+        yield _reject(scoped(page_key(file_key, "file"), f.uri, file_key)[0], f.doc_id, f.uri, None,
+                      _pdf_failure(data), str(e), file_key)
         return
     try:
         n = len(doc)
         if n == 0:
-            yield _reject(page_key(file_key, "file"), f.doc_id, f.uri, None, "empty_pdf", "the PDF has no pages")
+            yield _reject(scoped(page_key(file_key, "file"), f.uri, file_key)[0], f.doc_id, f.uri, None,
+                          "empty_pdf", "the PDF has no pages", file_key)
             return
         scale = dpi / 72.0
         for i in range(n):
-            key = page_key(file_key, str(i + 1), str(dpi))
+            keys = scoped(page_key(file_key, str(i + 1), str(dpi)), f.uri, file_key)
+            key = keys[0]
             if known(key):
                 continue
             try:
@@ -187,10 +206,11 @@ def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: Imag
                 w, h = round(w_pt * scale), round(h_pt * scale)
                 if w * h > limits.max_pixels:
                     yield _reject(key, f.doc_id, f.uri, i + 1, "page_too_large",
-                                  f"{w_pt:.0f}x{h_pt:.0f} pt at {dpi} dpi = {w}x{h} px > max_pixels {limits.max_pixels}")
+                                  f"{w_pt:.0f}x{h_pt:.0f} pt at {dpi} dpi = {w}x{h} px > max_pixels {limits.max_pixels}",
+                                  file_key)
                     continue
                 if min(w, h) < limits.min_side:
-                    yield _reject(key, f.doc_id, f.uri, i + 1, "too_small", f"{w}x{h} px at {dpi} dpi")
+                    yield _reject(key, f.doc_id, f.uri, i + 1, "too_small", f"{w}x{h} px at {dpi} dpi", file_key)
                     continue
                 img = page.render(scale=scale).to_pil().convert("RGB")
                 textpage = page.get_textpage()
@@ -198,11 +218,11 @@ def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: Imag
                 textpage.close()
                 page.close()
             except Exception as e:  # pdfium raises for damaged page trees and content streams
-                yield _reject(key, f.doc_id, f.uri, i + 1, "corrupt_pdf_page", f"{type(e).__name__}: {e}")
+                yield _reject(key, f.doc_id, f.uri, i + 1, "corrupt_pdf_page", f"{type(e).__name__}: {e}", file_key)
                 continue
             if max(img.size) > limits.max_side:
                 img.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS)
-            yield _accept(key, f.doc_id, f.uri, i + 1, img, None, thumb_side, text)
+            yield _accept(keys, f.doc_id, f.uri, i + 1, img, None, thumb_side, text)
     finally:
         doc.close()
 
@@ -223,12 +243,13 @@ def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limi
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
     except Exception as e:
-        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "corrupt_parquet", f"{type(e).__name__}: {e}")
+        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "corrupt_parquet", f"{type(e).__name__}: {e}",
+                      f.file_hash)
         return
     names = pf.schema_arrow.names
     if image_column not in names:
         yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "missing_column",
-                      f"no column {image_column!r} (has {names})")
+                      f"no column {image_column!r} (has {names})", f.file_hash)
         return
     has_id, has_text = bool(id_column and id_column in names), bool(text_column and text_column in names)
     columns = [image_column] + ([id_column] if has_id else []) + ([text_column] if has_text else [])
@@ -243,11 +264,11 @@ def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limi
             try:
                 data = image_bytes(value)
             except ImageRejected as e:
-                yield _reject(page_key(f.uri, "row", str(row)), doc_id, f.uri, row, e.reason, e.detail)
+                yield _reject(page_key(f.uri, "row", str(row)), doc_id, f.uri, row, e.reason, e.detail, f.file_hash)
                 continue
-            key = page_key(data)
-            if not known(key):
-                yield _image_page(data, key, doc_id, f.uri, row, limits, thumb_side,
+            keys = scoped(page_key(data), f.uri, f.file_hash)
+            if not known(keys[0]):
+                yield _image_page(data, keys, doc_id, f.uri, row, limits, thumb_side,
                                   text if isinstance(text, str) else None)
 
 
@@ -264,16 +285,21 @@ def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, thumb_side: int
         with fs.open_input_stream(path) as fh:
             data = fh.read()
     except OSError as e:
-        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "unreadable", str(e))
+        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "unreadable", str(e), f.file_hash)
         return
     file_key = page_key(data)
+    if f.file_hash is not None and file_key != f.file_hash:
+        yield _reject(page_key(f.uri, "changed", file_key), f.doc_id, f.uri, None, "changed_while_indexing",
+                      "the file changed after it was hashed: the next sync indexes it", f.file_hash)
+        return
     if f.kind == "unsupported":
-        key = page_key(file_key, "file")
+        key = scoped(page_key(file_key, "file"), f.uri, file_key)[0]
         if not known(key):
             yield _reject(key, f.doc_id, f.uri, None, "unsupported_file_type",
-                          f"{posixpath.splitext(path)[1] or 'no suffix'}: expected an image, PDF or Parquet file")
+                          f"{posixpath.splitext(path)[1] or 'no suffix'}: expected an image, PDF or Parquet file",
+                          file_key)
     elif f.kind == "pdf":
-        if not known(page_key(file_key, "file")):
+        if not known(scoped(page_key(file_key, "file"), f.uri, file_key)[0]):
             yield from _pdf_pages(data, file_key, f, dpi, limits, thumb_side, known)
-    elif not known(file_key):
-        yield _image_page(data, file_key, f.doc_id, f.uri, 1, limits, thumb_side, _sidecar_text(f.sidecar))
+    elif not known((keys := scoped(file_key, f.uri, file_key))[0]):
+        yield _image_page(data, keys, f.doc_id, f.uri, 1, limits, thumb_side, _sidecar_text(f.sidecar))

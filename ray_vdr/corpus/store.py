@@ -2,11 +2,13 @@
 
 Layout under an index's ``output`` (a folder or URI)::
 
-    pages/part-<hash>.parquet     key, doc_id, source, page, width, height, image, thumbnail, text, embedding
-    rejects/part-<hash>.parquet   key, doc_id, source, page, reason, detail
-    index.faiss, ids.parquet      the index; row i of ids.parquet is vector i (key, doc_id, source, page, shard, row)
-    manifest.json                 what made the index: the embedder's binding and identity, dim, type, counts
-    embedding.json                the model, dim and dpi of the shards (every later run must match them)
+    pages/part-<hash>.parquet     key, content, file_hash, doc_id, source, page, width, height, image, thumbnail, text,
+                                  embedding
+    rejects/part-<hash>.parquet   key, file_hash, doc_id, source, page, reason, detail
+    versions/v-<n>/               a published version: manifest, ids (row i = vector i, with ``live`` and metadata),
+                                  documents, and its FAISS index (:mod:`ray_vdr.corpus.versions`)
+    manifest.json                 the current version's manifest (the commit point)
+    embedding.json                the model, dim, dpi and key scheme of the shards (every later run must match them)
 
 The manifest binds the index to its embedder (:func:`ray_vdr.models.load.embedder_binding` plus the model's full
 fingerprint and cheap signature): :func:`check_manifest` refuses to pair it with another model or dimension, which
@@ -58,17 +60,24 @@ def read_shard(output: str, kind: str, name: str, columns: list[str] | None = No
     return read_table(f"{output}/{kind}/{name}", columns)
 
 
-def known_keys(output: str) -> set[str]:
-    """Keys already embedded or rejected under ``output`` (reads one column of every shard)."""
+def known_keys(output: str, skip: set[str] = frozenset()) -> set[str]:
+    """Keys already embedded or rejected under ``output`` (reads one column of every shard but the ``skip`` ones:
+    shards a compaction retired)."""
     keys: set[str] = set()
     for kind in (PAGES, REJECTS):
         for name in shards(output, kind):
+            if name in skip:
+                continue
             keys.update(read_shard(output, kind, name, ["key"]).column("key").to_pylist())
     return keys
 
 
-def read_ids(output: str) -> pa.Table:
-    return read_table(f"{output}/{IDS_FILE}")
+def read_ids(output: str, manifest: dict[str, Any] | None = None) -> pa.Table:
+    """The ids of every vector position of the current version (or of ``manifest``'s), removed ones included
+    (``live`` False)."""
+    manifest = manifest or read_manifest(output)
+    files = (manifest or {}).get("files") or {"ids": IDS_FILE}
+    return read_table(f"{output}/{files['ids']}")
 
 
 def read_manifest(output: str) -> dict[str, Any] | None:
@@ -109,38 +118,82 @@ def check_manifest(manifest: dict[str, Any], *, model_path: str | None = None, f
 
 @dataclass
 class PageIndex:
-    """A loaded index: FAISS index, its id table (row i = vector i) and manifest."""
+    """A loaded index version: FAISS index, its id table (row i = vector i, removed ones included) and manifest.
+    Searches skip removed pages and apply metadata filters inside FAISS (:func:`ray_vdr.corpus.faiss_index.search`)."""
 
     index: Any
     ids: pa.Table
     manifest: dict[str, Any]
     output: str
 
-    def search(self, queries, k: int) -> list[list[dict[str, Any]]]:
-        """Top-``k`` pages per query vector: key, doc_id, source, page, score, rank (1-based), position."""
+    def __post_init__(self):
+        from ray_vdr.corpus.versions import allowed_positions
+
+        self.live = allowed_positions(self.ids)  # None: nothing removed
+        self._fields = None
+        self._meta = self.ids.column("metadata") if "metadata" in self.ids.column_names else None
+
+    @property
+    def fields(self):
+        """Metadata columns of every position, for filters (built on first use)."""
+        from ray_vdr.corpus.metadata import PositionFields
+
+        if self._fields is None:
+            meta = self._meta.to_pylist() if self._meta is not None else [None] * self.ids.num_rows
+            self._fields = PositionFields(self.ids.column("doc_id").to_pylist(),
+                                          self.ids.column("source").to_pylist(), meta)
+        return self._fields
+
+    def allowed(self, clauses: list | None = None) -> np.ndarray | None:
+        """Live positions matching ``clauses`` (FilterError for an unknown field or a wrong type); None = all."""
+        if not clauses:
+            return self.live
+        mask = self.fields.mask(clauses)
+        return mask if self.live is None else mask & self.live
+
+    def search(self, queries, k: int, clauses: list | None = None) -> list[list[dict[str, Any]]]:
+        """Top-``k`` live pages per query vector (matching ``clauses``): key, doc_id, source, page, score, rank
+        (1-based), position, file_hash, content, metadata."""
+        import json
+
         from ray_vdr.corpus.faiss_index import search
 
-        scores, positions = search(self.index, queries, k)
-        cols = {c: self.ids.column(c) for c in ("key", "doc_id", "source", "page")}
+        scores, positions = search(self.index, queries, k, self.allowed(clauses))
+        cols = {c: self.ids.column(c) for c in ("key", "doc_id", "source", "page", "file_hash", "content")
+                if c in self.ids.column_names}
         out = []
         for row_scores, row_pos in zip(scores, positions, strict=True):
             found = [(s, p) for s, p in zip(row_scores, row_pos, strict=True) if p >= 0]
-            out.append([{**{c: col[int(pos)].as_py() for c, col in cols.items()}, "score": float(score),
-                         "rank": rank, "position": int(pos)} for rank, (score, pos) in enumerate(found, start=1)])
+            hits = []
+            for rank, (score, pos) in enumerate(found, start=1):
+                meta = self._meta[int(pos)].as_py() if self._meta is not None else None
+                hits.append({**{c: col[int(pos)].as_py() for c, col in cols.items()}, "score": float(score),
+                             "rank": rank, "position": int(pos), "metadata": json.loads(meta) if meta else {}})
+            out.append(hits)
         return out
 
 
-def open_index(output: str, *, model_path: str | None = None, dim: int | None = None) -> PageIndex:
-    """Load the index under ``output``; refuses it (IndexMismatch) when ``model_path`` is not the model it was built
-    with or ``dim`` is not its dimension."""
-    manifest = read_manifest(output)
+def open_index(output: str, *, model_path: str | None = None, dim: int | None = None,
+               version: int | None = None) -> PageIndex:
+    """Load the current version of the index under ``output`` (or ``version``); refuses it (IndexMismatch) when
+    ``model_path`` is not the model it was built with or ``dim`` is not its dimension."""
+    from ray_vdr.corpus.versions import read_version
+
+    manifest = read_manifest(output) if version is None else read_version(output, version)
     if manifest is None:
-        raise FileNotFoundError(f"no index at {output} ({MANIFEST} missing): run jobs/embed_corpus.py first")
+        raise FileNotFoundError(f"no index at {output} ({MANIFEST} missing{f' for version {version}' if version else ''}"
+                                "): run jobs/embed_corpus.py first")
     check_manifest(manifest, model_path=model_path, dim=dim, where=f"the index at {output}")
+    files = manifest.get("files") or {"index": INDEX_FILE, "ids": IDS_FILE}
+    ids = read_table(f"{output}/{files['ids']}")
+    if "index" not in files:  # every source rejected: an empty index
+        import faiss
+
+        return PageIndex(faiss.IndexFlatIP(manifest["dim"]), ids, manifest, output)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{INDEX_FILE}"))
+        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{files['index']}"))
         index = read_index(Path(tmp) / INDEX_FILE, manifest["index"])
-    return PageIndex(index, read_ids(output), manifest, output)
+    return PageIndex(index, ids, manifest, output)
 
 
 class PageStore:
@@ -154,8 +207,10 @@ class PageStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, output: str, cache_bytes: int = 256 << 20) -> PageStore:
-        return cls(output, read_ids(output), cache_bytes)
+    def open(cls, output: str, cache_bytes: int = 256 << 20, version: int | None = None) -> PageStore:
+        from ray_vdr.corpus.versions import read_version
+
+        return cls(output, read_ids(output, read_version(output, version) if version else None), cache_bytes)
 
     def get(self, positions: list[int], column: str = "image") -> list[Any]:
         """The ``column`` (image, thumbnail or embedding) of each vector position; one read per shard for the
@@ -190,8 +245,10 @@ class PageStore:
                 self._held -= len(old) if isinstance(old, bytes) else 4 * len(old)
 
     def position(self, doc_id: str, page: int | None) -> int | None:
-        """The vector position of a document's page (its first page when ``page`` is None)."""
+        """The vector position of a document's live page (its first page when ``page`` is None)."""
         mask = pc.equal(self.ids.column("doc_id"), doc_id)
+        if "live" in self.ids.column_names:  # a removed page is not served
+            mask = pc.and_(mask, self.ids.column("live"))
         if page is not None:
             mask = pc.and_(mask, pc.equal(self.ids.column("page"), page))
         hits = np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False)).tolist()

@@ -94,7 +94,7 @@ def select_negatives(hits: list[dict[str, Any]], positive_key: str, positive_sco
     for hit in hits:
         if not cfg.rank_min <= hit["rank"] <= cfg.rank_max:
             continue
-        if hit["key"] == positive_key:
+        if positive_key in (hit["key"], hit.get("content")):
             dropped["positive"] += 1
         elif exclude_doc is not None and hit["doc_id"] == exclude_doc:
             dropped["same_document"] += 1
@@ -185,7 +185,7 @@ class IndexMiner:
             sims = {h["position"]: float(stored[h["position"]] @ p[i]) for h in hits[i]}
             chosen, why = select_negatives(hits[i], positive_keys[i], pos_score, sims, cfgs[i], rid,
                                            exclude_docs[i] if exclude_docs else None)
-            rank = next((h["rank"] for h in hits[i] if h["key"] == positive_keys[i]), None)
+            rank = next((h["rank"] for h in hits[i] if positive_keys[i] in (h["key"], h.get("content"))), None)
             out.append(Mined(chosen, why, pos_score, rank, len(hits[i])))
         return out
 

@@ -37,3 +37,25 @@ def test_index_recall_against_exact_search(kind, min_recall):
     assert recall >= min_recall, (kind, recall)
     assert np.all(np.diff(scores, axis=1) <= 1e-5)  # best first
     assert index.ntotal == len(data)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_sq8", "ivf_pq"])
+@pytest.mark.parametrize("exact_max", [65_536, 0])  # the exact subset path, and FAISS's IDSelector path
+def test_filter_inside_the_search_keeps_top_k_full(kind, exact_max):
+    """A collection holding 1% of the pages: every result is in it, top-k is full, and the planted page (the
+    query's own vector, inside the collection) comes first; a removed page is never returned."""
+    data = _clustered(6000, 64)
+    rng = np.random.default_rng(2)
+    allowed = np.zeros(len(data), bool)
+    allowed[rng.choice(len(data), 60, replace=False)] = True
+    planted = np.flatnonzero(allowed)[:5]
+    index = build_index(data, choose_spec(len(data), 64, IndexConfig(index_type=kind, ivf_nprobe=8)))
+    scores, got = search(index, data[planted], 10, allowed, exact_max=exact_max)
+    assert (got >= 0).all(), "top-k stays full under a 1% filter"
+    assert allowed[got].all(), "every result matches the filter"
+    if kind in ("flat", "hnsw"):  # exact vectors: the page itself is its own best match
+        assert (got[:, 0] == planted).all()
+    removed = allowed.copy()
+    removed[planted] = False
+    _, again = search(index, data[planted], 10, removed, exact_max=exact_max)
+    assert not np.isin(again, planted).any(), "a removed position never comes back"

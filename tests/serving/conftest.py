@@ -117,7 +117,7 @@ def endpoint(corpus_index, tiny_reranker, planted):
     from ray_vdr.endpoint import deploy
 
     # it follows a live manifest (none yet: it serves corpus_index), as `ray-vdr promote` needs (the last test)
-    cfg = serve_cfg(corpus_index, free_port(), reranker=str(tiny_reranker), index_poll_s=0.5,
+    cfg = serve_cfg(corpus_index, free_port(), reranker=str(tiny_reranker), index_poll_s=0.5, admin_deletes=True,
                      live=str(corpus_index.parent / "live.json"))
     url = deploy(cfg, ready_timeout_s=240)
     yield url

@@ -27,7 +27,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     below the bar is then rejected and recorded, and the endpoint keeps serving the live generation."""
     from sentence_transformers import SentenceTransformer
 
-    from ray_vdr.corpus.live import generation
+    from ray_vdr.corpus.live import base_id, generation
     from ray_vdr.models.builders import build_qwen3vl_embedder
     from ray_vdr.models.processor import install_image_only_processor
     from ray_vdr.promote import run
@@ -48,7 +48,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
         i = n
         while not stop.is_set():
             status, _, answer = post(endpoint, {"query": queries[i % len(queries)], "top_k": 3, "rerank_depth": 2})
-            answers.append((status, answer.get("generation"), answer.get("detail", "")))
+            answers.append((status, base_id(answer.get("generation") or ""), answer.get("detail", "")))
             i += 1
 
     clients = [threading.Thread(target=client, args=(n,)) for n in range(2)]
@@ -75,7 +75,8 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     assert doc["live"]["id"] == new and doc["live"]["model"] == str(candidate)
     assert doc["live"]["index"] == result.candidate["index"] and doc["previous"]["id"] == old
     assert doc["history"][-1]["decision"] == "promoted" and "ndcg@10" in doc["history"][-1]["candidate"]["metrics"]
-    assert get(endpoint + "healthz")[0] == 200 and json.loads(get(endpoint + "healthz")[2])["generation"] == new
+    health = json.loads(get(endpoint + "healthz")[2])
+    assert get(endpoint + "healthz")[0] == 200 and base_id(health["generation"]) == new
 
     # answers come from the new index: the candidate's brute-force top 3 over the vectors its index stored
     install_image_only_processor()
@@ -85,7 +86,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     v = st.encode_query([queries[0]], truncate_dim=32, normalize_embeddings=True, convert_to_numpy=True)[0]
     top = np.argsort(-(emb @ v))[:3]
     status, _, answer = post(endpoint, {"query": queries[0], "top_k": 3, "rerank_depth": 0})
-    assert status == 200 and answer["generation"] == new
+    assert status == 200 and base_id(answer["generation"]) == new
     assert [r["doc_id"] for r in answer["results"]] == [pages.column("doc_id")[int(i)].as_py() for i in top]
     assert np.allclose([r["score"] for r in answer["results"]], emb[top] @ v, atol=1e-4)
 
@@ -96,7 +97,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     doc = json.loads(live_json.read_text())
     assert doc["live"]["id"] == new and doc["history"][-1]["decision"] == "rejected"
     assert doc["history"][-1]["candidate"]["model"] == str(tiny_qwen)
-    assert post(endpoint, {"query": queries[1], "top_k": 3})[2]["generation"] == new
+    assert base_id(post(endpoint, {"query": queries[1], "top_k": 3})[2]["generation"]) == new
     # the live model again: nothing is embedded, evaluated or written
     again = run(load_config(ROOT / "configs/demo.yaml", [*base, f"promote.model={candidate}"]))
     assert not again.promoted and "already live" in again.reason and again.metrics == {}

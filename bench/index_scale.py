@@ -1,0 +1,290 @@
+"""How large a corpus one Retriever replica holds: memory per page of each FAISS index type and of the id table,
+measured, and the largest corpus at a given memory, computed from those measurements (not a test).
+
+Measured, on random normalised vectors (a size does not depend on the vectors) at each of ``--sizes`` x ``--dims``:
+
+- each index type as the corpus job builds it (``ray_vdr.corpus.faiss_index``: flat; HNSW M 32; IVF-SQ8; IVF-PQ at
+  dim/8 bytes a vector; IVF lists ~4·sqrt(n)): its serialized size (``faiss.serialize_index``), and the resident
+  memory a fresh process gains loading it the way a Retriever replica does (``open_index``: the file's bytes → a
+  temporary file → ``read_index``), after loading and at the peak;
+- the id table a replica holds beside the index (ids.parquet, row i = vector i): key (64 hex), doc_id (~30 chars),
+  source (~80), page (int32), shard (45), row (int32), file_hash (64 hex), content (64 hex), live (bool), metadata
+  (JSON, ~80 chars): its Arrow ``nbytes`` and the resident memory gained reading it from Parquet; and the filter
+  columns ``ray_vdr.corpus.metadata.PositionFields`` builds from it (numpy object arrays), where that module exists;
+- a process with the Retriever's imports (``serving.deployments``, faiss, pyarrow): its resident memory.
+
+Per page means marginal: (figure at the largest n − figure at the smallest) ÷ the difference in n, so fixed parts (IVF
+centroids, PQ codebooks, the interpreter) fall out. Build shortcuts that change no size, checked in the same run at the
+smallest size and dimension: HNSW built with efConstruction 40 instead of 200 (every node has room for 2·M links at
+level 0 whatever the construction depth), IVF-PQ without polysemous training (it reorders each sub-quantizer's
+centroids; codes keep their size).
+
+Computed from those figures, and labelled so: the largest corpus one replica holds at each of ``--memory`` GiB with
+``--headroom`` of it kept free, for one generation (a fixed index) and for two (with a live manifest a replica holds
+the live and the previous generation, and loads a new one beside the live one at a promotion); assumptions in
+the output.
+
+    python bench/index_scale.py                          # 20k and 100k vectors at 128, 512, 1024-d, ~4 min on 2 cores
+    python bench/index_scale.py --sizes 20000,50000 --dims 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+from common import write_json  # noqa: E402
+
+GIB = 2 ** 30
+TYPES = ("flat", "hnsw", "ivf_sq8", "ivf_pq")
+PAGE_CACHE = 256 << 20  # PageStore's default LRU cache of page bytes, one per loaded generation
+
+# Run in a fresh process: the resident memory it gains loading one thing, after and at the peak.
+LOADER = r"""
+import gc, json, re, sys, tempfile
+from pathlib import Path
+
+def mem():
+    s = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", s).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+
+what, path = sys.argv[1], sys.argv[2]
+import faiss, numpy, pyarrow  # noqa: F401
+from ray_vdr.corpus.faiss_index import INDEX_FILE, read_index
+from ray_vdr.storage import read_bytes, read_table
+if what == "baseline":
+    import serving.deployments  # noqa: F401
+gc.collect()
+before = mem()
+if what == "index":  # as ray_vdr.corpus.store.open_index
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(path))
+        obj = read_index(Path(tmp) / INDEX_FILE)
+elif what == "ids":
+    obj = read_table(path)
+elif what == "filters":
+    from ray_vdr.corpus.metadata import PositionFields
+    t = read_table(path, ["doc_id", "source", "metadata"])
+    gc.collect()
+    before = mem()
+    obj = PositionFields(t.column("doc_id").to_pylist(), t.column("source").to_pylist(),
+                         t.column("metadata").to_pylist())
+gc.collect()
+after = mem()
+print(json.dumps({"rss": after["VmRSS"], "before": before["VmRSS"], "grown": after["VmRSS"] - before["VmRSS"],
+                  "peak": max(after["VmHWM"], after["VmRSS"]) - before["VmRSS"]}))
+"""
+
+
+def loaded(what: str, path: str = "-") -> dict:
+    out = subprocess.run([sys.executable, "-c", LOADER, what, path], capture_output=True, text=True, cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=600)
+    if out.returncode:
+        raise RuntimeError(f"loading {what} {path} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build(kind: str, x: np.ndarray, *, shortcut: bool = True):
+    """The index the corpus job builds for ``kind``, with the size-neutral build shortcuts unless told not to."""
+    import faiss
+
+    from ray_vdr.config import IndexConfig
+    from ray_vdr.corpus.faiss_index import _factory, _set_search_params, add_to, build_index, choose_spec
+
+    n, dim = x.shape
+    if kind == "hnsw":
+        spec = choose_spec(n, dim, IndexConfig(index_type="hnsw", **({"hnsw_ef_construction": 40} if shortcut else {})))
+        return build_index(x, spec), spec
+    spec = choose_spec(n, dim, IndexConfig(index_type=kind))
+    if kind != "ivf_pq" or not shortcut:
+        return build_index(x, spec), spec
+    index = _factory(spec, dim)  # as build_index, without polysemous training
+    faiss.extract_index_ivf(index).do_polysemous_training = False
+    index.train(x if n <= 262_144 else x[np.sort(np.random.default_rng(0).choice(n, 262_144, replace=False))])
+    add_to(index, x)
+    _set_search_params(index, spec)
+    return index, spec
+
+
+def id_table(n: int, seed: int = 0):
+    """The id table of ``n`` pages at realistic column widths."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+
+    def hexes(nbytes: int) -> list[str]:
+        return [r.tobytes().hex() for r in rng.integers(0, 256, (n, nbytes), dtype=np.uint8)]
+
+    tag = hexes(5)
+    doc = [f"report-{i:09d}-{t[:9]}.pdf" for i, t in enumerate(tag)]
+    collections = ["finance", "legal", "hr-policies", "engineering", "sales"]
+    return pa.table({
+        "key": hexes(32),
+        "doc_id": doc,
+        "source": [f"s3://acme-documents/collections/{collections[i % 5]}/2021/q3/v2/{d}" for i, d in enumerate(doc)],
+        "page": pa.array(rng.integers(0, 40, n), pa.int32()),
+        "shard": [f"pages/part-{i // 4096:05d}-{t}{t[:10]}.parquet" for i, t in enumerate(tag)],
+        "row": pa.array(np.arange(n) % 4096, pa.int32()),
+        "file_hash": hexes(32),
+        "content": hexes(32),
+        "live": pa.array(rng.random(n) > 0.05),
+        "metadata": [json.dumps({"collection": collections[i % 5], "tenant": f"acme-{i % 9}", "year": 2000 + i % 25,
+                                 "lang": "en", "title": f"Q{i % 4 + 1} report"}) for i in range(n)],
+    })
+
+
+def marginal(rows: list[dict], key: str) -> float:
+    """Bytes per page between the smallest and the largest n."""
+    lo, hi = min(rows, key=lambda r: r["n"]), max(rows, key=lambda r: r["n"])
+    return (hi[key] - lo[key]) / (hi["n"] - lo["n"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="20000,100000", help="vectors per index (at least two: per page is marginal)")
+    p.add_argument("--dims", default="128,512,1024")
+    p.add_argument("--types", default=",".join(TYPES))
+    p.add_argument("--id-rows", default="100000,1000000", help="rows of the id table (at least two)")
+    p.add_argument("--memory", default="16,64,256", help="GiB per replica, for the computed capacity")
+    p.add_argument("--headroom", type=float, default=0.25, help="share of a replica's memory kept free")
+    p.add_argument("--json", default=None,
+                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
+    args = p.parse_args()
+    import faiss
+
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    dims = [int(d) for d in args.dims.split(",")]
+    types = args.types.split(",")
+    began = time.perf_counter()
+    report: dict = {"args": vars(args), "indexes": [], "checks": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        report["baseline"] = loaded("baseline")
+        print(f"process with the Retriever's imports: {report['baseline']['rss'] / 2**20:,.0f} MiB resident",
+              flush=True)
+
+        # the build shortcuts change no size: checked at the smallest size and dimension
+        x = vectors(sizes[0], dims[0])
+        for kind, what in (("hnsw", "efConstruction 200 vs 40"), ("ivf_pq", "polysemous training on vs off")):
+            if kind in types:
+                full, short = (len(faiss.serialize_index(build(kind, x, shortcut=s)[0])) for s in (False, True))
+                report["checks"][kind] = {"what": what, "n": sizes[0], "dim": dims[0], "as_built": full,
+                                          "shortcut": short, "same": full == short}
+                print(f"check {kind} {what}: {full:,} vs {short:,} bytes serialized "
+                      f"({'same' if full == short else 'DIFFERENT'})", flush=True)
+
+        for dim in dims:
+            for n in sizes:
+                x = vectors(n, dim)
+                for kind in types:
+                    t = time.perf_counter()
+                    index, spec = build(kind, x)
+                    seconds = time.perf_counter() - t
+                    path = Path(tmp) / f"{kind}-{dim}-{n}.faiss"
+                    faiss.write_index(index, str(path))
+                    ser = len(faiss.serialize_index(index))
+                    del index
+                    mem = loaded("index", str(path))
+                    path.unlink()
+                    row = {"type": kind, "dim": dim, "n": n, "spec": spec.as_dict(), "build_seconds": round(seconds, 1),
+                           "serialized": ser, "rss": mem["grown"], "peak": mem["peak"]}
+                    report["indexes"].append(row)
+                    print(f"{kind:<8} dim {dim:<5} n {n:>8,}: serialized {ser / n:8.1f} B/page, loaded +{mem['grown']:,} "
+                          f"B (peak +{mem['peak']:,}), built in {seconds:.1f} s", flush=True)
+        per_page = {}
+        for kind in types:
+            for dim in dims:
+                rows = [r for r in report["indexes"] if r["type"] == kind and r["dim"] == dim]
+                per_page.setdefault(kind, {})[str(dim)] = {k: round(marginal(rows, k), 1)
+                                                          for k in ("serialized", "rss", "peak")}
+        report["per_page"] = per_page
+
+        ids = {"rows": []}
+        for n in sorted(int(s) for s in args.id_rows.split(",")):
+            table = id_table(n)
+            if "widths" not in ids:
+                ids["widths"] = {c: round(float(np.mean([len(v) for v in table.column(c).to_pylist()[:1000]])), 1)
+                                 for c in table.column_names if table.schema.field(c).type == "string"}
+            path = Path(tmp) / f"ids-{n}.parquet"
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, path)
+            row = {"n": n, "nbytes": table.nbytes, **{k: v for k, v in loaded("ids", str(path)).items()
+                                                      if k in ("grown", "peak")}}
+            try:
+                import ray_vdr.corpus.metadata  # noqa: F401
+
+                f = loaded("filters", str(path))
+                row.update(filters_grown=f["grown"], filters_peak=f["peak"])
+            except ImportError:
+                pass
+            ids["rows"].append(row)
+            print(f"id table {n:,} rows: nbytes {table.nbytes / n:.1f} B/row, loaded from Parquet +{row['grown']:,} B "
+                  f"(peak +{row['peak']:,})" + (f", PositionFields +{row['filters_grown']:,} B"
+                                                  if "filters_grown" in row else ""), flush=True)
+            del table
+        ids["per_row"] = {k: round(marginal(ids["rows"], k), 1) for k in ("nbytes", "grown", "peak", "filters_grown")
+                          if k in ids["rows"][0]}
+        report["ids"] = ids
+
+    report["computed"] = capacity(report, [float(m) for m in args.memory.split(",")], args.headroom)
+    report["seconds"] = round(time.perf_counter() - began, 1)
+    print("\nmeasured bytes per page (marginal):")
+    for kind, by_dim in per_page.items():
+        print(f"  {kind:<8} " + "  ".join(f"{d}-d: serialized {v['serialized']:,.0f}, loaded {v['rss']:,.0f}, "
+                                           f"peak {v['peak']:,.0f}" for d, v in by_dim.items()))
+    print(f"  id table: {ids['per_row']}")
+    print("\nCOMPUTED (not measured) largest corpus per replica, " + report["computed"]["formula"])
+    for r in report["computed"]["rows"]:
+        print(f"  {r['type']:<8} {r['dim']:>5}-d {r['memory_gib']:>5.0f} GiB: one generation "
+              f"{r['one_generation']:>13,} pages, two generations {r['two_generations']:>13,}, "
+              f"with filter columns {r.get('one_generation_with_filters', '-'):>13,}")
+    print(f"\ndone in {report['seconds']:.0f} s")
+    write_json(args.json, report)
+    return 0
+
+
+def capacity(report: dict, memory_gib: list[float], headroom: float) -> dict:
+    """The largest corpus one replica holds, COMPUTED from the measured per-page and fixed figures."""
+    ids = report["ids"]["per_row"]
+    base = report["baseline"]["rss"]
+    ids_steady, ids_peak = max(ids["nbytes"], ids["grown"]), max(ids["nbytes"], ids["grown"], ids["peak"])
+    filters = ids.get("filters_grown")
+    rows = []
+    for kind, by_dim in report["per_page"].items():
+        for dim, v in by_dim.items():
+            steady = max(v["serialized"], v["rss"]) + ids_steady
+            peak = max(v["serialized"], v["rss"], v["peak"]) + ids_peak
+            for gib in memory_gib:
+                usable = gib * GIB * (1 - headroom) - base
+                row = {"type": kind, "dim": int(dim), "memory_gib": gib, "bytes_per_page": round(steady, 1),
+                       "one_generation": int((usable - PAGE_CACHE) / peak),
+                       "two_generations": int((usable - 2 * PAGE_CACHE) / (steady + peak))}
+                if filters:
+                    row["one_generation_with_filters"] = int((usable - PAGE_CACHE) / (peak + filters))
+                rows.append(row)
+    return {"headroom": headroom, "baseline_bytes": base, "page_cache_bytes": PAGE_CACHE,
+            "formula": f"memory x (1 - {headroom}) - the Retriever process ({base / 2**20:,.0f} MiB, measured) - "
+                       f"{PAGE_CACHE >> 20} MiB page cache per generation (PageStore's default), divided by: one "
+                       "generation, the load peak per page (index + id table); two generations (live + previous), "
+                       "one held (index + id table) plus one loading (its peak)",
+            "rows": rows}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Building a version's FAISS index from the page shards: build, extend, or compact (drop removed pages) (no Ray).
+
+A version's index covers the rows of its shards; row i of its ids table is vector i. Building writes the index into
+the new version's folder (:mod:`ray_vdr.corpus.versions`) and returns the manifest fields and the ids; nothing is
+current until :func:`ray_vdr.corpus.versions.publish` commits it, so a build killed midway is rebuilt by the rerun.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ray_vdr.corpus.faiss_index import INDEX_FILE, IndexSpec, add_to, build_index, choose_spec, read_index, write_index
+from ray_vdr.corpus.versions import VERSIONS
+from ray_vdr.storage import fs_path, part_name, read_bytes, read_table, write_bytes, write_table
+
+__all__ = ["ID_COLUMNS", "build_version", "compact_version", "index_files", "read_all_ids"]
+
+ID_COLUMNS = ["key", "doc_id", "source", "page", "file_hash", "content"]
+
+
+def index_files(manifest: dict[str, Any]) -> dict[str, str]:
+    """The files of a version, relative to the index folder (an index from before versions: the top-level ones)."""
+    return manifest.get("files") or {"index": INDEX_FILE, "ids": "ids.parquet"}
+
+
+def read_all_ids(output: str, manifest: dict[str, Any]) -> pa.Table:
+    return read_table(f"{output}/{index_files(manifest)['ids']}")
+
+
+def _vectors(output: str, names: list[str]) -> tuple[pa.Table | None, np.ndarray]:
+    """The id rows (with shard and row) and the stored vectors of these page shards, in order."""
+    ids, vecs = [], []
+    for name in names:
+        t = read_table(f"{output}/pages/{name}", [*ID_COLUMNS, "embedding"])
+        if not t.num_rows:
+            continue
+        emb = t.column("embedding").combine_chunks()
+        vecs.append(emb.values.to_numpy(zero_copy_only=False).reshape(t.num_rows, emb.type.list_size))
+        ids.append(t.drop_columns(["embedding"]).append_column("shard", pa.array([name] * t.num_rows))
+                   .append_column("row", pa.array(range(t.num_rows), pa.int32())))
+    if not vecs:
+        return None, np.zeros((0, 0), np.float32)
+    return pa.concat_tables(ids), np.concatenate(vecs).astype(np.float32)
+
+
+def _write(index, output: str, version: int) -> tuple[str, int]:
+    rel = f"{VERSIONS}/v-{version:06d}/{INDEX_FILE}"
+    with tempfile.TemporaryDirectory() as tmp:
+        write_index(index, Path(tmp) / INDEX_FILE)
+        data = (Path(tmp) / INDEX_FILE).read_bytes()
+    write_bytes(data, f"{output}/{rel}")
+    return rel, len(data)
+
+
+def _load(output: str, manifest: dict[str, Any]):
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{index_files(manifest)['index']}"))
+        return read_index(Path(tmp) / INDEX_FILE, manifest["index"])
+
+
+def build_version(output: str, names: list[str], dim: int, index_cfg: dict, current: dict[str, Any] | None,
+                  version: int) -> tuple[dict[str, Any], pa.Table]:
+    """The index over the page shards ``names`` for ``version``: the current version's index extended with the new
+    shards while the corpus size still calls for its type (an IVF quantiser stays valid as the corpus grows), else
+    built anew. Returns the manifest fields and the ids of every position. Runs as a Ray task (GPU if any)."""
+    from ray_vdr.config import IndexConfig
+
+    cfg = IndexConfig.model_validate(index_cfg)
+    t0 = time.perf_counter()
+    fs, _ = fs_path(output)
+    total = sum(pq.ParquetFile(fs_path(f"{output}/pages/{n}")[1], filesystem=fs).metadata.num_rows for n in names)
+    spec = choose_spec(total, dim, cfg)
+    extend = (current is not None and "files" in current and current["index"]["type"] == spec.type
+              and set(current["shards"]) <= set(names))
+    if extend:
+        spec = IndexSpec(current["index"]["type"], current["index"]["params"])
+        new = [n for n in names if n not in set(current["shards"])]
+        ids, vectors = _vectors(output, new)
+        old_ids = read_all_ids(output, current).select([*ID_COLUMNS, "shard", "row"])
+        ids = pa.concat_tables([old_ids, ids]) if ids is not None else old_ids
+        if len(vectors):
+            index = _load(output, current)
+            add_to(index, vectors)
+            rel, size = _write(index, output, version)
+        else:  # nothing new: this version shares the current one's index file
+            rel, size = index_files(current)["index"], current["index_bytes"]
+        ntotal = ids.num_rows
+    else:
+        ids, vectors = _vectors(output, names)
+        if ids is None:
+            ids = pa.table({c: pa.array([], pa.int32() if c == "page" else pa.string()) for c in ID_COLUMNS}) \
+                .append_column("shard", pa.array([], pa.string())).append_column("row", pa.array([], pa.int32()))
+        index = build_index(vectors, spec) if len(vectors) else None
+        rel, size = _write(index, output, version) if index is not None else (None, 0)
+        ntotal = int(index.ntotal) if index is not None else 0
+    fields = {"index": spec.as_dict(), "vectors": ntotal, "index_bytes": size, "shards": names, "extended": extend,
+              "added_vectors": int(len(vectors)), "build_seconds": round(time.perf_counter() - t0, 3),
+              "files": {"index": rel} if rel else {}}
+    return fields, ids
+
+
+def compact_version(output: str, current: dict[str, Any], index_cfg: dict, version: int
+                    ) -> tuple[dict[str, Any], pa.Table]:
+    """Drop the removed pages for good: rewrite every shard holding one with its live rows only (a new shard, named by
+    its keys like any other), and build the index anew over the live rows. The old shards are *retired*: the
+    previous version still uses them while the endpoint switches, and the version after this one deletes them."""
+    ids = read_all_ids(output, current)
+    live = ids.column("live").to_numpy(zero_copy_only=False).astype(bool) if "live" in ids.column_names else \
+        np.ones(ids.num_rows, bool)
+    dead_shards = set(ids.filter(pa.array(~live)).column("shard").to_pylist())
+    live_keys = set(ids.filter(pa.array(live)).column("key").to_pylist())
+    names, retired = [], set()
+    for name in current["shards"]:
+        if name not in dead_shards:
+            names.append(name)
+            continue
+        t = read_table(f"{output}/pages/{name}")
+        keep = t.filter(pc.is_in(t.column("key"), pa.array(sorted(live_keys), pa.string())))
+        retired.add(name)
+        if keep.num_rows:
+            new = part_name(keep.column("key").to_pylist())
+            write_table(keep, f"{output}/pages/{new}")
+            names.append(new)
+    fields, new_ids = build_version(output, sorted(set(names)), current["dim"], index_cfg, None, version)
+    fields["retired_shards"] = sorted(retired)
+    fields["compacted"] = True
+    return fields, new_ids

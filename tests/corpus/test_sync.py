@@ -1,0 +1,152 @@
+"""A living index on a real local Ray cluster: a sync that adds, updates and removes documents, metadata-only
+updates, rejected sidecars, filtered search, deletes, compaction and append mode; a writer killed before its commit
+(no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ray_vdr.config import load_config
+from tests.corpus_helpers import images_pdf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tiny_qwen, corpus, out, *extra):
+    return load_config(ROOT / "configs/demo.yaml", [
+        f"index.model={tiny_qwen}", f"index.sources=[{corpus}]", f"index.output={out}", "index.batch_size=4",
+        "index.dim=32", "synthetic=null", "index.compact_removed_share=1.0", *extra])
+
+
+def _stored(out: Path) -> dict[str, np.ndarray]:
+    """Every stored page vector by key (live or not: shards keep removed pages until compaction)."""
+    t = pq.read_table(out / "pages", columns=["key", "embedding"])
+    return dict(zip(t.column("key").to_pylist(), t.column("embedding").to_numpy(zero_copy_only=False), strict=True))
+
+
+def _pages_of(index, doc_id: str) -> list[str]:
+    ids = index.ids.to_pylist()
+    return [r["key"] for r in ids if r["doc_id"] == doc_id and r["live"]]
+
+
+@pytest.mark.slow
+def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, page_pngs, tmp_path, capsys):
+    from ray_vdr.cli import cmd_delete
+    from ray_vdr.corpus.embed import run
+    from ray_vdr.corpus.store import PageStore, open_index
+    from ray_vdr.corpus.sync import compact, delete
+
+    docs, out = tmp_path / "docs", tmp_path / "index"
+    docs.mkdir()
+    p = page_pngs
+    (docs / "a.pdf").write_bytes(images_pdf(p[0:2]))
+    (docs / "a.pdf.json").write_text(json.dumps({"collection": "finance", "year": 2021}))
+    (docs / "b.pdf").write_bytes(images_pdf(p[2:4]))
+    (docs / "b.pdf.json").write_text(json.dumps({"collection": "legal", "published": "2022-03-01"}))
+    (docs / "c.pdf").write_bytes(images_pdf(p[4:5]))
+    (docs / "d.png").write_bytes(p[5])
+    table = tmp_path / "meta.jsonl"
+    table.write_text(json.dumps({"doc_id": "c.pdf", "tenant": "t1", "collection": "hr"}) + "\n")
+    v1 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))
+    assert v1.summary["documents"]["added"] == 4 and v1.summary["pages"]["added"] == 6
+    first = open_index(str(out))
+    old_b, old_c = _pages_of(first, "b.pdf"), _pages_of(first, "c.pdf")
+    assert len(old_b) == 2 and len(old_c) == 1
+    assert first.search(_stored(out)[old_c[0]][None], 1)[0][0]["metadata"] == {"tenant": "t1", "collection": "hr"}
+
+    # change b (3 new pages), delete c, add e, change a's metadata only, add two documents with bad sidecars
+    (docs / "b.pdf").write_bytes(images_pdf(p[6:9]))
+    (docs / "c.pdf").unlink()
+    (docs / "e.pdf").write_bytes(images_pdf(p[9:10]))
+    (docs / "a.pdf.json").write_text(json.dumps({"collection": "finance-2", "year": 2021}))
+    (docs / "f.pdf").write_bytes(images_pdf(p[10:11]))
+    (docs / "f.pdf.json").write_text('{"collection": "x",')
+    (docs / "g.pdf").write_bytes(images_pdf(p[11:12]))
+    (docs / "g.pdf.json").write_text('{"tenant": 5}')
+    v2 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))
+    s = v2.summary
+    assert s["documents"] == {"added": 1, "updated": 1, "removed": 1, "unchanged": 1, "metadata_updated": 1,
+                              "rejected": 2}
+    assert s["pages"] == {"added": 4, "removed": 3, "unchanged": 3}
+    assert s["pages_embedded"] == 4, "a metadata-only change is not re-embedded; unchanged files are skipped"
+    assert {(r["doc_id"], r["reason"]) for r in s["documents_rejected"]} == {
+        ("f.pdf", "invalid_metadata_json"), ("g.pdf", "bad_metadata_type")}
+    index = open_index(str(out))
+    stored = _stored(out)
+    live = [r["key"] for r in index.ids.to_pylist() if r["live"]]
+    assert len(live) == len(set(live)) == 7 and v2.manifest["version"] == 2
+    assert not {r["doc_id"] for r in index.ids.to_pylist() if r["live"]} & {"c.pdf", "f.pdf", "g.pdf"}
+    for gone in old_b + old_c:  # a removed page's own vector does not find it, at any depth
+        hits = index.search(stored[gone][None], 50)[0]
+        assert gone not in {h["key"] for h in hits} and len(hits) == 7
+    for key in live:
+        assert index.search(stored[key][None], 1)[0][0]["key"] == key
+    assert PageStore(str(out), index.ids).position("c.pdf", None) is None, "/pages does not serve a removed page"
+
+    # metadata is returned and filterable; the filter applies inside the search (top-k full)
+    hits = index.search(stored[live[0]][None], 10, [("collection", "eq", "finance-2")])[0]
+    assert len(hits) == 2 and {h["doc_id"] for h in hits} == {"a.pdf"}
+    assert hits[0]["metadata"] == {"collection": "finance-2", "year": 2021}
+    assert {h["doc_id"] for h in index.search(stored[live[0]][None], 10, [("year", "gte", 2021)])[0]} == {"a.pdf"}
+
+    # deletes: by doc_id, by filter; one that matches nothing says so
+    assert delete(str(out), doc_ids=["e.pdf"])["pages_removed"] == 1
+    assert delete(str(out), filter={"collection": "legal"})["documents_removed"] == 1
+    assert cmd_delete(_cfg(tiny_qwen, docs, out), ["nope.pdf"], [], None) == 1
+    assert "nothing to delete" in capsys.readouterr().err
+    after = open_index(str(out))
+    assert after.manifest["version"] == 4 and after.manifest["live_pages"] == 3
+    assert {h["doc_id"] for row in after.search(np.stack(list(stored.values())), 20) for h in row} == {
+        "a.pdf", "d.png"}
+
+    # compaction drops removed pages from the index and the shards, and the retired shards go with the next version
+    c = compact(str(out), _cfg(tiny_qwen, docs, out).index.model_dump())
+    compacted = open_index(str(out))
+    assert compacted.index.ntotal == compacted.manifest["live_pages"] == 3 and compacted.live is None
+    retired = compacted.manifest["retired_shards"]
+    assert c["retired_shards"] == len(retired) > 0 and all((out / "pages" / n).exists() for n in retired)
+    in_shards = [k for n in compacted.manifest["shards"]
+                 for k in pq.read_table(out / "pages" / n, columns=["key"]).column("key").to_pylist()]
+    assert sorted(in_shards) == sorted(compacted.ids.column("key").to_pylist())
+    for key in [r["key"] for r in compacted.ids.to_pylist()]:
+        assert compacted.search(stored[key][None], 1)[0][0]["key"] == key
+    v6 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))  # brings back b and e (still in the sources)
+    assert v6.summary["documents"]["added"] == 2 and not any((out / "pages" / n).exists() for n in retired)
+    assert not set(_stored(out)) & set(old_b + old_c), "removed pages are gone from storage"
+
+    # append mode keeps a changed file's old pages
+    (docs / "d.png").write_bytes(p[12])
+    appended = run(_cfg(tiny_qwen, docs, out, "index.mode=append", f"index.metadata={table}"))
+    assert appended.summary["pages"]["removed"] == 0 and appended.summary["pages"]["added"] == 1
+    assert len(_pages_of(open_index(str(out)), "d.png")) == 2
+
+
+def test_writer_killed_before_its_commit_leaves_the_previous_version(tmp_path):
+    """A delete SIGKILLed after writing its version's files, before the commit: the index still serves the previous
+    version; the rerun publishes the same version once."""
+    from ray_vdr.corpus.store import open_index
+    from ray_vdr.corpus.sync import delete
+    from tests.corpus_helpers import tiny_versioned_index
+
+    out = tiny_versioned_index(tmp_path / "index", docs=4, pages_per_doc=3)
+    code = "import sys; from ray_vdr.corpus.sync import delete; delete(sys.argv[1], doc_ids=['doc-1'])"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "RAY_VDR_CHAOS_PUBLISH": "before_commit"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (out / "versions" / "v-000002" / "manifest.json").exists(), "killed after writing the version's files"
+    index = open_index(str(out))
+    assert index.manifest["version"] == 1 and index.manifest["live_pages"] == 12
+    summary = delete(str(out), doc_ids=["doc-1"])
+    index = open_index(str(out))
+    assert summary["version"] == index.manifest["version"] == 2 and index.manifest["live_pages"] == 9
+    keys = index.ids.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 12 and "doc-1" not in {r["doc_id"] for r in index.ids.to_pylist()
+                                                                   if r["live"]}
