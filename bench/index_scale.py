@@ -115,7 +115,7 @@ def build(kind: str, x: np.ndarray, *, shortcut: bool = True):
     if kind != "ivf_pq" or not shortcut:
         return build_index(x, spec), spec
     index = _factory(spec, dim)  # as build_index, without polysemous training
-    faiss.extract_index_ivf(index).do_polysemous_training = False
+    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     index.train(x if n <= 262_144 else x[np.sort(np.random.default_rng(0).choice(n, 262_144, replace=False))])
     add_to(index, x)
     _set_search_params(index, spec)

@@ -141,6 +141,78 @@ def render_querygen(r: dict) -> list[str]:
                                                          if k != "total") + " |"]
 
 
+def render_filter_search(r: dict) -> list[str]:
+    a = r["args"]
+    builds = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["builds"].items())
+    out = [f"{r['n']:,} clustered {r['dim']}-d vectors ({a['clusters']:,} centres), {a['queries']} queries per case, "
+           f"one at a time at {a['threads']} thread; default exact_max {r['exact_max_default']:,}. Built in: "
+           f"{builds}. Ratios are ÷ unfiltered on the same index and queries (p50 latency, recall@10).", "",
+           "| index | case (allowed pages) | default path | recall@10 | p50 / p99 ms | ÷ unfiltered: latency, recall | "
+           "exact_max=0 path | recall@10 | p50 / p99 ms | ÷ unfiltered: latency, recall |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cells(x: dict) -> str:
+        ratio = "-" if x["path"] == "plain" else f"{x['latency_ratio']:.2f}, {x['recall_ratio']:.3f}"
+        return (f"{x['path']} ({x['depth']}) | {x['recall_at_10']:.3f} | {x['p50_ms']:.2f} / {x['p99_ms']:.2f} | "
+                f"{ratio}")
+
+    rows = r["results"]
+    for i, x in enumerate(rows):
+        if x["exact_max"] == 0:
+            continue
+        nxt = rows[i + 1] if i + 1 < len(rows) else None
+        sel = nxt if nxt and nxt["exact_max"] == 0 and nxt["case"] == x["case"] and nxt["index"] == x["index"] else None
+        other = cells(sel) if sel else ("same path | | |" if x["path"] == "selector" else "- | | |")
+        out.append(f"| {x['index']} | {x['case']} ({x['allowed']:,}) | {cells(x)} | {other} |")
+    short = sum(x["short"] for x in rows)
+    bad = sum(x["not_allowed"] for x in rows)
+    out += ["", f"- every returned position allowed: {'yes' if not bad else f'NO, {bad} not allowed'}; every top-10 "
+                f"full: {'yes' if not short else f'NO, {short} queries short'} ({len(rows)} measurements)"]
+    return out
+
+
+def render_index_scale(r: dict) -> list[str]:
+    sizes = sorted({x["n"] for x in r["indexes"]})
+    out = [f"Measured on {' and '.join(f'{n:,}' for n in sizes)} random vectors per index; per page = marginal "
+           f"between them. Process with the Retriever's imports: {r['baseline']['rss'] / MIB:,.0f} MiB resident.", "",
+           "| index | dim | serialized B/page | loaded (RSS) B/page | load peak B/page | "
+           f"build s at {sizes[-1]:,} | parameters at {sizes[-1]:,} |", "|---|---|---|---|---|---|---|"]
+    for kind, by_dim in r["per_page"].items():
+        for dim, v in by_dim.items():
+            big = next(x for x in r["indexes"] if x["type"] == kind and x["dim"] == int(dim) and x["n"] == sizes[-1])
+            out.append(f"| {kind} | {dim} | {v['serialized']:,.0f} | {v['rss']:,.0f} | {v['peak']:,.0f} | "
+                       f"{big['build_seconds']:.1f} | {big['spec']['params'] or '-'} |")
+    ids = r["ids"]
+    pr = ids["per_row"]
+    rows = ids["rows"]
+    out += ["", f"Id table ({', '.join(f'{c} ~{w:.0f}' for c, w in ids['widths'].items())} chars; page, row int32; "
+                f"live bool), {rows[0]['n']:,} → {rows[-1]['n']:,} rows: Arrow nbytes {pr['nbytes']:,.0f} B/row; "
+                f"read from Parquet, RSS {pr['grown']:,.0f} B/row (peak {pr['peak']:,.0f})"
+            + (f"; PositionFields filter columns built from it {pr['filters_grown']:,.0f} B/row" if "filters_grown"
+               in pr else "") + "."]
+    for kind, c in r["checks"].items():
+        out.append(f"Build shortcut check, {kind} ({c['what']}) at {c['n']:,} x {c['dim']}-d: {c['as_built']:,} vs "
+                   f"{c['shortcut']:,} bytes serialized ({'same' if c['same'] else 'DIFFERENT'}).")
+    comp = r["computed"]
+    mems = sorted({x["memory_gib"] for x in comp["rows"]})
+    out += ["", f"**Computed, not measured:** the largest corpus one Retriever replica holds = {comp['formula']}. "
+                "Each cell: one generation / two generations (pages).", "",
+            "| index | dim | B/page held (index + id table) | " + " | ".join(f"{m:.0f} GiB" for m in mems) + " |",
+            "|---|---|---|" + "---|" * len(mems)]
+    for kind, by_dim in r["per_page"].items():
+        for dim in by_dim:
+            cells = [x for x in comp["rows"] if x["type"] == kind and x["dim"] == int(dim)]
+            out.append(f"| {kind} | {dim} | {cells[0]['bytes_per_page']:,.0f} | " + " | ".join(
+                f"{x['one_generation'] / 1e6:,.1f} M / {x['two_generations'] / 1e6:,.1f} M" for x in cells) + " |")
+    if "one_generation_with_filters" in comp["rows"][0]:
+        out += ["", "With the PositionFields filter columns also held (one generation): " + "; ".join(
+            f"{kind} {dim}-d " + ", ".join(f"{x['one_generation_with_filters'] / 1e6:,.1f} M" for x in comp["rows"]
+                                           if x["type"] == kind and x["dim"] == int(dim))
+            for kind, by_dim in r["per_page"].items() for dim in by_dim) + f" (at {', '.join(f'{m:.0f}' for m in mems)}"
+            " GiB)."]
+    return out
+
+
 BENCHES = {b.key: b for b in [
     Bench("train", "bench/train_throughput.py",
           {"cpu": [], "gpu": ["--shape", "2b", "--device", "cuda", "--precision", "bf16"]}, "5", render_train),
@@ -158,6 +230,8 @@ BENCHES = {b.key: b for b in [
           {"cpu": [], "gpu": ["--shape", "2b", "--device", "cuda", "--dtype", "bfloat16", "--max-pixels", "360000",
                               "--batch", "16"]}, "3", render_rerank),
     Bench("querygen", "bench/querygen_throughput.py", {"cpu": []}, "3", render_querygen),
+    Bench("filter-search", "bench/filter_search.py", {"cpu": []}, "4", render_filter_search),
+    Bench("index-scale", "bench/index_scale.py", {"cpu": []}, "4", render_index_scale),
 ]}
 
 SECTIONS = [
@@ -170,6 +244,8 @@ SECTIONS = [
     Section("Retrieval endpoint — `bench/serve_load.py`", "serve", ["serve"]),
     Section("Reranker — mining, training, two-stage evaluation", "rerank", ["rerank"]),
     Section("Training data from unlabeled documents — `bench/querygen_throughput.py`", "querygen", ["querygen"]),
+    Section("Living index: filtered search and scale — `bench/filter_search.py`, `bench/index_scale.py`",
+            "living-index", ["filter-search", "index-scale"]),
     Section("GPU", "gpu"),
 ]
 

@@ -39,6 +39,9 @@ class RequestError(ValueError):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # crosses replicas (a filter the Retriever refuses): keep the status
+        return RequestError, (self.status, str(self))
+
 
 class NotReady(RuntimeError):
     """A stage still loading (or waiting for its index); the endpoint answers 503 with Retry-After."""

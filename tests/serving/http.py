@@ -40,8 +40,8 @@ def get(url: str) -> tuple[int, dict, bytes]:
         return e.code, dict(e.headers), e.read()
 
 
-def post_raw(url: str, data: bytes, content_type="application/json") -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url + "search", data=data, headers={"Content-Type": content_type}, method="POST")
+def post_raw(url: str, data: bytes, content_type="application/json", path: str = "search") -> tuple[int, dict, dict]:
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": content_type}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, dict(r.headers), json.loads(r.read())
@@ -53,5 +53,5 @@ def post_raw(url: str, data: bytes, content_type="application/json") -> tuple[in
             return e.code, dict(e.headers), {"detail": body.decode(errors="replace")}
 
 
-def post(url: str, body: dict) -> tuple[int, dict, dict]:
-    return post_raw(url, json.dumps(body).encode())
+def post(url: str, body: dict, path: str = "search") -> tuple[int, dict, dict]:
+    return post_raw(url, json.dumps(body).encode(), path=path)

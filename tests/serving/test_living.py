@@ -31,7 +31,7 @@ def test_deletes_and_syncs_switch_the_endpoint_under_load(endpoint, corpus_index
 
     def client() -> None:
         while not stop.is_set():
-            status, _, a = post(endpoint, {"query": query, "top_k": 30, "rerank_depth": 2})
+            status, _, a = post(endpoint, {"query": query, "top_k": 20, "rerank_depth": 2})
             answers.append((status, a.get("generation"), [r["doc_id"] for r in a.get("results", [])]))
 
     threads = [threading.Thread(target=client) for _ in range(2)]
@@ -40,7 +40,7 @@ def test_deletes_and_syncs_switch_the_endpoint_under_load(endpoint, corpus_index
     try:
         before = _generation(endpoint)
         # the admin delete returns once the endpoint serves the new version: no later answer has the page
-        status, _, deleted = post(endpoint + "admin/delete", {"doc_ids": [victim]})
+        status, _, deleted = post(endpoint, {"doc_ids": [victim]}, "admin/delete")
         assert status == 200 and deleted["documents_removed"] == 1, deleted
         mark = len(answers)
         after = deleted["generation"]
@@ -68,7 +68,7 @@ def test_deletes_and_syncs_switch_the_endpoint_under_load(endpoint, corpus_index
     assert not failed, f"{len(failed)} of {len(answers)} requests failed during the switches: {failed[:3]}"
     assert answers[-1][2][0] == victim and len({g for _, g, _ in answers}) >= 3
     # nothing to delete says so; admin deletes are off unless configured
-    assert post(endpoint + "admin/delete", {"doc_ids": ["no-such-doc"]})[0] == 404
+    assert post(endpoint, {"doc_ids": ["no-such-doc"]}, "admin/delete")[0] == 404
     assert ServeConfig().admin_deletes is False
 
 
