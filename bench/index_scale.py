@@ -20,12 +20,13 @@ level 0 whatever the construction depth), IVF-PQ without polysemous training (it
 centroids; codes keep their size).
 
 Computed from those figures, and labelled so: the largest corpus one replica holds at each of ``--memory`` GiB with
-``--headroom`` of it kept free, for one generation (a fixed index) and for two (with a live manifest a replica holds
-the live and the previous generation, and loads a new one beside the live one at a promotion); assumptions in
-the output.
+``--headroom`` of it kept free, at each of ``--compute-dims``, for one generation (a fixed index) and for two (with a
+live manifest a replica holds the live and the previous generation, and loads a new one beside the live one at a
+promotion); assumptions in the output. A dimension that was not measured takes its bytes per page by linear
+interpolation between the measured ones (every index type's per-page size is affine in the dimension).
 
-    python bench/index_scale.py                          # 20k and 100k vectors at 128, 512, 1024-d, ~4 min on 2 cores
-    python bench/index_scale.py --sizes 20000,50000 --dims 128
+    python bench/index_scale.py                          # 20k and 50k vectors at 128 and 1024-d, ~4 min on 2 cores
+    python bench/index_scale.py --sizes 20000,100000 --dims 128,512,1024    # more, on a quieter or larger machine
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ def marginal(rows: list[dict], key: str) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="20000,100000", help="vectors per index (at least two: per page is marginal)")
-    p.add_argument("--dims", default="128,512,1024")
+    p.add_argument("--sizes", default="20000,50000", help="vectors per index (at least two: per page is marginal)")
+    p.add_argument("--dims", default="128,1024", help="dimensions measured")
+    p.add_argument("--compute-dims", default="128,512,1024", help="dimensions of the computed capacity")
     p.add_argument("--types", default=",".join(TYPES))
     p.add_argument("--id-rows", default="100000,1000000", help="rows of the id table (at least two)")
     p.add_argument("--memory", default="16,64,256", help="GiB per replica, for the computed capacity")
@@ -242,7 +244,8 @@ def main() -> int:
                           if k in ids["rows"][0]}
         report["ids"] = ids
 
-    report["computed"] = capacity(report, [float(m) for m in args.memory.split(",")], args.headroom)
+    report["computed"] = capacity(report, [float(m) for m in args.memory.split(",")], args.headroom,
+                                  [int(d) for d in args.compute_dims.split(",")])
     report["seconds"] = round(time.perf_counter() - began, 1)
     print("\nmeasured bytes per page (marginal):")
     for kind, by_dim in per_page.items():
@@ -259,7 +262,21 @@ def main() -> int:
     return 0
 
 
-def capacity(report: dict, memory_gib: list[float], headroom: float) -> dict:
+def at_dim(by_dim: dict[str, dict], dim: int) -> tuple[dict, bool]:
+    """Per-page figures at ``dim``: measured, or linearly interpolated between the two nearest measured dimensions
+    (True when interpolated)."""
+    if str(dim) in by_dim:
+        return by_dim[str(dim)], False
+    dims = sorted(int(d) for d in by_dim)
+    lo = max([d for d in dims if d < dim], default=dims[0])
+    hi = min([d for d in dims if d > dim], default=dims[-1])
+    if lo == hi:
+        lo, hi = dims[-2], dims[-1]
+    w = (dim - lo) / (hi - lo)
+    return {k: by_dim[str(lo)][k] + w * (by_dim[str(hi)][k] - by_dim[str(lo)][k]) for k in by_dim[str(lo)]}, True
+
+
+def capacity(report: dict, memory_gib: list[float], headroom: float, dims: list[int]) -> dict:
     """The largest corpus one replica holds, COMPUTED from the measured per-page and fixed figures."""
     ids = report["ids"]["per_row"]
     base = report["baseline"]["rss"]
@@ -267,12 +284,14 @@ def capacity(report: dict, memory_gib: list[float], headroom: float) -> dict:
     filters = ids.get("filters_grown")
     rows = []
     for kind, by_dim in report["per_page"].items():
-        for dim, v in by_dim.items():
+        for dim in dims:
+            v, interpolated = at_dim(by_dim, dim)
             steady = max(v["serialized"], v["rss"]) + ids_steady
             peak = max(v["serialized"], v["rss"], v["peak"]) + ids_peak
             for gib in memory_gib:
                 usable = gib * GIB * (1 - headroom) - base
-                row = {"type": kind, "dim": int(dim), "memory_gib": gib, "bytes_per_page": round(steady, 1),
+                row = {"type": kind, "dim": dim, "interpolated": interpolated, "memory_gib": gib,
+                       "bytes_per_page": round(steady, 1),
                        "one_generation": int((usable - PAGE_CACHE) / peak),
                        "two_generations": int((usable - 2 * PAGE_CACHE) / (steady + peak))}
                 if filters:

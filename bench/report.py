@@ -199,16 +199,17 @@ def render_index_scale(r: dict) -> list[str]:
                 "Each cell: one generation / two generations (pages).", "",
             "| index | dim | B/page held (index + id table) | " + " | ".join(f"{m:.0f} GiB" for m in mems) + " |",
             "|---|---|---|" + "---|" * len(mems)]
-    for kind, by_dim in r["per_page"].items():
-        for dim in by_dim:
-            cells = [x for x in comp["rows"] if x["type"] == kind and x["dim"] == int(dim)]
-            out.append(f"| {kind} | {dim} | {cells[0]['bytes_per_page']:,.0f} | " + " | ".join(
+    for kind, dim in dict.fromkeys((x["type"], x["dim"]) for x in comp["rows"]):
+        cells = [x for x in comp["rows"] if x["type"] == kind and x["dim"] == dim]
+        label = f"{dim} (interpolated)" if cells[0].get("interpolated") else f"{dim}"
+        out.append(f"| {kind} | {label} | {cells[0]['bytes_per_page']:,.0f} | " + " | ".join(
                 f"{x['one_generation'] / 1e6:,.1f} M / {x['two_generations'] / 1e6:,.1f} M" for x in cells) + " |")
     if "one_generation_with_filters" in comp["rows"][0]:
         out += ["", "With the PositionFields filter columns also held (one generation): " + "; ".join(
             f"{kind} {dim}-d " + ", ".join(f"{x['one_generation_with_filters'] / 1e6:,.1f} M" for x in comp["rows"]
-                                           if x["type"] == kind and x["dim"] == int(dim))
-            for kind, by_dim in r["per_page"].items() for dim in by_dim) + f" (at {', '.join(f'{m:.0f}' for m in mems)}"
+                                           if x["type"] == kind and x["dim"] == dim)
+            for kind, dim in dict.fromkeys((x["type"], x["dim"]) for x in comp["rows"]))
+            + f" (at {', '.join(f'{m:.0f}' for m in mems)}"
             " GiB)."]
     return out
 

@@ -111,13 +111,18 @@ def test_killed_embedding_actor_still_exactly_once(ray_local, tiny_qwen, page_pn
 
 @pytest.mark.slow
 def test_interrupted_job_resumes_exactly_once(ray_local, tiny_qwen, page_pngs, tmp_path):
-    """The job (its own process and Ray cluster) is SIGKILLed mid-stream; the rerun embeds only what is missing."""
+    """A sync (its own process and Ray cluster) is SIGKILLed mid-stream: the index still serves its previous version;
+    the rerun embeds only what is missing and publishes every page once."""
     from ray_vdr.corpus.embed import run
     from ray_vdr.corpus.store import open_index
 
-    corpus, out = tmp_path / "corpus", tmp_path / "index"
+    corpus, out, held = tmp_path / "corpus", tmp_path / "index", tmp_path / "held"
     corpus.mkdir()
     expected = write_corpus(corpus, page_pngs[:24])
+    shutil.move(corpus / "scans" / "2021", held)  # version 1 without them
+    v1 = run(_cfg(tiny_qwen, corpus, out)).manifest
+    shutil.move(held, corpus / "scans" / "2021")
+    v1_shards = len(list((out / "pages").glob("part-*.parquet")))
     temp = Path(tempfile.mkdtemp(prefix="rvdr-", dir="/tmp"))  # Ray's socket paths must stay short
     code = ("import sys; from ray_vdr.cluster import init_ray; from ray_vdr.config import load_config; "
             "from ray_vdr.corpus.embed import run; init_ray(num_cpus=2, temp_dir=sys.argv[2]); "
@@ -131,7 +136,7 @@ def test_interrupted_job_resumes_exactly_once(ray_local, tiny_qwen, page_pngs, t
                                  *overrides], cwd=ROOT, env=env, start_new_session=True, stdout=fh, stderr=fh)
     try:
         deadline = time.time() + 240
-        while len(list((out / "pages").glob("part-*.parquet"))) < 2:
+        while len(list((out / "pages").glob("part-*.parquet"))) < v1_shards + 1:
             assert proc.poll() is None, f"the job ended before it could be interrupted:\n{log.read_text()[-3000:]}"
             assert time.time() < deadline, "no shard within 240 s"
             time.sleep(0.5)
@@ -142,9 +147,11 @@ def test_interrupted_job_resumes_exactly_once(ray_local, tiny_qwen, page_pngs, t
         _kill_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
     done = len(pq.read_table(out / "pages", columns=["key"]))
-    assert 0 < done < expected["pages"]
+    assert v1["vectors"] < done < expected["pages"]
+    still = open_index(str(out))
+    assert still.manifest["version"] == 1 and still.index.ntotal == v1["vectors"], "the previous version is served"
     result = run(_cfg(tiny_qwen, corpus, out))
-    assert result.summary["pages_done_before"] >= done
+    assert result.summary["pages_done_before"] >= done and result.manifest["version"] == 2
     assert result.summary["pages_embedded"] <= expected["pages"] - done
     _assert_exactly_once(out, expected, open_index(str(out)))
 
