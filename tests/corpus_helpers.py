@@ -94,10 +94,12 @@ def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16
             key, content, _ = scoped(page_key(file_hash, str(p + 1)), source, file_hash)
             v = rng.standard_normal(dim).astype(np.float32)
             rows.append({"key": key, "content": content, "file_hash": file_hash, "doc_id": f"doc-{d}",
-                         "source": source, "page": p + 1, "embedding": (v / np.linalg.norm(v)).tolist()})
+                         "source": source, "page": p + 1, "row_metadata": None,
+                         "embedding": (v / np.linalg.norm(v)).tolist()})
     table = pa.Table.from_pylist(rows).cast(pa.schema([
         ("key", pa.string()), ("content", pa.string()), ("file_hash", pa.string()), ("doc_id", pa.string()),
-        ("source", pa.string()), ("page", pa.int32()), ("embedding", pa.list_(pa.float32(), dim))]))
+        ("source", pa.string()), ("page", pa.int32()), ("row_metadata", pa.string()),
+        ("embedding", pa.list_(pa.float32(), dim))]))
     write_table(table, f"{out}/pages/{part_name(table.column('key').to_pylist())}")
     names = [part_name(table.column("key").to_pylist())]
     fields, ids = build_version(str(out), names, dim, IndexConfig().model_dump(), None, 1)

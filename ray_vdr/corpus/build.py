@@ -23,7 +23,7 @@ from ray_vdr.storage import fs_path, part_name, read_bytes, read_table, write_by
 
 __all__ = ["ID_COLUMNS", "build_version", "compact_version", "index_files", "read_all_ids"]
 
-ID_COLUMNS = ["key", "doc_id", "source", "page", "file_hash", "content"]
+ID_COLUMNS = ["key", "doc_id", "source", "page", "file_hash", "content", "row_metadata"]
 
 
 def index_files(manifest: dict[str, Any]) -> dict[str, str]:

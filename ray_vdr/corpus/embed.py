@@ -71,7 +71,8 @@ def page_table(rows: pa.Table, embeddings, dim: int) -> pa.Table:
 
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     emb = pa.FixedSizeListArray.from_arrays(flat, dim)
-    cols = ["key", "content", "file_hash", "doc_id", "source", "page", "width", "height", "image", "thumbnail", "text"]
+    cols = ["key", "content", "file_hash", "doc_id", "source", "page", "width", "height", "image", "thumbnail", "text",
+            "row_metadata"]
     return rows.select(cols).append_column("embedding", emb)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import posixpath
 import re
@@ -52,6 +53,7 @@ PAGE_SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("thumbnail", pa.binary()),
     ("text", pa.string()),
+    ("row_metadata", pa.string()),  # a Parquet row's own metadata (its other scalar columns), as JSON
     ("reason", pa.string()),
     ("detail", pa.string()),
 ])
@@ -132,7 +134,7 @@ def _png(img: Image.Image) -> bytes:
 def _reject(key: str, doc_id: str, source: str, page: int | None, reason: str, detail: str = "",
             file_hash: str | None = None) -> dict[str, Any]:
     return {"key": key, "content": None, "file_hash": file_hash, "doc_id": doc_id, "source": source, "page": page, "width": None, "height": None,
-            "image": None, "thumbnail": None, "text": None, "reason": reason, "detail": detail[:500]}
+            "image": None, "thumbnail": None, "text": None, "row_metadata": None, "reason": reason, "detail": detail[:500]}
 
 
 def _clean_text(text: str | None) -> str | None:
@@ -147,13 +149,14 @@ def _accept(key: tuple[str, str, str], doc_id: str, source: str, page: int, img:
             thumb_side: int, text: str | None = None) -> dict[str, Any]:
     return {"key": key[0], "content": key[1], "file_hash": key[2], "doc_id": doc_id, "source": source, "page": page, "width": img.width, "height": img.height,
             "image": data if data is not None else _png(img), "thumbnail": thumbnail(img, thumb_side),
-            "text": _clean_text(text), "reason": None, "detail": None}
+            "text": _clean_text(text), "row_metadata": None, "reason": None, "detail": None}
 
 
 def scoped(content: str, source: str, file_hash: str | None) -> tuple[str, str, str | None]:
-    """(key, content, file_hash) of a page: its key is its content key scoped to its source, so the same file under
-    two sources (two teams' copies) is two pages, each with its document's metadata."""
-    return page_key(content, "@", source), content, file_hash
+    """(key, content, file_hash) of a page: its key is its content key scoped to its source and to that source's
+    content, so the same file under two sources (two teams' copies) is two pages, each with its document's metadata,
+    and a changed Parquet file's rows are pages of the new file (its version's live rows), not skipped as known."""
+    return page_key(content, "@", source, file_hash or ""), content, file_hash
 
 
 def _image_page(data: bytes, key: tuple[str, str, str | None], doc_id: str, source: str, page: int,
@@ -237,39 +240,61 @@ def _pdf_failure(data: bytes) -> str:
     return "corrupt_pdf"
 
 
+def _metadata_columns(schema: pa.Schema, used: set[str]) -> list[str]:
+    """A Parquet source's other scalar columns (strings, numbers, booleans, dates): each row's metadata. Binary,
+    list and struct columns (images, negatives) are not metadata."""
+    def scalar(t: pa.DataType) -> bool:
+        return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+                or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_date(t)
+                or pa.types.is_timestamp(t))
+    return [f.name for f in schema if f.name not in used and scalar(f.type)]
+
+
 def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limits: ImageLimits, thumb_side: int,
                    known: Callable[[str], bool], text_column: str | None = None) -> Iterator[dict[str, Any]]:
+    from ray_vdr.corpus.metadata import MetadataError, validate_metadata
+
     fs, path = fs_path(f.uri)
+    file_reject = page_key(f.uri, "file", f.file_hash or "")
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
     except Exception as e:
-        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "corrupt_parquet", f"{type(e).__name__}: {e}",
-                      f.file_hash)
+        yield _reject(file_reject, f.doc_id, f.uri, None, "corrupt_parquet", f"{type(e).__name__}: {e}", f.file_hash)
         return
     names = pf.schema_arrow.names
     if image_column not in names:
-        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "missing_column",
-                      f"no column {image_column!r} (has {names})", f.file_hash)
+        yield _reject(file_reject, f.doc_id, f.uri, None, "missing_column", f"no column {image_column!r} (has {names})",
+                      f.file_hash)
         return
     has_id, has_text = bool(id_column and id_column in names), bool(text_column and text_column in names)
     columns = [image_column] + ([id_column] if has_id else []) + ([text_column] if has_text else [])
+    meta_columns = _metadata_columns(pf.schema_arrow, set(columns))
     row = 0
-    for batch in pf.iter_batches(batch_size=64, columns=columns):
+    for batch in pf.iter_batches(batch_size=64, columns=columns + meta_columns):
         images = batch.column(image_column).to_pylist()
         ids = batch.column(id_column).to_pylist() if has_id else [None] * len(images)
         texts = batch.column(text_column).to_pylist() if has_text else [None] * len(images)
-        for value, doc, text in zip(images, ids, texts, strict=True):
+        metas = batch.select(meta_columns).to_pylist() if meta_columns else [None] * len(images)
+        for value, doc, text, meta in zip(images, ids, texts, metas, strict=True):
             row += 1
             doc_id = str(doc) if doc is not None else f"{f.doc_id}#{row}"
+            row_key = page_key(f.uri, "row", str(row), f.file_hash or "")
             try:
                 data = image_bytes(value)
+                meta = validate_metadata(meta, f"{f.doc_id} row {row}") if meta else None
             except ImageRejected as e:
-                yield _reject(page_key(f.uri, "row", str(row)), doc_id, f.uri, row, e.reason, e.detail, f.file_hash)
+                yield _reject(row_key, doc_id, f.uri, row, e.reason, e.detail, f.file_hash)
+                continue
+            except MetadataError as e:
+                yield _reject(row_key, doc_id, f.uri, row, e.reason, e.detail, f.file_hash)
                 continue
             keys = scoped(page_key(data), f.uri, f.file_hash)
             if not known(keys[0]):
-                yield _image_page(data, keys, doc_id, f.uri, row, limits, thumb_side,
-                                  text if isinstance(text, str) else None)
+                page = _image_page(data, keys, doc_id, f.uri, row, limits, thumb_side,
+                                   text if isinstance(text, str) else None)
+                if meta and page["reason"] is None:
+                    page["row_metadata"] = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+                yield page
 
 
 def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, thumb_side: int, image_column: str = "image",
@@ -285,7 +310,7 @@ def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, thumb_side: int
         with fs.open_input_stream(path) as fh:
             data = fh.read()
     except OSError as e:
-        yield _reject(page_key(f.uri, "file"), f.doc_id, f.uri, None, "unreadable", str(e), f.file_hash)
+        yield _reject(page_key(f.uri, "file", f.file_hash or ""), f.doc_id, f.uri, None, "unreadable", str(e), f.file_hash)
         return
     file_key = page_key(data)
     if f.file_hash is not None and file_key != f.file_hash:

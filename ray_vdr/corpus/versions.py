@@ -77,9 +77,18 @@ def live_ids(ids: pa.Table, docs: pa.Table) -> pa.Table:
                                          docs.column("metadata").to_pylist(), strict=True)}
     pairs = zip(ids.column("source").to_pylist(), ids.column("file_hash").to_pylist(), strict=True)
     found = [meta.get(p, False) for p in pairs]
+    rows = ids.column("row_metadata").to_pylist() if "row_metadata" in ids.column_names else [None] * ids.num_rows
+    merged = [None if m is False else _merge(m, r) for m, r in zip(found, rows, strict=True)]
     base = ids.drop_columns([c for c in ("live", "metadata") if c in ids.column_names])
     return (base.append_column("live", pa.array([m is not False for m in found], pa.bool_()))
-            .append_column("metadata", pa.array([m if m is not False else None for m in found], pa.string())))
+            .append_column("metadata", pa.array(merged, pa.string())))
+
+
+def _merge(doc: str | None, row: str | None) -> str | None:
+    """A page's metadata: its document's, and a Parquet row's own columns over it."""
+    if not row:
+        return doc
+    return json.dumps({**(json.loads(doc) if doc else {}), **json.loads(row)}, sort_keys=True, separators=(",", ":"))
 
 
 def retired_shards(manifest: dict[str, Any] | None) -> set[str]:

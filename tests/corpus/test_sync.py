@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -53,10 +54,16 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     (docs / "b.pdf.json").write_text(json.dumps({"collection": "legal", "published": "2022-03-01"}))
     (docs / "c.pdf").write_bytes(images_pdf(p[4:5]))
     (docs / "d.png").write_bytes(p[5])
+    # a Parquet source: its other scalar columns are each row's metadata; a wrong type rejects that row
+    pq.write_table(pa.table({"doc_id": ["scan-1", "scan-2", "scan-3"], "image": p[13:16],
+                             "collection": ["scans", "scans", "scans"], "year": [2019, 2020, 2020],
+                             "tenant": pa.array([None, None, 5], pa.int64())}), docs / "scans.parquet")
     table = tmp_path / "meta.jsonl"
     table.write_text(json.dumps({"doc_id": "c.pdf", "tenant": "t1", "collection": "hr"}) + "\n")
     v1 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))
-    assert v1.summary["documents"]["added"] == 4 and v1.summary["pages"]["added"] == 6
+    assert v1.summary["documents"]["added"] == 5 and v1.summary["pages"]["added"] == 8
+    bad_row = pq.read_table(out / "rejects").to_pylist()
+    assert [(r["doc_id"], r["reason"]) for r in bad_row] == [("scan-3", "bad_metadata_type")], bad_row
     first = open_index(str(out))
     old_b, old_c = _pages_of(first, "b.pdf"), _pages_of(first, "c.pdf")
     assert len(old_b) == 2 and len(old_c) == 1
@@ -73,20 +80,20 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     (docs / "g.pdf.json").write_text('{"tenant": 5}')
     v2 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))
     s = v2.summary
-    assert s["documents"] == {"added": 1, "updated": 1, "removed": 1, "unchanged": 1, "metadata_updated": 1,
+    assert s["documents"] == {"added": 1, "updated": 1, "removed": 1, "unchanged": 2, "metadata_updated": 1,
                               "rejected": 2}
-    assert s["pages"] == {"added": 4, "removed": 3, "unchanged": 3}
+    assert s["pages"] == {"added": 4, "removed": 3, "unchanged": 5}
     assert s["pages_embedded"] == 4, "a metadata-only change is not re-embedded; unchanged files are skipped"
     assert {(r["doc_id"], r["reason"]) for r in s["documents_rejected"]} == {
         ("f.pdf", "invalid_metadata_json"), ("g.pdf", "bad_metadata_type")}
     index = open_index(str(out))
     stored = _stored(out)
     live = [r["key"] for r in index.ids.to_pylist() if r["live"]]
-    assert len(live) == len(set(live)) == 7 and v2.manifest["version"] == 2
+    assert len(live) == len(set(live)) == 9 and v2.manifest["version"] == 2
     assert not {r["doc_id"] for r in index.ids.to_pylist() if r["live"]} & {"c.pdf", "f.pdf", "g.pdf"}
     for gone in old_b + old_c:  # a removed page's own vector does not find it, at any depth
         hits = index.search(stored[gone][None], 50)[0]
-        assert gone not in {h["key"] for h in hits} and len(hits) == 7
+        assert gone not in {h["key"] for h in hits} and len(hits) == 9
     for key in live:
         assert index.search(stored[key][None], 1)[0][0]["key"] == key
     assert PageStore(str(out), index.ids).position("c.pdf", None) is None, "/pages does not serve a removed page"
@@ -96,6 +103,8 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     assert len(hits) == 2 and {h["doc_id"] for h in hits} == {"a.pdf"}
     assert hits[0]["metadata"] == {"collection": "finance-2", "year": 2021}
     assert {h["doc_id"] for h in index.search(stored[live[0]][None], 10, [("year", "gte", 2021)])[0]} == {"a.pdf"}
+    rows = index.search(stored[live[0]][None], 10, [("collection", "eq", "scans")])[0]
+    assert sorted((h["doc_id"], h["metadata"]["year"]) for h in rows) == [("scan-1", 2019), ("scan-2", 2020)]
 
     # deletes: by doc_id, by filter; one that matches nothing says so
     assert delete(str(out), doc_ids=["e.pdf"])["pages_removed"] == 1
@@ -103,14 +112,14 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     assert cmd_delete(_cfg(tiny_qwen, docs, out), ["nope.pdf"], [], None) == 1
     assert "nothing to delete" in capsys.readouterr().err
     after = open_index(str(out))
-    assert after.manifest["version"] == 4 and after.manifest["live_pages"] == 3
+    assert after.manifest["version"] == 4 and after.manifest["live_pages"] == 5
     assert {h["doc_id"] for row in after.search(np.stack(list(stored.values())), 20) for h in row} == {
-        "a.pdf", "d.png"}
+        "a.pdf", "d.png", "scan-1", "scan-2"}
 
     # compaction drops removed pages from the index and the shards, and the retired shards go with the next version
     c = compact(str(out), _cfg(tiny_qwen, docs, out).index.model_dump())
     compacted = open_index(str(out))
-    assert compacted.index.ntotal == compacted.manifest["live_pages"] == 3 and compacted.live is None
+    assert compacted.index.ntotal == compacted.manifest["live_pages"] == 5 and compacted.live is None
     retired = compacted.manifest["retired_shards"]
     assert c["retired_shards"] == len(retired) > 0 and all((out / "pages" / n).exists() for n in retired)
     in_shards = [k for n in compacted.manifest["shards"]
