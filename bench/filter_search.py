@@ -119,21 +119,13 @@ def measure(index, q: np.ndarray, truth: np.ndarray, allowed: np.ndarray | None,
 
 def path_of(index, spec, allowed: np.ndarray | None, exact_max: int) -> tuple[str, str]:
     """Which code path ``search`` takes, and the search depth it uses."""
-    from ray_vdr.corpus.faiss_index import _selector_params, _stores_vectors
+    from ray_vdr.corpus.faiss_index import filter_path
 
     if allowed is None:
         depth = {"hnsw": f"efSearch {spec.params.get('ef_search')}", "flat": "-"}.get(
             spec.type, f"nprobe {spec.params.get('nprobe')}")
         return "plain", depth
-    n_allowed = int(allowed.sum())
-    if n_allowed <= exact_max and _stores_vectors(index):
-        return "exact", f"{n_allowed:,} scored"
-    params = _selector_params(index, allowed, n_allowed / index.ntotal, K)
-    if spec.type == "hnsw":
-        return "selector", f"efSearch {params.efSearch}"
-    if spec.type.startswith("ivf"):
-        return "selector", f"nprobe {params.nprobe} of {spec.params['nlist']}"
-    return "selector", "full scan"
+    return filter_path(index, int(allowed.sum()), exact_max, K)
 
 
 def run_cases(index, spec, cases, qsets, truth, exact_max: int, n: int) -> list[dict]:

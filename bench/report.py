@@ -176,7 +176,7 @@ def render_index_scale(r: dict) -> list[str]:
     out = [f"Measured on {' and '.join(f'{n:,}' for n in sizes)} random vectors per index; per page = marginal "
            f"between them. Process with the Retriever's imports: {r['baseline']['rss'] / MIB:,.0f} MiB resident.", "",
            "| index | dim | serialized B/page | loaded (RSS) B/page | load peak B/page | "
-           f"build s at {sizes[-1]:,} | parameters at {sizes[-1]:,} |", "|---|---|---|---|---|---|---|"]
+           f"build s at {sizes[-1]:,} (with the shortcuts below) | parameters at {sizes[-1]:,} |", "|---|---|---|---|---|---|---|"]
     for kind, by_dim in r["per_page"].items():
         for dim, v in by_dim.items():
             big = next(x for x in r["indexes"] if x["type"] == kind and x["dim"] == int(dim) and x["n"] == sizes[-1])

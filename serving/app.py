@@ -223,15 +223,17 @@ class Ingress:
         logger.info("admin delete: %s", {k: summary[k] for k in ("version", "documents_removed", "pages_removed")})
         return JSONResponse({**summary, "generation": wanted})
 
-    @api.get("/pages/{doc_id:path}", summary="A page's thumbnail (or full image) from the index's page store")
+    @api.get("/pages/{doc_id:path}", summary="A live page's thumbnail, full image, or info (metadata)")
     async def pages(self, doc_id: str, page: int | None = None, size: str = "thumbnail") -> Response:
-        if size not in ("thumbnail", "full"):
-            return _error(422, "size must be 'thumbnail' or 'full'")
+        if size not in ("thumbnail", "full", "info"):
+            return _error(422, "size must be 'thumbnail', 'full' or 'info' (doc_id, page, source and metadata)")
 
-        async def fetch(gid: str) -> bytes | None:
+        async def fetch(gid: str) -> bytes | dict | None:
             position = await self.retriever.lookup.remote(gid, doc_id, page)
             if position is None:
                 return None
+            if size == "info":
+                return await self.retriever.info.remote(gid, position)
             return await self.retriever.page.remote(gid, position, "thumbnail" if size == "thumbnail" else "image")
 
         try:
@@ -244,6 +246,8 @@ class Ingress:
             if unavailable is None:
                 raise
             return unavailable
+        if isinstance(data, dict):
+            return JSONResponse(data)
         media = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
         return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
 

@@ -144,6 +144,15 @@ class Retriever:
     async def lookup(self, gid: str, doc_id: str, page: int | None) -> int | None:
         return self.gens.get(gid)[1].position(doc_id, page)
 
+    async def info(self, gid: str, position: int) -> dict[str, Any]:
+        """A page's doc_id, page, source and metadata."""
+        import json
+
+        ids = self.gens.get(gid)[0].ids
+        row = {c: ids.column(c)[position].as_py() for c in ("doc_id", "page", "source", "metadata")
+               if c in ids.column_names}
+        return {**row, "metadata": json.loads(row["metadata"]) if row.get("metadata") else {}}
+
     async def page(self, gid: str, position: int, column: str) -> bytes:
         return (await asyncio.to_thread(self.gens.get(gid)[1].get, [position], column))[0]
 

@@ -20,9 +20,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "read_index", "search", "write_index"]
+__all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "filter_path", "read_index", "search",
+           "write_index"]
 
 INDEX_FILE = "index.faiss"
+EXACT_MAX_SHARE = 0.25  # above this share of allowed pages, filtered searches use the index with a selector
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, *, use_gpu: bool | None = 
     on_gpu = gpus > 0 and spec.type != "hnsw"
     if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
+    if spec.type == "ivf_pq":  # FAISS's default polysemous training is for a search mode not used here: 17x slower builds
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = vectors if n <= train_size else vectors[np.sort(rng.choice(n, train_size, replace=False))]
@@ -119,23 +123,42 @@ def search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     """(scores, positions) of the top ``k`` per query; positions are -1 where fewer than k qualify.
 
     ``allowed`` (a bool per vector position: not removed, and matching the request's filter) is applied *inside* the
-    search, so top-k stays full under selective filters: up to ``exact_max`` allowed vectors are scored exactly from
-    the index's own storage (flat and HNSW keep the vectors); otherwise FAISS searches with an ``IDSelectorBitmap`` and
-    a search depth (HNSW efSearch, IVF nprobe) widened by the inverse of the allowed share.
+    search, so top-k stays full under selective filters: up to ``exact_max`` allowed vectors (and at most
+    EXACT_MAX_SHARE of the index) are scored exactly from the index's own storage (flat and HNSW keep the vectors);
+    otherwise FAISS searches with an ``IDSelectorBitmap`` and a search depth (HNSW efSearch, IVF nprobe) widened by
+    the inverse of the allowed share.
     """
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     if allowed is None:
         return index.search(q, min(k, max(1, index.ntotal)))
-    ids = np.flatnonzero(allowed)
-    if len(ids) == 0:
+    n = int(np.count_nonzero(allowed))
+    if n == 0:
         return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
-    k = min(k, len(ids))
-    if len(ids) <= exact_max and _stores_vectors(index):
-        vectors = index.reconstruct_batch(ids.astype(np.int64))
-        scores = q @ vectors.T
+    k, share = min(k, n), n / index.ntotal
+    # exact over the allowed subset while it is small; not when most pages are allowed (a few tombstones): there
+    # the index's own search with a selector is as exact (flat) or far faster (HNSW), measured in bench/filter_search
+    if filter_path(index, n, exact_max)[0] == "exact":
+        ids = np.flatnonzero(allowed)
+        scores = q @ index.reconstruct_batch(ids.astype(np.int64)).T
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, top, axis=1), ids[top]
-    return index.search(q, k, params=_selector_params(index, allowed, len(ids) / index.ntotal, k))
+    return index.search(q, k, params=_selector_params(index, allowed, share, k))
+
+
+def filter_path(index, n_allowed: int, exact_max: int = 65_536, k: int = 10) -> tuple[str, str]:
+    """How :func:`search` applies a mask allowing ``n_allowed`` positions: ("exact", how many scored) or
+    ("selector", the search depth it uses)."""
+    import faiss
+
+    share = n_allowed / max(index.ntotal, 1)
+    if n_allowed <= exact_max and share <= EXACT_MAX_SHARE and _stores_vectors(index):
+        return "exact", f"{n_allowed:,} scored"
+    params = _selector_params(index, np.ones(index.ntotal, bool), share, k)
+    if isinstance(index, faiss.IndexHNSW):
+        return "selector", f"efSearch {params.efSearch}"
+    if isinstance(params, faiss.SearchParametersIVF):
+        return "selector", f"nprobe {params.nprobe} of {faiss.extract_index_ivf(index).nlist}"
+    return "selector", "full scan"
 
 
 def _stores_vectors(index) -> bool:

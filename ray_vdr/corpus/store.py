@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from ray_vdr.corpus.faiss_index import INDEX_FILE, read_index
-from ray_vdr.storage import is_file, list_parts, read_bytes, read_table
+from ray_vdr.storage import fs_path, is_file, list_parts, read_bytes, read_table
 
 __all__ = ["EMBEDDING_FILE", "IDS_FILE", "MANIFEST", "PAGES", "REJECTS", "IndexMismatch", "PageIndex", "PageStore",
            "check_manifest", "known_keys", "now_iso", "open_index", "read_ids", "read_manifest", "read_shard",
@@ -190,9 +191,14 @@ def open_index(output: str, *, model_path: str | None = None, dim: int | None = 
         import faiss
 
         return PageIndex(faiss.IndexFlatIP(manifest["dim"]), ids, manifest, output)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{files['index']}"))
-        index = read_index(Path(tmp) / INDEX_FILE, manifest["index"])
+    fs, path = fs_path(f"{output}/{files['index']}")
+    if isinstance(fs, pafs.LocalFileSystem):  # read in place: no second copy of the index in memory
+        index = read_index(path, manifest["index"])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{files['index']}"))
+            index = read_index(Path(tmp) / INDEX_FILE, manifest["index"])
+    pa.default_memory_pool().release_unused()  # the ids' read buffers (measured: +195 MiB per 500k rows otherwise)
     return PageIndex(index, ids, manifest, output)
 
 
