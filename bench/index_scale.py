@@ -52,7 +52,7 @@ PAGE_CACHE = 256 << 20  # PageStore's default LRU cache of page bytes, one per l
 
 # Run in a fresh process: the resident memory it gains loading one thing, after and at the peak.
 LOADER = r"""
-import gc, json, re, sys, tempfile
+import gc, json, re, sys
 from pathlib import Path
 
 def mem():
@@ -61,18 +61,17 @@ def mem():
 
 what, path = sys.argv[1], sys.argv[2]
 import faiss, numpy, pyarrow  # noqa: F401
-from ray_vdr.corpus.faiss_index import INDEX_FILE, read_index
-from ray_vdr.storage import read_bytes, read_table
+from ray_vdr.corpus.faiss_index import read_index
+from ray_vdr.storage import read_table
 if what == "baseline":
     import serving.deployments  # noqa: F401
 gc.collect()
 before = mem()
-if what == "index":  # as ray_vdr.corpus.store.open_index
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(path))
-        obj = read_index(Path(tmp) / INDEX_FILE)
-elif what == "ids":
+if what == "index":  # as ray_vdr.corpus.store.open_index: a local index is read in place
+    obj = read_index(path)
+elif what == "ids":  # and the ids' read buffers are released after loading
     obj = read_table(path)
+    pyarrow.default_memory_pool().release_unused()
 elif what == "filters":
     from ray_vdr.corpus.metadata import PositionFields
     t = read_table(path, ["doc_id", "source", "metadata"])
