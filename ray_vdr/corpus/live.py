@@ -19,10 +19,6 @@ from typing import Any
 from ray_vdr.config import ServeConfig
 from ray_vdr.storage import is_file, read_bytes
 
-
-def read_json(uri: str) -> dict[str, Any] | None:
-    return json.loads(read_bytes(uri)) if is_file(uri) else None
-
 __all__ = ["base_id", "generation", "generation_config", "read_live", "serving_generations"]
 
 
@@ -49,7 +45,9 @@ def read_live(uri: str) -> dict[str, Any] | None:
 
 def _versions(gen: dict[str, Any], previous_too: bool) -> list[dict[str, Any]]:
     """A generation at its index's current version (and the previous one, still served while replicas switch)."""
-    manifest = read_json(f"{gen['index'].rstrip('/')}/manifest.json")
+    from ray_vdr.corpus.store import read_manifest
+
+    manifest = read_manifest(gen["index"].rstrip("/"))
     if manifest is None or "version" not in manifest:  # not there yet, or an index from before versions
         return [generation(gen["index"], gen.get("model"), gen.get("dim"))]
     out = [generation(gen["index"], gen.get("model"), gen.get("dim"), manifest["version"])]
