@@ -497,6 +497,11 @@ class ServeConfig(_Strict):
         10.0, gt=0, description="While the index does not exist yet, look for it this often (health stays 503); also "
         "how often the endpoint reads the live manifest."
     )
+    embedding_dims: list[PositiveInt] | None = Field(
+        None, description="The dims `POST /v1/embeddings` offers (`dimensions`): the embedder's Matryoshka dims, e.g. "
+        "the training run's train.matryoshka_dims. None = the model's dimension, its halvings down to 64, and the "
+        "index's."
+    )
     admin_deletes: bool = Field(
         False, description="Enable POST /admin/delete (remove documents by doc_id, source or filter; publishes a new "
         "index version the endpoint switches to). Off by default: until API keys exist, anyone who can reach the "

@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from ray_vdr.config import ServeConfig, ServeDeploymentConfig
 from ray_vdr.corpus.live import generation_config, serving_generations
 from ray_vdr.corpus.store import read_manifest
-from serving import core
+from serving import core, openai_api
 from serving.deployments import QueryEmbedder, Reranker, Retriever
 from serving.generations import Generations
 
@@ -65,6 +65,12 @@ def _raise_or_return(result: Any) -> Any:
     if isinstance(result, Exception):
         raise result
     return result
+
+
+def _param(message: str) -> str | None:
+    """The request field an error message starts with (OpenAI's ``param``)."""
+    head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+    return head if head in ("input", "dimensions", "encoding_format", "input_type", "model") else None
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
@@ -191,6 +197,28 @@ class Ingress:
                         "search_compute_ms": search_s * ms, "rerank_compute_ms": rerank_s * ms,
                         "embed_batch": embed_batch, "rerank_batch": rerank_batch},
         }
+
+    @api.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images (query or document prompt)")
+    async def embeddings(self, body: openai_api.EmbeddingsRequest) -> JSONResponse:
+        async def run(gid: str) -> dict[str, Any]:
+            full, index_dim = _raise_or_return(await self.embedder.dims.remote(gid))
+            dims = openai_api.allowed_dims(self.cfg.embedding_dims, full, index_dim)
+            items, dim = openai_api.parse_embeddings(body, self.cfg.limits, dims, index_dim)
+            vectors, tokens = _raise_or_return(await self.embedder.vectors.remote(
+                gid, items, dim, body.input_type == "document"))
+            return openai_api.embeddings_response(vectors, body.encoding_format, gid.split("@")[0], tokens)
+
+        try:
+            return JSONResponse(await asyncio.wait_for(self._in_generation(run), self.cfg.limits.request_timeout_s))
+        except core.RequestError as e:
+            return JSONResponse(openai_api.openai_error(e.status, str(e), _param(str(e))), status_code=e.status)
+        except TimeoutError:
+            return JSONResponse(openai_api.openai_error(504, "embedding took too long"), status_code=504)
+        except Exception as e:
+            unavailable = self._unavailable(e)
+            if unavailable is None:
+                raise
+            return unavailable
 
     @api.post("/admin/delete", summary="Remove documents from the live index (off unless serve.admin_deletes)")
     async def admin_delete(self, body: DeleteRequest) -> JSONResponse:

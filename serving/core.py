@@ -28,7 +28,7 @@ from ray_vdr.eval.metrics import rerank_order
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NotReady", "QueryEncoder", "RequestError", "RerankScorer", "SearchRequest", "check_binding",
+__all__ = ["NotReady", "QueryEncoder", "RequestError", "RerankScorer", "SearchRequest", "check_binding", "decode_image_query",
            "merge_results", "parse_request"]
 
 
@@ -84,7 +84,7 @@ class Query:
         return self.image if self.image is not None else self.text
 
 
-def _decode_image_query(data: str, limits: ImageLimits) -> Image.Image:
+def decode_image_query(data: str, limits: ImageLimits) -> Image.Image:
     from ray_vdr.data.images import ImageRejected, decode_image
 
     text = data.strip()
@@ -122,7 +122,7 @@ def parse_request(req: SearchRequest, limits: ServeLimits, rerank_available: boo
         raise RequestError(422, f"rerank_depth must be between 0 and {limits.max_rerank_depth}, got {depth}")
     if depth and not rerank_available:
         raise RequestError(422, "this endpoint has no reranker: use rerank_depth 0")
-    image = _decode_image_query(req.image, limits.image) if req.image is not None else None
+    image = decode_image_query(req.image, limits.image) if req.image is not None else None
     if depth and not text:
         depth = 0  # the reranker scores (text, page) pairs: an image-only query is ranked by the first stage
     clauses = None
@@ -169,16 +169,29 @@ class QueryEncoder:
                                    device=device)
         self.dim = binding["dim"]
 
-    def encode(self, items: list[str | Image.Image]) -> np.ndarray:
-        """One row per item; texts and images are encoded in separate calls (one modality per forward)."""
-        out = np.zeros((len(items), self.dim), dtype=np.float32)
+    @property
+    def full_dim(self) -> int:
+        return self.model.get_embedding_dimension()
+
+    def encode(self, items: list[str | Image.Image], dim: int | None = None, document: bool = False) -> np.ndarray:
+        """One row per item, at ``dim`` (default: the index's), with the query prompt (or the document prompt);
+        texts and images are encoded in separate calls (one modality per forward)."""
+        dim = dim or self.dim
+        fn = self.model.encode_document if document else self.model.encode_query
+        out = np.zeros((len(items), dim), dtype=np.float32)
         for want_text in (True, False):
             idx = [i for i, x in enumerate(items) if isinstance(x, str) == want_text]
             if idx:
-                out[idx] = self.model.encode_query([items[i] for i in idx], batch_size=len(idx),
-                                                   truncate_dim=self.dim, normalize_embeddings=True,
-                                                   convert_to_numpy=True, show_progress_bar=False)
+                out[idx] = fn([items[i] for i in idx], batch_size=len(idx), truncate_dim=dim,
+                              normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         return out
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens of the texts as the model's tokenizer counts them (OpenAI's ``usage``)."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None or not texts:
+            return 0
+        return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 class RerankScorer:

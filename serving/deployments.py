@@ -60,6 +60,26 @@ class QueryEmbedder:
         NotReady is returned, not raised (see ``_raise_or_return``)."""
         return await self._embed((gid, item))
 
+    async def vectors(self, gid: str, items: list, dim: int | None, document: bool
+                      ) -> tuple[Any, int] | core.NotReady:
+        """``POST /v1/embeddings``: the items' vectors at ``dim`` with the query or document prompt, and their text
+        tokens (not batched with searches: one request is already a batch)."""
+        try:
+            encoder: core.QueryEncoder = self.gens.get(gid)
+        except core.NotReady as e:
+            return e
+        texts = [x for x in items if isinstance(x, str)]
+        vectors = await asyncio.to_thread(encoder.encode, items, dim, document)
+        return vectors, encoder.count_tokens(texts)
+
+    async def dims(self, gid: str) -> tuple[int, int] | core.NotReady:
+        """(the model's full dimension, the index's) of generation ``gid``."""
+        try:
+            encoder: core.QueryEncoder = self.gens.get(gid)
+        except core.NotReady as e:
+            return e
+        return encoder.full_dim, encoder.dim
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed(self, requests: list[tuple[str, Any]]) -> list[Any]:
         """One forward per generation in the batch (one, except while a promotion switches)."""

@@ -1,0 +1,110 @@
+"""OpenAI-compatible embeddings (``POST /v1/embeddings``) without Ray: the request, its checks and the response.
+
+What the ``openai`` client sends (``OpenAI(base_url=…/v1).embeddings.create(model=…, input=…, dimensions=…)``)::
+
+    {"model": "...", "input": "text" | ["text", ...] | [{"type": "image_url", "image_url": {"url": "data:..."}}, ...],
+     "dimensions": 256, "encoding_format": "float" | "base64", "input_type": "query" | "document"}
+
+``input_type`` is this endpoint's extra field (``extra_body`` in the client): the query prompt (default) or the
+document prompt. ``dimensions`` must be one of the embedder's Matryoshka dims (``serve.embedding_dims``, by default
+the model's dimension and its halvings down to 64, and the index's). Images are base64 data URLs (never fetched).
+Errors come in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, which the client raises as
+``BadRequestError``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from ray_vdr.config import ServeLimits
+from serving.core import RequestError, decode_image_query
+
+__all__ = ["EmbeddingsRequest", "allowed_dims", "embeddings_response", "parse_embeddings", "openai_error"]
+
+MAX_INPUTS = 256
+
+
+class EmbeddingsRequest(BaseModel):
+    """``POST /v1/embeddings`` (OpenAI's embeddings API, plus ``input_type``)."""
+
+    model_config = ConfigDict(extra="ignore")  # the client may send fields this endpoint has no use for (user, …)
+
+    input: Any = Field(..., description="A string, a list of strings, or image content parts "
+                       "({type: image_url, image_url: {url: data:image/png;base64,...}}).")
+    model: str | None = Field(None, description="Ignored: the endpoint serves the embedder of its live index.")
+    dimensions: int | None = Field(None, description="One of the embedder's Matryoshka dims (default: the index's).")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
+    input_type: Literal["query", "document"] = Field("query", description="The prompt to encode with.")
+
+
+def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def allowed_dims(configured: list[int] | None, full_dim: int, index_dim: int) -> list[int]:
+    """The dims ``dimensions`` may take, largest first."""
+    if configured:
+        return sorted({d for d in configured if d <= full_dim}, reverse=True)
+    dims, d = {full_dim, index_dim}, full_dim
+    while d // 2 >= min(64, index_dim) and d % 2 == 0:
+        d //= 2
+        dims.add(d)
+    return sorted(dims, reverse=True)
+
+
+def _item(x: Any, n: int, limits: ServeLimits) -> str | Image.Image:
+    if isinstance(x, str):
+        if not x.strip():
+            raise RequestError(400, f"input[{n}] is empty")
+        if len(x) > limits.max_query_chars:
+            raise RequestError(400, f"input[{n}] has {len(x)} characters; the limit is {limits.max_query_chars}")
+        return x
+    if isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str):
+        return _item(x["text"], n, limits)
+    if isinstance(x, dict) and x.get("type") == "image_url":
+        url = x.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise RequestError(400, f"input[{n}].image_url.url must be a data: URL with base64 image bytes")
+        if not url.startswith("data:"):
+            raise RequestError(400, f"input[{n}]: image URLs must be data: URLs (base64): the endpoint never fetches "
+                               "URLs")
+        return decode_image_query(url, limits.image)
+    if isinstance(x, int) or (isinstance(x, list) and all(isinstance(t, int) for t in x)):
+        raise RequestError(400, "input: token arrays are not supported; send text or image content parts")
+    raise RequestError(400, f"input[{n}] must be a string or a content part of type text or image_url")
+
+
+def parse_embeddings(req: EmbeddingsRequest, limits: ServeLimits, dims: list[int],
+                     index_dim: int) -> tuple[list[str | Image.Image], int]:
+    """The items to encode and the dimension; RequestError(400) naming the field otherwise."""
+    raw = req.input if isinstance(req.input, list) else [req.input]
+    if not raw:
+        raise RequestError(400, "input is empty")
+    if len(raw) > MAX_INPUTS:
+        raise RequestError(400, f"input has {len(raw)} items; the limit is {MAX_INPUTS}")
+    if all(isinstance(t, int) for t in raw):
+        raise RequestError(400, "input: token arrays are not supported; send text or image content parts")
+    items = [_item(x, n, limits) for n, x in enumerate(raw)]
+    dim = index_dim if req.dimensions is None else req.dimensions
+    if dim not in dims:
+        raise RequestError(400, f"dimensions must be one of this embedder's Matryoshka dims {dims}, got {dim}")
+    return items, dim
+
+
+def embeddings_response(vectors: np.ndarray, encoding: str, model: str, tokens: int) -> dict[str, Any]:
+    def one(v: np.ndarray) -> list[float] | str:
+        if encoding == "base64":
+            return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode()
+        return v.astype(np.float32).tolist()
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": one(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
