@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from ray_vdr.config import ServeConfig, ServeDeploymentConfig
 from ray_vdr.corpus.live import generation_config, serving_generations
 from ray_vdr.corpus.store import read_manifest
-from serving import core, openai_api
+from serving import core, openai_api, rerank_api
 from serving.deployments import QueryEmbedder, Reranker, Retriever
 from serving.generations import Generations
 
@@ -214,6 +214,37 @@ class Ingress:
             return JSONResponse(openai_api.openai_error(e.status, str(e), _param(str(e))), status_code=e.status)
         except TimeoutError:
             return JSONResponse(openai_api.openai_error(504, "embedding took too long"), status_code=504)
+        except Exception as e:
+            unavailable = self._unavailable(e)
+            if unavailable is None:
+                raise
+            return unavailable
+
+    @api.post("/v2/rerank", summary="Cohere v2-compatible reranking of texts, images and indexed pages")
+    @api.post("/v1/rerank", summary="Jina-compatible reranking (the same as /v2/rerank)")
+    async def rerank(self, body: rerank_api.RerankRequest) -> JSONResponse:
+        if self.reranker is None:
+            return _error(404, "this endpoint has no reranker (serve.reranker)")
+
+        async def run(gid: str) -> dict[str, Any]:
+            query, docs, top_n = rerank_api.parse_rerank(body, self.cfg.limits)
+            resolved = []
+            for n, d in enumerate(docs):
+                if isinstance(d, rerank_api.PageRef):
+                    position = await self.retriever.lookup.remote(gid, d[0], d[1])
+                    if position is None:
+                        raise core.RequestError(404, f"documents[{n}]: no page {d[1]} of doc_id {d[0]!r} in the index")
+                    d = position
+                resolved.append(d)
+            scores = await self.reranker.score_documents.remote(gid, query, resolved)
+            return rerank_api.rerank_response(scores.tolist(), top_n, self.cfg.reranker or "reranker")
+
+        try:
+            return JSONResponse(await asyncio.wait_for(self._in_generation(run), self.cfg.limits.request_timeout_s))
+        except core.RequestError as e:
+            return _error(e.status, str(e))
+        except TimeoutError:
+            return _error(504, f"reranking took longer than {self.cfg.limits.request_timeout_s}s")
         except Exception as e:
             unavailable = self._unavailable(e)
             if unavailable is None:

@@ -199,6 +199,19 @@ class Reranker:
         """Scores of (query, page) for pages of generation ``gid``'s index; also the model time and batch size."""
         return await self._rerank((gid, query, positions))  # or NotReady, returned (see _raise_or_return)
 
+    async def score_documents(self, gid: str, query: str, docs: list) -> Any:
+        """``POST /v2/rerank``: the scores of (query, document) for texts, images and indexed page positions (ints);
+        not batched with searches (one request is already a batch)."""
+        scorer = self.scorer.get()
+        store = self.gens.get(gid) if any(isinstance(d, int) for d in docs) else None
+
+        def run():
+            positions = [d for d in docs if isinstance(d, int)]
+            pages = dict(zip(positions, pil_pages(store.get(positions, "image")), strict=True)) if positions else {}
+            return scorer.score([(query, pages[d] if isinstance(d, int) else d) for d in docs])
+
+        return await asyncio.to_thread(run)
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _rerank(self, requests: list[tuple[str, str, list[int]]]) -> list[Any]:
         """The pairs of every request in the batch go through the model together, in forwards of

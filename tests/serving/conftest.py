@@ -89,7 +89,7 @@ def inproc(corpus_index, tiny_qwen, tiny_reranker):
         images = [Image.open(corpus / d).convert("RGB") for d in doc_ids]
         return ce.predict([(query, img) for img in images], convert_to_numpy=True).tolist()
 
-    return {"search": search, "rerank": rerank, "st": st}
+    return {"search": search, "rerank": rerank, "st": st, "ce": ce}
 
 
 @pytest.fixture(scope="package")
