@@ -21,6 +21,7 @@ enough requests in flight to fill every downstream batch. Over capacity every ca
 """
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -132,6 +133,25 @@ class Ingress:
             return _error(503, "over capacity: too many requests in flight, retry later", retry)
         return None
 
+    async def _answer(self, call, what: str, error=None) -> JSONResponse:
+        """``call(gid)``'s answer in the preferred generation, or the error response: a RequestError's 4xx (raised
+        here or by a stage: a filter the index cannot apply), 504 past the timeout, 503 while a stage loads or is
+        over capacity. ``error`` shapes the errors (default ``{"detail": ...}``)."""
+        error = error or _error
+        try:
+            return JSONResponse(await asyncio.wait_for(self._in_generation(call), self.cfg.limits.request_timeout_s))
+        except TimeoutError:
+            return error(504, f"{what} took longer than {self.cfg.limits.request_timeout_s}s")
+        except Exception as e:
+            cause = _error_cause(e)
+            if isinstance(cause, core.RequestError):
+                return error(cause.status, str(cause))
+            unavailable = self._unavailable(e)
+            if unavailable is None:
+                raise
+            return error(unavailable.status_code, json.loads(unavailable.body)["detail"],
+                         self.cfg.limits.retry_after_s)
+
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(SEARCH_PAGE)
@@ -158,18 +178,7 @@ class Ingress:
             query = core.parse_request(body, self.cfg.limits, rerank_available=self.reranker is not None)
         except core.RequestError as e:
             return _error(e.status, str(e))
-        try:
-            answer = self._in_generation(lambda gid: self._search(gid, query))
-            return JSONResponse(await asyncio.wait_for(answer, self.cfg.limits.request_timeout_s))
-        except TimeoutError:
-            return _error(504, f"search took longer than {self.cfg.limits.request_timeout_s}s")
-        except Exception as e:
-            if isinstance(_error_cause(e), core.RequestError):  # a filter this index cannot apply
-                return _error(_error_cause(e).status, str(_error_cause(e)))
-            unavailable = self._unavailable(e)
-            if unavailable is None:
-                raise
-            return unavailable
+        return await self._answer(lambda gid: self._search(gid, query), "search")
 
     async def _search(self, gid: str, query: core.Query) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -208,17 +217,12 @@ class Ingress:
                 gid, items, dim, body.input_type == "document"))
             return openai_api.embeddings_response(vectors, body.encoding_format, gid.split("@")[0], tokens)
 
-        try:
-            return JSONResponse(await asyncio.wait_for(self._in_generation(run), self.cfg.limits.request_timeout_s))
-        except core.RequestError as e:
-            return JSONResponse(openai_api.openai_error(e.status, str(e), _param(str(e))), status_code=e.status)
-        except TimeoutError:
-            return JSONResponse(openai_api.openai_error(504, "embedding took too long"), status_code=504)
-        except Exception as e:
-            unavailable = self._unavailable(e)
-            if unavailable is None:
-                raise
-            return unavailable
+        def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:  # OpenAI's shape
+            headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+            return JSONResponse(openai_api.openai_error(status, message, _param(message)), status_code=status,
+                                headers=headers)
+
+        return await self._answer(run, "embedding", error)
 
     @api.post("/v2/rerank", summary="Cohere v2-compatible reranking of texts, images and indexed pages")
     @api.post("/v1/rerank", summary="Jina-compatible reranking (the same as /v2/rerank)")
@@ -239,17 +243,7 @@ class Ingress:
             scores = await self.reranker.score_documents.remote(gid, query, resolved)
             return rerank_api.rerank_response(scores.tolist(), top_n, self.cfg.reranker or "reranker")
 
-        try:
-            return JSONResponse(await asyncio.wait_for(self._in_generation(run), self.cfg.limits.request_timeout_s))
-        except core.RequestError as e:
-            return _error(e.status, str(e))
-        except TimeoutError:
-            return _error(504, f"reranking took longer than {self.cfg.limits.request_timeout_s}s")
-        except Exception as e:
-            unavailable = self._unavailable(e)
-            if unavailable is None:
-                raise
-            return unavailable
+        return await self._answer(run, "reranking")
 
     @api.post("/admin/delete", summary="Remove documents from the live index (off unless serve.admin_deletes)")
     async def admin_delete(self, body: DeleteRequest) -> JSONResponse:
