@@ -454,6 +454,31 @@ class IngressDeploymentConfig(ServeDeploymentConfig):
     target_ongoing_requests: float = Field(64, gt=0, description="Autoscaling target per replica.")
 
 
+class ServeAuthConfig(_Strict):
+    """API keys of the endpoint (serving/auth.py): where they come from, never the keys themselves."""
+
+    keys_file: str | None = Field(
+        None, description="A JSON file (path or URI) listing the keys: [{name, key | sha256, scopes, tenants, "
+        "collections}]. Scopes: search, embed, rerank, pages, admin."
+    )
+    keys_env: str | None = Field(
+        None, description="An environment variable holding the same JSON (e.g. from a Kubernetes Secret)."
+    )
+    allow_anonymous: bool = Field(
+        False, description="Serve without keys on a non-loopback host (refused otherwise); logs a warning."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ServeAuthConfig:
+        if self.keys_file and self.keys_env:
+            raise ValueError("give keys_file or keys_env, not both")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.keys_file or self.keys_env)
+
+
 class ServeConfig(_Strict):
     """The two-stage retrieval endpoint (serving/): query embedder → FAISS retriever → multimodal reranker.
 
@@ -502,6 +527,7 @@ class ServeConfig(_Strict):
         "the training run's train.matryoshka_dims. None = the model's dimension, its halvings down to 64, and the "
         "index's."
     )
+    auth: ServeAuthConfig = Field(default_factory=ServeAuthConfig, description="API keys, scopes and tenants.")
     admin_deletes: bool = Field(
         False, description="Enable POST /admin/delete (remove documents by doc_id, source or filter; publishes a new "
         "index version the endpoint switches to). Off by default: until API keys exist, anyone who can reach the "

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -38,6 +37,7 @@ from ray_vdr.config import ServeConfig, ServeDeploymentConfig
 from ray_vdr.corpus.live import generation_config, serving_generations
 from ray_vdr.corpus.store import read_manifest
 from serving import core, openai_api, rerank_api
+from serving.auth import AuthError, KeyRing
 from serving.deployments import QueryEmbedder, Reranker, Retriever
 from serving.generations import Generations
 
@@ -68,10 +68,10 @@ def _raise_or_return(result: Any) -> Any:
     return result
 
 
-def _param(message: str) -> str | None:
-    """The request field an error message starts with (OpenAI's ``param``)."""
-    head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
-    return head if head in ("input", "dimensions", "encoding_format", "input_type", "model") else None
+def _denied(e: AuthError) -> JSONResponse:
+    """401 (with WWW-Authenticate) or 403; the message names what is missing, never the key."""
+    return JSONResponse({"detail": str(e)}, status_code=e.status,
+                        headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
@@ -89,16 +89,6 @@ async def _limit_body(request: Request, call_next):
     return await call_next(request)
 
 
-class DeleteRequest(BaseModel):
-    """``POST /admin/delete``: documents to remove (any of them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    doc_ids: list[str] = Field(default_factory=list, max_length=10_000)
-    sources: list[str] = Field(default_factory=list, max_length=1_000)
-    filter: dict[str, Any] | None = None
-
-
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -107,6 +97,7 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(cfg)
         self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
+        self.keys = KeyRing.load(self.cfg.auth.keys_file, self.cfg.auth.keys_env)  # hashes only
         # which generations to ask for, preferred first (nothing to load here: the stages load them)
         self.gens = Generations("ingress", self.cfg, lambda gen, say: gen)
 
@@ -173,19 +164,24 @@ class Ingress:
                             status_code=200 if ready else 503, headers=headers)
 
     @api.post("/search", summary="Top pages for a text or image query, reranked")
-    async def search(self, body: core.SearchRequest) -> JSONResponse:
+    async def search(self, body: core.SearchRequest, authorization: str | None = Header(None)) -> JSONResponse:
+        try:
+            who = self.keys.check(authorization, "search")
+        except AuthError as e:
+            return _denied(e)
         try:
             query = core.parse_request(body, self.cfg.limits, rerank_available=self.reranker is not None)
         except core.RequestError as e:
             return _error(e.status, str(e))
-        return await self._answer(lambda gid: self._search(gid, query), "search")
+        return await self._answer(lambda gid: self._search(gid, query, who.scope()), "search")
 
-    async def _search(self, gid: str, query: core.Query) -> dict[str, Any]:
+    async def _search(self, gid: str, query: core.Query, scope: list | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         vector, embed_s, embed_batch = _raise_or_return(await self.embedder.embed.remote(gid, query.item))
         t1 = time.perf_counter()
         depth = max(query.top_k, query.rerank_depth)
-        hits, search_s = _raise_or_return(await self.retriever.search.remote(gid, vector, depth, query.clauses))
+        hits, search_s = _raise_or_return(await self.retriever.search.remote(gid, vector, depth, query.clauses,
+                                                                             scope))
         t2 = time.perf_counter()
         scores, rerank_s, rerank_batch = None, 0.0, 0
         if query.rerank_depth and hits:
@@ -208,7 +204,13 @@ class Ingress:
         }
 
     @api.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images (query or document prompt)")
-    async def embeddings(self, body: openai_api.EmbeddingsRequest) -> JSONResponse:
+    async def embeddings(self, body: openai_api.EmbeddingsRequest,
+                         authorization: str | None = Header(None)) -> JSONResponse:
+        try:
+            self.keys.check(authorization, "embed")
+        except AuthError as e:
+            return JSONResponse(openai_api.openai_error(e.status, str(e)), status_code=e.status,
+                                headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
         async def run(gid: str) -> dict[str, Any]:
             full, index_dim = _raise_or_return(await self.embedder.dims.remote(gid))
             dims = openai_api.allowed_dims(self.cfg.embedding_dims, full, index_dim)
@@ -219,14 +221,18 @@ class Ingress:
 
         def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:  # OpenAI's shape
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-            return JSONResponse(openai_api.openai_error(status, message, _param(message)), status_code=status,
+            return JSONResponse(openai_api.openai_error(status, message, openai_api.error_param(message)), status_code=status,
                                 headers=headers)
 
         return await self._answer(run, "embedding", error)
 
     @api.post("/v2/rerank", summary="Cohere v2-compatible reranking of texts, images and indexed pages")
     @api.post("/v1/rerank", summary="Jina-compatible reranking (the same as /v2/rerank)")
-    async def rerank(self, body: rerank_api.RerankRequest) -> JSONResponse:
+    async def rerank(self, body: rerank_api.RerankRequest, authorization: str | None = Header(None)) -> JSONResponse:
+        try:
+            who = self.keys.check(authorization, "rerank")
+        except AuthError as e:
+            return _denied(e)
         if self.reranker is None:
             return _error(404, "this endpoint has no reranker (serve.reranker)")
 
@@ -235,7 +241,7 @@ class Ingress:
             resolved = []
             for n, d in enumerate(docs):
                 if isinstance(d, rerank_api.PageRef):
-                    position = await self.retriever.lookup.remote(gid, d[0], d[1])
+                    position = await self.retriever.lookup.remote(gid, d[0], d[1], who.scope())
                     if position is None:
                         raise core.RequestError(404, f"documents[{n}]: no page {d[1]} of doc_id {d[0]!r} in the index")
                     d = position
@@ -246,7 +252,7 @@ class Ingress:
         return await self._answer(run, "reranking")
 
     @api.post("/admin/delete", summary="Remove documents from the live index (off unless serve.admin_deletes)")
-    async def admin_delete(self, body: DeleteRequest) -> JSONResponse:
+    async def admin_delete(self, body: core.DeleteRequest, authorization: str | None = Header(None)) -> JSONResponse:
         """Publishes a new index version without the matching documents and returns once this endpoint's stages
         serve it: no later response contains a removed page."""
         from ray_vdr.corpus.metadata import FilterError
@@ -254,12 +260,16 @@ class Ingress:
 
         if not self.cfg.admin_deletes:
             return _error(403, "admin deletes are off on this endpoint (serve.admin_deletes: false)")
+        try:
+            who = self.keys.check(authorization, "admin")
+        except AuthError as e:
+            return _denied(e)
         if not (body.doc_ids or body.sources or body.filter):
             return _error(422, "say what to delete: doc_ids, sources or filter")
         index = serving_generations(self.cfg)[0]["index"]
         try:
             summary = await asyncio.to_thread(delete, index, doc_ids=body.doc_ids, sources=body.sources,
-                                              filter=body.filter)
+                                              filter=body.filter, scope=who.scope())
         except LookupError as e:
             return _error(404, str(e))
         except (FilterError, ValueError) as e:
@@ -277,12 +287,17 @@ class Ingress:
         return JSONResponse({**summary, "generation": wanted})
 
     @api.get("/pages/{doc_id:path}", summary="A live page's thumbnail, full image, or info (metadata)")
-    async def pages(self, doc_id: str, page: int | None = None, size: str = "thumbnail") -> Response:
+    async def pages(self, doc_id: str, page: int | None = None, size: str = "thumbnail",
+                    authorization: str | None = Header(None)) -> Response:
+        try:
+            who = self.keys.check(authorization, "pages")
+        except AuthError as e:
+            return _denied(e)
         if size not in ("thumbnail", "full", "info"):
             return _error(422, "size must be 'thumbnail', 'full' or 'info' (doc_id, page, source and metadata)")
 
         async def fetch(gid: str) -> bytes | dict | None:
-            position = await self.retriever.lookup.remote(gid, doc_id, page)
+            position = await self.retriever.lookup.remote(gid, doc_id, page, who.scope())
             if position is None:
                 return None
             if size == "info":
@@ -337,6 +352,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     when it does not exist yet, the deployments wait for it and health stays 503 until it is loaded.
     """
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
+    if not cfg.auth.configured and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        if not cfg.auth.allow_anonymous:
+            raise ValueError(f"serve.host is {cfg.host} (reachable from other machines) but serve.auth has no keys: "
+                             "set serve.auth.keys_file or keys_env, or serve.auth.allow_anonymous: true")
+        logger.warning("serving on %s WITHOUT API keys (serve.auth.allow_anonymous): anyone who can reach it reads "
+                       "every page", cfg.host)
+    KeyRing.load(cfg.auth.keys_file, cfg.auth.keys_env)  # a bad key file fails `serve run` here, naming the entry
     if cfg.index is None:
         raise ValueError("serve.index is not set: give the embedding job's output folder or URI (index=...)")
     live = serving_generations(cfg)[0]  # the live manifest's live generation, or cfg.index

@@ -28,7 +28,7 @@ from ray_vdr.eval.metrics import rerank_order
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NotReady", "QueryEncoder", "RequestError", "RerankScorer", "SearchRequest", "check_binding", "decode_image_query",
+__all__ = ["DeleteRequest", "NotReady", "QueryEncoder", "RequestError", "RerankScorer", "SearchRequest", "check_binding", "decode_image_query",
            "merge_results", "parse_request"]
 
 
@@ -67,6 +67,16 @@ class SearchRequest(BaseModel):
         "inside the vector search, so top_k stays full. An unknown field or a wrong type is a 422 naming it.",
         examples=[{"collection": "finance", "year": {"gte": 2021}}],
     )
+
+
+class DeleteRequest(BaseModel):
+    """``POST /admin/delete``: documents to remove (any of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    doc_ids: list[str] = Field(default_factory=list, max_length=10_000)
+    sources: list[str] = Field(default_factory=list, max_length=1_000)
+    filter: dict[str, Any] | None = None
 
 
 @dataclass

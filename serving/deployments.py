@@ -123,15 +123,16 @@ class Retriever:
                                "version": m.get("version"), "live_pages": m.get("live_pages", m["vectors"])}
         return status
 
-    async def search(self, gid: str, vector: Any, k: int, clauses: list | None = None
+    async def search(self, gid: str, vector: Any, k: int, clauses: list | None = None, scope: list | None = None
                      ) -> tuple[list[dict], float] | core.NotReady | core.RequestError:
-        """The top-k live hits of a query vector in generation ``gid``'s index, matching the filter ``clauses``; also
-        the search time. A filter this index cannot apply comes back as a RequestError (422 naming the field)."""
-        return await self._search((gid, vector, k, clauses))  # or NotReady, returned (see _raise_or_return)
+        """The top-k live hits of a query vector in generation ``gid``'s index, matching the filter ``clauses`` and
+        the caller's key ``scope``; also the search time. A filter this index cannot apply comes back as a
+        RequestError (422 naming the field)."""
+        return await self._search((gid, vector, k, clauses, scope))  # or NotReady, returned (see _raise_or_return)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _search(self, requests: list[tuple[str, Any, int, list | None]]) -> list[Any]:
-        """One FAISS call per generation and filter in the batch, at its largest k."""
+    async def _search(self, requests: list[tuple[str, Any, int, list | None, list | None]]) -> list[Any]:
+        """One FAISS call per generation, filter and key scope in the batch, at its largest k."""
         import json
 
         import numpy as np
@@ -141,7 +142,7 @@ class Retriever:
         start, out = time.perf_counter(), [None] * len(requests)
         groups: dict[tuple[str, str], list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r[0], json.dumps(r[3], sort_keys=True)), []).append(i)
+            groups.setdefault((r[0], json.dumps([r[3], r[4]], sort_keys=True)), []).append(i)
         for (gid, _), idx in groups.items():
             try:
                 index, _ = self.gens.get(gid)
@@ -149,9 +150,10 @@ class Retriever:
                 for i in idx:
                     out[i] = e
                 continue
-            k, clauses = max(requests[i][2] for i in idx), requests[idx[0]][3]
+            k, clauses, scope = max(requests[i][2] for i in idx), requests[idx[0]][3], requests[idx[0]][4]
             try:
-                hits = await asyncio.to_thread(index.search, np.stack([requests[i][1] for i in idx]), k, clauses)
+                hits = await asyncio.to_thread(index.search, np.stack([requests[i][1] for i in idx]), k, clauses,
+                                               scope)
             except FilterError as e:
                 for i in idx:
                     out[i] = core.RequestError(422, str(e))
@@ -161,8 +163,11 @@ class Retriever:
         seconds = time.perf_counter() - start
         return [h if isinstance(h, Exception) else (h, seconds) for h in out]
 
-    async def lookup(self, gid: str, doc_id: str, page: int | None) -> int | None:
-        return self.gens.get(gid)[1].position(doc_id, page)
+    async def lookup(self, gid: str, doc_id: str, page: int | None, scope: list | None = None) -> int | None:
+        """The position of a live page the caller's key ``scope`` may see; None otherwise (a 404 either way)."""
+        index, store = self.gens.get(gid)
+        position = store.position(doc_id, page)
+        return position if position is not None and index.visible(position, scope) else None
 
     async def info(self, gid: str, position: int) -> dict[str, Any]:
         """A page's doc_id, page, source and metadata."""

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray_vdr.config import ServeLimits
 from serving.core import RequestError, decode_image_query
 
-__all__ = ["EmbeddingsRequest", "allowed_dims", "embeddings_response", "parse_embeddings", "openai_error"]
+__all__ = ["EmbeddingsRequest", "allowed_dims", "embeddings_response", "error_param", "openai_error",
+           "parse_embeddings"]
 
 MAX_INPUTS = 256
 
@@ -46,6 +47,12 @@ def openai_error(status: int, message: str, param: str | None = None) -> dict[st
     kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
         status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def error_param(message: str) -> str | None:
+    """The request field an error message starts with (OpenAI's ``param``)."""
+    head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+    return head if head in ("input", "dimensions", "encoding_format", "input_type", "model") else None
 
 
 def allowed_dims(configured: list[int] | None, full_dim: int, index_dim: int) -> list[int]:

@@ -226,6 +226,17 @@ class PositionFields:
             out &= np.asarray(m, dtype=bool)
         return out
 
+    def scope_mask(self, scope: list[tuple[str, list[str]]]) -> np.ndarray:
+        """Positions whose ``field`` is one of the values, for every (field, values) of an API key's scope; a field
+        the index does not have matches nothing (a scoped key sees no unscoped page)."""
+        out = np.ones(self.n, dtype=bool)
+        for name, values in scope:
+            if name not in self.columns:
+                return np.zeros(self.n, dtype=bool)
+            allowed = set(values)
+            out &= np.fromiter((x in allowed for x in self.columns[name]), bool, self.n)
+        return out
+
     @staticmethod
     def _value(name: str, t: str, v: Any) -> Any:
         if t == "number":

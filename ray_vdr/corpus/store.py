@@ -145,21 +145,31 @@ class PageIndex:
                                           self.ids.column("source").to_pylist(), meta)
         return self._fields
 
-    def allowed(self, clauses: list | None = None) -> np.ndarray | None:
-        """Live positions matching ``clauses`` (FilterError for an unknown field or a wrong type); None = all."""
-        if not clauses:
+    def allowed(self, clauses: list | None = None, scope: list | None = None) -> np.ndarray | None:
+        """Live positions matching ``clauses`` (FilterError for an unknown field or a wrong type) and an API key's
+        ``scope`` ([(field, values)]); None = all."""
+        mask = self.fields.mask(clauses) if clauses else None
+        if scope:
+            allowed = self.fields.scope_mask(scope)
+            mask = allowed if mask is None else mask & allowed
+        if mask is None:
             return self.live
-        mask = self.fields.mask(clauses)
         return mask if self.live is None else mask & self.live
 
-    def search(self, queries, k: int, clauses: list | None = None) -> list[list[dict[str, Any]]]:
-        """Top-``k`` live pages per query vector (matching ``clauses``): key, doc_id, source, page, score, rank
-        (1-based), position, file_hash, content, metadata."""
+    def visible(self, position: int, scope: list | None) -> bool:
+        """Whether an API key with ``scope`` may see the page at ``position`` (live pages only)."""
+        allowed = self.allowed(None, scope)
+        return allowed is None or bool(allowed[position])
+
+    def search(self, queries, k: int, clauses: list | None = None, scope: list | None = None
+               ) -> list[list[dict[str, Any]]]:
+        """Top-``k`` live pages per query vector (matching ``clauses`` and ``scope``): key, doc_id, source, page,
+        score, rank (1-based), position, file_hash, content, metadata."""
         import json
 
         from ray_vdr.corpus.faiss_index import search
 
-        scores, positions = search(self.index, queries, k, self.allowed(clauses))
+        scores, positions = search(self.index, queries, k, self.allowed(clauses, scope))
         cols = {c: self.ids.column(c) for c in ("key", "doc_id", "source", "page", "file_hash", "content")
                 if c in self.ids.column_names}
         out = []

@@ -121,9 +121,11 @@ def _metadata(f: dict[str, Any], table: tuple[str, dict[str, dict]] | None) -> d
 
 
 def delete(output: str, *, doc_ids: list[str] = (), sources: list[str] = (), filter: dict | None = None,
-           compact_share: float | None = None, index_cfg: dict | None = None) -> dict[str, Any]:
+           compact_share: float | None = None, index_cfg: dict | None = None,
+           scope: list | None = None) -> dict[str, Any]:
     """Remove documents (and their pages) by doc_id, source (a file, or a folder: everything under it) or metadata
-    filter; publish the new version. LookupError when nothing matches. Returns a summary."""
+    filter, among those an API key's ``scope`` may see; publish the new version. LookupError when nothing matches.
+    Returns a summary."""
     from ray_vdr.corpus.build import read_all_ids
     from ray_vdr.corpus.store import read_manifest
 
@@ -137,11 +139,13 @@ def delete(output: str, *, doc_ids: list[str] = (), sources: list[str] = (), fil
     hit = [False] * len(rows)
     wanted_ids = set(doc_ids)
     roots = [_normalise(s) for s in sources]
-    mask = PositionFields([r["doc_id"] for r in rows], [r["source"] for r in rows],
-                          [r["metadata"] for r in rows]).mask(parse_filter(filter)) if filter else None
+    fields = PositionFields([r["doc_id"] for r in rows], [r["source"] for r in rows], [r["metadata"] for r in rows])
+    mask = fields.mask(parse_filter(filter)) if filter else None
+    visible = fields.scope_mask(scope) if scope else None
     for i, r in enumerate(rows):
         hit[i] = (r["doc_id"] in wanted_ids or any(r["source"] == s or r["source"].startswith(s.rstrip("/") + "/")
                                                     for s in roots) or (mask is not None and bool(mask[i])))
+        hit[i] = hit[i] and (visible is None or bool(visible[i]))
     removed = [r for r, h in zip(rows, hit, strict=True) if h]
     what = ", ".join(x for x in (f"doc_id {sorted(wanted_ids)}" if wanted_ids else "",
                                  f"source {list(sources)}" if sources else "",

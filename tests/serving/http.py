@@ -32,16 +32,18 @@ def serve_cfg(index, port, **over) -> ServeConfig:
     return ServeConfig.model_validate({**base, **over})
 
 
-def get(url: str) -> tuple[int, dict, bytes]:
+def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
 
 
-def post_raw(url: str, data: bytes, content_type="application/json", path: str = "search") -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": content_type}, method="POST")
+def post_raw(url: str, data: bytes, content_type="application/json", path: str = "search",
+             headers: dict | None = None) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": content_type, **(headers or {})},
+                                 method="POST")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, dict(r.headers), json.loads(r.read())
@@ -53,5 +55,5 @@ def post_raw(url: str, data: bytes, content_type="application/json", path: str =
             return e.code, dict(e.headers), {"detail": body.decode(errors="replace")}
 
 
-def post(url: str, body: dict, path: str = "search") -> tuple[int, dict, dict]:
-    return post_raw(url, json.dumps(body).encode(), path=path)
+def post(url: str, body: dict, path: str = "search", headers: dict | None = None) -> tuple[int, dict, dict]:
+    return post_raw(url, json.dumps(body).encode(), path=path, headers=headers)

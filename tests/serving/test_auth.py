@@ -1,0 +1,133 @@
+"""API keys and tenants: the key ring's checks (no Ray), and a second application on the shared Serve instance, with
+keys, over an index of two tenants' pages: every route refuses a missing, malformed or unknown key, a key without
+the scope, and another tenant's pages, which it cannot widen with a filter; the keys never reach the logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from ray_vdr.config import load_config
+from serving.auth import AuthError, KeyRing
+from tests.serving.http import get, post, serve_cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {"team-a": "a-key-0123456789abcdef", "team-b": "b-key-0123456789abcdef", "embed": "e-key-0123456789abcdef",
+        "admin-a": "x-key-0123456789abcdef"}
+
+
+def _ring(tmp_path, entries) -> KeyRing:
+    f = tmp_path / "keys.json"
+    f.write_text(json.dumps(entries))
+    return KeyRing.load(str(f), None)
+
+
+def test_key_ring_checks_and_refusals(tmp_path, monkeypatch):
+    ring = _ring(tmp_path, [{"name": "a", "key": KEYS["team-a"], "scopes": ["search"], "tenants": ["team-a"]}])
+    assert ring.check(f"Bearer {KEYS['team-a']}", "search").scope() == [("tenant", ["team-a"])]
+    for header, status, says in [(None, 401, "needs an API key"), ("Basic abc", 401, "malformed"),
+                                 ("Bearer", 401, "malformed"), ("Bearer nope-nope-nope-nope", 401, "invalid API key")]:
+        with pytest.raises(AuthError, match=says) as e:
+            ring.check(header, "search")
+        assert e.value.status == status
+    with pytest.raises(AuthError, match="'pages' scope") as e:
+        ring.check(f"Bearer {KEYS['team-a']}", "pages")
+    assert e.value.status == 403
+    for entries, says in [([{"key": KEYS["team-a"], "scopes": ["search", "read"]}], "unknown scope 'read'"),
+                          ([{"key": "short", "scopes": ["search"]}], "at least 16"),
+                          ([{"key": KEYS["team-a"], "scopes": ["search"], "teams": []}], "unknown fields"),
+                          ([], "non-empty JSON list")]:
+        with pytest.raises(ValueError, match=says):
+            _ring(tmp_path, entries)
+    monkeypatch.setenv("RVDR_KEYS", json.dumps([{"sha256": "ab" * 32, "scopes": ["embed"]}]))
+    assert KeyRing.load(None, "RVDR_KEYS").enabled
+    with pytest.raises(ValueError, match="RVDR_UNSET is not set"):
+        KeyRing.load(None, "RVDR_UNSET")
+
+
+def test_a_reachable_endpoint_needs_keys_or_an_explicit_anonymous(corpus_index):
+    from serving.app import build_app
+
+    with pytest.raises(ValueError, match="serve.auth has no keys"):
+        build_app(serve_cfg(corpus_index, 8000, host="0.0.0.0"))
+
+
+@pytest.fixture(scope="module")
+def secure(endpoint, ray_local, tiny_qwen, tiny_reranker, page_pngs, tmp_path_factory):
+    """The second application: 8 pages, 4 of tenant team-a and 4 of team-b (sidecars), keys from a file."""
+    from ray import serve
+
+    from ray_vdr.corpus.embed import run
+    from ray_vdr.endpoint import deploy
+
+    root = tmp_path_factory.mktemp("tenants")
+    corpus, out = root / "corpus", root / "index"
+    corpus.mkdir()
+    for i, png in enumerate(page_pngs[:8]):
+        (corpus / f"{'ab'[i % 2]}-{i}.png").write_bytes(png)
+        (corpus / f"{'ab'[i % 2]}-{i}.png.json").write_text(json.dumps({"tenant": f"team-{'ab'[i % 2]}"}))
+    run(load_config(ROOT / "configs/demo.yaml", [
+        f"index.model={tiny_qwen}", f"index.sources=[{corpus}]", f"index.output={out}", "index.batch_size=8",
+        "index.dim=32", "synthetic=null", "index.cpus_per_actor=0.5", "index.decode_cpus=0.25"]))
+    keys = root / "keys.json"
+    keys.write_text(json.dumps([
+        {"name": "team-a", "key": KEYS["team-a"], "scopes": ["search", "pages", "rerank"], "tenants": ["team-a"]},
+        {"name": "team-b", "key": KEYS["team-b"], "scopes": ["search", "pages", "rerank"], "tenants": ["team-b"]},
+        {"name": "embed-only", "key": KEYS["embed"], "scopes": ["embed"]},
+        {"name": "admin-a", "key": KEYS["admin-a"], "scopes": ["admin"], "tenants": ["team-a"]}]))
+    cfg = serve_cfg(out, urlparse(endpoint).port, app_name="secure", route_prefix="/secure",
+                    auth={"keys_file": str(keys)}, admin_deletes=True, reranker=str(tiny_reranker))
+    url = deploy(cfg, ready_timeout_s=240)
+    yield url
+    serve.delete("secure")
+
+
+def _bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+@pytest.mark.slow
+def test_keys_scopes_and_tenants_on_every_route(secure, tmp_path_factory):
+    import openai
+
+    q = {"query": "revenue by quarter", "top_k": 10, "rerank_depth": 0}
+    for path, body in [("search", q), ("v2/rerank", {"query": "q", "documents": ["a"]}),
+                       ("v1/embeddings", {"input": "q"})]:
+        assert post(secure, body, path)[0] == 401, path
+        assert post(secure, body, path, headers={"Authorization": "Token abc"})[0] == 401, path
+    assert get(secure + "pages/a-0.png")[0] == 401
+    assert post(secure, q, headers=_bearer("embed"))[0] == 403, "an embed-only key cannot search"
+
+    # each tenant sees its own pages only, and a filter cannot widen that
+    status, _, a = post(secure, q, headers=_bearer("team-a"))
+    assert status == 200 and {r["doc_id"][0] for r in a["results"]} == {"a"} and len(a["results"]) == 4
+    assert post(secure, {**q, "filter": {"tenant": "team-b"}}, headers=_bearer("team-a"))[2]["results"] == []
+    status, _, b = post(secure, q, headers=_bearer("team-b"))
+    assert status == 200 and {r["doc_id"][0] for r in b["results"]} == {"b"}
+    # another tenant's page is a 404, as a missing one: through /pages and rerank references
+    assert get(secure + "pages/a-0.png?size=info", headers=_bearer("team-a"))[0] == 200
+    assert get(secure + "pages/b-1.png", headers=_bearer("team-a"))[0] == 404
+    assert get(secure + "pages/no-such.png", headers=_bearer("team-a"))[0] == 404
+    status, _, r = post(secure, {"query": "q", "documents": [{"doc_id": "b-1.png"}]}, "v2/rerank",
+                        headers=_bearer("team-a"))
+    assert status == 404 and "b-1.png" in r["detail"]
+    # a tenant-scoped admin cannot delete another tenant's documents
+    status, _, d = post(secure, {"filter": {"tenant": "team-b"}}, "admin/delete", headers=_bearer("admin-a"))
+    assert status == 404 and "nothing to delete" in d["detail"]
+    # the openai client with an embed key
+    client = openai.OpenAI(base_url=secure + "v1", api_key=KEYS["embed"], max_retries=0)
+    assert len(client.embeddings.create(model="x", input="q").data[0].embedding) == 32
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=secure + "v1", api_key="wrong-key-0123456789", max_retries=0).embeddings.create(
+            model="x", input="q")
+
+    # no key, nor its hash, in any log of the cluster
+    logs = [p for p in tmp_path_factory.getbasetemp().rglob("*") if p.is_file() and "logs" in p.parts]
+    assert logs
+    for p in logs:
+        text = p.read_bytes()
+        for key in KEYS.values():
+            assert key.encode() not in text, f"a key is in {p}"
