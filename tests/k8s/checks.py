@@ -314,10 +314,25 @@ def service_problems(objects: list[dict[str, Any]], uses_gpu: bool) -> list[str]
             if mine.get(key, "<unset>") != theirs.get(key, "<unset>") and not SERVE_ARGS_MAY_DIFFER.fullmatch(key):
                 problems.append(f"{where}: args.{key} {mine.get(key, '<unset>')!r} differs from serving/config.yaml's "
                                 f"{theirs.get(key, '<unset>')!r} (not a documented difference)")
+        problems += [f"{where}: {p}" for p in _key_problems(cfg, spec)]
         problems += [f"{where}: {p}" for p in _endpoint_problems(cfg, jobs, capacity(spec), uses_gpu)]
         problems += [f"{where}: {p}" for p in _promotion_problems(
             cfg, jobs.get("ray-vdr-promote"), service["metadata"]["name"], config["http_options"]["port"],
             app.get("route_prefix", "/"))]
+    return problems
+
+
+def _key_problems(cfg: ServeConfig, spec: dict[str, Any]) -> list[str]:
+    """The endpoint reads its API keys from a Kubernetes Secret, through an environment variable every Ray container
+    has (the ingress may run on any pod), never from the image or the serve config."""
+    if cfg.auth.keys_file is not None or not cfg.auth.keys_env:
+        return ["serve.auth must read the API keys from keys_env (a Secret), not a keys_file in the image or none"]
+    problems = []
+    for name, group in pod_groups(spec):
+        env = {e["name"]: e for e in ray_container(group).get("env", [])}
+        ref = (env.get(cfg.auth.keys_env) or {}).get("valueFrom", {}).get("secretKeyRef")
+        if not ref:
+            problems.append(f"{name}: no {cfg.auth.keys_env} from a Secret (serve.auth.keys_env)")
     return problems
 
 

@@ -157,6 +157,13 @@ CHECK_BREAKS = {
     "promote job starting from another index": (
         service_problems, _promote_entrypoint("serve.index=s3://YOUR-BUCKET/ray-vdr/index",
                                               "serve.index=s3://YOUR-BUCKET/ray-vdr/index-2"), "serve.index"),
+    "endpoint without API keys": (
+        service_problems, _serve_args([{"op": "remove", "path": "/auth"}]), "serve.auth"),
+    "endpoint keys not from a Secret": (
+        service_problems, lambda objs: jsonpatch.apply_patch(
+            next(o for o in objs if o["kind"] == "RayService"),
+            [{"op": "remove", "path": "/spec/rayClusterConfig/headGroupSpec/template/spec/containers/0/env"}],
+            in_place=True), "RAY_VDR_API_KEYS"),
     "promote job waiting on another endpoint": (
         service_problems, _promote_entrypoint("ray-vdr-serve-svc", "ray-vdr-head-svc"), "promote.endpoint"),
 }
