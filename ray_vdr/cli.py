@@ -250,6 +250,8 @@ def cmd_serve(cfg: VDRConfig) -> int:
     if sample is not None:
         status, answer = EndpointClient(url).search({"query": sample["query"], "top_k": 5})
         print(f"sample query: {sample['query']!r} (its page: {sample['page']}) → HTTP {status}")
+        if status in (401, 403):
+            print("  the endpoint needs an API key with the search scope: set RAY_VDR_API_KEY for the sample query")
         if status == 200:
             print("| rank | doc_id | page | first-stage score (rank) | rerank score (rank) |")
             print("|---|---|---|---|---|")
