@@ -13,13 +13,14 @@ import json
 import posixpath
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["copy_tree", "dedupe_parts", "fs_path", "is_file", "list_dirs", "list_parts", "part_name", "read_bytes",
-           "read_json_files", "read_table", "remove_tree", "write_bytes", "write_table"]
+           "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_table"]
 
 
 def fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -74,6 +75,11 @@ def read_bytes(uri: str) -> bytes:
     fs, path = fs_path(uri)
     with fs.open_input_stream(path) as fh:
         return fh.read()
+
+
+def read_json(uri: str) -> Any:
+    """A JSON file's content, or None when it does not exist."""
+    return json.loads(read_bytes(uri)) if is_file(uri) else None
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:

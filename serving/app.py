@@ -68,10 +68,13 @@ def _raise_or_return(result: Any) -> Any:
     return result
 
 
-def _denied(e: AuthError) -> JSONResponse:
-    """401 (with WWW-Authenticate) or 403; the message names what is missing, never the key."""
-    return JSONResponse({"detail": str(e)}, status_code=e.status,
-                        headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+@api.exception_handler(AuthError)
+async def _denied(request: Request, e: AuthError) -> JSONResponse:
+    """401 (with WWW-Authenticate) or 403 for every route; the message names what is missing, never the key.
+    OpenAI's error shape on its route, so its client raises AuthenticationError / PermissionDeniedError."""
+    body = openai_api.openai_error(e.status, str(e)) if request.url.path.endswith("/v1/embeddings") else \
+        {"detail": str(e)}
+    return JSONResponse(body, status_code=e.status, headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
@@ -165,10 +168,7 @@ class Ingress:
 
     @api.post("/search", summary="Top pages for a text or image query, reranked")
     async def search(self, body: core.SearchRequest, authorization: str | None = Header(None)) -> JSONResponse:
-        try:
-            who = self.keys.check(authorization, "search")
-        except AuthError as e:
-            return _denied(e)
+        who = self.keys.check(authorization, "search")  # AuthError: 401/403 (_denied)
         try:
             query = core.parse_request(body, self.cfg.limits, rerank_available=self.reranker is not None)
         except core.RequestError as e:
@@ -206,11 +206,7 @@ class Ingress:
     @api.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images (query or document prompt)")
     async def embeddings(self, body: openai_api.EmbeddingsRequest,
                          authorization: str | None = Header(None)) -> JSONResponse:
-        try:
-            self.keys.check(authorization, "embed")
-        except AuthError as e:
-            return JSONResponse(openai_api.openai_error(e.status, str(e)), status_code=e.status,
-                                headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+        self.keys.check(authorization, "embed")  # AuthError: 401/403 in OpenAI's shape (_denied)
         async def run(gid: str) -> dict[str, Any]:
             full, index_dim = _raise_or_return(await self.embedder.dims.remote(gid))
             dims = openai_api.allowed_dims(self.cfg.embedding_dims, full, index_dim)
@@ -229,10 +225,7 @@ class Ingress:
     @api.post("/v2/rerank", summary="Cohere v2-compatible reranking of texts, images and indexed pages")
     @api.post("/v1/rerank", summary="Jina-compatible reranking (the same as /v2/rerank)")
     async def rerank(self, body: rerank_api.RerankRequest, authorization: str | None = Header(None)) -> JSONResponse:
-        try:
-            who = self.keys.check(authorization, "rerank")
-        except AuthError as e:
-            return _denied(e)
+        who = self.keys.check(authorization, "rerank")  # AuthError: 401/403 (_denied)
         if self.reranker is None:
             return _error(404, "this endpoint has no reranker (serve.reranker)")
 
@@ -260,10 +253,7 @@ class Ingress:
 
         if not self.cfg.admin_deletes:
             return _error(403, "admin deletes are off on this endpoint (serve.admin_deletes: false)")
-        try:
-            who = self.keys.check(authorization, "admin")
-        except AuthError as e:
-            return _denied(e)
+        who = self.keys.check(authorization, "admin")  # AuthError: 401/403 (_denied)
         if not (body.doc_ids or body.sources or body.filter):
             return _error(422, "say what to delete: doc_ids, sources or filter")
         index = serving_generations(self.cfg)[0]["index"]
@@ -289,10 +279,7 @@ class Ingress:
     @api.get("/pages/{doc_id:path}", summary="A live page's thumbnail, full image, or info (metadata)")
     async def pages(self, doc_id: str, page: int | None = None, size: str = "thumbnail",
                     authorization: str | None = Header(None)) -> Response:
-        try:
-            who = self.keys.check(authorization, "pages")
-        except AuthError as e:
-            return _denied(e)
+        who = self.keys.check(authorization, "pages")  # AuthError: 401/403 (_denied)
         if size not in ("thumbnail", "full", "info"):
             return _error(422, "size must be 'thumbnail', 'full' or 'info' (doc_id, page, source and metadata)")
 

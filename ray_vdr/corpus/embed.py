@@ -45,7 +45,7 @@ from ray_vdr.corpus.store import (
 )
 from ray_vdr.corpus.sync import hash_file
 from ray_vdr.corpus.versions import docs_table
-from ray_vdr.storage import dedupe_parts, is_file, part_name, read_bytes, write_bytes, write_table
+from ray_vdr.storage import dedupe_parts, is_file, part_name, read_json, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +190,10 @@ def _check_output(ix, binding: dict[str, Any], info: dict[str, Any]) -> None:
     """Shards already under the output (an index, or an interrupted run) must come from the same model, dimension,
     dpi and key scheme, or the index would mix vector spaces: the first run records them, every later run is checked
     against them."""
-    if not is_file(f"{ix.output}/{EMBEDDING_FILE}"):
+    earlier = read_json(f"{ix.output}/{EMBEDDING_FILE}")
+    if earlier is None:
         write_bytes(json.dumps(binding, indent=2).encode(), f"{ix.output}/{EMBEDDING_FILE}")
         return
-    earlier = json.loads(read_bytes(f"{ix.output}/{EMBEDDING_FILE}"))
     check_manifest(earlier, fingerprint=info["fingerprint"], dim=binding["dim"], where=f"the corpus at {ix.output}")
     if earlier["dpi"] != ix.dpi:
         raise IndexMismatch(f"the corpus at {ix.output} was rasterised at {earlier['dpi']} dpi, not "

@@ -140,7 +140,7 @@ def search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     k, share = min(k, n), n / index.ntotal
     # exact over the allowed subset while it is small; not when most pages are allowed (a few tombstones): there
     # the index's own search with a selector is as exact (flat) or far faster (HNSW), measured in bench/filter_search
-    if filter_path(index, n, exact_max)[0] == "exact":
+    if _exact(index, n, exact_max):
         ids = np.flatnonzero(allowed)
         scores = q @ index.reconstruct_batch(ids.astype(np.int64)).T
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -153,16 +153,23 @@ def filter_path(index, n_allowed: int, exact_max: int = 65_536, k: int = 10) -> 
     ("selector", the search depth it uses)."""
     import faiss
 
-    share = n_allowed / max(index.ntotal, 1)
-    kind = "hnsw" if isinstance(index, faiss.IndexHNSW) else "flat"
-    if n_allowed <= exact_max and share <= EXACT_MAX_SHARE[kind] and _stores_vectors(index):
+    if _exact(index, n_allowed, exact_max):
         return "exact", f"{n_allowed:,} scored"
-    params = _selector_params(index, np.ones(index.ntotal, bool), share, k)
+    params = _selector_params(index, np.ones(index.ntotal, bool), n_allowed / max(index.ntotal, 1), k)
     if isinstance(index, faiss.IndexHNSW):
         return "selector", f"efSearch {params.efSearch}"
     if isinstance(params, faiss.SearchParametersIVF):
         return "selector", f"nprobe {params.nprobe} of {faiss.extract_index_ivf(index).nlist}"
     return "selector", "full scan"
+
+
+def _exact(index, n_allowed: int, exact_max: int) -> bool:
+    """Whether a mask allowing ``n_allowed`` positions is scored exactly over the allowed vectors."""
+    import faiss
+
+    kind = "hnsw" if isinstance(index, faiss.IndexHNSW) else "flat"
+    return (n_allowed <= exact_max and n_allowed / max(index.ntotal, 1) <= EXACT_MAX_SHARE[kind]
+            and _stores_vectors(index))
 
 
 def _stores_vectors(index) -> bool:

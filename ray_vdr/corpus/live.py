@@ -13,11 +13,10 @@ which the endpoint follows like a promotion.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from ray_vdr.config import ServeConfig
-from ray_vdr.storage import is_file, read_bytes
+from ray_vdr.storage import read_json
 
 __all__ = ["base_id", "generation", "generation_config", "read_live", "serving_generations"]
 
@@ -40,7 +39,7 @@ def base_id(gid: str) -> str:
 
 def read_live(uri: str) -> dict[str, Any] | None:
     """The live manifest `ray-vdr promote` writes (None while there is none)."""
-    return json.loads(read_bytes(uri)) if is_file(uri) else None
+    return read_json(uri)
 
 
 def _versions(gen: dict[str, Any], previous_too: bool) -> list[dict[str, Any]]:

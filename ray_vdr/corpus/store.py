@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from ray_vdr.corpus.faiss_index import INDEX_FILE, read_index
-from ray_vdr.storage import fs_path, is_file, list_parts, read_bytes, read_table
+from ray_vdr.storage import fs_path, list_parts, read_bytes, read_json, read_table
 
 __all__ = ["EMBEDDING_FILE", "IDS_FILE", "MANIFEST", "PAGES", "REJECTS", "IndexMismatch", "PageIndex", "PageStore",
            "check_manifest", "known_keys", "now_iso", "open_index", "read_ids", "read_manifest", "read_shard",
@@ -83,7 +83,7 @@ def read_ids(output: str, manifest: dict[str, Any] | None = None) -> pa.Table:
 
 def read_manifest(output: str) -> dict[str, Any] | None:
     """The index manifest, or None while the embedding job has not published one."""
-    return json.loads(read_bytes(f"{output}/{MANIFEST}")) if is_file(f"{output}/{MANIFEST}") else None
+    return read_json(f"{output}/{MANIFEST}")
 
 
 def check_manifest(manifest: dict[str, Any], *, model_path: str | None = None, fingerprint: str | None = None,
@@ -132,6 +132,7 @@ class PageIndex:
 
         self.live = allowed_positions(self.ids)  # None: nothing removed
         self._fields = None
+        self._scopes: dict[tuple, np.ndarray] = {}
         self._meta = self.ids.column("metadata") if "metadata" in self.ids.column_names else None
 
     @property
@@ -150,22 +151,28 @@ class PageIndex:
         ``scope`` ([(field, values)]); None = all."""
         mask = self.fields.mask(clauses) if clauses else None
         if scope:
-            allowed = self.fields.scope_mask(scope)
+            allowed = self._scope_mask(scope)
             mask = allowed if mask is None else mask & allowed
         if mask is None:
             return self.live
         return mask if self.live is None else mask & self.live
 
+    def _scope_mask(self, scope: list) -> np.ndarray:
+        """An API key's scope as a mask, computed once per scope (a key's scope is fixed; there are few keys)."""
+        key = tuple((f, tuple(v)) for f, v in scope)
+        if key not in self._scopes:
+            self._scopes[key] = self.fields.scope_mask(scope)
+        return self._scopes[key]
+
     def visible(self, position: int, scope: list | None) -> bool:
         """Whether an API key with ``scope`` may see the page at ``position`` (live pages only)."""
-        allowed = self.allowed(None, scope)
-        return allowed is None or bool(allowed[position])
+        return (self.live is None or bool(self.live[position])) and (
+            not scope or bool(self._scope_mask(scope)[position]))
 
     def search(self, queries, k: int, clauses: list | None = None, scope: list | None = None
                ) -> list[list[dict[str, Any]]]:
         """Top-``k`` live pages per query vector (matching ``clauses`` and ``scope``): key, doc_id, source, page,
         score, rank (1-based), position, file_hash, content, metadata."""
-        import json
 
         from ray_vdr.corpus.faiss_index import search
 

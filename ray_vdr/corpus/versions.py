@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_vdr.storage import fs_path, is_file, list_dirs, read_bytes, read_table, remove_tree, write_bytes, write_table
+from ray_vdr.storage import fs_path, list_dirs, read_json, read_table, remove_tree, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ def next_version(current: dict[str, Any] | None) -> int:
 
 
 def read_version(output: str, n: int) -> dict[str, Any] | None:
-    uri = f"{version_dir(output, n)}/manifest.json"
-    return json.loads(read_bytes(uri)) if is_file(uri) else None
+    return read_json(f"{version_dir(output, n)}/manifest.json")
 
 
 def read_docs(output: str, manifest: dict[str, Any] | None) -> pa.Table:
@@ -112,7 +111,7 @@ def publish(output: str, manifest: dict[str, Any], docs: pa.Table, ids: pa.Table
     if os.environ.get(CHAOS_ENV) == "before_commit":
         logger.warning("chaos: killing the writer before it commits version %d", n)
         os.kill(os.getpid(), signal.SIGKILL)
-    now = _current(output)
+    now = read_json(f"{output}/manifest.json")
     if (now or {}).get("version") != (base or {}).get("version"):
         raise ConcurrentUpdate(f"the index at {output} moved from version {(base or {}).get('version')} to "
                                f"{(now or {}).get('version')} while this change was prepared: rerun it")
@@ -121,11 +120,6 @@ def publish(output: str, manifest: dict[str, Any], docs: pa.Table, ids: pa.Table
                 docs.num_rows, live, ids.num_rows - live)
     _collect(output, manifest, base)
     return manifest
-
-
-def _current(output: str) -> dict[str, Any] | None:
-    uri = f"{output}/manifest.json"
-    return json.loads(read_bytes(uri)) if is_file(uri) else None
 
 
 def _collect(output: str, new: dict[str, Any], previous: dict[str, Any] | None) -> None:
