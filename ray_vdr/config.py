@@ -528,6 +528,10 @@ class ServeConfig(_Strict):
         "index's."
     )
     auth: ServeAuthConfig = Field(default_factory=ServeAuthConfig, description="API keys, scopes and tenants.")
+    metrics: bool = Field(
+        True, description="Prometheus metrics of requests, stages, batches and the live generation "
+        "(serving/metrics.py), exported by Ray's metrics agent next to Ray Serve's own. False only to measure them."
+    )
     admin_deletes: bool = Field(
         False, description="Enable POST /admin/delete (remove documents by doc_id, source or filter; publishes a new "
         "index version the endpoint switches to). Off by default: until API keys exist, anyone who can reach the "

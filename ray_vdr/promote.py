@@ -28,8 +28,8 @@ from typing import Any
 from ray_vdr.client import EndpointClient
 from ray_vdr.config import ConfigError, VDRConfig
 from ray_vdr.corpus.live import base_id, generation, read_live
-from ray_vdr.corpus.store import now_iso, read_manifest
-from ray_vdr.storage import is_file, write_bytes
+from ray_vdr.corpus.store import read_manifest
+from ray_vdr.storage import is_file, now_iso, write_bytes
 
 logger = logging.getLogger(__name__)
 

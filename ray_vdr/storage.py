@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import posixpath
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,8 @@ def dedupe_parts(folders: list[str], column: str, *, first: frozenset[str] | set
                 fs, path = fs_path(f"{folder}/{name}")
                 fs.delete_file(path)
     return removed
+
+
+def now_iso() -> str:
+    """Now in UTC, ISO 8601 to the second (manifests' timestamps)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

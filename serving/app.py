@@ -40,6 +40,7 @@ from serving import core, openai_api, rerank_api
 from serving.auth import AuthError, KeyRing
 from serving.deployments import QueryEmbedder, Reranker, Retriever
 from serving.generations import Generations
+from serving.metrics import EndpointMetrics, quiet_health_probes, route_label
 
 logger = logging.getLogger("ray_vdr.serving")
 
@@ -83,13 +84,19 @@ def _error(status: int, message: str, retry_after: int | None = None) -> JSONRes
 
 
 @api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """413 for bodies over limits.max_body_bytes, by their Content-Length before reading them."""
+async def _limit_and_count(request: Request, call_next):
+    """413 for bodies over limits.max_body_bytes, by their Content-Length before reading them; every answer counted
+    by route and status (serving/metrics.py)."""
     limit = getattr(request.app.state, "max_body_bytes", None)
     length = request.headers.get("content-length")
     if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-        return _error(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
-    return await call_next(request)
+        response = _error(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+    else:
+        response = await call_next(request)
+    metrics: EndpointMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.request(route_label(request.scope), response.status_code)
+    return response
 
 
 @serve.deployment
@@ -100,6 +107,8 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(cfg)
         self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
+        self.metrics = api.state.metrics = EndpointMetrics(self.cfg.metrics)
+        quiet_health_probes()
         self.keys = KeyRing.load(self.cfg.auth.keys_file, self.cfg.auth.keys_env)  # hashes only
         # which generations to ask for, preferred first (nothing to load here: the stages load them)
         self.gens = Generations("ingress", self.cfg, lambda gen, say: gen)
@@ -122,8 +131,10 @@ class Ingress:
         cause = _error_cause(e)
         retry = self.cfg.limits.retry_after_s
         if isinstance(e, core.NotReady) or isinstance(cause, core.NotReady):
+            self.metrics.unavailable("not_ready")
             return _error(503, f"not ready: {cause}", retry)
         if isinstance(e, BackPressureError) or isinstance(cause, BackPressureError):
+            self.metrics.unavailable("over_capacity")
             return _error(503, "over capacity: too many requests in flight, retry later", retry)
         return None
 
@@ -190,16 +201,17 @@ class Ingress:
                 gid, query.text, [h["position"] for h in head]))
         t3 = time.perf_counter()
         results = core.merge_results(hits, scores, query.top_k)
+        ms = {"embed": (t1 - t0) * 1000, "search": (t2 - t1) * 1000, "rerank": (t3 - t2) * 1000,
+              "total": (time.perf_counter() - t0) * 1000}
+        self.metrics.stages("/search", {k: v for k, v in ms.items() if k != "rerank" or scores is not None})
         prefix = self.cfg.route_prefix.rstrip("/")
         for r in results:
             r["thumbnail_url"] = f"{prefix}/pages/{quote(r['doc_id'])}?page={r['page']}"
-        ms = 1000.0
         return {
             "query": query.text, "image_query": query.image is not None, "top_k": query.top_k, "generation": gid,
             "rerank_depth": query.rerank_depth if scores is not None else 0, "results": results,
-            "timings": {"embed_ms": (t1 - t0) * ms, "search_ms": (t2 - t1) * ms, "rerank_ms": (t3 - t2) * ms,
-                        "total_ms": (time.perf_counter() - t0) * ms, "embed_compute_ms": embed_s * ms,
-                        "search_compute_ms": search_s * ms, "rerank_compute_ms": rerank_s * ms,
+            "timings": {**{f"{stage}_ms": v for stage, v in ms.items()}, "embed_compute_ms": embed_s * 1000,
+                        "search_compute_ms": search_s * 1000, "rerank_compute_ms": rerank_s * 1000,
                         "embed_batch": embed_batch, "rerank_batch": rerank_batch},
         }
 
@@ -208,11 +220,15 @@ class Ingress:
                          authorization: str | None = Header(None)) -> JSONResponse:
         self.keys.check(authorization, "embed")  # AuthError: 401/403 in OpenAI's shape (_denied)
         async def run(gid: str) -> dict[str, Any]:
+            t0 = time.perf_counter()
             full, index_dim = _raise_or_return(await self.embedder.dims.remote(gid))
             dims = openai_api.allowed_dims(self.cfg.embedding_dims, full, index_dim)
             items, dim = openai_api.parse_embeddings(body, self.cfg.limits, dims, index_dim)
+            t1 = time.perf_counter()
             vectors, tokens = _raise_or_return(await self.embedder.vectors.remote(
                 gid, items, dim, body.input_type == "document"))
+            t2 = time.perf_counter()
+            self.metrics.stages("/v1/embeddings", {"embed": (t2 - t1) * 1000, "total": (t2 - t0) * 1000})
             return openai_api.embeddings_response(vectors, body.encoding_format, gid.split("@")[0], tokens)
 
         def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:  # OpenAI's shape
@@ -230,6 +246,7 @@ class Ingress:
             return _error(404, "this endpoint has no reranker (serve.reranker)")
 
         async def run(gid: str) -> dict[str, Any]:
+            t0 = time.perf_counter()
             query, docs, top_n = rerank_api.parse_rerank(body, self.cfg.limits)
             resolved = []
             for n, d in enumerate(docs):
@@ -239,7 +256,10 @@ class Ingress:
                         raise core.RequestError(404, f"documents[{n}]: no page {d[1]} of doc_id {d[0]!r} in the index")
                     d = position
                 resolved.append(d)
+            t1 = time.perf_counter()
             scores = await self.reranker.score_documents.remote(gid, query, resolved)
+            t2 = time.perf_counter()
+            self.metrics.stages("/v2/rerank", {"rerank": (t2 - t1) * 1000, "total": (t2 - t0) * 1000})
             return rerank_api.rerank_response(scores.tolist(), top_n, self.cfg.reranker or "reranker")
 
         return await self._answer(run, "reranking")

@@ -14,6 +14,8 @@ and falls back to the previous generation).
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from typing import Any
 
@@ -26,8 +28,11 @@ from ray_vdr.corpus.store import PageStore, open_index
 from ray_vdr.data.images import pil_pages
 from serving import core
 from serving.generations import Background, Generations, wait_for_manifest
+from serving.metrics import EndpointMetrics, quiet_health_probes
 
 __all__ = ["QueryEmbedder", "Reranker", "Retriever"]
+
+logger = logging.getLogger(__name__)
 
 
 def _set_batching(method, d: ServeDeploymentConfig) -> None:
@@ -51,6 +56,8 @@ class QueryEmbedder:
 
         self.gens = Generations("query embedder", self.cfg, load, per_version=False)
         _set_batching(self._embed, self.cfg.embedder)
+        self.metrics = EndpointMetrics(self.cfg.metrics)
+        quiet_health_probes()
 
     def status(self) -> dict[str, Any]:
         return self.gens.status()
@@ -84,6 +91,7 @@ class QueryEmbedder:
     async def _embed(self, requests: list[tuple[str, Any]]) -> list[Any]:
         """One forward per generation in the batch (one, except while a promotion switches)."""
         start, out = time.perf_counter(), [None] * len(requests)
+        self.metrics.batch("embed", len(requests))
         for gid in dict.fromkeys(g for g, _ in requests):
             idx = [i for i, (g, _) in enumerate(requests) if g == gid]
             try:
@@ -113,6 +121,23 @@ class Retriever:
 
         self.gens = Generations("index", self.cfg, load)
         _set_batching(self._search, self.cfg.retriever)
+        self.metrics = EndpointMetrics(self.cfg.metrics)
+        quiet_health_probes()
+        if self.metrics.enabled:
+            threading.Thread(target=self._report_generation, name="generation-metrics", daemon=True).start()
+
+    def _report_generation(self) -> None:
+        """The live generation's gauges (which one, its vectors, its age), every second: Ray's metrics agent drops a
+        gauge that was not recorded again within two report intervals (1 s at least)."""
+        while True:
+            try:
+                status = self.status()
+                if "index" in status:
+                    ix = status["index"]
+                    self.metrics.generation(status["generation"], ix["vectors"], ix["live_pages"], ix["updated_at"])
+            except Exception as e:  # a generation dropped meanwhile: the next round reports the new one
+                logger.debug("generation metrics: %s", e)
+            time.sleep(1.0)
 
     def status(self) -> dict[str, Any]:
         status = self.gens.status()
@@ -140,6 +165,7 @@ class Retriever:
         from ray_vdr.corpus.metadata import FilterError
 
         start, out = time.perf_counter(), [None] * len(requests)
+        self.metrics.batch("search", len(requests))
         groups: dict[tuple[str, str], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r[0], json.dumps([r[3], r[4]], sort_keys=True)), []).append(i)
@@ -195,6 +221,8 @@ class Reranker:
 
         self.gens = Generations("reranker pages", self.cfg, load)
         _set_batching(self._rerank, self.cfg.rerank)
+        self.metrics = EndpointMetrics(self.cfg.metrics)
+        quiet_health_probes()
 
     def status(self) -> dict[str, Any]:
         pages = self.gens.status()
@@ -223,6 +251,7 @@ class Reranker:
         ``rerank_batch_size`` pairs."""
         scorer = self.scorer.get()
         start = time.perf_counter()
+        self.metrics.batch("rerank", len(requests))
         ok, out = [], [None] * len(requests)
         for i, (gid, _, _) in enumerate(requests):
             try:

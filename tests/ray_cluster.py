@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def local_ray(temp_dir: Path, num_cpus: int) -> Iterator:
+def local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | None = None) -> Iterator:
+    """``metrics_export_port``: where Ray's metrics agent exports Prometheus metrics, reported every second rather
+    than every ten (a test scrapes them)."""
     import ray
 
     from ray_vdr.cluster import LOCAL_CLUSTER_ENV
@@ -19,8 +21,13 @@ def local_ray(temp_dir: Path, num_cpus: int) -> Iterator:
         ray.shutdown()
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
+    metrics = {}
+    if metrics_export_port is not None:
+        metrics = {"_metrics_export_port": metrics_export_port}
+        os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (Ray config: case-sensitive)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, **metrics)
+    os.environ.pop("RAY_metrics_report_interval_ms", None)  # noqa: SIM112
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray

@@ -39,13 +39,12 @@ from ray_vdr.corpus.store import (
     IndexMismatch,
     check_manifest,
     known_keys,
-    now_iso,
     read_manifest,
     shards,
 )
 from ray_vdr.corpus.sync import hash_file
 from ray_vdr.corpus.versions import docs_table
-from ray_vdr.storage import dedupe_parts, is_file, part_name, read_json, write_bytes, write_table
+from ray_vdr.storage import dedupe_parts, is_file, now_iso, part_name, read_json, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from ray_vdr.corpus.faiss_index import INDEX_FILE, read_index
 from ray_vdr.storage import fs_path, list_parts, read_bytes, read_json, read_table
 
 __all__ = ["EMBEDDING_FILE", "IDS_FILE", "MANIFEST", "PAGES", "REJECTS", "IndexMismatch", "PageIndex", "PageStore",
-           "check_manifest", "known_keys", "now_iso", "open_index", "read_ids", "read_manifest", "read_shard",
+           "check_manifest", "known_keys", "open_index", "read_ids", "read_manifest", "read_shard",
            "shards"]
 
 PAGES, REJECTS = "pages", "rejects"
@@ -46,10 +45,6 @@ EMBEDDING_FILE = "embedding.json"
 
 class IndexMismatch(ValueError):
     """An index used with a model or dimension other than the one it was built with."""
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def shards(output: str, kind: str) -> list[str]:

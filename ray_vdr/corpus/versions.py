@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_vdr.storage import fs_path, list_dirs, read_json, read_table, remove_tree, write_bytes, write_table
+from ray_vdr.storage import fs_path, list_dirs, now_iso, read_json, read_table, remove_tree, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def publish(output: str, manifest: dict[str, Any], docs: pa.Table, ids: pa.Table
     write_table(docs, f"{folder}/docs.parquet")
     write_table(ids, f"{folder}/ids.parquet")
     live = int(pc.sum(ids.column("live")).as_py() or 0) if ids.num_rows else 0
-    manifest = {**manifest, "previous_version": (base or {}).get("version"),
+    manifest = {**manifest, "updated_at": now_iso(), "previous_version": (base or {}).get("version"),
                 "files": {**manifest.get("files", {}), "ids": f"{rel}/ids.parquet", "docs": f"{rel}/docs.parquet"},
                 "documents": docs.num_rows, "live_pages": live, "removed_pages": ids.num_rows - live}
     write_bytes(json.dumps(manifest, indent=2).encode(), f"{folder}/manifest.json")

@@ -274,10 +274,10 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> TrainingDataResult:
     ``chaos`` ({"after_batches", "marker", "sleep"}) kills a mining actor once, or slows it: failure drills, tests."""
     from ray_vdr.cluster import init_ray
     from ray_vdr.corpus import embed
-    from ray_vdr.corpus.store import now_iso, read_ids
+    from ray_vdr.corpus.store import read_ids
     from ray_vdr.queries.card import write_card
     from ray_vdr.queries.generate import ensure_generator, load_callable
-    from ray_vdr.storage import dedupe_parts
+    from ray_vdr.storage import dedupe_parts, now_iso
 
     q = cfg.queries
     if not q.sources:

@@ -316,3 +316,31 @@ def dockerfile_workdir() -> str:
     workdirs = [args for instr, args in instructions() if instr == "WORKDIR"]
     assert workdirs, "the Dockerfile sets no WORKDIR"
     return workdirs[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Monitoring: k8s/monitoring (not a kustomization: prometheus-operator's CRDs are not KubeRay's)
+
+MONITORING = K8S / "monitoring"
+METRIC_NAME = re.compile(r"\b(ray_[a-z0-9_]+?)(?:_bucket|_sum|_count)?\b")
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads((MONITORING / "grafana-dashboard.json").read_text())
+
+
+def podmonitor() -> dict[str, Any]:
+    return yaml.safe_load((MONITORING / "podmonitor.yaml").read_text())
+
+
+def dashboard_queries(board: dict[str, Any]) -> dict[str, list[str]]:
+    """Panel title → its PromQL expressions."""
+    return {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in board["panels"]}
+
+
+def dashboard_metrics(board: dict[str, Any]) -> set[str]:
+    """The metric names the dashboard's panels and variables query, as a scrape names them (histograms by their
+    family: ``ray_vdr_stage_latency_ms_bucket`` is ``ray_vdr_stage_latency_ms``)."""
+    exprs = [e for es in dashboard_queries(board).values() for e in es]
+    exprs += [v.get("query", "") for v in board.get("templating", {}).get("list", []) if v.get("type") == "query"]
+    return {m for e in exprs for m in METRIC_NAME.findall(e)}

@@ -30,9 +30,16 @@ RAY_CPUS = 3
 
 
 @pytest.fixture(scope="package")
-def ray_local(tmp_path_factory):
+def metrics_url() -> str:
+    """Where the package's Ray cluster exports Prometheus metrics (its metrics agent)."""
+    return f"http://127.0.0.1:{free_port()}/metrics"
+
+
+@pytest.fixture(scope="package")
+def ray_local(tmp_path_factory, metrics_url):
     """One private Ray cluster for the whole serving package (the endpoint outlives a module)."""
-    with local_ray(tmp_path_factory.mktemp("ray"), RAY_CPUS) as ray:
+    port = int(metrics_url.rsplit(":", 1)[1].split("/")[0])
+    with local_ray(tmp_path_factory.mktemp("ray"), RAY_CPUS, metrics_export_port=port) as ray:
         yield ray
 
 

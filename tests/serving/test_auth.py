@@ -5,6 +5,7 @@ the scope, and another tenant's pages, which it cannot widen with a filter; the 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -61,7 +62,8 @@ def secure(endpoint, ray_local, tiny_qwen, tiny_reranker, page_pngs, tmp_path_fa
     from ray import serve
 
     from ray_vdr.corpus.embed import run
-    from ray_vdr.endpoint import deploy
+    from ray_vdr.endpoint import endpoint_url
+    from serving.app import build_app
 
     root = tmp_path_factory.mktemp("tenants")
     corpus, out = root / "corpus", root / "index"
@@ -80,7 +82,14 @@ def secure(endpoint, ray_local, tiny_qwen, tiny_reranker, page_pngs, tmp_path_fa
         {"name": "admin-a", "key": KEYS["admin-a"], "scopes": ["admin"], "tenants": ["team-a"]}]))
     cfg = serve_cfg(out, urlparse(endpoint).port, app_name="secure", route_prefix="/secure",
                     auth={"keys_file": str(keys)}, admin_deletes=True, reranker=str(tiny_reranker))
-    url = deploy(cfg, ready_timeout_s=240)
+    serve.run(build_app(cfg), name="secure", route_prefix="/secure", blocking=False)
+    url, seen, deadline = endpoint_url(cfg), [], time.time() + 240
+    while get(url + "healthz")[0] != 200:  # while it loads, a search is a 503 "not ready" (counted in the metrics)
+        assert time.time() < deadline, get(url + "healthz")
+        status, _, answer = post(url, {"query": "q"}, headers=_bearer("team-a"))
+        seen += [status] if status != 404 else []  # 404: the proxy does not know the route yet
+        time.sleep(0.2)
+    assert 503 in seen, f"the search while loading answered {seen}"
     yield url
     serve.delete("secure")
 
@@ -131,3 +140,115 @@ def test_keys_scopes_and_tenants_on_every_route(secure, tmp_path_factory):
         text = p.read_bytes()
         for key in KEYS.values():
             assert key.encode() not in text, f"a key is in {p}"
+
+
+def _scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of Ray's Prometheus export: (sample name, labels) → value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+@pytest.mark.slow
+def test_metrics_count_known_traffic_and_logs_carry_request_ids(secure, metrics_url, tmp_path_factory):
+    """After known traffic to the keyed application, the scrape's counts move by exactly that traffic; every name the
+    Grafana dashboard queries is in the scrape; each response's x-request-id is in its access-log line, and health
+    probes are not."""
+    import uuid
+
+    from serving.metrics import EXPORTED, SERVE_METRICS
+    from tests.k8s.manifests import dashboard, dashboard_metrics
+
+    app = {"application": "secure"}
+    deadline, before = time.time() + 20, _scrape(metrics_url)
+    while time.time() < deadline:  # what the earlier test sent may still be on its way to the export (every 1 s)
+        time.sleep(2.5)
+        now = _scrape(metrics_url)
+        if {k: v for k, v in now.items() if k[0].startswith("ray_vdr_requests")} == \
+                {k: v for k, v in before.items() if k[0].startswith("ray_vdr_requests")}:
+            break
+        before = now
+
+    q = {"query": "revenue by quarter", "top_k": 3, "rerank_depth": 0}
+    rid = f"test-{uuid.uuid4()}"
+    status, headers, answer = post(secure, q, headers={**_bearer("team-a"), "x-request-id": rid})
+    assert status == 200 and {k.lower(): v for k, v in headers.items()}["x-request-id"] == rid
+    generated = []
+    for _ in range(2):
+        status, headers, _ = post(secure, q, headers=_bearer("team-a"))
+        assert status == 200
+        generated.append({k.lower(): v for k, v in headers.items()}["x-request-id"])
+    assert post(secure, q)[0] == 401 and post(secure, q, headers={"Authorization": "Bearer x"})[0] == 401
+    assert post(secure, q, headers=_bearer("embed"))[0] == 403
+    assert get(secure + "pages/b-1.png", headers=_bearer("team-a"))[0] == 404
+    assert post(secure, {"input": ["a", "b"]}, "v1/embeddings", headers=_bearer("embed"))[0] == 200
+    assert all(get(secure + "healthz")[0] == 200 for _ in range(2))
+
+    expected = {("ray_vdr_requests_total", ("route", "/search"), ("status", "200")): 3,
+                ("ray_vdr_requests_total", ("route", "/search"), ("status", "401")): 2,
+                ("ray_vdr_requests_total", ("route", "/search"), ("status", "403")): 1,
+                ("ray_vdr_requests_total", ("route", "/pages/{doc_id:path}"), ("status", "404")): 1,
+                ("ray_vdr_requests_total", ("route", "/v1/embeddings"), ("status", "200")): 1,
+                ("ray_vdr_requests_total", ("route", "/healthz"), ("status", "200")): 2,
+                ("ray_vdr_stage_latency_ms_count", ("route", "/search"), ("stage", "total")): 3,
+                ("ray_vdr_stage_latency_ms_count", ("route", "/search"), ("stage", "embed")): 3,
+                ("ray_vdr_stage_latency_ms_count", ("route", "/search"), ("stage", "rerank")): 0,
+                ("ray_vdr_stage_latency_ms_count", ("route", "/v1/embeddings"), ("stage", "embed")): 1,
+                # one search at a time: each in a batch of its own (Ray exports a histogram's _sum at its buckets'
+                # midpoints, so counts are what a test can check exactly)
+                ("ray_vdr_batch_size_count", ("stage", "embed")): 3,
+                ("ray_vdr_batch_size_bucket", ("stage", "embed"), ("le", "1.0")): 3,
+                ("ray_vdr_batch_size_count", ("stage", "search")): 3}
+
+    def deltas(samples):
+        return {k: _total(samples, k[0], **app, **dict(k[1:])) - _total(before, k[0], **app, **dict(k[1:]))
+                for k in expected}
+
+    deadline, families = time.time() + 30, set()
+    while time.time() < deadline:
+        after = _scrape(metrics_url)
+        families |= {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n, _ in after}
+        got = deltas(after)
+        if all(got[k] >= v for k, v in expected.items()) and _total(after, "ray_vdr_index_vectors", **app):
+            break
+        time.sleep(1)
+    time.sleep(2)  # nothing more arrives: the counts are exact, not at least
+    after = _scrape(metrics_url)
+    assert deltas(after) == expected
+    # the 503s of the loading test (secure fixture): each counted by route and status, and by reason
+    not_ready = _total(after, "ray_vdr_unavailable_total", **app, reason="not_ready")
+    assert not_ready >= 1 and not_ready == _total(after, "ray_vdr_requests_total", **app, route="/search", status="503")
+    live = {dict(ls)["generation"]: v for (n, ls), v in after.items()
+            if n == "ray_vdr_generation_live" and ("application", "secure") in ls}
+    assert live == {answer["generation"]: 1.0}
+    assert _total(after, "ray_vdr_index_vectors", **app) == 8 == _total(after, "ray_vdr_index_live_pages", **app)
+    assert 0 <= _total(after, "ray_vdr_index_age_seconds", **app) < 3600
+
+    # every name the dashboard queries was exported (gauges only while recorded: collected over the scrapes above)
+    assert set(EXPORTED) - families == set() and set(SERVE_METRICS) - families == set()
+    assert dashboard_metrics(dashboard()) - families == set(), "the Grafana dashboard queries a metric not exported"
+
+    # the ingress's access log: one line per request with its x-request-id; no health probe, at any stage
+    base = tmp_path_factory.getbasetemp()
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        ingress = "".join(p.read_text() for p in base.rglob("replica_secure_Ingress_*.log"))
+        if all(r in ingress for r in (rid, *generated)):
+            break
+        time.sleep(0.5)
+    lines = ingress.splitlines()
+    for r in (rid, *generated):
+        assert [ln for ln in lines if r in ln and "POST /secure/search 200" in ln], f"no access-log line with {r}"
+    stages = "".join(p.read_text() for p in base.rglob("replica_secure_*.log"))
+    assert not [ln for ln in lines if "healthz" in ln] and "CALL status" not in stages
+    assert not any(key in stages for key in KEYS.values())
