@@ -118,6 +118,19 @@ def render_serve(r: dict) -> list[str]:
     return out
 
 
+def render_serve_security(r: dict) -> list[str]:
+    out = ["| clients | requests each | off: p50 ms | off: p99 ms | on: p50 ms | on: p99 ms | added p50 ms | "
+           "added p99 ms | on ÷ off p50 |", "|---|---|---|---|---|---|---|---|---|"]
+    for lv in r["levels"]:
+        out.append(f"| {lv['clients']} | {lv['requests']} | {lv['plain_p50_ms']:.2f} | {lv['plain_p99_ms']:.2f} | "
+                   f"{lv['secured_p50_ms']:.2f} | {lv['secured_p99_ms']:.2f} | {lv['added_p50_ms']:+.2f} | "
+                   f"{lv['added_p99_ms']:+.2f} | {lv['p50_ratio']:.3f} |")
+    one = r["levels"][0]
+    out += ["", f"- added p50 at {one['clients']} client(s): {one['added_p50_ms']:+.2f} ms (goal ≤ 1 ms: "
+                f"{'met' if one['added_p50_ms'] <= 1 else 'NOT met'})"]
+    return out
+
+
 def render_rerank(r: dict) -> list[str]:
     out = ["| head | shape | params | train pairs/s (batch) | score pairs/s (batch) |", "|---|---|---|---|---|"]
     for x in r["results"]:
@@ -227,6 +240,7 @@ BENCHES = {b.key: b for b in [
           "3", render_embed),
     Bench("faiss", "bench/embed_throughput.py", {"cpu": ["--parts", "b", "--faiss-n", "200000"]}, "15", render_embed),
     Bench("serve", "bench/serve_load.py", {"cpu": []}, "4", render_serve),
+    Bench("serve-security", "bench/serve_security.py", {"cpu": []}, "3", render_serve_security),
     Bench("rerank", "bench/rerank_throughput.py",
           {"cpu": [], "gpu": ["--shape", "2b", "--device", "cuda", "--dtype", "bfloat16", "--max-pixels", "360000",
                               "--batch", "16"]}, "3", render_rerank),
@@ -243,6 +257,7 @@ SECTIONS = [
             ["gradcache-zero"]),
     Section("Corpus embedding and FAISS — `bench/embed_throughput.py`", "embed", ["embed", "faiss"]),
     Section("Retrieval endpoint — `bench/serve_load.py`", "serve", ["serve"]),
+    Section("API keys and metrics — `bench/serve_security.py`", "serve-security", ["serve-security"]),
     Section("Reranker — mining, training, two-stage evaluation", "rerank", ["rerank"]),
     Section("Training data from unlabeled documents — `bench/querygen_throughput.py`", "querygen", ["querygen"]),
     Section("Living index: filtered search and scale — `bench/filter_search.py`, `bench/index_scale.py`",

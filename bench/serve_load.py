@@ -51,9 +51,10 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-def post(url: str, body: dict) -> tuple[int, dict, float, str | None]:
+def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict, float, str | None]:
     data = json.dumps(body).encode()
-    req = urllib.request.Request(url + "search", data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + "search", data=data, headers={"Content-Type": "application/json",
+                                                                     **(headers or {})})
     t = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -139,6 +140,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def prepare(out: str | None, pages: int) -> tuple[Path, Path, Path, list[str], str]:
+    """Synthetic pages, a tiny Qwen3-VL embedder and reranker (random weights), a local Ray cluster of 2 CPUs, and
+    the pages embedded by the real job into a flat index (dim 32) at work/index. Returns (work folder, embedder,
+    reranker, queries, Ray's temp folder)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from ray_vdr.config import SyntheticConfig, load_config
+    from ray_vdr.corpus.embed import run as embed
+    from ray_vdr.data.synthetic import write_synthetic
+    from ray_vdr.models.builders import build_qwen3vl_embedder, build_qwen3vl_reranker
+
+    work = Path(out or tempfile.mkdtemp(prefix="rvdr-serve-bench-"))
+    syn = SyntheticConfig(output_dir=str(work / "syn"), train_queries=max(8, pages // 5),
+                          eval_queries=max(2, pages // 5), page_width=448, page_height=576, seed=1)
+    write_synthetic(syn, rows_per_file=64)
+    embedder = build_qwen3vl_embedder(work / "embedder", max_pixels=128 * 128)
+    reranker = build_qwen3vl_reranker(work / "reranker", max_pixels=128 * 128)
+    queries = pq.read_table(work / "syn" / "train", columns=["query"]).column("query").to_pylist()
+    temp = tempfile.mkdtemp(prefix="rvdr-", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        f"index.model={embedder}", f"index.sources=[{work / 'syn' / 'images'}]", f"index.output={work / 'index'}",
+        "index.dim=32", "synthetic=null"])
+    embed(cfg)
+    return work, embedder, reranker, queries, temp
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=200, help="requests per closed-loop level")
@@ -154,34 +184,17 @@ def main() -> None:
                     help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = ap.parse_args()
 
-    import pyarrow.parquet as pq
     import ray
     from ray import serve
 
     from ray_vdr.cluster import worker_device
-    from ray_vdr.config import ServeConfig, SyntheticConfig, load_config
-    from ray_vdr.corpus.embed import run as embed
+    from ray_vdr.config import ServeConfig
     from ray_vdr.corpus.store import PageStore, open_index
     from ray_vdr.data.images import pil_pages
-    from ray_vdr.data.synthetic import write_synthetic
     from ray_vdr.endpoint import deploy
-    from ray_vdr.models.builders import build_qwen3vl_embedder, build_qwen3vl_reranker
     from serving.core import QueryEncoder, RerankScorer, check_binding
 
-    work = Path(args.out or tempfile.mkdtemp(prefix="rvdr-serve-bench-"))
-    syn = SyntheticConfig(output_dir=str(work / "syn"), train_queries=max(8, args.pages // 5),
-                          eval_queries=max(2, args.pages // 5), page_width=448, page_height=576, seed=1)
-    write_synthetic(syn, rows_per_file=64)
-    embedder = build_qwen3vl_embedder(work / "embedder", max_pixels=128 * 128)
-    reranker = build_qwen3vl_reranker(work / "reranker", max_pixels=128 * 128)
-    queries = pq.read_table(work / "syn" / "train", columns=["query"]).column("query").to_pylist()
-    temp = tempfile.mkdtemp(prefix="rvdr-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = load_config(ROOT / "configs/demo.yaml", [
-        f"index.model={embedder}", f"index.sources=[{work / 'syn' / 'images'}]", f"index.output={work / 'index'}",
-        "index.dim=32", "synthetic=null"])
-    embed(cfg)
+    work, embedder, reranker, queries, temp = prepare(args.out, args.pages)
     report: dict = {"machine": f"{os.cpu_count()} CPUs", "pages": open_index(str(work / "index")).index.ntotal}
     port = free_port()
 

@@ -235,7 +235,7 @@ def cmd_serve(cfg: VDRConfig) -> int:
     """Start the two-stage endpoint on Ray, print its URL and a sample query's results, keep it up until Ctrl-C."""
     from ray import serve
 
-    from ray_vdr.client import EndpointClient
+    from ray_vdr.client import EndpointClient, EndpointError
     from ray_vdr.endpoint import deploy
     from ray_vdr.train.reranker import trained_reranker
 
@@ -248,22 +248,22 @@ def cmd_serve(cfg: VDRConfig) -> int:
     print(f"endpoint: {url}  (search page {url} · POST {url}search · health {url}healthz · API docs {url}docs)")
     sample = _sample_query(cfg)
     if sample is not None:
-        status, answer = EndpointClient(url).search({"query": sample["query"], "top_k": 5})
-        print(f"sample query: {sample['query']!r} (its page: {sample['page']}) → HTTP {status}")
-        if status in (401, 403):
-            print("  the endpoint needs an API key with the search scope: set RAY_VDR_API_KEY for the sample query")
-        if status == 200:
+        try:
+            answer = EndpointClient(url).search(sample["query"], top_k=5)
+        except EndpointError as e:
+            print(f"sample query: {sample['query']!r} (its page: {sample['page']}) → {e}")
+            if e.status in (401, 403):
+                print("  the endpoint needs an API key with the search scope: set RAY_VDR_API_KEY for the sample query")
+        else:
+            print(f"sample query: {sample['query']!r} (its page: {sample['page']}) → HTTP 200")
             print("| rank | doc_id | page | first-stage score (rank) | rerank score (rank) |")
             print("|---|---|---|---|---|")
-            for r in answer["results"]:
-                rerank = "-" if r["rerank_score"] is None else f"{r['rerank_score']:.4f} ({r['rerank_rank']})"
-                print(f"| {r['rank']} | {r['doc_id']} | {r['page']} | {r['score']:.4f} ({r['first_stage_rank']}) "
-                      f"| {rerank} |")
-            t = answer["timings"]
+            for r in answer.hits:
+                rerank = "-" if r.rerank_score is None else f"{r.rerank_score:.4f} ({r.rerank_rank})"
+                print(f"| {r.rank} | {r.doc_id} | {r.page} | {r.score:.4f} ({r.first_stage_rank}) | {rerank} |")
+            t = answer.timings
             print(f"timings: embed {t['embed_ms']:.1f} ms, search {t['search_ms']:.1f} ms, "
                   f"rerank {t['rerank_ms']:.1f} ms, total {t['total_ms']:.1f} ms")
-        else:
-            print(f"answer: {answer}")
     if cfg.serve.keep_running:
         print(f"serving at {url} until Ctrl-C")
         # a Ray Train run earlier in this process (the demo) leaves its own SIGINT handler, which only aborts

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ray_vdr.client import EndpointClient
+from ray_vdr.client import EndpointClient, EndpointError
 from ray_vdr.config import ConfigError, VDRConfig
 from ray_vdr.corpus.live import base_id, generation, read_live
 from ray_vdr.corpus.store import read_manifest
@@ -75,10 +75,11 @@ def wait_for_switch(url: str, gid: str, timeout_s: float, probes: int = 5) -> bo
     deadline, streak, last = time.time() + timeout_s, 0, {}
     while time.time() < deadline:
         try:
-            status, last = client.search({"query": "promotion check", "top_k": 1, "rerank_depth": 0})
-        except OSError as e:
-            status, last = 0, {"detail": str(e)}
-        streak = streak + 1 if status == 200 and base_id(last.get("generation") or "") == base_id(gid) else 0
+            answer = client.search("promotion check", top_k=1, rerank_depth=0)
+            last, switched = {"generation": answer.generation}, base_id(answer.generation) == base_id(gid)
+        except (OSError, EndpointError) as e:
+            last, switched = {"detail": str(e)}, False
+        streak = streak + 1 if switched else 0
         if streak >= probes:
             return True
         time.sleep(0.5)

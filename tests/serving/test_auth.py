@@ -99,7 +99,7 @@ def _bearer(name: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_keys_scopes_and_tenants_on_every_route(secure, tmp_path_factory):
+def test_keys_scopes_and_tenants_on_every_route(secure, page_pngs, tmp_path_factory):
     import openai
 
     q = {"query": "revenue by quarter", "top_k": 10, "rerank_depth": 0}
@@ -132,6 +132,27 @@ def test_keys_scopes_and_tenants_on_every_route(secure, tmp_path_factory):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=secure + "v1", api_key="wrong-key-0123456789", max_retries=0).embeddings.create(
             model="x", input="q")
+
+    # the typed client (serving/client.py) with a tenant's key: every route it offers, and its errors
+    from serving.client import EndpointClient, EndpointError
+
+    team_a = EndpointClient(secure, api_key=KEYS["team-a"])
+    assert KEYS["team-a"] not in repr(team_a)
+    hits = team_a.search("revenue by quarter", top_k=10, rerank_depth=0).hits
+    assert len(hits) == 4 and {h.doc_id[0] for h in hits} == {"a"} and hits[0].rank == 1
+    info = team_a.page_info(hits[0].doc_id)
+    assert info.doc_id == hits[0].doc_id and info.metadata == {"tenant": "team-a"}
+    assert team_a.page(hits[0].doc_id, size="full")[:4] == b"\x89PNG"
+    ranked = team_a.rerank("revenue", ["a text", {"doc_id": hits[0].doc_id, "page": hits[0].page}], top_n=2)
+    assert sorted(r.index for r in ranked) == [0, 1] and ranked[0].relevance_score >= ranked[1].relevance_score
+    for call, status in [(lambda: team_a.page("b-1.png"), 404), (lambda: team_a.embed("q"), 403),
+                         (lambda: team_a.rerank("q", [{"doc_id": "b-1.png"}]), 404),
+                         (lambda: EndpointClient(secure, api_key="wrong-key-0123456789").search("q"), 401)]:
+        with pytest.raises(EndpointError) as e:
+            call()
+        assert e.value.status == status and e.value.request_id
+    vectors = EndpointClient(secure, api_key=KEYS["embed"]).embed(["q", page_pngs[0]], dimensions=32)
+    assert [len(v) for v in vectors] == [32, 32]
 
     # no key, nor its hash, in any log of the cluster
     logs = [p for p in tmp_path_factory.getbasetemp().rglob("*") if p.is_file() and "logs" in p.parts]

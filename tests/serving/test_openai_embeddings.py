@@ -55,6 +55,8 @@ def test_bad_embedding_requests_name_the_field(endpoint):
                          ({"input": ["x"], "dimensions": 100_000}, "dimensions must be one of"),
                          ({"input": [[1, 2, 3]]}, "token arrays"),
                          ({"input": [""]}, "input[0] is empty"),
+                         ({"input": ["q", [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {
+                             "url": "data:image/png;base64,AAAA"}}]]}, "input[1] mixes 2 content parts"),
                          ({"input": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},
                           "never fetches")]:
         with pytest.raises(openai.BadRequestError, match=re.escape(says)) as e:
