@@ -184,7 +184,6 @@ def main() -> None:
                     help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = ap.parse_args()
 
-    import ray
     from ray import serve
 
     from ray_vdr.cluster import worker_device
@@ -256,6 +255,14 @@ def main() -> None:
     print(f"in-process compute p50 {report['in_process_p50_ms']:.1f} ms; endpoint p50 at 1 client {one:.1f} ms; "
           f"overhead {report['endpoint_overhead_p50_ms']:.1f} ms (goal <= 5)")
     print(f"batched / unbatched QPS at 32 clients: {report['batched_over_unbatched_qps_32']:.2f} (goal >= 3)")
+    finish(report, args, temp)
+
+
+def finish(report: dict, args: argparse.Namespace, temp: str) -> None:
+    """Print and write the report, then stop Serve and the Ray cluster ``prepare`` started."""
+    import ray
+    from ray import serve
+
     print(json.dumps(report, indent=1, default=float))
     write_json(args.json, {"args": vars(args), **report})
     serve.shutdown()

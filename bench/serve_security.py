@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -24,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import write_json  # noqa: E402
-from serve_load import free_port, pct, post, prepare  # noqa: E402
+from serve_load import finish, free_port, pct, post, prepare  # noqa: E402
 
 KEY = "bench-key-0123456789abcdef"
 
@@ -68,9 +66,6 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py)")
     args = ap.parse_args()
 
-    import ray
-    from ray import serve
-
     from ray_vdr.config import ServeConfig
     from ray_vdr.endpoint import deploy
 
@@ -108,11 +103,7 @@ def main() -> None:
               f"{level['secured_p99_ms']:.2f} ms | added p50 {level['added_p50_ms']:+.2f} ms "
               f"(goal <= 1 ms), on / off {level['p50_ratio']:.3f}", flush=True)
     report["machine"] = f"{os.cpu_count()} CPUs"
-    print(json.dumps(report, indent=1, default=float))
-    write_json(args.json, {"args": vars(args), **report})
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    finish(report, args, temp)
 
 
 if __name__ == "__main__":
