@@ -7,17 +7,15 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serving.http import TINY, get, post, post_raw, serve_cfg
+from tests.serving.http import TINY, get, headless_chromium, post, post_raw, serve_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -175,36 +173,23 @@ def test_mismatched_model_or_dimension_is_refused(corpus_index, tiny_clip):
         build_app(serve_cfg(corpus_index, 8000, model=str(tiny_clip)))
 
 
-BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-
-
 def test_search_page_in_headless_chromium(endpoint, planted):
     """Type a planted query into the search page and see its page first, with both stages' ranks shown."""
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    if os.environ.get("RAY_VDR_REQUIRE_BROWSER") != "1" and not Path(chromium).exists():
-        pytest.skip("no chromium here (CI installs it and sets RAY_VDR_REQUIRE_BROWSER=1)")
-    from playwright.sync_api import sync_playwright
-
     both = next(p for p in planted if p["agree"])
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=BROWSER_FLAGS)  # a fresh temporary profile
-        try:
-            page = browser.new_page()
-            page.goto(endpoint)
-            page.fill("#query", both["query"])
-            page.click("#go")
-            page.wait_for_selector("#results .result", timeout=60_000)
-            first = page.locator("#results .result").first
-            assert first.get_attribute("data-doc-id") == both["doc_id"]
-            text = first.inner_text()
-            assert "first stage: #1" in text and "rerank: #1" in text
-            assert page.locator("#results .result").count() == 10
-            page.wait_for_function("document.querySelector('#results img').naturalWidth > 0", timeout=30_000)
-            assert "results in" in page.inner_text("#status")
-            page.fill("#query", "")
-            page.click("#go")
-            page.wait_for_selector("#status.error", timeout=30_000)
-            assert "422" in page.inner_text("#status")
-        finally:
-            browser.close()
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        page.goto(endpoint)
+        page.fill("#query", both["query"])
+        page.click("#go")
+        page.wait_for_selector("#results .result", timeout=60_000)
+        first = page.locator("#results .result").first
+        assert first.get_attribute("data-doc-id") == both["doc_id"]
+        text = first.inner_text()
+        assert "first stage: #1" in text and "rerank: #1" in text
+        assert page.locator("#results .result").count() == 10
+        page.wait_for_function("document.querySelector('#results img').naturalWidth > 0", timeout=30_000)
+        assert "results in" in page.inner_text("#status")
+        page.fill("#query", "")
+        page.click("#go")
+        page.wait_for_selector("#status.error", timeout=30_000)
+        assert "422" in page.inner_text("#status")

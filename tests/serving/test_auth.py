@@ -13,7 +13,7 @@ import pytest
 
 from ray_vdr.config import load_config
 from serving.auth import AuthError, KeyRing
-from tests.serving.http import get, post, serve_cfg
+from tests.serving.http import get, headless_chromium, post, serve_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"team-a": "a-key-0123456789abcdef", "team-b": "b-key-0123456789abcdef", "embed": "e-key-0123456789abcdef",
@@ -273,3 +273,23 @@ def test_metrics_count_known_traffic_and_logs_carry_request_ids(secure, metrics_
     stages = "".join(p.read_text() for p in base.rglob("replica_secure_*.log"))
     assert not [ln for ln in lines if "healthz" in ln] and "CALL status" not in stages
     assert not any(key in stages for key in KEYS.values())
+
+
+@pytest.mark.slow
+def test_search_page_asks_for_a_key_and_shows_the_tenants_pages(secure):
+    """In headless chromium: the keyed endpoint's search page answers 401 and shows the key field; with team-a's
+    key it shows team-a's pages only, thumbnails included (fetched with the key)."""
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        page.goto(secure)
+        assert not page.is_visible("#api_key")
+        page.fill("#query", "revenue by quarter")
+        page.click("#go")
+        page.wait_for_selector("#status.error", timeout=30_000)
+        assert "401" in page.inner_text("#status") and page.is_visible("#api_key")
+        page.fill("#api_key", KEYS["team-a"])
+        page.click("#go")
+        page.wait_for_selector("#results .result", timeout=60_000)
+        ids = page.eval_on_selector_all("#results .result", "els => els.map(e => e.dataset.docId)")
+        assert ids and {d[0] for d in ids} == {"a"}
+        page.wait_for_function("document.querySelector('#results img').naturalWidth > 0", timeout=30_000)
