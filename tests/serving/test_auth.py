@@ -191,12 +191,16 @@ def test_metrics_count_known_traffic_and_logs_carry_request_ids(secure, metrics_
     from tests.k8s.manifests import dashboard, dashboard_metrics
 
     app = {"application": "secure"}
-    deadline, before = time.time() + 20, _scrape(metrics_url)
-    while time.time() < deadline:  # what the earlier test sent may still be on its way to the export (every 1 s)
+
+    def cumulative(samples):  # this application's counters and histogram counts (not its gauges)
+        return {k: v for k, v in samples.items() if k[0].startswith("ray_vdr_") and ("application", "secure") in k[1]
+                and k[0].endswith(("_total", "_count", "_bucket"))}
+
+    deadline, before = time.time() + 30, _scrape(metrics_url)
+    while time.time() < deadline:  # what the earlier test sent may still be on its way from any replica (every 1 s)
         time.sleep(2.5)
         now = _scrape(metrics_url)
-        if {k: v for k, v in now.items() if k[0].startswith("ray_vdr_requests")} == \
-                {k: v for k, v in before.items() if k[0].startswith("ray_vdr_requests")}:
+        if cumulative(now) == cumulative(before):
             break
         before = now
 
