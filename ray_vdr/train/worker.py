@@ -61,6 +61,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
         # 1. the model, the data stream and the loss
         cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+        _one_process_without_ddp(cfg, world, cuda)
         model = recipe.build(cfg, f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
         image_cols = TripletSpec.from_config(cfg.data, split="train").output_columns[2:]
         # every rank (re)starts the feeder with this group's token: the first call rewinds it to the checkpoint
@@ -260,6 +261,15 @@ def _optimizer_steps(optimizer) -> int | None:
     states = getattr(optimizer, "state", {}).values()
     steps = [int(st["step"]) for st in states if isinstance(st, dict) and "step" in st]
     return max(steps) if steps else None
+
+
+def _one_process_without_ddp(cfg: VDRConfig, world: int, cuda: bool) -> None:
+    """A world of one CPU worker trains without DDP. Ray Train sets LOCAL_RANK and forms a gloo process group even
+    for one worker, and accelerate then wraps a CPU model in DistributedDataParallel whatever the number of processes
+    (on GPU it does not at one process): an all-reduce with nobody and a bucket copy every step, ~25% of a step here.
+    Without LOCAL_RANK, accelerate sees a single process. DeepSpeed keeps it (it runs its engine on the group)."""
+    if world == 1 and not cuda and cfg.train.strategy != "deepspeed":
+        os.environ.pop("LOCAL_RANK", None)
 
 
 def _sharded_weights(cfg: VDRConfig) -> bool:
