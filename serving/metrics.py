@@ -11,7 +11,8 @@ Ours, next to Ray Serve's own (requests, latency, ongoing and queued requests pe
 - ``ray_vdr_batch_size{stage}``: the requests each ``@serve.batch`` call formed (embed, search, rerank);
 - ``ray_vdr_unavailable_total{reason}``: 503s, by why (``not_ready``, ``over_capacity``); the proxy's own 503s
   (the ingress queue full) are Serve's ``ray_serve_num_http_error_requests_total{error_code="503"}``;
-- ``ray_vdr_generation_live{generation}`` (1 for the live one, 0 for those it replaced),
+- ``ray_vdr_generation_live{generation}`` (1 for the live one; a replaced one stops being recorded, and Ray's
+  metrics agent drops it),
   ``ray_vdr_index_vectors``, ``ray_vdr_index_live_pages`` and ``ray_vdr_index_age_seconds`` (since the live index
   version was published).
 
@@ -66,14 +67,13 @@ class EndpointMetrics:
                                 boundaries=BATCH, tag_keys=("stage",))
         self._unavailable = Counter("vdr_unavailable", description="503 answers of the ingress, by reason.",
                                     tag_keys=("reason",))
-        self._live = Gauge("vdr_generation_live", description="1 for the generation served first, 0 for the ones it "
-                           "replaced.", tag_keys=("generation",))
+        self._live = Gauge("vdr_generation_live", description="1 for the generation served first.",
+                           tag_keys=("generation",))
         self._vectors = Gauge("vdr_index_vectors", description="Vectors in the live generation's index (removed "
                               "pages included until a compaction).")
         self._live_pages = Gauge("vdr_index_live_pages", description="Pages a search of the live generation can "
                                  "return.")
         self._age = Gauge("vdr_index_age_seconds", description="Seconds since the live index version was published.")
-        self._generations: set[str] = set()
 
     def request(self, route: str, status: int) -> None:
         if self.enabled:
@@ -97,9 +97,7 @@ class EndpointMetrics:
         """The generation served first now, its index's vectors, live pages and publication time (ISO 8601)."""
         if not self.enabled:
             return
-        self._generations.add(gid)
-        for g in self._generations:
-            self._live.set(1 if g == gid else 0, tags={"generation": g})
+        self._live.set(1, tags={"generation": gid})
         self._vectors.set(vectors)
         self._live_pages.set(live_pages)
         if updated_at:
