@@ -1,20 +1,17 @@
-"""Corpus embedding and FAISS benchmarks, measured side by side in one run (not a test).
+"""Corpus embedding benchmark: pages/s of the embedding job against a plain loop, side by side in one run (not a test).
 
 (a) pages/s of the embedding job (Ray Data: read + decode tasks → 1 embedding actor → Parquet shards) ÷ a plain
     single-process loop (decode PNG → ``model.encode_document``) over the same pages with the same model, batch
     size and torch thread count. Goal ≥ 1.0: decoding overlaps with inference in the job. Both are timed after
     their first batch (model loading and warm-up excluded); whole-run figures are printed too. The job does more
     per page than the loop: hashing, thumbnails and writing pages and vectors to Parquet.
-(b) FAISS: recall@10 against exact search and query latency (p50, p99; one query at a time) of the index the job
-    chooses for a large corpus (``index_type: auto`` at 1M vectors: HNSW), on N random 1024-d normalised vectors;
-    N = 1,000,000 by default (4 GB of float32). Building HNSW on 1M vectors takes ~50 min on 2 cores: pass a smaller
-    --faiss-n there. An efSearch sweep shows the trade-off.
+
+FAISS recall and latency of the index the job builds: bench/ann_recall.py.
 
 Each measurement of (a) runs in its own subprocess (clean memory, fresh thread pools). The model is a random-weight
 Qwen3-VL embedder with the real module stack (``--shape small`` by default, ``2b`` on GPU).
 
-    python bench/embed_throughput.py --faiss-n 200000   # ~15 min on 2 CPU cores (most of it building HNSW)
-    python bench/embed_throughput.py --parts a        # the pipeline comparison only (~3 min)
+    python bench/embed_throughput.py --parts a        # the pipeline comparison (~3 min on 2 CPU cores)
     python bench/embed_throughput.py --shape 2b --device cuda --parts a
 """
 
@@ -139,57 +136,6 @@ def _pipeline(args) -> dict:
     return {"plain": plain, "job": job, "pipeline_ratio": ratio}
 
 
-def _faiss(args) -> dict:
-    import numpy as np
-
-    from ray_vdr.config import IndexConfig
-    from ray_vdr.corpus.faiss_index import build_index, choose_spec, search
-
-    rng = np.random.default_rng(0)
-    n, dim = args.faiss_n, 1024
-    data = np.empty((n, dim), np.float32)
-    for i in range(0, n, 100_000):  # generate in chunks: no float64 copy of the whole set
-        block = rng.standard_normal((min(100_000, n - i), dim), dtype=np.float32)
-        data[i:i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    queries = rng.standard_normal((args.queries, dim), dtype=np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    kind = choose_spec(1_000_000, dim, IndexConfig()).type  # what the job picks for a million-page corpus
-    spec = choose_spec(n, dim, IndexConfig(index_type=kind))
-    exact = build_index(data, choose_spec(n, dim, IndexConfig(index_type="flat")))
-    _, truth = search(exact, queries, 10)
-    del exact
-    t0 = time.perf_counter()
-    index = build_index(data, spec)
-    build_s = time.perf_counter() - t0
-    print(f"\n(b) FAISS on {n:,} random normalised {dim}-d vectors: the index auto picks for 1M pages, {spec.type} "
-          f"{spec.params}; "
-          f"built in {build_s:.0f} s; {args.queries} queries, one at a time")
-    rows = []
-    knob = {"hnsw": ("ef_search", [64, 128, 256, 512]), "ivf_pq": ("nprobe", [8, 32, 128]),
-            "ivf_sq8": ("nprobe", [8, 32, 128]), "flat": (None, [None])}[spec.type]
-    for value in knob[1]:
-        if spec.type == "hnsw":
-            index.hnsw.efSearch = value
-        elif spec.type.startswith("ivf"):
-            import faiss
-
-            faiss.extract_index_ivf(index).nprobe = value
-        lat = []
-        got = []
-        for q in queries:
-            t = time.perf_counter()
-            got.append(search(index, q[None], 10)[1][0])
-            lat.append(time.perf_counter() - t)
-        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got, strict=True)]))
-        p50, p99 = (float(np.percentile(lat, p)) * 1000 for p in (50, 99))
-        default = value == spec.params.get(knob[0]) if knob[0] else True
-        rows.append({knob[0] or "exact": value, "recall_at_10": recall, "p50_ms": p50, "p99_ms": p99,
-                     "default": default})
-        print(f"    {knob[0] or 'exact'}={value}{' (default)' if default else ''}: recall@10 {recall:.3f}, "
-              f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
-    return {"faiss": {"n": n, "dim": dim, "spec": spec.as_dict(), "build_seconds": build_s, "sweep": rows}}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--probe", choices=["plain", "job"], help=argparse.SUPPRESS)
@@ -204,9 +150,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--actor-cpus", type=float, default=max(1.0, (os.cpu_count() or 2) - 0.5))
     p.add_argument("--decode-cpus", type=float, default=0.5)
-    p.add_argument("--faiss-n", type=int, default=1_000_000)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--parts", default="a,b", help="a (job ÷ plain loop), b (FAISS recall and latency)")
+    p.add_argument("--parts", default="a", help="a (job ÷ plain loop)")
     p.add_argument("--json", default=None,
                    help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
@@ -219,8 +163,6 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "args": vars(args)}
     if "a" in parts:
         report.update(_pipeline(args))
-    if "b" in parts:
-        report.update(_faiss(args))
     name = f"embed_bench_{'_'.join(sorted(parts))}.json"
     Path(args.out, name).write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}/{name}")

@@ -140,10 +140,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare(out: str | None, pages: int) -> tuple[Path, Path, Path, list[str], str]:
-    """Synthetic pages, a tiny Qwen3-VL embedder and reranker (random weights), a local Ray cluster of 2 CPUs, and
-    the pages embedded by the real job into a flat index (dim 32) at work/index. Returns (work folder, embedder,
-    reranker, queries, Ray's temp folder)."""
+def prepare(out: str | None, pages: int, runtime_env: dict | None = None) -> tuple[Path, Path, Path, list[str], str]:
+    """Synthetic pages, a tiny Qwen3-VL embedder and reranker (random weights), a local Ray cluster of 2 CPUs (with
+    ``runtime_env``), and the pages embedded by the real job into a flat index (dim 32) at work/index. Returns (work
+    folder, embedder, reranker, queries, Ray's temp folder)."""
     import pyarrow.parquet as pq
     import ray
 
@@ -160,7 +160,8 @@ def prepare(out: str | None, pages: int) -> tuple[Path, Path, Path, list[str], s
     reranker = build_qwen3vl_reranker(work / "reranker", max_pixels=128 * 128)
     queries = pq.read_table(work / "syn" / "train", columns=["query"]).column("query").to_pylist()
     temp = tempfile.mkdtemp(prefix="rvdr-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             runtime_env=runtime_env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = load_config(ROOT / "configs/demo.yaml", [
         f"index.model={embedder}", f"index.sources=[{work / 'syn' / 'images'}]", f"index.output={work / 'index'}",
@@ -176,7 +177,7 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=60)
     ap.add_argument("--rerank-depth", type=int, default=5)
     ap.add_argument("--batch-wait-ms", type=float, default=0.0,
-                    help="@serve.batch wait: 0 = no wait at low load (batches still form while a batch runs)")
+                    help="extra batch wait: 0 = none (batches form while a model call runs)")
     ap.add_argument("--ingress-ongoing", type=int, default=32, help="ingress max_ongoing_requests")
     ap.add_argument("--ingress-queued", type=int, default=32, help="ingress max_queued_requests (then 503)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")

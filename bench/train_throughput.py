@@ -4,7 +4,8 @@
     ÷ a plain single-process SentenceTransformerTrainer on an in-memory ``datasets.Dataset``: the same model, rows,
     loss (CachedMNRL in MatryoshkaLoss), batch, steps, precision and torch thread count. Goal ≥ 1.0.
 (b) peak memory of training at batch 64 ÷ batch 8 with the cached loss (GradCache: the mini-batch, not the batch,
-    bounds the activations). Plain MNRL is measured next to it, to show what the cache saves. Goal ≤ 1.3.
+    bounds the activations; ray-vdr's loss also collates the pages per mini-batch, and the pages come in opened but
+    not decoded, as from the feeder). Plain MNRL is measured next to it, to show what the cache saves. Goal ≤ 1.3.
     Peak = torch.cuda.max_memory_allocated on GPU, the process's peak RSS (VmHWM) on CPU; also printed: the part
     of it added by training (optimizer state, batches, activations) above what the loaded model and data hold.
 (c) GradCache under ZeRO: step time of the cached loss under DeepSpeed ZeRO-2 ÷ under ZeRO-1, 2 Ray Train workers
@@ -93,10 +94,14 @@ def prepare(args) -> None:
 # probes (each in its own process)
 
 
-def _in_memory_dataset(cfg, rows: int):
-    """The validated training rows as an in-memory datasets.Dataset with Image features (what users hand ST)."""
+def _in_memory_dataset(cfg, rows: int, lazy: bool = False):
+    """The validated training rows as an in-memory datasets.Dataset with Image features (what users hand ST).
+    ``lazy``: pages come out opened but not decoded, as the feeder's stream hands them to ray-vdr's trainer."""
+    import io
+
     import datasets
     import pyarrow.parquet as pq
+    from PIL import Image
 
     from ray_vdr.data.triplets import TripletSpec, validate_batch
 
@@ -104,11 +109,16 @@ def _in_memory_dataset(cfg, rows: int):
     table, _ = validate_batch(pq.read_table(cfg.data.train.uri), spec)
     table = table.slice(0, rows)
     image_cols = spec.output_columns[2:]
-    features = datasets.Features({"query": datasets.Value("string"), **{c: datasets.Image() for c in image_cols}})
+    features = datasets.Features({"query": datasets.Value("string"),
+                                  **{c: datasets.Image(decode=not lazy) for c in image_cols}})
     data = {"query": table.column("query").to_pylist()}
     for c in image_cols:
         data[c] = [{"bytes": b, "path": None} for b in table.column(c).to_pylist()]
-    return datasets.Dataset.from_dict(data, features=features), image_cols
+    dataset = datasets.Dataset.from_dict(data, features=features)
+    if lazy:
+        dataset.set_transform(lambda batch: {"query": batch["query"], **{
+            c: [Image.open(io.BytesIO(x["bytes"])) for x in batch[c]] for c in image_cols}})
+    return dataset, image_cols
 
 
 def _plain_trainer(cfg, args, dataset, image_cols, callbacks=()):
@@ -181,7 +191,8 @@ def probe_memory(args) -> dict:
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     cfg = _config(args, args.batch, args.steps, loss=args.loss)
-    dataset, image_cols = _in_memory_dataset(cfg, args.batch * args.steps)
+    # ray-vdr's trainer as the workers run it: pages opened lazily and, with the cached loss, collated per mini-batch
+    dataset, image_cols = _in_memory_dataset(cfg, args.batch * args.steps, lazy=True)
     held: dict[str, int] = {}
 
     class AtTrainBegin(TrainerCallback):
@@ -194,9 +205,32 @@ def probe_memory(args) -> dict:
                 held["bytes"] = _rss("VmRSS")
                 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
 
-    _plain_trainer(cfg, args, dataset, image_cols, [AtTrainBegin()]).train()
+    from ray_vdr.train.gradcache import defer_page_collation
+    from ray_vdr.train.trainer import ThroughputMeter
+
+    trainer = _plain_trainer(cfg, args, dataset, image_cols, [AtTrainBegin()])
+    defer_page_collation(trainer)
+    meter = ThroughputMeter(lambda: trainer.state.global_step * args.batch)
+    trainer.add_callback(meter)
+    trainer.train()
     peak = torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")
-    return {"held_bytes": held["bytes"], "peak_bytes": peak, "step_bytes": peak - held["bytes"]}
+    return {"held_bytes": held["bytes"], "peak_bytes": peak, "step_bytes": peak - held["bytes"],
+            "samples_per_s": meter.rate(),
+            "forward_flops_per_sample": _forward_flops(trainer.model, dataset[0], image_cols)}
+
+
+def _forward_flops(model, row: dict, image_cols: list[str]) -> int:
+    """FLOPs of one forward pass over a training row (the query and its pages) as torch's FlopCounterMode counts
+    them: matmuls, convolutions and the CUDA attention kernels (it has no entry for SDPA's CPU kernel, so attention is
+    left out on CPU). bench/gpu.py turns it into model-FLOPs utilisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0
+    for encode, item in [(model.encode_query, row["query"]), *((model.encode_document, row[c]) for c in image_cols)]:
+        with FlopCounterMode(display=False) as counter:
+            encode([item])
+        total += counter.get_total_flops()
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------------------------

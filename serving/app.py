@@ -61,7 +61,7 @@ def _error_cause(e: BaseException) -> BaseException:
 
 def _raise_or_return(result: Any) -> Any:
     """A stage's answer, or the NotReady it returned, raised here in the ingress. The stages return it rather than
-    raise it: ``@serve.batch`` has no per-request errors (one generation's NotReady must not fail the batch's other
+    raise it: a batch has no per-request errors (one generation's NotReady must not fail the batch's other
     requests), and a generation still loading during a promotion is the ingress's to handle (it falls back to the
     previous one), not an error in the replica's log."""
     if isinstance(result, Exception):
@@ -323,7 +323,7 @@ class Ingress:
             return unavailable
         if isinstance(data, dict):
             return JSONResponse(data)
-        media = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
+        media = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/webp" if data[8:12] == b"WEBP" else "image/png"
         return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
 
 

@@ -2,11 +2,12 @@
 :mod:`ray_vdr.corpus.store` per generation (:mod:`serving.generations`); the ingress and the builder are in
 :mod:`serving.app`.
 
-- ``QueryEmbedder``: the embedder with its query prompt at the index's truncated dimension; ``@serve.batch``.
-- ``Retriever``: the FAISS index (``@serve.batch`` over queries) and the page store (thumbnails and page images).
-- ``Reranker`` (optional): a CrossEncoder scoring (query, page image) pairs; ``@serve.batch`` over requests.
+- ``QueryEmbedder``: the embedder with its query prompt at the index's truncated dimension; batched over queries.
+- ``Retriever``: the FAISS index (batched over queries) and the page store (thumbnails and page images).
+- ``Reranker`` (optional): a CrossEncoder scoring (query, page image) pairs; batched over requests.
 
-The batched methods return NotReady per request instead of raising it: ``@serve.batch`` has no per-request errors,
+Batches form while the model runs (:class:`serving.batching.Batcher`: no wait for a lone request). The batched
+methods return NotReady per request instead of raising it: a batch function's exception fails the whole batch,
 and one generation still loading during a promotion must not fail the batch's other requests (the ingress raises it
 and falls back to the previous generation).
 """
@@ -27,6 +28,7 @@ from ray_vdr.corpus.live import generation_config
 from ray_vdr.corpus.store import PageStore, open_index
 from ray_vdr.data.images import pil_pages
 from serving import core
+from serving.batching import Batcher
 from serving.generations import Background, Generations, wait_for_manifest
 from serving.metrics import EndpointMetrics, quiet_health_probes
 
@@ -35,10 +37,9 @@ __all__ = ["QueryEmbedder", "Reranker", "Retriever"]
 logger = logging.getLogger(__name__)
 
 
-def _set_batching(method, d: ServeDeploymentConfig) -> None:
-    """Apply the configured batch size and wait to a ``@serve.batch`` method (the decorator holds defaults)."""
-    method.set_max_batch_size(d.max_batch_size)
-    method.set_batch_wait_timeout_s(d.batch_wait_timeout_s)
+def _batcher(fn, d: ServeDeploymentConfig) -> Batcher:
+    """A batched stage with the configured batch size and extra wait."""
+    return Batcher(fn, d.max_batch_size, d.batch_wait_timeout_s)
 
 
 @serve.deployment
@@ -55,7 +56,7 @@ class QueryEmbedder:
             return core.QueryEncoder(binding, self.cfg, device)
 
         self.gens = Generations("query embedder", self.cfg, load, per_version=False)
-        _set_batching(self._embed, self.cfg.embedder)
+        self._embed = _batcher(self._embed_batch, self.cfg.embedder)
         self.metrics = EndpointMetrics(self.cfg.metrics)
         quiet_health_probes()
 
@@ -87,8 +88,7 @@ class QueryEmbedder:
             return e
         return encoder.full_dim, encoder.dim
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _embed(self, requests: list[tuple[str, Any]]) -> list[Any]:
+    async def _embed_batch(self, requests: list[tuple[str, Any]]) -> list[Any]:
         """One forward per generation in the batch (one, except while a promotion switches)."""
         start, out = time.perf_counter(), [None] * len(requests)
         self.metrics.batch("embed", len(requests))
@@ -120,7 +120,7 @@ class Retriever:
             return index, PageStore(gen["index"], index.ids)
 
         self.gens = Generations("index", self.cfg, load)
-        _set_batching(self._search, self.cfg.retriever)
+        self._search = _batcher(self._search_batch, self.cfg.retriever)
         self.metrics = EndpointMetrics(self.cfg.metrics)
         quiet_health_probes()
         if self.metrics.enabled:
@@ -155,8 +155,7 @@ class Retriever:
         RequestError (422 naming the field)."""
         return await self._search((gid, vector, k, clauses, scope))  # or NotReady, returned (see _raise_or_return)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _search(self, requests: list[tuple[str, Any, int, list | None, list | None]]) -> list[Any]:
+    async def _search_batch(self, requests: list[tuple[str, Any, int, list | None, list | None]]) -> list[Any]:
         """One FAISS call per generation, filter and key scope in the batch, at its largest k."""
         import json
 
@@ -220,7 +219,7 @@ class Reranker:
             return PageStore.open(gen["index"], version=gen.get("version"))
 
         self.gens = Generations("reranker pages", self.cfg, load)
-        _set_batching(self._rerank, self.cfg.rerank)
+        self._rerank = _batcher(self._rerank_batch, self.cfg.rerank)
         self.metrics = EndpointMetrics(self.cfg.metrics)
         quiet_health_probes()
 
@@ -245,8 +244,7 @@ class Reranker:
 
         return await asyncio.to_thread(run)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
-    async def _rerank(self, requests: list[tuple[str, str, list[int]]]) -> list[Any]:
+    async def _rerank_batch(self, requests: list[tuple[str, str, list[int]]]) -> list[Any]:
         """The pairs of every request in the batch go through the model together, in forwards of
         ``rerank_batch_size`` pairs."""
         scorer = self.scorer.get()

@@ -8,7 +8,7 @@ Ours, next to Ray Serve's own (requests, latency, ongoing and queued requests pe
 
 - ``ray_vdr_requests_total{route, status}``: every answer of the ingress, 401/403/413/503 included;
 - ``ray_vdr_stage_latency_ms{route, stage}``: embed, search, rerank and total of a request, as its ``timings``;
-- ``ray_vdr_batch_size{stage}``: the requests each ``@serve.batch`` call formed (embed, search, rerank);
+- ``ray_vdr_batch_size{stage}``: the requests each batched model call took (embed, search, rerank);
 - ``ray_vdr_unavailable_total{reason}``: 503s, by why (``not_ready``, ``over_capacity``); the proxy's own 503s
   (the ingress queue full) are Serve's ``ray_serve_num_http_error_requests_total{error_code="503"}``;
 - ``ray_vdr_generation_live{generation}`` (1 for the live one; a replaced one stops being recorded, and Ray's

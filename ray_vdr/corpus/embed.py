@@ -3,7 +3,8 @@
 Pipeline (streaming; the driver holds file names and per-batch counts, never pages)::
 
     list files ─► flat_map: read, hash, skip known, decode / rasterise PDF pages (CPU tasks)
-               ─► map_batches(PageEmbedder): encode_document, truncate, normalise, write one shard (actor pool)
+               ─► map_batches(PageEmbedder): encode_document of the decoded pixels, truncate, normalise, write
+                  one shard (actor pool)
                ─► driver: per-batch counts → progress and summary
     then: drop duplicate keys across shards, build or extend the FAISS index (a Ray task, on a GPU when there is one)
 
@@ -75,7 +76,7 @@ def page_table(rows: pa.Table, embeddings, dim: int) -> pa.Table:
     return rows.select(cols).append_column("embedding", emb)
 
 
-def _expand(row: dict[str, Any], *, dpi: int, limits: dict, thumb_side: int, image_column: str,
+def _expand(row: dict[str, Any], *, dpi: int, limits: dict, image_column: str,
             id_column: str | None, text_column: str | None, known_ref: list) -> Iterator[dict[str, Any]]:
     """flat_map stage: one source file → its pages and rejects (PAGE_SCHEMA rows), streamed (a 500-page PDF is
     never held whole)."""
@@ -83,8 +84,23 @@ def _expand(row: dict[str, Any], *, dpi: int, limits: dict, thumb_side: int, ima
 
     known = fetch_once(known_ref[0], frozenset)
     f = SourceFile(row["uri"], row["doc_id"], row["kind"], row["sidecar"], row["meta_sidecar"], row["file_hash"])
-    yield from expand_file(f, dpi=dpi, limits=ImageLimits(**limits), thumb_side=thumb_side, image_column=image_column,
+    yield from expand_file(f, dpi=dpi, limits=ImageLimits(**limits), image_column=image_column,
                            id_column=id_column, text_column=text_column, known=known.__contains__)
+
+
+def decoded_pages(pages: pa.Table) -> list:
+    """The pages the expansion stage decoded (its ``pixels``, RGB), as images, read from the block without a copy into
+    Python bytes: the embedder does not decode them again."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = pages.column("pixels").combine_chunks()  # large_binary: 64-bit offsets into one data buffer
+    _, offsets, data = pixels.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int64)[pixels.offset:pixels.offset + len(pixels) + 1]
+    data = memoryview(data)
+    return [Image.frombuffer("RGB", (w, h), data[offsets[i]:offsets[i + 1]], "raw", "RGB", 0, 1)
+            for i, (w, h) in enumerate(zip(pages.column("width").to_pylist(), pages.column("height").to_pylist(),
+                                           strict=True))]
 
 
 class PageEmbedder:
@@ -107,10 +123,6 @@ class PageEmbedder:
         self.dim, self.output, self.chaos, self.batches = dim, output, chaos or {}, 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import io
-
-        from PIL import Image
-
         start = time.perf_counter()
         # one schema for every shard, whatever Ray Data inferred for this block (an all-reject block has null columns)
         batch = batch.select(PAGE_SCHEMA.names).cast(PAGE_SCHEMA)
@@ -119,7 +131,7 @@ class PageEmbedder:
         rejected = [rejects.select(REJECT_COLUMNS)] if rejects.num_rows else []
         embedded = None
         if pages.num_rows:
-            images = [Image.open(io.BytesIO(b)).convert("RGB") for b in pages.column("image").to_pylist()]
+            images = decoded_pages(pages)
             try:
                 vectors = self._encode(images)
             except Exception as e:  # one bad page must not fail the batch: find it
@@ -226,7 +238,7 @@ def _embed_stream(cfg: VDRConfig, files: list[SourceFile], info: dict, dim: int,
     tasks = max(1, min(math.ceil(len(files) / ix.files_per_task), 1000))
     ds = ray.data.from_items([asdict(f) for f in files], override_num_blocks=tasks)
     ds = ds.flat_map(_expand, fn_kwargs={
-        "dpi": ix.dpi, "limits": cfg.data.image.model_dump(), "thumb_side": ix.thumbnail_side,
+        "dpi": ix.dpi, "limits": cfg.data.image.model_dump(),
         "image_column": ix.parquet_image_column, "id_column": ix.parquet_id_column,
         "text_column": ix.parquet_text_column, "known_ref": [ray.put(known)]}, num_cpus=ix.decode_cpus)
     ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow",
@@ -312,7 +324,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     files_ = {**((current or {}).get("files") or {}), **fields.pop("files")}
     files_.pop("ids", None), files_.pop("docs", None)
     manifest = {**binding, **fields, "files": files_, "version": version, "operation": ix.mode,
-                "normalized": True, "metric": "inner_product", "updated_at": now_iso(), "sources": ix.sources,
+                "thumbnail_side": ix.thumbnail_side, "normalized": True, "metric": "inner_product", "updated_at": now_iso(), "sources": ix.sources,
                 "created_at": (current or {}).get("created_at", now_iso()), "last_run": summary}
     manifest = publish(ix.output, manifest, docs, ids, current)
     removed_share = manifest["removed_pages"] / max(1, manifest["vectors"])

@@ -50,8 +50,9 @@ PAGE_SCHEMA = pa.schema([
     ("page", pa.int32()),
     ("width", pa.int32()),
     ("height", pa.int32()),
-    ("image", pa.binary()),
-    ("thumbnail", pa.binary()),
+    ("image", pa.binary()),  # the source's own bytes when the page is them as it is, else a PNG
+    ("thumbnail", pa.binary()),  # always null: served thumbnails are made on request (PageStore); kept for old shards
+    ("pixels", pa.large_binary()),  # the decoded page (RGB, width x height) for the embedder; not stored
     ("text", pa.string()),
     ("row_metadata", pa.string()),  # a Parquet row's own metadata (its other scalar columns), as JSON
     ("reason", pa.string()),
@@ -117,24 +118,27 @@ def page_key(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
-def thumbnail(img: Image.Image, side: int) -> bytes:
-    thumb = img.copy()
-    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+def thumbnail(data: bytes, side: int) -> bytes:
+    """A stored page's JPEG thumbnail, longest side ``side`` (made when it is first asked for: most pages of a large
+    corpus are never shown, so the embedding job does not make them)."""
+    img = Image.open(io.BytesIO(data))
+    img.thumbnail((side, side), Image.Resampling.LANCZOS)  # decodes a JPEG at a reduced scale (draft) where it can
     buf = io.BytesIO()
-    thumb.save(buf, format="JPEG", quality=80)
+    img.convert("RGB").save(buf, format="JPEG", quality=80)
     return buf.getvalue()
 
 
 def _png(img: Image.Image) -> bytes:
+    """Lossless and fast: zlib level 1 writes a page ~3.5x faster than PNG's default level 6, a little larger."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 def _reject(key: str, doc_id: str, source: str, page: int | None, reason: str, detail: str = "",
             file_hash: str | None = None) -> dict[str, Any]:
     return {"key": key, "content": None, "file_hash": file_hash, "doc_id": doc_id, "source": source, "page": page, "width": None, "height": None,
-            "image": None, "thumbnail": None, "text": None, "row_metadata": None, "reason": reason, "detail": detail[:500]}
+            "image": None, "thumbnail": None, "pixels": None, "text": None, "row_metadata": None, "reason": reason, "detail": detail[:500]}
 
 
 def _clean_text(text: str | None) -> str | None:
@@ -146,10 +150,13 @@ def _clean_text(text: str | None) -> str | None:
 
 
 def _accept(key: tuple[str, str, str], doc_id: str, source: str, page: int, img: Image.Image, data: bytes | None,
-            thumb_side: int, text: str | None = None) -> dict[str, Any]:
-    return {"key": key[0], "content": key[1], "file_hash": key[2], "doc_id": doc_id, "source": source, "page": page, "width": img.width, "height": img.height,
-            "image": data if data is not None else _png(img), "thumbnail": thumbnail(img, thumb_side),
-            "text": _clean_text(text), "row_metadata": None, "reason": None, "detail": None}
+            text: str | None = None) -> dict[str, Any]:
+    """A page: ``data`` is stored when it encodes ``img`` exactly (else a PNG of it); the decoded pixels travel to the
+    embedder, which then does not decode the page a second time."""
+    return {"key": key[0], "content": key[1], "file_hash": key[2], "doc_id": doc_id, "source": source, "page": page,
+            "width": img.width, "height": img.height, "image": data if data is not None else _png(img),
+            "thumbnail": None, "pixels": img.tobytes(), "text": _clean_text(text), "row_metadata": None, "reason": None,
+            "detail": None}
 
 
 def scoped(content: str, source: str, file_hash: str | None) -> tuple[str, str, str | None]:
@@ -160,12 +167,12 @@ def scoped(content: str, source: str, file_hash: str | None) -> tuple[str, str, 
 
 
 def _image_page(data: bytes, key: tuple[str, str, str | None], doc_id: str, source: str, page: int,
-                limits: ImageLimits, thumb_side: int, text: str | None = None) -> dict[str, Any]:
+                limits: ImageLimits, text: str | None = None) -> dict[str, Any]:
     try:
         img, changed = decode_image(data, limits)
     except ImageRejected as e:
         return _reject(key[0], doc_id, source, page, e.reason, e.detail, key[2])
-    return _accept(key, doc_id, source, page, img, None if not changed else _png(img), thumb_side, text)
+    return _accept(key, doc_id, source, page, img, None if changed else data, text)
 
 
 def _sidecar_text(uri: str | None) -> str | None:
@@ -181,7 +188,7 @@ def _sidecar_text(uri: str | None) -> str | None:
         return None
 
 
-def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: ImageLimits, thumb_side: int,
+def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: ImageLimits,
                known: Callable[[str], bool]) -> Iterator[dict[str, Any]]:
     import pypdfium2 as pdfium
 
@@ -225,7 +232,7 @@ def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: Imag
                 continue
             if max(img.size) > limits.max_side:
                 img.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS)
-            yield _accept(keys, f.doc_id, f.uri, i + 1, img, None, thumb_side, text)
+            yield _accept(keys, f.doc_id, f.uri, i + 1, img, None, text)
     finally:
         doc.close()
 
@@ -250,7 +257,7 @@ def _metadata_columns(schema: pa.Schema, used: set[str]) -> list[str]:
     return [f.name for f in schema if f.name not in used and scalar(f.type)]
 
 
-def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limits: ImageLimits, thumb_side: int,
+def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limits: ImageLimits,
                    known: Callable[[str], bool], text_column: str | None = None) -> Iterator[dict[str, Any]]:
     from ray_vdr.corpus.metadata import MetadataError, validate_metadata
 
@@ -290,20 +297,20 @@ def _parquet_pages(f: SourceFile, image_column: str, id_column: str | None, limi
                 continue
             keys = scoped(page_key(data), f.uri, f.file_hash)
             if not known(keys[0]):
-                page = _image_page(data, keys, doc_id, f.uri, row, limits, thumb_side,
+                page = _image_page(data, keys, doc_id, f.uri, row, limits,
                                    text if isinstance(text, str) else None)
                 if meta and page["reason"] is None:
                     page["row_metadata"] = json.dumps(meta, sort_keys=True, separators=(",", ":"))
                 yield page
 
 
-def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, thumb_side: int, image_column: str = "image",
+def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, image_column: str = "image",
                 id_column: str | None = "doc_id", text_column: str | None = "text",
                 known: Callable[[str], bool] = lambda key: False) -> Iterator[dict[str, Any]]:
     """The pages (and rejects) of one source file, as PAGE_SCHEMA rows with their text; pages whose key ``known``
     returns True for (already embedded or rejected) are skipped before decoding."""
     if f.kind == "parquet":
-        yield from _parquet_pages(f, image_column, id_column, limits, thumb_side, known, text_column)
+        yield from _parquet_pages(f, image_column, id_column, limits, known, text_column)
         return
     fs, path = fs_path(f.uri)
     try:
@@ -325,6 +332,6 @@ def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, thumb_side: int
                           file_key)
     elif f.kind == "pdf":
         if not known(scoped(page_key(file_key, "file"), f.uri, file_key)[0]):
-            yield from _pdf_pages(data, file_key, f, dpi, limits, thumb_side, known)
+            yield from _pdf_pages(data, file_key, f, dpi, limits, known)
     elif not known((keys := scoped(file_key, f.uri, file_key))[0]):
-        yield _image_page(data, keys, f.doc_id, f.uri, 1, limits, thumb_side, _sidecar_text(f.sidecar))
+        yield _image_page(data, keys, f.doc_id, f.uri, 1, limits, _sidecar_text(f.sidecar))

@@ -218,8 +218,8 @@ class PageStore:
     """Page images, thumbnails and stored embeddings of an index, read from its Parquet shards by vector position,
     with an LRU cache."""
 
-    def __init__(self, output: str, ids: pa.Table, cache_bytes: int = 256 << 20):
-        self.output, self.ids = output, ids
+    def __init__(self, output: str, ids: pa.Table, cache_bytes: int = 256 << 20, thumbnail_side: int = 256):
+        self.output, self.ids, self.thumbnail_side = output, ids, thumbnail_side
         self._cache: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._cache_bytes, self._held = cache_bytes, 0
         self._lock = threading.Lock()
@@ -228,11 +228,12 @@ class PageStore:
     def open(cls, output: str, cache_bytes: int = 256 << 20, version: int | None = None) -> PageStore:
         from ray_vdr.corpus.versions import read_version
 
-        return cls(output, read_ids(output, read_version(output, version) if version else None), cache_bytes)
+        side = (read_manifest(output) or {}).get("thumbnail_side", 256)
+        return cls(output, read_ids(output, read_version(output, version) if version else None), cache_bytes, side)
 
     def get(self, positions: list[int], column: str = "image") -> list[Any]:
         """The ``column`` (image, thumbnail or embedding) of each vector position; one read per shard for the
-        misses."""
+        misses. A thumbnail the shard does not hold (the job no longer makes them) is made from the image."""
         found: dict[int, Any] = {}
         with self._lock:
             for p in positions:
@@ -246,10 +247,22 @@ class PageStore:
         for shard, wanted in by_shard.items():
             rows = [self.ids.column("row")[p].as_py() for p in wanted]
             values = read_shard(self.output, PAGES, shard, [column]).column(column).take(pa.array(rows)).to_pylist()
+            if column == "thumbnail" and None in values:
+                values = self._thumbnails(shard, rows, values)
             for p, value in zip(wanted, values, strict=True):
                 found[p] = value
                 self._remember((p, column), value)
         return [found[p] for p in positions]
+
+    def _thumbnails(self, shard: str, rows: list[int], values: list[bytes | None]) -> list[bytes]:
+        from ray_vdr.corpus.pages import thumbnail
+
+        missing = [i for i, v in enumerate(values) if v is None]
+        images = read_shard(self.output, PAGES, shard, ["image"]).column("image").take(
+            pa.array([rows[i] for i in missing])).to_pylist()
+        for i, image in zip(missing, images, strict=True):
+            values[i] = thumbnail(image, self.thumbnail_side)
+        return values
 
     def _remember(self, key: tuple[int, str], value: Any) -> None:
         size = len(value) if isinstance(value, bytes) else 4 * len(value)

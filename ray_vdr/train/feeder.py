@@ -2,7 +2,9 @@
 
 A single :class:`BatchFeeder` (a Ray actor in training) consumes the validated stream, assembles duplicate-free
 global batches with :class:`~ray_vdr.train.batching.GlobalBatcher` in a background thread (a few batches ahead of
-the trainers), and hands rank r its slice of step s. Because batch composition is decided in one place:
+the trainers), and hands rank r its slices of steps s, s+1, …, s+k-1 in one call (``k`` = ``train.feeder_fetch_steps``:
+at one row per rank and step the per-call cost, not the rows, bounds one feeder; see docs/bench/notes/feeder.md).
+Because batch composition is decided in one place:
 
 - every row is trained exactly once per epoch (or reported as dropped, with the reason, at the epoch's end);
 - no global batch repeats a query or a page (in-batch negatives stay true negatives);
@@ -15,8 +17,10 @@ a worker failure, or in a rerun of the job — calls :meth:`BatchFeeder.start` w
 resumes from; the feeder then rebuilds its stream from there, skipping the rows the epoch already used, so no row is
 trained twice in an epoch however often the run is interrupted.
 
-The worker side, :class:`SliceStream`, is a torch IterableDataset that yields one ready-made per-device batch per
-step; the trainer's collator (the model's processor) turns it into tensors.
+The worker side, :class:`SliceStream`, is a torch IterableDataset that fetches k steps at a time and yields one
+ready-made per-device batch per step; the trainer's collator (the model's processor) turns it into tensors. A step
+counts as trained (in the stream's history, and in the checkpoint's position) only once it was yielded, so steps
+fetched ahead but not trained are fetched again after a restart.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -49,17 +54,25 @@ def empty_position() -> dict[str, Any]:
 
 
 class BatchFeeder:
-    """Builds global batches ahead of the trainers and serves them slice by slice."""
+    """Builds global batches ahead of the trainers and serves them to each rank up to ``fetch_steps`` steps a call.
+
+    At most ``prefetch`` × ``fetch_steps`` steps are held (built and not yet fetched by every rank): a call for
+    ``fetch_steps`` steps then never waits for room that only its own later calls would free, and the memory held
+    grows with the fetch size, not with the run.
+    """
 
     def __init__(self, dataset: Any, *, world_size: int, per_device: int, image_columns: list[str],
-                 epochs: int = 1, dedup: bool = True, prefetch: int = 2, read_batch_size: int = 64,
-                 shuffle_buffer: int = 0, seed: int = 0):
+                 epochs: int = 1, dedup: bool = True, fetch_steps: int = 1, prefetch: int = 2,
+                 read_batch_size: int = 64, shuffle_buffer: int = 0, seed: int = 0):
         from ray_vdr.cluster import worker_logging
 
         worker_logging()
+        if fetch_steps < 1 or prefetch < 1:
+            raise ValueError(f"fetch_steps ({fetch_steps}) and prefetch ({prefetch}) must be at least 1")
         self.dataset = dataset
         self.epochs = epochs
-        self.prefetch = prefetch
+        self.fetch_steps = fetch_steps
+        self.held_steps = prefetch * fetch_steps
         self.read_batch_size = read_batch_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -127,7 +140,7 @@ class BatchFeeder:
 
     def _publish(self, generation: int, epoch: int, slices: list[list[dict]]) -> None:
         with self._cond:
-            while len(self._ready) >= self.prefetch and generation == self._generation:
+            while len(self._ready) >= self.held_steps and generation == self._generation:
                 self._cond.wait()
             if generation != self._generation:
                 raise _Superseded
@@ -208,22 +221,30 @@ class BatchFeeder:
         if self._error is not None:
             raise RuntimeError(f"the training data stream failed: {self._error!r}") from self._error
 
-    def get(self, rank: int, step: int) -> dict[str, Any] | None:
-        """Rank ``rank``'s slice of global batch ``step`` as {"epoch", "rows"}; None when the data is exhausted."""
+    def get(self, rank: int, step: int, count: int = 1) -> list[dict[str, Any]]:
+        """Rank ``rank``'s slices of global batches ``step`` … ``step + count - 1``, each as {"epoch", "rows"}.
+
+        Fewer than ``count`` when the data ends within them, none when it ended before ``step``. Waits until all
+        ``count`` steps are built (or the data ends), so every rank gets the same steps in each call.
+        """
+        if not 1 <= count <= self.fetch_steps:
+            raise ValueError(f"count {count}: this feeder serves 1 to {self.fetch_steps} steps a call (fetch_steps)")
         with self._cond:
             if self._token is None:
                 raise RuntimeError("BatchFeeder.get before start(): every worker group calls start() first")
-            self._wait_for(step)
-            if step not in self._ready:
-                if step < self._next_step:
-                    raise RuntimeError(f"step {step} was already served to every rank (a rank is out of step)")
-                return None
-            rows = self._ready[step][rank]
-            self._fetched[step].add(rank)
-            if len(self._fetched[step]) == self.world_size:
-                del self._ready[step], self._fetched[step]
-                self._cond.notify_all()
-            return {"epoch": self._epoch_of[step], "rows": rows}
+            self._wait_for(step + count - 1)  # steps are built in order: the last one built means all are
+            slices = []
+            for s in range(step, step + count):
+                if s not in self._ready:
+                    if s < self._next_step:
+                        raise RuntimeError(f"step {s} was already served to every rank (a rank is out of step)")
+                    break  # the data ended before this step
+                slices.append({"epoch": self._epoch_of[s], "rows": self._ready[s][rank]})
+                self._fetched[s].add(rank)
+                if len(self._fetched[s]) == self.world_size:
+                    del self._ready[s], self._fetched[s]
+                    self._cond.notify_all()
+            return slices
 
     def position(self, step: int) -> dict[str, Any]:
         """The data position before ``step``: what a checkpoint taken after ``step - 1`` stores to resume from.
@@ -250,19 +271,23 @@ class BatchFeeder:
 
 
 class SliceStream(torch.utils.data.IterableDataset):
-    """torch IterableDataset of this rank's per-device batches, fetched from the feeder step by step.
+    """torch IterableDataset of this rank's per-device batches, fetched from the feeder ``fetch_steps`` at a time.
 
-    Iterating again continues where the last iteration stopped, so a trainer that restarts its epoch loop after
-    the data ran out sees an empty epoch and stops, instead of training rows twice.
+    ``get_slices(rank, step, count)`` is :meth:`BatchFeeder.get` (through Ray in training). Iterating again continues
+    where the last iteration stopped — with the slices fetched but not yet yielded — so a trainer that restarts its
+    epoch loop after the data ran out sees an empty epoch and stops, instead of training rows twice.
     """
 
-    def __init__(self, get_slice, rank: int, image_columns: list[str], start_step: int = 0, transform=None):
+    def __init__(self, get_slices: Callable[[int, int, int], list[dict[str, Any]]], rank: int,
+                 image_columns: list[str], start_step: int = 0, transform=None, fetch_steps: int = 1):
         super().__init__()
-        self.get_slice = get_slice
+        self.get_slices = get_slices
         self.transform = transform  # per-device rows → the collator's features (e.g. a reranker's labelled pairs)
         self.rank = rank
         self.image_columns = image_columns
-        self.step = start_step
+        self.fetch_steps = fetch_steps
+        self.step = start_step  # the next step to yield
+        self._fetched: deque[dict[str, Any]] = deque()  # slices of steps self.step, self.step + 1, … not yet yielded
         self.trained: list[tuple[str, int, int]] = []  # (row_id, epoch, step) handed to the trainer
 
     @property
@@ -275,15 +300,19 @@ class SliceStream(torch.utils.data.IterableDataset):
 
         from PIL import Image
 
+        self._fetched.clear()
         while True:
-            got = self.get_slice(self.rank, self.step)
-            if got is None:
-                return
+            if not self._fetched:
+                self._fetched.extend(self.get_slices(self.rank, self.step, self.fetch_steps))
+                if not self._fetched:
+                    return
+            got = self._fetched.popleft()
             rows = got["rows"]
             self.trained.extend((r["row_id"], got["epoch"], self.step) for r in rows)
             self.step += 1
             batch = [
-                {"query": r["query"], **{c: Image.open(io.BytesIO(r[c])).convert("RGB") for c in self.image_columns}}
+                # opened, not decoded: the collator (or, with a cached loss, each mini-batch) decodes what it needs
+                {"query": r["query"], **{c: Image.open(io.BytesIO(r[c])) for c in self.image_columns}}
                 for r in rows
             ]
             yield self.transform(batch) if self.transform else batch

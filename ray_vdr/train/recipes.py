@@ -69,15 +69,12 @@ class Recipe:
 
 def build_loss(model, train: TrainConfig, *, gather: bool):
     """(Cached)MultipleNegativesRankingLoss, optionally inside MatryoshkaLoss. In-batch negatives span all ranks."""
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss,
-        MatryoshkaLoss,
-        MultipleNegativesRankingLoss,
-    )
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 
-    if train.loss == "cached_mnrl":
-        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=train.mini_batch_size,
-                                                  gather_across_devices=gather)
+    from ray_vdr.train.gradcache import PageCachedMNRL
+
+    if train.loss == "cached_mnrl":  # pages collated per mini-batch where the trainer defers them (gradcache.py)
+        loss = PageCachedMNRL(model, mini_batch_size=train.mini_batch_size, gather_across_devices=gather)
     else:
         loss = MultipleNegativesRankingLoss(model, gather_across_devices=gather)
     if train.matryoshka_dims:

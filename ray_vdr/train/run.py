@@ -23,7 +23,7 @@ from ray_vdr.train.recipes import RECIPES
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["TrainResult", "plan_steps", "preflight", "run"]
+__all__ = ["TrainResult", "plan_steps", "preflight", "run", "start_feeder"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _check_hub_model(field: str, name: str) -> None:
         raise FileNotFoundError(f"{field}: {unreachable(f'the model {name!r}', e)}") from None
 
 
-def _start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: int | None):
+def start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: int | None):
     """The actor that turns the validated stream into global batches (see ray_vdr.train.feeder)."""
     import ray
 
@@ -143,7 +143,8 @@ def _start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: 
         train_ds = train_ds.randomize_block_order(seed=cfg.train.seed)
     return actor.remote(train_ds, world_size=world, per_device=cfg.train.per_device_batch_size,
                         image_columns=image_columns, epochs=epochs, dedup=cfg.train.duplicate_free_batches,
-                        shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.train.seed)
+                        fetch_steps=cfg.train.feeder_fetch_steps, shuffle_buffer=cfg.train.shuffle_buffer,
+                        seed=cfg.train.seed)
 
 
 def _completed(cfg: VDRConfig, rejects_uri: str, start: float, metrics: dict[str, Any] | None = None) -> TrainResult:
@@ -219,7 +220,7 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
     global_batch = cfg.train.per_device_batch_size * world
     logger.info("training %s for %d steps on %d worker(s) (global batch %d)", cfg.model.name_or_path, max_steps,
                 s.num_workers, global_batch)
-    feeder = _start_feeder(cfg, datasets.pop("train"), world, max_steps, n_rows)
+    feeder = start_feeder(cfg, datasets.pop("train"), world, max_steps, n_rows)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task, "max_steps": max_steps,

@@ -3,8 +3,9 @@
 - :class:`StreamingTrainer` / :class:`StreamingCrossEncoderTrainer`: the embedder's and the reranker's trainers,
   whose train loader yields this rank's slice of every global batch from the feeder (ray_vdr.train.feeder). The
   batches are already this rank's share, so the loader is not prepared by accelerate (which would shard or dispatch
-  it again); the trainer's own collator still does all the preprocessing. Under DeepSpeed a cached loss runs as
-  gradient accumulation over its mini-batches (:mod:`ray_vdr.train.gradcache`).
+  it again); the trainer's own collator preprocesses the text, and the pages too unless the loss is cached (then
+  each mini-batch's pages are collated inside the loss: :func:`ray_vdr.train.gradcache.defer_page_collation`).
+  Under DeepSpeed a cached loss runs as gradient accumulation over its mini-batches (:mod:`ray_vdr.train.gradcache`).
 - :func:`training_arguments`: the HF/ST arguments from the typed config; :func:`lr_factor`: the schedule over rows.
 - :class:`ThroughputMeter`, :func:`peak_memory_bytes`: what a run reports about its speed and memory.
 """
@@ -32,6 +33,9 @@ class _Streaming:
         super().__init__(*args, **kwargs)
         self.batch_stream = batch_stream
         self.progress = progress
+        from ray_vdr.train.gradcache import defer_page_collation
+
+        defer_page_collation(self)  # a cached loss collates pages per mini-batch
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Linear warm-up and decay over the *rows* of the run, not its steps: duplicate-free batching can make

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 
 import pytest
+from PIL import Image
 
 from ray_vdr.config import ImageLimits
 from ray_vdr.corpus.pages import expand_file, list_sources
@@ -14,7 +16,7 @@ from tests.corpus_helpers import write_corpus
 def _expand_all(root, known=lambda key: False, dpi=100):
     rows = []
     for f in list_sources([str(root)]):
-        rows += list(expand_file(f, dpi=dpi, limits=ImageLimits(), thumb_side=64, known=known))
+        rows += list(expand_file(f, dpi=dpi, limits=ImageLimits(), known=known))
     return rows
 
 
@@ -31,7 +33,11 @@ def test_every_input_page_is_a_page_or_a_reject_with_its_reason(tmp_path, page_p
     assert sorted(r["doc_id"] for r in pages if r["source"].endswith(".parquet")) == ["table-0", "table-1", "table-2"]
     assert any(r["doc_id"] == "scans/2021/page-001.png" for r in pages)
     for r in pages:
-        assert r["image"] and r["thumbnail"] and r["width"] >= 16 and r["height"] >= 16
+        assert r["image"] and r["thumbnail"] is None and r["width"] >= 16 and r["height"] >= 16
+        # the embedder gets the decoded page, and what is stored decodes to exactly that
+        assert Image.open(io.BytesIO(r["image"])).convert("RGB").tobytes() == r["pixels"]
+    png = next(r for r in pages if r["doc_id"] == "scans/2021/page-001.png")
+    assert png["image"] == (tmp_path / "scans" / "2021" / "page-001.png").read_bytes()  # stored as it came
     poster = next(r for r in rejects if r["reason"] == "page_too_large")
     assert poster["page"] == 1 and "max_pixels" in poster["detail"]
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pyarrow as pa
 import pytest
 
-from ray_vdr.train.feeder import BatchFeeder
+from ray_vdr.train.feeder import BatchFeeder, SliceStream
 
 
 class FakeDataset:
@@ -26,29 +27,39 @@ class FakeDataset:
             yield pa.Table.from_batches([b])
 
 
-def fetch_all(feeder: BatchFeeder, world: int, token: str = "group-1", position: dict | None = None,
-              stop_at: int | None = None) -> list[list[str]]:
-    """Each rank (a thread) starts the feeder with the group token and fetches its slices until the data ends
-    (or until ``stop_at``, like a worker group that fails there)."""
-    got: list[list[str]] = [[] for _ in range(world)]
+def in_rank_threads(world: int, rank_loop) -> None:
+    """Run ``rank_loop(rank)`` for every rank in its own thread, as the workers of a group run; re-raise a failure."""
     errors: list[BaseException] = []
 
-    def rank_loop(rank: int) -> None:
+    def guarded(rank: int) -> None:
         try:
-            step = feeder.start(token, position)
-            while step != stop_at and (batch := feeder.get(rank, step)) is not None:
-                got[rank].extend(r["row_id"] for r in batch["rows"])
-                step += 1
+            rank_loop(rank)
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=rank_loop, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     if errors:
         raise errors[0]
+
+
+def fetch_all(feeder: BatchFeeder, world: int, token: str = "group-1", position: dict | None = None,
+              stop_at: int | None = None) -> list[list[str]]:
+    """Each rank (a thread) starts the feeder with the group token and fetches its slices one step a call until the
+    data ends (or until ``stop_at``, like a worker group that fails there)."""
+    got: list[list[str]] = [[] for _ in range(world)]
+
+    def rank_loop(rank: int) -> None:
+        step = feeder.start(token, position)
+        while step != stop_at and (batch := feeder.get(rank, step)):
+            assert len(batch) == 1
+            got[rank].extend(r["row_id"] for r in batch[0]["rows"])
+            step += 1
+
+    in_rank_threads(world, rank_loop)
     return got
 
 
@@ -92,6 +103,51 @@ def test_resume_from_a_position_trains_each_row_once_per_epoch():
         # after the data is exhausted the position says so, with the whole run's history
         end = second.position(10_000 if same_feeder else 10_000)
         assert end["epoch"] == 2 and len(end["history"]["row_id"]) == len(trained)
+
+
+def test_fetching_several_steps_a_call_serves_the_same_slices():
+    """SliceStream fetching 4 or 5 steps a call yields each rank the same rows per step as one step a call, to the
+    ragged end of the last epoch (a last call gets fewer steps, the next none), and records a step as trained only
+    when it was yielded: an iteration stopped inside a fetched window continues with that window."""
+    make = lambda fetch_steps: BatchFeeder(FakeDataset(101), world_size=3, per_device=4,  # noqa: E731
+                                           image_columns=["image"], epochs=2, read_batch_size=7,
+                                           fetch_steps=fetch_steps)
+    one = make(1)
+    by_step = [[] for _ in range(3)]  # per rank: (epoch, step, row_ids) of every step, one step a call
+
+    def one_step_a_call(rank: int) -> None:
+        step = one.start("group-1")
+        while got := one.get(rank, step):
+            by_step[rank].append((got[0]["epoch"], step, [r["row_id"] for r in got[0]["rows"]]))
+            step += 1
+
+    in_rank_threads(3, one_step_a_call)
+    steps = len(by_step[0])
+    assert steps > 10 and all(len(b) == steps for b in by_step)
+    every_row = {f"r{i}" for i in range(101)}
+    trained = [rid for b in by_step for _, _, rows in b for rid in rows] + [rid for rid, _ in one.dropped()]
+    assert sorted(trained) == sorted([*every_row, *every_row])  # every row once per epoch (trained or dropped)
+
+    for fetch_steps in (4, 5):
+        assert steps % fetch_steps  # the last call gets fewer steps than asked for
+        feeder = make(fetch_steps)
+        streams = [SliceStream(feeder.get, rank, image_columns=[], fetch_steps=fetch_steps) for rank in range(3)]
+
+        def stream_rank(rank: int) -> None:
+            stream = streams[rank]
+            stream.step = feeder.start("group-1")
+            first = list(itertools.islice(iter(stream), 2))  # stops inside the first fetched window
+            assert len(first) == 2 and stream.step == 2 and {t[2] for t in stream.trained} == {0, 1}
+            assert len(list(stream)) == steps - 2  # continues with the window's rest, to the end of the data
+            assert list(stream) == []  # and stays at the end
+
+        in_rank_threads(3, stream_rank)
+        for rank, stream in enumerate(streams):
+            got = [(epoch, step, [rid for rid, _, s in stream.trained if s == step])
+                   for epoch, step in dict.fromkeys((e, s) for _, e, s in stream.trained)]
+            assert got == by_step[rank], (fetch_steps, rank)
+        with pytest.raises(ValueError, match="fetch_steps"):
+            feeder.get(0, steps, fetch_steps + 1)
 
 
 def test_get_before_start_is_an_error():

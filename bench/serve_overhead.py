@@ -1,0 +1,220 @@
+"""What one request costs outside the model, hop by hop: the endpoint with a no-op model in the same deployments,
+next to the real (tiny) models and to Ray Serve's own floor, side by side in one run (not a test).
+
+    python bench/serve_overhead.py [--requests 300] [--pages 60] [--json FILE]
+
+Applications on one local Ray cluster (2 CPUs) behind one proxy, over the same flat index, one client; requests
+alternate between the applications (a, b, c, ... then reversed) so that drift on the machine falls on all alike:
+
+- ``floor``: a Serve deployment that answers a small JSON at once: the proxy and one replica, Ray Serve's floor;
+- ``noop``: the endpoint's own deployments (ingress, QueryEmbedder, Retriever, Reranker) with the models replaced by
+  constant answers in every replica (a worker set-up hook; nothing else changes): what ray-vdr adds per request;
+- ``noop-wait``: the same with the @serve.batch waits of the previous defaults (5 ms embedder and reranker, 2 ms
+  retriever), to show what those cost a lone request;
+- ``real``: the tiny Qwen3-VL embedder and reranker (random weights), the default waits.
+
+Per hop at 1 client (p50 over the requests, from the answer's own ``timings``): proxy + HTTP + ASGI = client
+latency − the ingress's total; each handle call = the stage's time as the ingress saw it − its compute in the
+replica (serialisation, routing, the batch queue); the ingress's own work = total − the stages. Beside them, timed
+in process: the generation lookup and the pickling of one call's arguments and answer. First stage (rerank_depth 0)
+and both stages (rerank_depth 5) for ``noop`` and ``real``; the in-process compute of the same queries (no Ray, no
+HTTP) is the floor that ``endpoint p50 − compute`` (goal ≤ 10 ms here) is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve_load import finish, free_port, pct, post, prepare  # noqa: E402
+
+OLD_WAITS = {"embedder": 0.005, "retriever": 0.002, "rerank": 0.005}
+
+
+def noop_models() -> None:
+    """Ray worker set-up hook: in an application whose index path has a ``/noop/`` folder, the query encoder
+    returns a constant unit vector and the reranker constant scores (the models still load; their compute is
+    skipped). Every other application is untouched."""
+    import numpy as np
+
+    from serving import core
+
+    def patch(cls, method: str, constant):
+        init, real = cls.__init__, getattr(cls, method)
+
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            cfg = next(a for a in (*args, *kwargs.values()) if isinstance(a, core.ServeConfig))
+            self.noop = "/noop/" in cfg.index
+
+        def call(self, *args, **kwargs):
+            return constant(self, *args, **kwargs) if self.noop else real(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        setattr(cls, method, call)
+
+    patch(core.QueryEncoder, "encode",
+          lambda self, items, dim=None, document=False: np.full((len(items), dim or self.dim), (dim or self.dim) ** -0.5,
+                                                                np.float32))
+    patch(core.RerankScorer, "score", lambda self, pairs: np.zeros(len(pairs), np.float32))
+
+
+def in_process(work: Path, reranker: Path, queries: list[str], depth: int) -> list[float]:
+    """The first stage (encode + FAISS), or both (+ reading, decoding and scoring ``depth`` pages): ms per query."""
+    from ray_vdr.cluster import worker_device
+    from ray_vdr.config import ServeConfig
+    from ray_vdr.corpus.store import PageStore, open_index
+    from ray_vdr.data.images import pil_pages
+    from serving.core import QueryEncoder, RerankScorer, check_binding
+
+    cfg = ServeConfig.model_validate({"index": str(work / "index"), "reranker": str(reranker)})
+    index = open_index(cfg.index)
+    encoder = QueryEncoder(check_binding(cfg, index.manifest), cfg, worker_device(False, 1))
+    store = PageStore(cfg.index, index.ids)
+    scorer = RerankScorer(str(reranker), cfg, "cpu") if depth else None
+    out = []
+    for q in queries:
+        t = time.perf_counter()
+        hits = index.search(encoder.encode([q]), 10)[0]
+        if scorer is not None:
+            scorer.score([(q, img) for img in pil_pages(store.get([h["position"] for h in hits[:depth]]))])
+        out.append((time.perf_counter() - t) * 1000)
+    return out[5:]
+
+
+def in_process_hops(work: Path) -> dict:
+    """Microseconds of the generation lookup and of pickling one search's handle calls (arguments and answers)."""
+    import numpy as np
+
+    from ray_vdr.corpus.store import open_index
+
+    index = open_index(str(work / "index"))
+    vector = np.random.default_rng(0).standard_normal((1, index.manifest["dim"])).astype(np.float32)[0]
+    hits = index.search(vector[None], 10)[0]
+    n = 2000
+    t = time.perf_counter()
+    for _ in range(n):
+        for payload in (("g-1@v1", "a query of a few words"), (vector, 0.004, 1), ("g-1@v1", vector, 10, None, None),
+                        (hits, 0.001)):
+            pickle.loads(pickle.dumps(payload))
+    pickling = (time.perf_counter() - t) / n * 1e6
+    order, loaded = ["g-1@v1", "g-0@v1"], {"g-1@v1": object()}
+    t = time.perf_counter()
+    for _ in range(n):
+        for gid in list(order):
+            if gid in loaded:
+                break
+    return {"pickle_one_search_us": pickling, "generation_lookup_us": (time.perf_counter() - t) / n * 1e6}
+
+
+def floor_app(port: int) -> str:
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.05})
+    class Floor:
+        async def __call__(self, request):
+            await request.body()
+            return JSONResponse({"results": [], "timings": {}})
+
+    serve.run(Floor.bind(), name="floor", route_prefix="/floor", blocking=False)
+    return f"http://127.0.0.1:{port}/floor/"
+
+
+def alternate(urls: dict[str, str], queries: list[str], requests: int, depth: int) -> dict[str, list]:
+    """One client: each request to every application, in an order that alternates; (ms, timings) per answer."""
+    names, out = list(urls), {n: [] for n in urls}
+    for i in range(requests):
+        for n in names if i % 2 == 0 else names[::-1]:
+            status, answer, ms, _ = post(urls[n], {"query": queries[i % len(queries)], "top_k": 10,
+                                                  "rerank_depth": depth})
+            if status != 200:
+                raise RuntimeError(f"{n}: HTTP {status} {answer}")
+            out[n].append((ms, answer.get("timings", {})))
+    return out
+
+
+def breakdown(samples: list) -> dict:
+    """p50/p99 end to end and the p50 of each hop (see the module's docstring)."""
+    ms = [m for m, _ in samples]
+    out = {"p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99)}
+    if not samples[0][1]:
+        return out
+    t = [x for _, x in samples]
+
+    def p50(values):
+        return pct(list(values), 50)
+
+    out.update({
+        "proxy_http_ms": p50(m - x["total_ms"] for m, x in samples),
+        "embed_hop_ms": p50(x["embed_ms"] - x["embed_compute_ms"] for x in t),
+        "search_hop_ms": p50(x["search_ms"] - x["search_compute_ms"] for x in t),
+        "rerank_hop_ms": p50(x["rerank_ms"] - x["rerank_compute_ms"] for x in t),
+        "ingress_own_ms": p50(x["total_ms"] - x["embed_ms"] - x["search_ms"] - x["rerank_ms"] for x in t),
+        "compute_ms": p50(x["embed_compute_ms"] + x["search_compute_ms"] + x["rerank_compute_ms"] for x in t)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=300, help="requests per application and stage setting")
+    ap.add_argument("--pages", type=int, default=60)
+    ap.add_argument("--rerank-depth", type=int, default=5)
+    ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py)")
+    args = ap.parse_args()
+
+    from ray_vdr.config import ServeConfig
+    from ray_vdr.endpoint import deploy
+
+    work, _, reranker, queries, temp = prepare(args.out, args.pages,
+                                               runtime_env={"worker_process_setup_hook": noop_models})
+    (work / "noop").mkdir(exist_ok=True)
+    if not (work / "noop" / "index").exists():
+        (work / "noop" / "index").symlink_to(work / "index")
+    port = free_port()
+    small = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.05}
+    apps = {"noop": (work / "noop" / "index", {}), "noop-wait": (work / "noop" / "index", OLD_WAITS),
+            "real": (work / "index", {})}
+    urls = {}
+    for name, (index, waits) in apps.items():
+        cfg = ServeConfig.model_validate({
+            "index": str(index), "reranker": str(reranker), "port": port, "keep_running": False, "app_name": name,
+            "route_prefix": f"/{name}", "metrics": False,
+            **{stage: {**small, **({"batch_wait_timeout_s": waits[stage]} if stage in waits else {})}
+               for stage in ("embedder", "retriever", "rerank", "ingress")}})
+        urls[name] = deploy(cfg, ready_timeout_s=300)
+    urls = {"floor": floor_app(port), **urls}
+    alternate(urls, queries, 10, 0)  # warm up every path
+
+    report: dict = {"machine": f"{os.cpu_count()} CPUs", "requests": args.requests}
+    report["in_process_first_stage"] = {"p50_ms": pct(c := in_process(work, reranker, queries[:60], 0), 50),
+                                        "p99_ms": pct(c, 99)}
+    report["in_process_both_stages"] = {"p50_ms": pct(c := in_process(work, reranker, queries[:60], args.rerank_depth),
+                                                      50), "p99_ms": pct(c, 99)}
+    report["in_process_hops"] = in_process_hops(work)
+    for stage, depth in (("first_stage", 0), ("both_stages", args.rerank_depth)):
+        wanted = urls if depth == 0 else {n: u for n, u in urls.items() if n in ("noop", "real")}
+        samples = alternate(wanted, queries, args.requests, depth)
+        report[stage] = {n: breakdown(s) for n, s in samples.items()}
+        for n, b in report[stage].items():
+            print(f"{stage:12s} {n:10s} " + ", ".join(f"{k} {v:.2f}" for k, v in b.items()), flush=True)
+    for stage in ("first_stage", "both_stages"):
+        report[f"{stage}_overhead_ms"] = report[stage]["real"]["p50_ms"] - report[f"in_process_{stage}"]["p50_ms"]
+    report["wait_removed_ms"] = report["first_stage"]["noop-wait"]["p50_ms"] - report["first_stage"]["noop"]["p50_ms"]
+    print(f"endpoint p50 − in-process compute, first stage: {report['first_stage_overhead_ms']:.1f} ms (goal ≤ 10); "
+          f"both stages: {report['both_stages_overhead_ms']:.1f} ms; the old batch waits cost a lone request "
+          f"{report['wait_removed_ms']:.1f} ms")
+    finish(report, args, temp)
+
+
+if __name__ == "__main__":
+    main()
