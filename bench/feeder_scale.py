@@ -1,12 +1,13 @@
 """The training feeder at cluster scale, simulated: can one BatchFeeder feed a 64-GPU job? (not a test)
 
 Every training row passes through one :class:`~ray_vdr.train.feeder.BatchFeeder` actor, created here by
-``ray_vdr.train.run``'s own function with the recipe's settings and global batch. Measured on a local Ray cluster: the
-rows/s and MB/s of page bytes it delivers to 8, 32 and 64 simulated ranks that only receive: each fetches its slice of
-every step as ``SliceStream`` does (``feeder.get.remote(rank, step)``, awaited in the receiving process, which gets
-the bytes), as fast as the feeder serves; ranks are coroutines in a few receiver actors. Sources: ``materialized``
-(validated rows held in the object store: the feeder's own ceiling, as on a cluster whose other CPUs run the reads)
-and ``stream`` (Parquet reads and validation as Ray Data tasks on this machine's CPUs; also timed alone).
+``ray_vdr.train.run.start_feeder`` with the recipe's settings and global batch. Measured on a local Ray cluster: the
+rows/s and MB/s of page bytes it delivers to 8, 32 and 64 simulated ranks that only receive: each fetches its slices
+of k steps a call as ``SliceStream`` does (``feeder.get.remote(rank, step, k)``, k = ``train.feeder_fetch_steps``,
+each of ``--fetch-steps``; awaited in the receiving process, which gets the bytes), as fast as the feeder serves; ranks
+are coroutines in a few receiver actors. Sources: ``materialized`` (validated rows held in the object store: the
+feeder's own ceiling, as on a cluster whose other CPUs run the reads) and ``stream`` (Parquet reads and validation as
+Ray Data tasks on this machine's CPUs; also timed alone).
 
 Each rate counts the slices received in ``--seconds``, after every rank had one and ``--warmup-seconds`` passed; CPU
 is counted per process group over the same time (what bounded the rate), and a least-squares fit splits the feeder's
@@ -16,8 +17,8 @@ Computed, not measured, and labelled so: what ``--gpus`` GPUs of the 2B recipe c
 ``--peak-tflops`` (parameters of the real 2B shape on the meta device, image tokens by the Qwen-VL resize rule at the
 recipe's ``max_pixels``), and the headroom = feeder rows/s ÷ that. Every assumption is printed and stored.
 
-    python bench/feeder_scale.py                 # ~3.5 min on 2 CPU cores (the first run also renders the pages)
-    python bench/feeder_scale.py --ranks 64 --sources materialized --seconds 30
+    python bench/feeder_scale.py                 # ~5.5 min on 2 CPU cores (the first run also renders the pages)
+    python bench/feeder_scale.py --ranks 64 --fetch-steps 1,8 --sources materialized --seconds 30
 """
 
 from __future__ import annotations
@@ -57,41 +58,31 @@ def prepare(args):
     ])
 
 
-def _cfg_for(cfg, ranks: int, global_batch: int, max_steps: int):
-    """The recipe at ``ranks`` workers, one slice of the global batch each, for ``max_steps`` (epochs to spare)."""
-    if global_batch % ranks:
-        raise SystemExit(f"--global-batch {global_batch} does not split evenly over {ranks} ranks")
-    return cfg.model_copy(update={
-        "train": cfg.train.model_copy(update={"per_device_batch_size": global_batch // ranks, "max_steps": max_steps}),
-        "scaling": cfg.scaling.model_copy(update={"num_workers": ranks})})
-
-
 def receiver_class():
     import ray
 
     @ray.remote(num_cpus=0)
     class Receiver:
-        """Simulated ranks in one process: each fetches its slices step by step and keeps only counts and times."""
+        """Simulated ranks in one process: each fetches its slices k steps a call and keeps only counts and times."""
 
         def __init__(self, image_columns: list[str]):
-            self.cols = image_columns
-            self.next_step: dict[int, int] = {}
-            self.stop_step: int | None = None
+            self.cols, self.next_step, self.stop_step = image_columns, {}, None
 
-        async def run(self, feeder, ranks: list[int]) -> list[list[tuple[float, int, int, int]]]:
-            """Fetch ``ranks``' slices from ``feeder`` from step 0 until told where to stop."""
+        async def run(self, feeder, ranks: list[int], fetch_steps: int) -> list[list[tuple[float, int, int, int, int]]]:
+            """Fetch ``ranks``' slices from ``feeder``, ``fetch_steps`` a call, from step 0 until told where to stop."""
             self.feeder, self.next_step, self.stop_step = feeder, dict.fromkeys(ranks, 0), None
 
-            async def rank_loop(rank: int) -> list[tuple[float, int, int, int]]:
-                log = []  # (time received, step, rows, page bytes)
+            async def rank_loop(rank: int) -> list[tuple[float, int, int, int, int]]:
+                log = []  # per call: (time received, first step, steps, rows, page bytes)
                 while self.stop_step is None or self.next_step[rank] < self.stop_step:
                     step = self.next_step[rank]
-                    got = await self.feeder.get.remote(rank, step)
-                    if got is None:
+                    got = await self.feeder.get.remote(rank, step, fetch_steps)
+                    if not got:
                         break
-                    log.append((time.time(), step, len(got["rows"]),
-                                sum(len(r[c]) for r in got["rows"] for c in self.cols)))
-                    self.next_step[rank] = step + 1
+                    rows = [r for g in got for r in g["rows"]]
+                    nbytes = sum(len(r[c]) for r in rows for c in self.cols)
+                    log.append((time.time(), step, len(got), len(rows), nbytes))
+                    self.next_step[rank] = step + len(got)
                 return log
 
             return await asyncio.gather(*(rank_loop(r) for r in ranks))
@@ -131,21 +122,25 @@ def _busy_cores() -> tuple[float, float, float]:
     return time.time(), t.user + t.nice + t.system + t.irq + t.softirq, t.steal
 
 
-def measure_feeder(cfg, ds, n_rows: int, ranks: int, receivers: list, args) -> dict:
-    """One feeder, created as training creates it, serving ``ranks`` simulated ranks (spread over the ``receivers``)
-    for ~``args.seconds``: rows/s, page MB/s, get calls/s, and CPU cores by process group."""
+def measure_feeder(cfg, ds, n_rows: int, ranks: int, fetch_steps: int, receivers: list, args) -> dict:
+    """One feeder, created as training creates it for ``ranks`` workers, serving that many simulated ranks (over the
+    ``receivers``), ``fetch_steps`` steps a call, for ``args.seconds``: rows/s, page MB/s, calls/s, CPU by group."""
     import ray
 
-    from ray_vdr.train.run import _start_feeder
+    from ray_vdr.train.run import start_feeder
 
-    max_steps = 10 ** 6 // args.global_batch
-    cfg = _cfg_for(cfg, ranks, args.global_batch, max_steps)
-    feeder = _start_feeder(cfg, ds, ranks, max_steps=max_steps, n_rows=n_rows)
+    if args.global_batch % ranks:
+        raise SystemExit(f"--global-batch {args.global_batch} does not split evenly over {ranks} ranks")
+    max_steps, per_device = 10 ** 6 // args.global_batch, args.global_batch // ranks
+    train = {"per_device_batch_size": per_device, "max_steps": max_steps, "feeder_fetch_steps": fetch_steps}
+    cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": ranks}),
+                                 "train": cfg.train.model_copy(update=train)})
+    feeder = start_feeder(cfg, ds, ranks, max_steps=max_steps, n_rows=n_rows)
     ray.get(feeder.start.remote("bench", None))
     per = -(-ranks // len(receivers))
     groups = [list(range(i, min(i + per, ranks))) for i in range(0, ranks, per)]
     receivers = receivers[: len(groups)]
-    runs = [r.run.remote(feeder, g) for r, g in zip(receivers, groups, strict=True)]
+    runs = [r.run.remote(feeder, g, fetch_steps) for r, g in zip(receivers, groups, strict=True)]
     while min(p[0] for p in ray.get([r.stop_at.remote() for r in receivers])) < 1:  # start-up is not timed
         time.sleep(0.1)
     time.sleep(args.warmup_seconds)
@@ -156,14 +151,15 @@ def measure_feeder(cfg, ds, n_rows: int, ranks: int, receivers: list, args) -> d
     ray.get([r.stop_at.remote(stop) for r in receivers])
     logs = [log for run in ray.get(runs) for log in run]
     ray.kill(feeder)
-    # timed: the slices received between the two CPU snapshots (by wall time: a stream may deliver in bursts)
-    timed = [(s, n, b) for log in logs for t, s, n, b in log if busy0[0] < t <= busy1[0]]
+    # timed: the calls answered between the two CPU snapshots (by wall time: a stream may deliver in bursts)
+    timed = [(s, k, n, b) for log in logs for t, s, k, n, b in log if busy0[0] < t <= busy1[0]]
     wall = busy1[0] - busy0[0]
-    steps = len({s for s, _, _ in timed})
+    steps = len({s + i for s, k, _, _ in timed for i in range(k)})
     if steps < 5:
         raise RuntimeError(f"only {steps} steps timed at {ranks} ranks: raise --seconds")
-    rows, nbytes = sum(n for _, n, _ in timed), sum(b for _, _, b in timed)
-    return {"ranks": ranks, "per_device": args.global_batch // ranks, "steps_timed": steps, "seconds": wall,
+    rows, nbytes = sum(n for _, _, n, _ in timed), sum(b for *_, b in timed)
+    return {"ranks": ranks, "per_device": per_device, "fetch_steps": fetch_steps, "shape": f"{ranks}x{per_device} "
+            f"k={fetch_steps}", "rows_per_call": per_device * fetch_steps, "steps_timed": steps, "seconds": wall,
             "rows_per_s": rows / wall, "mb_per_s": nbytes / wall / MB, "get_calls_per_s": len(timed) / wall,
             "cpu_cores": (cores := {k: (cpu1[k] - cpu0[k]) / wall for k in cpu0}),
             "machine_busy_cores": (busy := (busy1[1] - busy0[1]) / wall),
@@ -183,8 +179,7 @@ def measure_stream(ds) -> dict:
 
 
 def intake(tables: list) -> tuple[float, float]:
-    """ms per row for the GlobalBatcher to take rows in (one thread, this process), and for the Arrow → Python part
-    of it (the rest is the rows' keys: a blake2b hash per page, the normalised query)."""
+    """ms per row of the GlobalBatcher's intake (one thread), and of its Arrow → Python part (the rest: the keys)."""
     import pyarrow as pa
 
     from ray_vdr.train.batching import GlobalBatcher
@@ -202,22 +197,23 @@ def cpu_fit(runs: list[dict]) -> dict | None:
     each run's shape would reach if the feeder had one whole core (computed from the fit)."""
     import numpy as np
 
-    if len({r["per_device"] for r in runs}) < 2:
+    if len({r["rows_per_call"] for r in runs}) < 2:
         return None
     x = np.array([[r["get_calls_per_s"], r["rows_per_s"]] for r in runs])
     y = np.array([r["cpu_cores"]["feeder"] for r in runs])
     (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
     return {"ms_per_call": a * 1e3, "ms_per_row": b * 1e3, "residual_cores": (y - x @ [a, b]).tolist(),
-            "one_core_rows_per_s": {f"{r['ranks']}x{r['per_device']}": 1 / (a / r["per_device"] + b) for r in runs}}
+            "one_core_rows_per_s": {r["shape"]: 1 / (a / r["rows_per_call"] + b) for r in runs}}
 
 
-def headroom(report: dict, consumption: dict) -> list[dict]:
-    """Feeder rows/s at the most ranks ÷ the job's consumption: as measured here, and with one whole core."""
-    top = max(report["feeder"].get("materialized") or next(iter(report["feeder"].values())), key=lambda r: r["ranks"])
-    one_core = (report["feeder_cpu"] or {"one_core_rows_per_s": {}})["one_core_rows_per_s"].get(
-        f"{top['ranks']}x{top['per_device']}")
-    return [{"ranks": top["ranks"], "per_device": top["per_device"], "measured": top["rows_per_s"] / s["rows_per_s"],
-             **({"one_core": one_core / s["rows_per_s"]} if one_core else {})} for s in consumption["scenarios"]]
+def headroom(report: dict, need: dict) -> list[dict]:
+    """Feeder rows/s at the most ranks ÷ the job's consumption, per (scenario, k): as measured, and with one core."""
+    runs = report["feeder"].get("materialized") or next(iter(report["feeder"].values()))
+    one_core = (report["feeder_cpu"] or {"one_core_rows_per_s": {}})["one_core_rows_per_s"]
+    return [{"scenario": i, "ranks": r["ranks"], "per_device": r["per_device"], "fetch_steps": r["fetch_steps"],
+             "measured": r["rows_per_s"] / s["rows_per_s"], **({"one_core": one_core[r["shape"]] / s["rows_per_s"]}
+                                                                if r["shape"] in one_core else {})}
+            for i, s in enumerate(need["scenarios"]) for r in runs if r["ranks"] == max(x["ranks"] for x in runs)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -298,13 +294,13 @@ def render(r: dict) -> list[str]:
     """The results as docs/benchmarks.md shows them (bench/report.py)."""
     a, fit = r["args"], r.get("feeder_cpu")
     out = [f"{r['rows']:,} synthetic rows, {r['page_bytes_per_row'] / 1e3:.1f} kB of page bytes each (2 PNG pages); "
-           f"global batch {a['global_batch']}, one slice per rank a step; ranks spread over {a['receivers']} receiver "
-           f"processes; {a['seconds']:g} s timed each. CPU in cores over the timed part.", "",
-           "| source | ranks x rows each | rows/s | page MB/s | get calls/s | CPU: feeder, receivers, Ray workers + "
-           "daemons, other processes |", "|---|---|---|---|---|---|"]
+           f"global batch {a['global_batch']}, one slice per rank a step, k steps per get call; ranks spread over "
+           f"{a['receivers']} receiver processes; {a['seconds']:g} s timed each. CPU in cores over the timed part.", "",
+           "| source | ranks x rows each | k | rows/s | page MB/s | get calls/s | CPU: feeder, receivers, Ray workers "
+           "+ daemons, other processes |", "|---|---|---|---|---|---|---|"]
     for source, runs in r["feeder"].items():
-        out += [f"| {source} | {x['ranks']} x {x['per_device']} | {x['rows_per_s']:,.0f} | {x['mb_per_s']:,.1f} | "
-                f"{x['get_calls_per_s']:,.0f} | {c['feeder']:.2f}, {c['receivers']:.2f}, "
+        out += [f"| {source} | {x['ranks']} x {x['per_device']} | {x['fetch_steps']} | {x['rows_per_s']:,.0f} | "
+                f"{x['mb_per_s']:,.1f} | {x['get_calls_per_s']:,.0f} | {c['feeder']:.2f}, {c['receivers']:.2f}, "
                 f"{c['ray_workers'] + c['ray_daemons']:.2f}, {x['other_processes_cores']:.2f} |"
                 for x in runs if (c := x["cpu_cores"])]
     out.append("")
@@ -315,17 +311,19 @@ def render(r: dict) -> list[str]:
                f"{r['to_python_ms_per_row']:.3f} (the rest: the rows' keys, a blake2b hash per page)")
     if fit:
         out.append(f"- feeder CPU, least squares over the materialized runs: {fit['ms_per_call']:.3f} ms per get call "
-                   f"+ {fit['ms_per_row']:.3f} ms per row → with one whole core: " + ", ".join(
-                       f"{k} {v:,.0f} rows/s" for k, v in fit["one_core_rows_per_s"].items()))
+                   f"+ {fit['ms_per_row']:.3f} ms per row → with one whole core: " + "; ".join(
+                       f"{k}: {v:,.0f} rows/s" for k, v in fit["one_core_rows_per_s"].items()))
     out += ["", "**Computed, not measured**: " + "; ".join(r["consumption"]["assumptions"]) + ".", "",
             "| pages | patches (tokens) per page | TFLOP per row | rows/s per GPU | rows/s, MB/s, steps/s for "
-            f"{r['consumption']['gpus']} GPUs | one feeder ({r['headroom'][0]['ranks']} ranks) ÷ that: measured, "
-            "one core |", "|---|---|---|---|---|---|"]
-    for c, h in zip(r["consumption"]["scenarios"], r["headroom"], strict=True):
+            f"{r['consumption']['gpus']} GPUs | one feeder ({r['headroom'][0]['ranks']} ranks) ÷ that, k steps a call: "
+            "measured, one core |", "|---|---|---|---|---|---|"]
+    for i, c in enumerate(r["consumption"]["scenarios"]):
+        ratios = "; ".join(f"k={h['fetch_steps']}: {h['measured']:.2f}x, {h.get('one_core', float('nan')):.2f}x"
+                           for h in r["headroom"] if h["scenario"] == i)
         out.append(f"| {c['name']} ({c['page_pixels'][0]} x {c['page_pixels'][1]} → {c['resized'][0]} x "
                    f"{c['resized'][1]}) | {c['patches']:,} ({c['image_tokens']}) | {c['train_tflop_per_row']:.1f} | "
                    f"{c['rows_per_s_per_gpu']:.1f} | {c['rows_per_s']:,.0f}, {c['mb_per_s']:,.0f}, "
-                   f"{c['steps_per_s']:.1f} | {h['measured']:.2f}x, {h.get('one_core', float('nan')):.2f}x |")
+                   f"{c['steps_per_s']:.1f} | {ratios} |")
     return out
 
 
@@ -334,8 +332,12 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench-feeder"))
     p.add_argument("--rows", type=int, default=1024, help="synthetic training rows (pages 448 x 576 PNG)")
     p.add_argument("--ranks", default="8,32,64", help="simulated ranks, comma-separated")
+    p.add_argument("--fetch-steps", default="1,4,8",
+                   help="steps per get call (train.feeder_fetch_steps), comma-separated: each measured at every "
+                   "--ranks on the materialized source")
     p.add_argument("--sources", default="materialized,stream",
-                   help="materialized (at every --ranks) and/or stream (at the most ranks)")
+                   help="materialized (at every --ranks and --fetch-steps) and/or stream (at the most ranks, with the "
+                   "recipe's train.feeder_fetch_steps)")
     p.add_argument("--global-batch", type=int, default=64, help="the recipe's global batch, split over the ranks")
     p.add_argument("--receivers", type=int, default=4, help="receiver processes the ranks are spread over")
     p.add_argument("--seconds", type=float, default=15.0, help="timed part of each measurement")
@@ -346,7 +348,7 @@ def main() -> None:
     p.add_argument("--json", default=None,
                    help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
-    ranks = [int(r) for r in args.ranks.split(",")]
+    ranks, fetch_steps = ([int(v) for v in arg.split(",")] for arg in (args.ranks, args.fetch_steps))
     sources = args.sources.split(",")
 
     import pyarrow.compute as pc
@@ -370,20 +372,20 @@ def main() -> None:
         report["page_bytes_per_row"] = sum(pc.sum(pc.binary_length(sample[c])).as_py()
                                            for c in sample.column_names[2:]) / sample.num_rows
         report["intake_ms_per_row"], report["to_python_ms_per_row"] = intake(ray.get(materialized.to_arrow_refs()))
-        print(f"{n_rows} rows validated and held in the object store in {report['materialize_seconds']:.1f} s",
-              flush=True)
+        print(f"{n_rows} rows validated and held in the object store in {report['materialize_seconds']:.1f} s")
         if "stream" in sources:
             report["stream_alone"] = measure_stream(stream())
         receivers = [receiver_class().remote(list(sample.column_names[2:])) for _ in range(args.receivers)]
         for source in sources:
-            for n in ranks if source == "materialized" else [max(ranks)]:
-                r = measure_feeder(cfg, materialized if source == "materialized" else stream(), n_rows, n, receivers,
-                                   args)
+            recipe = [(max(ranks), cfg.train.feeder_fetch_steps)]
+            for n, k in [(n, k) for n in ranks for k in fetch_steps] if source == "materialized" else recipe:
+                r = measure_feeder(cfg, materialized if source == "materialized" else stream(), n_rows, n, k,
+                                   receivers, args)
                 report["feeder"].setdefault(source, []).append(r)
-                print(f"feeder, {source}, {n} ranks: {r['rows_per_s']:,.0f} rows/s; CPU cores " + ", ".join(
-                    f"{k} {v:.2f}" for k, v in r["cpu_cores"].items()) + f"; machine busy {r['machine_busy_cores']:.2f}"
-                      f" (other processes {r['other_processes_cores']:.2f}, steal {r['machine_steal_cores']:.2f})",
-                      flush=True)
+                cpu = ", ".join(f"{group} {v:.2f}" for group, v in r["cpu_cores"].items())
+                print(f"feeder, {source}, {n} ranks, {k} steps a call: {r['rows_per_s']:,.0f} rows/s; CPU cores {cpu}; "
+                      f"machine busy {r['machine_busy_cores']:.2f} (other processes {r['other_processes_cores']:.2f}, "
+                      f"steal {r['machine_steal_cores']:.2f})", flush=True)
     finally:
         ray.shutdown()
     report["feeder_cpu"] = cpu_fit(report["feeder"].get("materialized", []))

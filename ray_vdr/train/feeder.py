@@ -2,8 +2,8 @@
 
 A single :class:`BatchFeeder` (a Ray actor in training) consumes the validated stream, assembles duplicate-free
 global batches with :class:`~ray_vdr.train.batching.GlobalBatcher` in a background thread (a few batches ahead of
-the trainers), and hands rank r its slices of steps s, s+1, …, s+k-1 in one call (``k`` = ``train.feeder_fetch_steps``:
-at one row per rank and step the per-call cost, not the rows, bounds one feeder; see docs/bench/notes/feeder.md).
+the trainers), and hands rank r its slices of steps s, s+1, …, s+k-1 in one call (k = ``train.feeder_fetch_steps``: at
+one row per rank and step the per-call cost, not the rows, bounds one feeder; see docs/bench/notes/feeder.md).
 Because batch composition is decided in one place:
 
 - every row is trained exactly once per epoch (or reported as dropped, with the reason, at the epoch's end);
@@ -300,7 +300,6 @@ class SliceStream(torch.utils.data.IterableDataset):
 
         from PIL import Image
 
-        self._fetched.clear()
         while True:
             if not self._fetched:
                 self._fetched.extend(self.get_slices(self.rank, self.step, self.fetch_steps))

@@ -143,7 +143,7 @@ def start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: i
         train_ds = train_ds.randomize_block_order(seed=cfg.train.seed)
     return actor.remote(train_ds, world_size=world, per_device=cfg.train.per_device_batch_size,
                         image_columns=image_columns, epochs=epochs, dedup=cfg.train.duplicate_free_batches,
-                        fetch_steps=cfg.train.feeder_fetch_steps, shuffle_buffer=cfg.train.shuffle_buffer,
+                        fetch_steps=cfg.train.fetch_steps, shuffle_buffer=cfg.train.shuffle_buffer,
                         seed=cfg.train.seed)
 
 

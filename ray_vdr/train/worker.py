@@ -70,7 +70,7 @@ def train_loop(config: dict[str, Any]) -> None:
         start_step = ray.get(feeder.start.remote(token, position))
         stream = SliceStream(lambda r, s, n: ray.get(feeder.get.remote(r, s, n)), rank, image_cols,
                              start_step=start_step, transform=recipe.transform,
-                             fetch_steps=cfg.train.feeder_fetch_steps)
+                             fetch_steps=cfg.train.fetch_steps)
         rows_before = len(position["history"]["row_id"]) if position else 0
         loss = recipe.loss(model, cfg, world)
 

@@ -37,13 +37,14 @@ def in_rank_threads(world: int, rank_loop) -> None:
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(world)]
+    threads = [threading.Thread(target=guarded, args=(r,), daemon=True) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     if errors:
         raise errors[0]
+    assert not any(t.is_alive() for t in threads), "a rank is still waiting for its data after 60 s"
 
 
 def fetch_all(feeder: BatchFeeder, world: int, token: str = "group-1", position: dict | None = None,
@@ -132,22 +133,23 @@ def test_fetching_several_steps_a_call_serves_the_same_slices():
         assert steps % fetch_steps  # the last call gets fewer steps than asked for
         feeder = make(fetch_steps)
         streams = [SliceStream(feeder.get, rank, image_columns=[], fetch_steps=fetch_steps) for rank in range(3)]
-
-        def stream_rank(rank: int) -> None:
-            stream = streams[rank]
-            stream.step = feeder.start("group-1")
-            first = list(itertools.islice(iter(stream), 2))  # stops inside the first fetched window
-            assert len(first) == 2 and stream.step == 2 and {t[2] for t in stream.trained} == {0, 1}
-            assert len(list(stream)) == steps - 2  # continues with the window's rest, to the end of the data
-            assert list(stream) == []  # and stays at the end
-
-        in_rank_threads(3, stream_rank)
+        in_rank_threads(3, lambda rank, feeder=feeder, streams=streams: stream_in_two_parts(feeder, streams[rank],
+                                                                                            steps))
         for rank, stream in enumerate(streams):
             got = [(epoch, step, [rid for rid, _, s in stream.trained if s == step])
                    for epoch, step in dict.fromkeys((e, s) for _, e, s in stream.trained)]
             assert got == by_step[rank], (fetch_steps, rank)
         with pytest.raises(ValueError, match="fetch_steps"):
             feeder.get(0, steps, fetch_steps + 1)
+
+
+def stream_in_two_parts(feeder: BatchFeeder, stream: SliceStream, steps: int) -> None:
+    """A rank's trainer takes 2 batches (inside the first fetched window), then iterates again to the end."""
+    stream.step = feeder.start("group-1")
+    first = list(itertools.islice(iter(stream), 2))
+    assert len(first) == 2 and stream.step == 2 and {t[2] for t in stream.trained} == {0, 1}
+    assert len(list(stream)) == steps - 2  # continues with the window's rest, to the end of the data
+    assert list(stream) == []  # and stays at the end
 
 
 def test_get_before_start_is_an_error():
