@@ -197,6 +197,11 @@ class TrainConfig(_Strict):
         "(query, negative) = 0 pairs).",
     )
     mini_batch_size: PositiveInt = Field(1, description="Mini-batch size of the cached loss (reference recipe: 1).")
+    collate_per_mini_batch: bool = Field(
+        True, description="With the cached loss, preprocess pages one mini-batch at a time inside the loss, so memory "
+        "does not grow with the batch; each page is then decoded and preprocessed in both of the loss's passes "
+        "(on a GPU the next mini-batch's in a thread). False: the whole batch once, before the loss (faster on CPU)."
+    )
     matryoshka_dims: list[PositiveInt] | None = Field(
         None, description="Wrap the loss in MatryoshkaLoss at these dims, largest first. None = no Matryoshka."
     )

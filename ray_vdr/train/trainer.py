@@ -29,13 +29,15 @@ __all__ = ["StreamingCrossEncoderTrainer", "StreamingTrainer", "ThroughputMeter"
 class _Streaming:
     """What both trainers add: batches from ``batch_stream``, and the learning rate following ``progress()``."""
 
-    def __init__(self, *args, batch_stream: Iterable[list[dict]], progress: Callable[[], float], **kwargs):
+    def __init__(self, *args, batch_stream: Iterable[list[dict]], progress: Callable[[], float],
+                 collate_per_mini_batch: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.batch_stream = batch_stream
         self.progress = progress
-        from ray_vdr.train.gradcache import defer_page_collation
+        if collate_per_mini_batch:
+            from ray_vdr.train.gradcache import defer_page_collation
 
-        defer_page_collation(self)  # a cached loss collates pages per mini-batch
+            defer_page_collation(self)  # a cached loss collates pages per mini-batch
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Linear warm-up and decay over the *rows* of the run, not its steps: duplicate-free batching can make

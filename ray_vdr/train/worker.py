@@ -96,7 +96,7 @@ def train_loop(config: dict[str, Any]) -> None:
         planned_rows = config["planned_rows"]
         trainer = recipe.trainer()(
             model=model, args=args, train_dataset=recipe.schema(image_cols), loss=loss, callbacks=callbacks,
-            batch_stream=stream,
+            batch_stream=stream, collate_per_mini_batch=cfg.train.collate_per_mini_batch,
             progress=lambda: lr_factor((rows_before + stream.rows * world) / planned_rows, cfg.train.warmup_ratio))
         if rank == 0:
             logger.info("distributed type %s, world size %d%s", trainer.accelerator.distributed_type, world,
