@@ -37,13 +37,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import write_json  # noqa: E402
+from common import machine, write_json  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16, the spec sheet's figure (a bf16 8192³ matmul measures ~790e12 here)
 CACHED_LOSS_PASSES = 4  # forward FLOPs multiples per sample: no-grad forward 1 + forward 1 + backward 2
@@ -113,13 +112,6 @@ def preflight(dry_run: bool) -> list[str]:
         if not torch.cuda.is_available():
             problems.append("no CUDA device: run with --dry-run on a machine without a GPU")
     return problems
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "missing"
 
 
 def run_step(name: str, argv: list[str], written: Path | None, work: Path, deadline: float, log) -> dict:
@@ -243,9 +235,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ray-vdr-gpu-work-"))
     deadline = time.monotonic() + args.budget
+    found = machine()
     print(f"ray-vdr GPU figures, {s['mode']}: shape {s['shape']}, {s['precision']}, SDPA, max_pixels "
           f"{s['max_pixels']:,}, batch {s['batch']} and {s['small_batch']}, CachedMNRL mini-batch {s['mini_batch']}; "
-          f"versions: " + ", ".join(f"{d} {_version(d)}" for d in ("torch", "transformers", "sentence-transformers")),
+          f"versions: " + ", ".join(f"{d} {found.get(d, 'missing')}" for d in ("torch", "transformers",
+                                                                       "sentence-transformers")),
           flush=True)
     steps: dict[str, dict] = {}
     try:

@@ -170,6 +170,29 @@ def prepare(out: str | None, pages: int, runtime_env: dict | None = None) -> tup
     return work, embedder, reranker, queries, temp
 
 
+def in_process(work: Path, reranker: Path, queries: list[str], depth: int) -> list[float]:
+    """The first stage (encode + FAISS), or both (+ reading, decoding and scoring ``depth`` pages): ms per query."""
+    from ray_vdr.cluster import worker_device
+    from ray_vdr.config import ServeConfig
+    from ray_vdr.corpus.store import PageStore, open_index
+    from ray_vdr.data.images import pil_pages
+    from serving.core import QueryEncoder, RerankScorer, check_binding
+
+    cfg = ServeConfig.model_validate({"index": str(work / "index"), "reranker": str(reranker)})
+    index = open_index(cfg.index)
+    encoder = QueryEncoder(check_binding(cfg, index.manifest), cfg, worker_device(False, 1))
+    store = PageStore(cfg.index, index.ids)
+    scorer = RerankScorer(str(reranker), cfg, "cpu") if depth else None
+    out = []
+    for q in queries:
+        t = time.perf_counter()
+        hits = index.search(encoder.encode([q]), 10)[0]
+        if scorer is not None:
+            scorer.score([(q, img) for img in pil_pages(store.get([h["position"] for h in hits[:depth]]))])
+        out.append((time.perf_counter() - t) * 1000)
+    return out[5:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=200, help="requests per closed-loop level")
@@ -187,12 +210,9 @@ def main() -> None:
 
     from ray import serve
 
-    from ray_vdr.cluster import worker_device
     from ray_vdr.config import ServeConfig
-    from ray_vdr.corpus.store import PageStore, open_index
-    from ray_vdr.data.images import pil_pages
+    from ray_vdr.corpus.store import open_index
     from ray_vdr.endpoint import deploy
-    from serving.core import QueryEncoder, RerankScorer, check_binding
 
     work, embedder, reranker, queries, temp = prepare(args.out, args.pages)
     report: dict = {"machine": f"{os.cpu_count()} CPUs", "pages": open_index(str(work / "index")).index.ntotal}
@@ -215,19 +235,7 @@ def main() -> None:
                         "max_queued_requests": args.ingress_queued}})
 
     # 1. in-process floor
-    base = serve_cfg(True)
-    index = open_index(base.index)
-    encoder = QueryEncoder(check_binding(base, index.manifest), base, worker_device(False, 1))
-    store, scorer = PageStore(base.index, index.ids), RerankScorer(str(reranker), base, "cpu")
-    floor = []
-    for q in queries[:50]:
-        t = time.perf_counter()
-        hits = index.search(encoder.encode([q]), 10)[0]
-        head = hits[:args.rerank_depth]
-        scorer.score([(q, img) for img in pil_pages(store.get([h["position"] for h in head]))])
-        floor.append((time.perf_counter() - t) * 1000)
-    report["in_process_p50_ms"] = pct(floor[5:], 50)
-    del encoder, scorer
+    report["in_process_p50_ms"] = pct(in_process(work, reranker, queries[:50], args.rerank_depth), 50)
 
     for batch in (True, False):
         cfg_b = serve_cfg(batch)

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_load import finish, free_port, pct, post, prepare  # noqa: E402
+from serve_load import finish, free_port, in_process, pct, post, prepare  # noqa: E402
 
 OLD_WAITS = {"embedder": 0.005, "retriever": 0.002, "rerank": 0.005}  # the previous defaults
 
@@ -65,29 +65,6 @@ def noop_models() -> None:
           lambda self, items, dim=None, document=False: np.full((len(items), dim or self.dim), (dim or self.dim) ** -0.5,
                                                                 np.float32))
     patch(core.RerankScorer, "score", lambda self, pairs: np.zeros(len(pairs), np.float32))
-
-
-def in_process(work: Path, reranker: Path, queries: list[str], depth: int) -> list[float]:
-    """The first stage (encode + FAISS), or both (+ reading, decoding and scoring ``depth`` pages): ms per query."""
-    from ray_vdr.cluster import worker_device
-    from ray_vdr.config import ServeConfig
-    from ray_vdr.corpus.store import PageStore, open_index
-    from ray_vdr.data.images import pil_pages
-    from serving.core import QueryEncoder, RerankScorer, check_binding
-
-    cfg = ServeConfig.model_validate({"index": str(work / "index"), "reranker": str(reranker)})
-    index = open_index(cfg.index)
-    encoder = QueryEncoder(check_binding(cfg, index.manifest), cfg, worker_device(False, 1))
-    store = PageStore(cfg.index, index.ids)
-    scorer = RerankScorer(str(reranker), cfg, "cpu") if depth else None
-    out = []
-    for q in queries:
-        t = time.perf_counter()
-        hits = index.search(encoder.encode([q]), 10)[0]
-        if scorer is not None:
-            scorer.score([(q, img) for img in pil_pages(store.get([h["position"] for h in hits[:depth]]))])
-        out.append((time.perf_counter() - t) * 1000)
-    return out[5:]
 
 
 def in_process_hops(work: Path) -> dict:
