@@ -9,6 +9,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's metrics pipeline is off in the suite's clusters; the one cluster whose metrics a test scrapes turns it back on
+# (tests/ray_cluster.py). On CI (2026-12-02) a Ray 2.60 worker died of SIGSEGV in its OpenTelemetry collector thread
+# (opentelemetry::sdk::metrics::MetricReader::Collect) and took a job with it; with these off no process runs that
+# thread.
+os.environ.setdefault("RAY_enable_open_telemetry", "0")
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 import pytest  # noqa: E402
 

@@ -8,6 +8,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# Ray's metrics pipeline, reported every second rather than every ten (Ray's config names are case-sensitive)
+METRICS_ON_ENV = {"RAY_enable_open_telemetry": "1", "RAY_enable_metrics_collection": "1",
+                  "RAY_metrics_report_interval_ms": "1000"}
+
 
 @contextlib.contextmanager
 def local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | None = None) -> Iterator:
@@ -21,13 +25,21 @@ def local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | None = N
         ray.shutdown()
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
-    metrics = {}
-    if metrics_export_port is not None:
+    metrics, saved = {}, {}
+    if metrics_export_port is not None:  # the suite turns Ray's metrics off (tests/conftest.py); on for this cluster
         metrics = {"_metrics_export_port": metrics_export_port}
-        os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (Ray config: case-sensitive)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, **metrics)
-    os.environ.pop("RAY_metrics_report_interval_ms", None)  # noqa: SIM112
+        for key, value in METRICS_ON_ENV.items():
+            saved[key] = os.environ.get(key)
+            os.environ[key] = value
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, **metrics)
+    finally:  # the raylet and its workers keep what they inherited; later clusters get the suite's defaults
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray
