@@ -181,7 +181,7 @@ def in_process(work: Path, reranker: Path, queries: list[str], depth: int) -> li
     cfg = ServeConfig.model_validate({"index": str(work / "index"), "reranker": str(reranker)})
     index = open_index(cfg.index)
     encoder = QueryEncoder(check_binding(cfg, index.manifest), cfg, worker_device(False, 1))
-    store = PageStore(cfg.index, index.ids)
+    store = PageStore.of(index)
     scorer = RerankScorer(str(reranker), cfg, "cpu") if depth else None
     out = []
     for q in queries:

@@ -117,7 +117,7 @@ class Retriever:
             wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
             say(f"loading the FAISS index (version {gen.get('version')})")
             index = open_index(gen["index"], dim=generation_config(self.cfg, gen).dim, version=gen.get("version"))
-            return index, PageStore(gen["index"], index.ids)
+            return index, PageStore.of(index)
 
         self.gens = Generations("index", self.cfg, load)
         self._search = _batcher(self._search_batch, self.cfg.retriever)

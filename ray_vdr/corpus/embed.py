@@ -324,7 +324,8 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     files_ = {**((current or {}).get("files") or {}), **fields.pop("files")}
     files_.pop("ids", None), files_.pop("docs", None)
     manifest = {**binding, **fields, "files": files_, "version": version, "operation": ix.mode,
-                "thumbnail_side": ix.thumbnail_side, "normalized": True, "metric": "inner_product", "updated_at": now_iso(), "sources": ix.sources,
+                "thumbnail_side": ix.thumbnail_side, "normalized": True, "metric": "inner_product",
+                "updated_at": now_iso(), "sources": ix.sources,
                 "created_at": (current or {}).get("created_at", now_iso()), "last_run": summary}
     manifest = publish(ix.output, manifest, docs, ids, current)
     removed_share = manifest["removed_pages"] / max(1, manifest["vectors"])

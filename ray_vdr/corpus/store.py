@@ -214,22 +214,32 @@ def open_index(output: str, *, model_path: str | None = None, dim: int | None = 
     return PageIndex(index, ids, manifest, output)
 
 
+THUMBNAIL_SIDE = 256  # served thumbnails' longest side for manifests that do not record one (IndexConfig's default)
+
+
 class PageStore:
     """Page images, thumbnails and stored embeddings of an index, read from its Parquet shards by vector position,
     with an LRU cache."""
 
-    def __init__(self, output: str, ids: pa.Table, cache_bytes: int = 256 << 20, thumbnail_side: int = 256):
+    def __init__(self, output: str, ids: pa.Table, cache_bytes: int = 256 << 20,
+                 thumbnail_side: int = THUMBNAIL_SIDE):
         self.output, self.ids, self.thumbnail_side = output, ids, thumbnail_side
         self._cache: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._cache_bytes, self._held = cache_bytes, 0
         self._lock = threading.Lock()
 
     @classmethod
+    def of(cls, index: PageIndex, cache_bytes: int = 256 << 20) -> PageStore:
+        """The pages of a loaded index version, thumbnails at the side its manifest records."""
+        return cls(index.output, index.ids, cache_bytes, index.manifest.get("thumbnail_side", THUMBNAIL_SIDE))
+
+    @classmethod
     def open(cls, output: str, cache_bytes: int = 256 << 20, version: int | None = None) -> PageStore:
         from ray_vdr.corpus.versions import read_version
 
-        side = (read_manifest(output) or {}).get("thumbnail_side", 256)
-        return cls(output, read_ids(output, read_version(output, version) if version else None), cache_bytes, side)
+        manifest = (read_version(output, version) if version else read_manifest(output)) or {}
+        return cls(output, read_ids(output, manifest or None), cache_bytes,
+                   manifest.get("thumbnail_side", THUMBNAIL_SIDE))
 
     def get(self, positions: list[int], column: str = "image") -> list[Any]:
         """The ``column`` (image, thumbnail or embedding) of each vector position; one read per shard for the

@@ -154,7 +154,7 @@ class IndexMiner:
         binding = {**self.index.manifest["model"], "path": model}  # encode as the index did, with these files
         self.model = load_embedder(binding, dtype=dtype, attn_implementation=attn, device=device)
         self.dim = self.index.manifest["dim"]
-        self.pages = PageStore(index, self.index.ids, cache_bytes=64 << 20)
+        self.pages = PageStore.of(self.index, cache_bytes=64 << 20)
 
     def _embed(self, fn, items) -> np.ndarray:
         return fn(items, batch_size=len(items), truncate_dim=self.dim, normalize_embeddings=True,

@@ -4,6 +4,7 @@ done, growth of the corpus, a killed embedding actor and an interrupted job; plu
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -54,7 +55,7 @@ def test_embed_corpus_exactly_once_rerun_and_growth(ray_local, tiny_qwen, page_p
     corpus, out = tmp_path / "corpus", tmp_path / "index"
     corpus.mkdir()
     expected = write_corpus(corpus, page_pngs[:20])
-    result = run(_cfg(tiny_qwen, corpus, out))
+    result = run(_cfg(tiny_qwen, corpus, out, "index.thumbnail_side=96"))
     s = result.summary
     assert (s["pages_embedded"], s["pages_rejected"]) == (expected["pages"], sum(expected["rejects"].values()))
     m = result.manifest
@@ -71,7 +72,9 @@ def test_embed_corpus_exactly_once_rerun_and_growth(ray_local, tiny_qwen, page_p
     assert np.allclose(norms, 1.0, atol=1e-5), "normalised after truncation"
     hits = index.search(vectors[:5], k=3)
     assert [h[0]["key"] for h in hits] == table.column("key").to_pylist()[:5]
-    assert PageStore.open(str(out)).get([hits[0][0]["position"]], "thumbnail")[0][:2] == b"\xff\xd8"  # a JPEG
+    for store in (PageStore.open(str(out)), PageStore.of(index)):  # as the serving and mining code open it
+        thumb = store.get([hits[0][0]["position"]], "thumbnail")[0]
+        assert thumb[:2] == b"\xff\xd8" and max(Image.open(io.BytesIO(thumb)).size) == 96, "a JPEG, at the side set"
 
     # a rerun over the same sources embeds nothing and leaves the index as it was
     again = run(_cfg(tiny_qwen, corpus, out))
