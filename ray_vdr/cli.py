@@ -83,22 +83,21 @@ def cmd_embed(cfg: VDRConfig) -> int:
     from ray_vdr.corpus.embed import run
 
     result = run(cfg)
-    s = result.summary
-    d, p = s["documents"], s["pages"]
-    print(f"index: {result.output} version {s['version']} ({s['index_type']}, {s['live_pages']} live pages of "
-          f"{s['index_vectors']} vectors, {s['index_bytes']} bytes, dim {result.manifest['dim']}, "
-          f"model {result.manifest['model']['path']})")
-    print(f"{s['mode']}: documents {d['added']} added, {d['updated']} updated, {d['removed']} removed, "
+    s, m = result.summary, result.manifest
+    d, p = s.documents, s.pages
+    print(f"index: {result.output} version {s.version} ({s.index_type}, {s.live_pages} live pages of "
+          f"{s.index_vectors} vectors, {s.index_bytes} bytes, dim {m.dim}, model {m.model.path})")
+    print(f"{s.mode}: documents {d['added']} added, {d['updated']} updated, {d['removed']} removed, "
           f"{d['unchanged']} unchanged, {d['metadata_updated']} metadata-only updates, {d['rejected']} rejected; "
-          f"pages {p['added']} added, {p['removed']} removed, {p['unchanged']} unchanged")
-    for r in s["documents_rejected"]:
+          f"pages {p.added} added, {p.removed} removed, {p.unchanged} unchanged")
+    for r in s.documents_rejected:
         print(f"  rejected {r['source']}: {r['reason']}: {r['detail']}")
-    print(f"this run: {s['pages_embedded']} pages embedded, {s['pages_rejected']} rejected "
-          f"(reasons in {result.output}/rejects), {s['pages_done_before']} done by earlier runs, "
-          f"{s['duplicates_removed']} duplicates removed; {s['pages_per_second']} pages/s over {s['stream_seconds']}s")
-    if "compaction" in s:
-        print(f"compacted: {json.dumps(s['compaction'])}")
-    print(f"summary: {json.dumps(s)}")
+    print(f"this run: {s.pages_embedded} pages embedded, {s.pages_rejected} rejected "
+          f"(reasons in {result.output}/rejects), {s.pages_done_before} done by earlier runs, "
+          f"{s.duplicates_removed} duplicates removed; {s.pages_per_second} pages/s over {s.stream_seconds}s")
+    if s.compaction is not None:
+        print(f"compacted: {s.compaction.model_dump_json()}")
+    print(f"summary: {s.model_dump_json(exclude_none=True)}")
     return 0
 
 
@@ -117,12 +116,12 @@ def cmd_delete(cfg: VDRConfig, doc_ids: list[str], sources: list[str], filter_js
     except (LookupError, FilterError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"deleted {s['documents_removed']} documents ({s['pages_removed']} pages) matching {s['matched']}: "
-          f"index {cfg.index.output} is now version {s['version']}")
+    print(f"deleted {s.documents_removed} documents ({s.pages_removed} pages) matching {s.matched}: "
+          f"index {cfg.index.output} is now version {s.version}")
     if cfg.index.mode == "sync":
         print("note: with index.mode sync, the next `ray-vdr embed` adds them back if their files are still in "
               "index.sources")
-    print(f"summary: {json.dumps(s)}")
+    print(f"summary: {s.model_dump_json(exclude_none=True)}")
     return 0
 
 
@@ -130,8 +129,8 @@ def cmd_compact(cfg: VDRConfig) -> int:
     from ray_vdr.corpus.sync import compact
 
     s = compact(cfg.index.output, cfg.index.model_dump())
-    print(f"compacted {cfg.index.output}: {s['removed_pages_dropped']} removed pages dropped, {s['vectors']} vectors, "
-          f"version {s['version']}")
+    print(f"compacted {cfg.index.output}: {s.removed_pages_dropped} removed pages dropped, {s.vectors} vectors, "
+          f"version {s.version}")
     return 0
 
 
@@ -142,11 +141,11 @@ def cmd_mine(cfg: VDRConfig) -> int:
     s = result.summary
     print(f"mined triplets: {result.output} ({cfg.mine.num_negatives} negatives per query from ranks "
           f"{cfg.mine.rank_min}..{cfg.mine.rank_max})")
-    print(f"this run: {s['rows_mined']} rows mined, {s['rows_rejected']} rejected (too few negatives; reasons in "
-          f"{result.output}/rejects), {s['input_rejects']} input rows invalid ({result.output}/input-rejects), "
-          f"{s['rows_done_before']} done by earlier runs; candidates dropped: {s['dropped_positive']} "
-          f"positive, {s['dropped_near_duplicate']} near-duplicates, {s['dropped_within_margin']} within the margin; "
-          f"{s['rows_per_second']} rows/s")
+    print(f"this run: {s.rows_mined} rows mined, {s.rows_rejected} rejected (too few negatives; reasons in "
+          f"{result.output}/rejects), {s.input_rejects} input rows invalid ({result.output}/input-rejects), "
+          f"{s.rows_done_before} done by earlier runs; candidates dropped: {s.dropped_positive} "
+          f"positive, {s.dropped_near_duplicate} near-duplicates, {s.dropped_within_margin} within the margin; "
+          f"{s.rows_per_second} rows/s")
     return 0
 
 
@@ -172,10 +171,10 @@ def cmd_make_training_data(cfg: VDRConfig) -> int:
 
 
 def cmd_train_reranker(cfg: VDRConfig) -> int:
-    from ray_vdr.train.reranker import reranker_run, run
+    from ray_vdr.train.reranker import run
 
     result = run(cfg)
-    _report_training(result, reranker_run(cfg).name, "reranker",
+    _report_training(result, cfg.reranker_run().name, "reranker",
                      "reranking each eval query's positive among its hard negatives")
     return 0
 
@@ -184,10 +183,10 @@ def cmd_evaluate(cfg: VDRConfig) -> int:
     from ray_vdr.eval.two_stage import run
 
     report = run(cfg)
-    print(f"two-stage evaluation: {report['eval_queries']} queries, {report['eval_corpus']} pages, dim {report['dim']}, "
-          f"embedder {report['embedder']}, reranker {report['reranker'] or '(none: embed only)'}")
-    print(report["table"])
-    print(f"reports: {report['output']}/eval.md, eval.json, eval.png")
+    print(f"two-stage evaluation: {report.eval_queries} queries, {report.eval_corpus} pages, dim {report.dim}, "
+          f"embedder {report.embedder}, reranker {report.reranker or '(none: embed only)'}")
+    print(report.table)
+    print(f"reports: {report.output}/eval.md, eval.json, eval.png")
     return 0
 
 
@@ -199,10 +198,10 @@ def cmd_promote(cfg: VDRConfig) -> int:
         print("| embedder | model | dim | ndcg@10 | mrr@10 | recall@10 |\n|---|---|---|---|---|---|")
         for name, gen in (("live", r.before), ("candidate", r.candidate)):
             m = r.metrics[name]
-            print(f"| {name} | {gen['model']} | {gen['dim']} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} "
+            print(f"| {name} | {gen.model} | {gen.dim} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} "
                   f"| {m['recall@10']:.4f} |")
     print(f"{'promoted' if r.promoted else 'not promoted'}: {r.reason}")
-    print(f"live: {r.live['id']} (model {r.live['model']}, index {r.live['index']}); manifest {r.manifest}")
+    print(f"live: {r.live.id} (model {r.live.model}, index {r.live.index}); manifest {r.manifest}")
     if r.switched is None and r.promoted:
         print("no endpoint answered: one started with this serve.live serves the new generation")
     return 0
@@ -237,7 +236,7 @@ def cmd_serve(cfg: VDRConfig) -> int:
 
     from ray_vdr.client import EndpointClient, EndpointError
     from ray_vdr.endpoint import deploy
-    from ray_vdr.train.reranker import trained_reranker
+    from ray_vdr.models.load import trained_reranker
 
     if cfg.serve.index is None:
         cfg.serve.index = cfg.index.output

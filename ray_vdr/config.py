@@ -868,6 +868,10 @@ class VDRConfig(_Strict):
         default_factory=QueriesConfig, description="Training data made from unlabeled documents."
     )
 
+    def reranker_run(self) -> RunConfig:
+        """The reranker's run: its own name (default ``<run.name>-reranker``) under the same storage."""
+        return self.run.model_copy(update={"name": self.reranker.run_name or f"{self.run.name}-reranker"})
+
     @model_validator(mode="after")
     def _consistent(self) -> VDRConfig:
         dims = self.train.matryoshka_dims

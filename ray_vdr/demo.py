@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 from ray_vdr.config import ConfigError, VDRConfig
-from ray_vdr.train.reranker import reranker_run
 
 JOBS = {
     "make-data": "jobs/make_synthetic.py",
@@ -72,7 +71,7 @@ def plan(cfg: VDRConfig, name: str, *, serve: bool = True) -> list[Stage]:
     splits = (("train", cfg.data.train), ("eval", cfg.data.eval))
     paths += [f"data.{split}.uri={src.uri}" for split, src in splits if src]
     named = (f"run.name={name}", *paths)
-    reranker = reranker_run(cfg.model_copy(update={"run": run})).uri("model")
+    reranker = cfg.model_copy(update={"run": run}).reranker_run().uri("model")
     reranker_workers = (cfg.reranker.scaling or cfg.scaling).num_workers
     stages = [
         Stage("make-data", "make-data", "synthetic VDR pages", named, (data,)),

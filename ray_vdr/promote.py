@@ -19,17 +19,26 @@ The live manifest's format is :mod:`ray_vdr.corpus.live`.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from ray_vdr.client import EndpointClient, EndpointError
 from ray_vdr.config import ConfigError, VDRConfig
-from ray_vdr.corpus.live import base_id, generation, read_live
+from ray_vdr.corpus.live import (
+    Generation,
+    GenerationRef,
+    LiveManifest,
+    PromotionRecord,
+    base_id,
+    generation,
+    read_live,
+    write_live,
+)
+from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.corpus.store import read_manifest
-from ray_vdr.storage import is_file, now_iso, write_bytes
+from ray_vdr.models.binding import EmbedderBinding
+from ray_vdr.storage import is_file, now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +47,9 @@ logger = logging.getLogger(__name__)
 class PromoteResult:
     promoted: bool
     reason: str
-    before: dict[str, Any]  # the generation live before this run
-    candidate: dict[str, Any]
-    live: dict[str, Any]  # the generation live after it
+    before: Generation  # the generation live before this run
+    candidate: Generation
+    live: Generation  # the generation live after it
     metrics: dict[str, dict[str, float]]  # "live" and "candidate" embed-only metrics on the eval split
     switched: bool | None  # the endpoint answered from the new generation (None: not promoted, or no endpoint)
     manifest: str
@@ -86,21 +95,20 @@ def wait_for_switch(url: str, gid: str, timeout_s: float, probes: int = 5) -> bo
     raise TimeoutError(f"the endpoint at {url} did not switch to {gid} in {timeout_s:.0f}s; last answer: {last}")
 
 
-def generation_binding(gen: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+def generation_binding(gen: Generation, manifest: IndexManifest) -> EmbedderBinding:
     """How a generation encodes queries: its index's embedder binding (prompts, pixel bounds) with its model."""
-    return {**manifest["model"], "path": gen["model"] or manifest["model"]["path"]}
+    return manifest.model.at(gen.model or manifest.model.path)
 
 
-def _live_generation(cfg: VDRConfig, doc: dict | None) -> dict[str, Any]:
+def _live_generation(cfg: VDRConfig, doc: LiveManifest | None) -> Generation:
     if doc is not None:
-        return doc["live"]
+        return doc.live
     if cfg.serve.index is None:
         raise ConfigError("invalid configuration:\n  serve.index: not set, and there is no live manifest yet")
     manifest = read_manifest(cfg.serve.index)
     if manifest is None:
         raise FileNotFoundError(f"the live index {cfg.serve.index} has no manifest: build it with `ray-vdr embed`")
-    return {**generation(cfg.serve.index, manifest["model"]["path"], manifest["dim"]), "metrics": None,
-            "promoted_at": None}
+    return generation(cfg.serve.index, manifest.model.path, manifest.dim)
 
 
 def run(cfg: VDRConfig) -> PromoteResult:
@@ -125,55 +133,56 @@ def run(cfg: VDRConfig) -> PromoteResult:
                                 "training run): train one first (`ray-vdr train`)")
     doc = read_live(s.live)
     live = _live_generation(cfg, doc)
-    live_manifest = read_manifest(live["index"])
+    live_manifest = read_manifest(live.index)
     if live_manifest is None:
-        raise FileNotFoundError(f"the live index {live['index']} (in {s.live}) has no manifest")
+        raise FileNotFoundError(f"the live index {live.index} (in {s.live}) has no manifest")
 
     fingerprint = model_fingerprint(local_model(candidate_model))
-    if fingerprint == live_manifest["model"]["fingerprint"]:  # the same files: nothing to embed or compare
+    if fingerprint == live_manifest.model.fingerprint:  # the same files: nothing to embed or compare
         return PromoteResult(False, "the candidate is already live (same model files)", live,
-                             {**live, "model": candidate_model}, live, {}, None, s.live)
+                             live.model_copy(update={"model": candidate_model}), live, {}, None, s.live)
 
     # 2. the candidate's index over the live index's corpus
     init_ray()
     out_root = (cfg.promote.output or cfg.run.uri("generations")).rstrip("/")
     candidate_index = f"{out_root}/{fingerprint[:12]}"
     icfg = cfg.model_copy(deep=True)
-    icfg.index.model, icfg.index.output, icfg.index.sources = candidate_model, candidate_index, live_manifest["sources"]
-    print(f"embedding the live corpus ({len(live_manifest['sources'])} source(s), {live_manifest['vectors']} pages) "
-          f"with {candidate_model} into {candidate_index}", flush=True)
+    icfg.index.model, icfg.index.output, icfg.index.sources = candidate_model, candidate_index, live_manifest.sources
+    logger.info("embedding the live corpus (%d source(s), %d pages) with %s into %s", len(live_manifest.sources),
+                live_manifest.vectors, candidate_model, candidate_index)
     built = embed.run(icfg)
-    candidate = generation(candidate_index, candidate_model, built.manifest["dim"])
+    candidate = generation(candidate_index, candidate_model, built.manifest.dim)
 
     # 3. both embedders on the eval split
-    print(f"evaluating live {live['model']} (dim {live['dim']}) and candidate {candidate_model} "
-          f"(dim {candidate['dim']}) on the eval split", flush=True)
-    metrics = compare_embedders(cfg, {"live": (generation_binding(live, live_manifest), live["dim"]),
-                                      "candidate": (built.manifest["model"], candidate["dim"])},
+    live_dim = live.dim or live_manifest.dim
+    logger.info("evaluating live %s (dim %d) and candidate %s (dim %d) on the eval split", live.model, live_dim,
+                candidate_model, candidate.dim)
+    metrics = compare_embedders(cfg, {"live": (generation_binding(live, live_manifest), live_dim),
+                                      "candidate": (built.manifest.model, candidate.dim)},
                                 num_cpus=cfg.promote.eval_cpus)
     promoted, reason = decide(metrics["live"]["ndcg@10"], metrics["candidate"]["ndcg@10"], cfg.promote.min_delta)
 
     # 4. the manifest: the decision, and the switch when promoted
     now = now_iso()
-    record = {"at": now, "candidate": {**candidate, "metrics": metrics["candidate"]},
-              "live": {"id": live["id"], "model": live["model"], "metrics": metrics["live"]},
-              "decision": "promoted" if promoted else "rejected", "reason": reason}
-    history = (doc or {}).get("history", []) + [record]
+    record = PromotionRecord(at=now, candidate=candidate.model_copy(update={"metrics": metrics["candidate"]}),
+                             live=GenerationRef(id=live.id, model=live.model, metrics=metrics["live"]),
+                             decision="promoted" if promoted else "rejected", reason=reason)
+    history = (doc.history if doc else []) + [record]
     if promoted:
-        new_live = {**candidate, "metrics": metrics["candidate"], "promoted_at": now}
-        new_doc = {"live": new_live, "previous": {**live, "metrics": metrics["live"]}, "history": history}
+        new_doc = LiveManifest(live=candidate.model_copy(update={"metrics": metrics["candidate"], "promoted_at": now}),
+                               previous=live.model_copy(update={"metrics": metrics["live"]}), history=history)
     else:
-        new_doc = {"live": live, "previous": (doc or {}).get("previous"), "history": history}
-    write_bytes(json.dumps(new_doc, indent=2).encode(), s.live)
-    print(f"{'PROMOTED' if promoted else 'REJECTED'}: {reason}; live manifest {s.live}", flush=True)
+        new_doc = LiveManifest(live=live, previous=doc.previous if doc else None, history=history)
+    write_live(new_doc, s.live)
+    logger.info("%s: %s; live manifest %s", "PROMOTED" if promoted else "REJECTED", reason, s.live)
 
     # 5. the endpoint follows the manifest
     switched = None
     if promoted:
         url = endpoint_url(cfg)
         began = time.time()
-        switched = wait_for_switch(url, candidate["id"], cfg.promote.switch_timeout_s)
+        switched = wait_for_switch(url, candidate.id, cfg.promote.switch_timeout_s)
         if switched:
-            print(f"the endpoint at {url} serves {candidate['id']} ({candidate_model}) after "
-                  f"{time.time() - began:.1f}s", flush=True)
-    return PromoteResult(promoted, reason, live, candidate, new_doc["live"], metrics, switched, s.live)
+            logger.info("the endpoint at %s serves %s (%s) after %.1fs", url, candidate.id, candidate_model,
+                        time.time() - began)
+    return PromoteResult(promoted, reason, live, candidate, new_doc.live, metrics, switched, s.live)

@@ -29,6 +29,36 @@ def tiny_qwen(tmp_path_factory):
     return build_qwen3vl_embedder(tmp_path_factory.mktemp("models") / "tiny-qwen3vl", max_pixels=64 * 64)
 
 
+SIGNED_NORMALIZE = '''"""A custom Sentence Transformers module shipped in the model folder: Normalize, then negate."""
+
+from sentence_transformers.base.modules.normalize import Normalize
+
+
+class SignedNormalize(Normalize):
+    def forward(self, features):
+        features = super().forward(features)
+        features["sentence_embedding"] = -features["sentence_embedding"]
+        return features
+'''
+
+
+@pytest.fixture(scope="session")
+def tiny_remote_code(tiny_qwen, tmp_path_factory):
+    """The tiny Qwen3-VL embedder with a module of its own code (``signed_normalize.py`` in the folder, named in
+    modules.json): Sentence Transformers loads it only with ``trust_remote_code=True``, as a hub model with custom
+    code. Its vectors are the tiny model's, negated."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("models") / "tiny-remote-code"
+    shutil.copytree(tiny_qwen, path)
+    (path / "signed_normalize.py").write_text(SIGNED_NORMALIZE)
+    modules = json.loads((path / "modules.json").read_text())
+    modules[-1]["type"] = "signed_normalize.SignedNormalize"
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_reranker(tmp_path_factory):
     """A tiny Qwen3-VL reranker folder (CrossEncoder, real module stack, random weights), built once per session."""

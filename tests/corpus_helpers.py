@@ -80,8 +80,10 @@ def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16
 
     from ray_vdr.config import IndexConfig
     from ray_vdr.corpus.build import build_version
+    from ray_vdr.corpus.manifest import IndexManifest
     from ray_vdr.corpus.pages import page_key, scoped
     from ray_vdr.corpus.versions import docs_table, live_ids, publish
+    from ray_vdr.models.binding import EmbedderBinding
     from ray_vdr.storage import part_name, write_table
 
     rng = np.random.default_rng(seed)
@@ -104,6 +106,6 @@ def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16
     names = [part_name(table.column("key").to_pylist())]
     fields, ids = build_version(str(out), names, dim, IndexConfig().model_dump(), None, 1)
     docs_t = docs_table(doc_rows)
-    manifest = {"model": {"path": "none", "fingerprint": "none"}, "dim": dim, **fields, "version": 1}
+    manifest = IndexManifest(model=EmbedderBinding(path="none", fingerprint="none"), dim=dim, **fields, version=1)
     publish(str(out), manifest, docs_t, live_ids(ids, docs_t), None)
     return out

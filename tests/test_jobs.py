@@ -167,7 +167,7 @@ def test_jobs_train_embed_and_evaluate(demo_jobs):
 
     # the embedding job indexed the 200 eval pages once each, with the trained model at the saved dimension
     manifest = read_manifest(cfg.run.uri("index"))
-    assert manifest["model"]["path"] == result.model_uri and manifest["dim"] == cfg.output.truncate_dim
+    assert manifest.model.path == result.model_uri and manifest.dim == cfg.output.truncate_dim
     assert "200 pages embedded, 0 rejected" in logs["embed-corpus"]
 
     # the evaluation job measured embed-only retrieval with the saved model at its saved dimension

@@ -18,21 +18,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_vdr.corpus.faiss_index import INDEX_FILE, IndexSpec, add_to, build_index, choose_spec, read_index, write_index
+from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.corpus.versions import VERSIONS
 from ray_vdr.storage import fs_path, part_name, read_bytes, read_table, write_bytes, write_table
 
-__all__ = ["ID_COLUMNS", "build_version", "compact_version", "index_files", "read_all_ids"]
+__all__ = ["ID_COLUMNS", "build_version", "compact_version", "read_all_ids"]
 
 ID_COLUMNS = ["key", "doc_id", "source", "page", "file_hash", "content", "row_metadata"]
 
 
-def index_files(manifest: dict[str, Any]) -> dict[str, str]:
-    """The files of a version, relative to the index folder (an index from before versions: the top-level ones)."""
-    return manifest.get("files") or {"index": INDEX_FILE, "ids": "ids.parquet"}
-
-
-def read_all_ids(output: str, manifest: dict[str, Any]) -> pa.Table:
-    return read_table(f"{output}/{index_files(manifest)['ids']}")
+def read_all_ids(output: str, manifest: IndexManifest) -> pa.Table:
+    return read_table(f"{output}/{manifest.files.ids}")
 
 
 def _vectors(output: str, names: list[str]) -> tuple[pa.Table | None, np.ndarray]:
@@ -60,13 +56,13 @@ def _write(index, output: str, version: int) -> tuple[str, int]:
     return rel, len(data)
 
 
-def _load(output: str, manifest: dict[str, Any]):
+def _load(output: str, manifest: IndexManifest):
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{index_files(manifest)['index']}"))
-        return read_index(Path(tmp) / INDEX_FILE, manifest["index"])
+        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{manifest.files.index}"))
+        return read_index(Path(tmp) / INDEX_FILE, manifest.index.model_dump())
 
 
-def build_version(output: str, names: list[str], dim: int, index_cfg: dict, current: dict[str, Any] | None,
+def build_version(output: str, names: list[str], dim: int, index_cfg: dict, current: IndexManifest | None,
                   version: int) -> tuple[dict[str, Any], pa.Table]:
     """The index over the page shards ``names`` for ``version``: the current version's index extended with the new
     shards while the corpus size still calls for its type (an IVF quantiser stays valid as the corpus grows), else
@@ -78,11 +74,11 @@ def build_version(output: str, names: list[str], dim: int, index_cfg: dict, curr
     fs, _ = fs_path(output)
     total = sum(pq.ParquetFile(fs_path(f"{output}/pages/{n}")[1], filesystem=fs).metadata.num_rows for n in names)
     spec = choose_spec(total, dim, cfg)
-    extend = (current is not None and "files" in current and current["index"]["type"] == spec.type
-              and set(current["shards"]) <= set(names))
+    extend = (current is not None and current.version is not None and current.files.index is not None
+              and current.index.type == spec.type and set(current.shards) <= set(names))
     if extend:
-        spec = IndexSpec(current["index"]["type"], current["index"]["params"])
-        new = [n for n in names if n not in set(current["shards"])]
+        spec = IndexSpec(current.index.type, current.index.params)
+        new = [n for n in names if n not in set(current.shards)]
         ids, vectors = _vectors(output, new)
         old_ids = read_all_ids(output, current).select([*ID_COLUMNS, "shard", "row"])
         ids = pa.concat_tables([old_ids, ids]) if ids is not None else old_ids
@@ -91,7 +87,7 @@ def build_version(output: str, names: list[str], dim: int, index_cfg: dict, curr
             add_to(index, vectors)
             rel, size = _write(index, output, version)
         else:  # nothing new: this version shares the current one's index file
-            rel, size = index_files(current)["index"], current["index_bytes"]
+            rel, size = current.files.index, current.index_bytes
         ntotal = ids.num_rows
     else:
         ids, vectors = _vectors(output, names)
@@ -107,7 +103,7 @@ def build_version(output: str, names: list[str], dim: int, index_cfg: dict, curr
     return fields, ids
 
 
-def compact_version(output: str, current: dict[str, Any], index_cfg: dict, version: int
+def compact_version(output: str, current: IndexManifest, index_cfg: dict, version: int
                     ) -> tuple[dict[str, Any], pa.Table]:
     """Drop the removed pages for good: rewrite every shard holding one with its live rows only (a new shard, named by
     its keys like any other), and build the index anew over the live rows. The old shards are *retired*: the
@@ -118,7 +114,7 @@ def compact_version(output: str, current: dict[str, Any], index_cfg: dict, versi
     dead_shards = set(ids.filter(pa.array(~live)).column("shard").to_pylist())
     live_keys = set(ids.filter(pa.array(live)).column("key").to_pylist())
     names, retired = [], set()
-    for name in current["shards"]:
+    for name in current.shards:
         if name not in dead_shards:
             names.append(name)
             continue
@@ -129,7 +125,7 @@ def compact_version(output: str, current: dict[str, Any], index_cfg: dict, versi
             new = part_name(keep.column("key").to_pylist())
             write_table(keep, f"{output}/pages/{new}")
             names.append(new)
-    fields, new_ids = build_version(output, sorted(set(names)), current["dim"], index_cfg, None, version)
+    fields, new_ids = build_version(output, sorted(set(names)), current.dim, index_cfg, None, version)
     fields["retired_shards"] = sorted(retired)
     fields["compacted"] = True
     return fields, new_ids

@@ -19,12 +19,11 @@ sources and rerunning embeds only the new pages and adds them to the index.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +31,7 @@ import pyarrow.compute as pc
 
 from ray_vdr.cluster import chaos_strike
 from ray_vdr.config import ImageLimits, VDRConfig
+from ray_vdr.corpus.manifest import CorpusBinding, EmbedSummary, IndexManifest, PageCounts
 from ray_vdr.corpus.pages import PAGE_SCHEMA, SourceFile, expand_file, list_sources
 from ray_vdr.corpus.store import (
     EMBEDDING_FILE,
@@ -45,6 +45,7 @@ from ray_vdr.corpus.store import (
 )
 from ray_vdr.corpus.sync import hash_file
 from ray_vdr.corpus.versions import docs_table
+from ray_vdr.models.binding import EmbedderBinding
 from ray_vdr.storage import dedupe_parts, is_file, now_iso, part_name, read_json, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ REJECT_COLUMNS = ["key", "file_hash", "doc_id", "source", "page", "reason", "det
 @dataclass
 class IndexResult:
     output: str
-    manifest: dict[str, Any]
-    summary: dict[str, Any] = field(default_factory=dict)
+    manifest: IndexManifest
+    summary: EmbedSummary
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -113,13 +114,12 @@ class PageEmbedder:
     def __init__(self, binding: dict, model_cfg: dict, dim: int, output: str, use_gpu: bool, cpus: float = 1.0,
                  chaos: dict | None = None):
         from ray_vdr.cluster import worker_device, worker_logging
-        from ray_vdr.models.load import load_embedder
+        from ray_vdr.models.encoder import IndexEncoder
+        from ray_vdr.models.load import Runtime
 
         worker_logging()
-        device = worker_device(use_gpu, cpus)
-        self.model = load_embedder(binding, dtype=model_cfg["dtype"], device=device,
-                                   attn_implementation=model_cfg["attn_implementation"],
-                                   trust_remote_code=model_cfg["trust_remote_code"])
+        runtime = Runtime(model_cfg["dtype"], model_cfg["attn_implementation"], worker_device(use_gpu, cpus))
+        self.encoder = IndexEncoder(EmbedderBinding.model_validate(binding), runtime, dim)
         self.dim, self.output, self.chaos, self.batches = dim, output, chaos or {}, 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -153,8 +153,7 @@ class PageEmbedder:
                          "seconds": [time.perf_counter() - start]})
 
     def _encode(self, images):
-        return self.model.encode_document(images, batch_size=len(images), truncate_dim=self.dim,
-                                          normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        return self.encoder.encode_pages(images)
 
     def _one_by_one(self, pages: pa.Table, images):
         import numpy as np
@@ -186,30 +185,32 @@ def resolve_model(cfg: VDRConfig) -> str:
     return uri
 
 
-def index_binding(cfg: VDRConfig, uri: str) -> dict[str, Any]:
+def index_binding(cfg: VDRConfig, uri: str) -> EmbedderBinding:
     """What the manifest records of the embedder: how it encodes pages (and, later, queries) under this config
     (:func:`ray_vdr.models.load.embedder_binding`) and its identity: the full fingerprint, computed once, here, and the
     cheap signature loaders compare."""
     from ray_vdr.models.load import embedder_binding, local_model, model_fingerprint, model_signature
 
     local = local_model(uri)
-    return {**embedder_binding(cfg.model, uri), "fingerprint": model_fingerprint(local),
-            "signature": model_signature(local)}
+    return embedder_binding(cfg.model, uri).model_copy(
+        update={"fingerprint": model_fingerprint(local), "signature": model_signature(local)})
 
 
-def _check_output(ix, binding: dict[str, Any], info: dict[str, Any]) -> None:
+def _check_output(ix, binding: CorpusBinding) -> None:
     """Shards already under the output (an index, or an interrupted run) must come from the same model, dimension,
     dpi and key scheme, or the index would mix vector spaces: the first run records them, every later run is checked
     against them."""
-    earlier = read_json(f"{ix.output}/{EMBEDDING_FILE}")
-    if earlier is None:
-        write_bytes(json.dumps(binding, indent=2).encode(), f"{ix.output}/{EMBEDDING_FILE}")
+    data = read_json(f"{ix.output}/{EMBEDDING_FILE}")
+    if data is None:
+        write_bytes(binding.model_dump_json(indent=2).encode(), f"{ix.output}/{EMBEDDING_FILE}")
         return
-    check_manifest(earlier, fingerprint=info["fingerprint"], dim=binding["dim"], where=f"the corpus at {ix.output}")
-    if earlier["dpi"] != ix.dpi:
-        raise IndexMismatch(f"the corpus at {ix.output} was rasterised at {earlier['dpi']} dpi, not "
-                            f"{ix.dpi}: keep index.dpi={earlier['dpi']} or embed into a new index.output")
-    if earlier.get("keys") != KEY_SCHEME:
+    earlier = CorpusBinding.model_validate(data)
+    check_manifest(earlier, fingerprint=binding.model.fingerprint, dim=binding.dim,
+                   where=f"the corpus at {ix.output}")
+    if earlier.dpi != ix.dpi:
+        raise IndexMismatch(f"the corpus at {ix.output} was rasterised at {earlier.dpi} dpi, not "
+                            f"{ix.dpi}: keep index.dpi={earlier.dpi} or embed into a new index.output")
+    if earlier.keys != KEY_SCHEME:
         raise IndexMismatch(f"the corpus at {ix.output} was built by an older ray-vdr (page keys not scoped to "
                             "their source, no versions): embed into a new index.output")
 
@@ -226,7 +227,7 @@ def _hash_sources(files: list[SourceFile], ix) -> list[dict[str, Any]]:
     return sorted(ds.map(hash_file, num_cpus=ix.decode_cpus).iter_rows(), key=lambda r: r["uri"])
 
 
-def _embed_stream(cfg: VDRConfig, files: list[SourceFile], info: dict, dim: int, known: set[str],
+def _embed_stream(cfg: VDRConfig, files: list[SourceFile], info: EmbedderBinding, dim: int, known: set[str],
                   chaos: dict | None) -> dict[str, Any]:
     import ray
 
@@ -244,7 +245,7 @@ def _embed_stream(cfg: VDRConfig, files: list[SourceFile], info: dict, dim: int,
     ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=ix.actors),
                         num_cpus=ix.cpus_per_actor, num_gpus=1 if use_gpu else 0,
-                        fn_constructor_kwargs={"binding": info,
+                        fn_constructor_kwargs={"binding": info.model_dump(),
                                                "model_cfg": cfg.model.model_dump(), "dim": dim, "output": ix.output,
                                                "use_gpu": use_gpu, "cpus": ix.cpus_per_actor, "chaos": chaos})
     t0 = time.perf_counter()
@@ -286,9 +287,9 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     table = read_metadata_table(ix.metadata) if ix.metadata else None
     info = index_binding(cfg, uri)
     full_dim = embedding_dimension(local_model(uri))
-    dim = min(ix.dim or cfg.output.truncate_dim or info["truncate_dim"] or full_dim, full_dim)
-    binding = {"model": info, "dim": dim, "dpi": ix.dpi, "keys": KEY_SCHEME}
-    _check_output(ix, binding, info)
+    dim = min(ix.dim or cfg.output.truncate_dim or info.truncate_dim or full_dim, full_dim)
+    binding = CorpusBinding(model=info, dim=dim, dpi=ix.dpi, keys=KEY_SCHEME)
+    _check_output(ix, binding)
     init_ray()
     current = read_manifest(ix.output)
     listed = _hash_sources(files, ix)
@@ -302,7 +303,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     totals = _embed_stream(cfg, the_plan.embed, info, dim, known, chaos)
     # normally a no-op: a batch retried after a failure and cut differently
     removed = dedupe_parts([f"{ix.output}/{PAGES}", f"{ix.output}/{REJECTS}"], "key",
-                           first=set(current["shards"]) if current else set())
+                           first=set(current.shards) if current else set())
     names = [n for n in shards(ix.output, PAGES) if n not in retired]
     version = next_version(current)
     build = ray.remote(build_version).options(num_gpus=1 if cfg.scaling.use_gpu else 0)  # FAISS uses it if it can
@@ -310,33 +311,31 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     docs = docs_table(the_plan.docs)
     ids = live_ids(ids, docs)
     before = set(read_all_ids(ix.output, current).filter(pc.field("live")).column("key").to_pylist()) \
-        if current and "files" in current else set()
+        if current and current.version is not None else set()
     after = set(ids.filter(pc.field("live")).column("key").to_pylist())
-    summary = {
-        "mode": ix.mode, "source_files": len(files), "documents": the_plan.documents,
-        "pages": {"added": len(after - before), "removed": len(before - after), "unchanged": len(after & before)},
-        "pages_embedded": totals["pages"], "pages_rejected": totals["rejects"], "pages_done_before": len(known),
-        "documents_rejected": the_plan.rejects[:100], "duplicates_removed": removed, "batches": totals["batches"],
-        "stream_seconds": round(totals["stream_seconds"], 2), "embed_seconds": round(totals["embed_seconds"], 2),
-        "pages_per_second": round(totals["pages"] / totals["stream_seconds"], 2) if totals["stream_seconds"] else 0.0,
-        "steady_pages_per_second": round(totals["steady"], 2),
-    }
-    files_ = {**((current or {}).get("files") or {}), **fields.pop("files")}
-    files_.pop("ids", None), files_.pop("docs", None)
-    manifest = {**binding, **fields, "files": files_, "version": version, "operation": ix.mode,
-                "thumbnail_side": ix.thumbnail_side, "normalized": True, "metric": "inner_product",
-                "updated_at": now_iso(), "sources": ix.sources,
-                "created_at": (current or {}).get("created_at", now_iso()), "last_run": summary}
+    summary = EmbedSummary(
+        mode=ix.mode, source_files=len(files), documents=the_plan.documents,
+        pages=PageCounts(added=len(after - before), removed=len(before - after), unchanged=len(after & before)),
+        pages_embedded=totals["pages"], pages_rejected=totals["rejects"], pages_done_before=len(known),
+        documents_rejected=the_plan.rejects[:100], duplicates_removed=removed, batches=totals["batches"],
+        stream_seconds=round(totals["stream_seconds"], 2), embed_seconds=round(totals["embed_seconds"], 2),
+        pages_per_second=round(totals["pages"] / totals["stream_seconds"], 2) if totals["stream_seconds"] else 0.0,
+        steady_pages_per_second=round(totals["steady"], 2),
+    )
+    built = fields.pop("files")  # the version's index file (None: no vectors at all)
+    manifest = IndexManifest(**binding.model_dump(), **fields, version=version, operation=ix.mode,
+                             files={"index": built.get("index")},
+                             thumbnail_side=ix.thumbnail_side, updated_at=now_iso(), sources=ix.sources,
+                             created_at=current.created_at if current else now_iso(), last_run=summary)
     manifest = publish(ix.output, manifest, docs, ids, current)
-    removed_share = manifest["removed_pages"] / max(1, manifest["vectors"])
-    if manifest["removed_pages"] and removed_share > ix.compact_removed_share:
-        logger.info("removed pages are %.0f%% of the index (> %.0f%%): compacting", 100 * removed_share,
-                    100 * ix.compact_removed_share)
-        summary["compaction"] = compact(ix.output, ix.model_dump())
+    if manifest.removed_pages and manifest.removed_pages / max(1, manifest.vectors) > ix.compact_removed_share:
+        logger.info("removed pages are %.0f%% of the index (> %.0f%%): compacting",
+                    100 * manifest.removed_pages / max(1, manifest.vectors), 100 * ix.compact_removed_share)
+        summary.compaction = compact(ix.output, ix.model_dump())
         manifest = read_manifest(ix.output)
-    summary.update({"version": manifest["version"], "index_vectors": manifest["vectors"],
-                    "live_pages": manifest["live_pages"], "index_type": manifest["index"]["type"],
-                    "index_bytes": manifest["index_bytes"], "seconds": round(time.time() - start, 2)})
-    logger.info("index summary: %s", json.dumps({k: summary[k] for k in ("documents", "pages", "version",
-                                                                         "live_pages")}))
+    summary = summary.model_copy(update={
+        "version": manifest.version, "index_vectors": manifest.vectors, "live_pages": manifest.live,
+        "index_type": manifest.index.type, "index_bytes": manifest.index_bytes,
+        "seconds": round(time.time() - start, 2)})
+    logger.info("index summary: %s", summary.model_dump_json(include={"documents", "pages", "version", "live_pages"}))
     return IndexResult(ix.output, manifest, summary)

@@ -10,9 +10,10 @@ Layout under an index's ``output`` (a folder or URI)::
     manifest.json                 the current version's manifest (the commit point)
     embedding.json                the model, dim, dpi and key scheme of the shards (every later run must match them)
 
-The manifest binds the index to its embedder (:func:`ray_vdr.models.load.embedder_binding` plus the model's full
-fingerprint and cheap signature): :func:`check_manifest` refuses to pair it with another model or dimension, which
-would return confident nonsense rather than fail. Readers only: :mod:`ray_vdr.corpus.embed` writes.
+The manifest (:class:`ray_vdr.corpus.manifest.IndexManifest`) binds the index to its embedder
+(:class:`ray_vdr.models.binding.EmbedderBinding`, with the model's full fingerprint and cheap signature):
+:func:`check_manifest` refuses to pair it with another model or dimension, which would return confident nonsense
+rather than fail. Readers only: :mod:`ray_vdr.corpus.embed` writes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from ray_vdr.corpus.faiss_index import INDEX_FILE, read_index
+from ray_vdr.corpus.manifest import IDS_FILE, CorpusBinding, IndexManifest
 from ray_vdr.storage import fs_path, list_parts, read_bytes, read_json, read_table
 
 __all__ = ["EMBEDDING_FILE", "IDS_FILE", "MANIFEST", "PAGES", "REJECTS", "IndexMismatch", "PageIndex", "PageStore",
@@ -39,7 +41,6 @@ __all__ = ["EMBEDDING_FILE", "IDS_FILE", "MANIFEST", "PAGES", "REJECTS", "IndexM
 
 PAGES, REJECTS = "pages", "rejects"
 MANIFEST = "manifest.json"
-IDS_FILE = "ids.parquet"
 EMBEDDING_FILE = "embedding.json"
 
 
@@ -68,20 +69,20 @@ def known_keys(output: str, skip: set[str] = frozenset()) -> set[str]:
     return keys
 
 
-def read_ids(output: str, manifest: dict[str, Any] | None = None) -> pa.Table:
+def read_ids(output: str, manifest: IndexManifest | None = None) -> pa.Table:
     """The ids of every vector position of the current version (or of ``manifest``'s), removed ones included
     (``live`` False)."""
     manifest = manifest or read_manifest(output)
-    files = (manifest or {}).get("files") or {"ids": IDS_FILE}
-    return read_table(f"{output}/{files['ids']}")
+    return read_table(f"{output}/{manifest.files.ids if manifest else IDS_FILE}")
 
 
-def read_manifest(output: str) -> dict[str, Any] | None:
+def read_manifest(output: str) -> IndexManifest | None:
     """The index manifest, or None while the embedding job has not published one."""
-    return read_json(f"{output}/{MANIFEST}")
+    data = read_json(f"{output}/{MANIFEST}")
+    return None if data is None else IndexManifest.model_validate(data)
 
 
-def check_manifest(manifest: dict[str, Any], *, model_path: str | None = None, fingerprint: str | None = None,
+def check_manifest(manifest: CorpusBinding, *, model_path: str | None = None, fingerprint: str | None = None,
                    dim: int | None = None, where: str = "the index") -> None:
     """Refuse an index built by another model or at another dimension, saying what differs and what to do.
 
@@ -92,22 +93,22 @@ def check_manifest(manifest: dict[str, Any], *, model_path: str | None = None, f
     """
     from ray_vdr.models.load import local_model, model_fingerprint, model_signature
 
-    if dim is not None and manifest["dim"] != dim:
-        raise IndexMismatch(f"{where} holds {manifest['dim']}-d embeddings but {dim}-d vectors were asked for: "
+    if dim is not None and manifest.dim != dim:
+        raise IndexMismatch(f"{where} holds {manifest.dim}-d embeddings but {dim}-d vectors were asked for: "
                             f"use the dimension it was built with (index.dim / output.truncate_dim) or rebuild it")
-    m = manifest["model"]
+    m = manifest.model
     if model_path is not None:
-        if m.get("signature"):  # a folder or URI is read in place; a hub id from the local cache
+        if m.signature:  # a folder or URI is read in place; a hub id from the local cache
             where = model_path if "://" in model_path or Path(model_path).is_dir() else local_model(model_path)
-            same = model_signature(where) == m["signature"]
+            same = model_signature(where) == m.signature
         else:
-            same = model_fingerprint(local_model(model_path)) == m["fingerprint"]
+            same = model_fingerprint(local_model(model_path)) == m.fingerprint
     elif fingerprint is not None:
-        same = fingerprint == m["fingerprint"]
+        same = fingerprint == m.fingerprint
     else:
         return
     if not same:
-        raise IndexMismatch(f"{where} was built with the model at {m['path']} (fingerprint {m['fingerprint'][:12]}…), "
+        raise IndexMismatch(f"{where} was built with the model at {m.path} (fingerprint {(m.fingerprint or '')[:12]}…), "
                             f"not with {model_path or 'this model'}: its files differ; embed the corpus again with "
                             "this model into a new index.output")
 
@@ -119,7 +120,7 @@ class PageIndex:
 
     index: Any
     ids: pa.Table
-    manifest: dict[str, Any]
+    manifest: IndexManifest
     output: str
 
     def __post_init__(self):
@@ -197,19 +198,20 @@ def open_index(output: str, *, model_path: str | None = None, dim: int | None = 
         raise FileNotFoundError(f"no index at {output} ({MANIFEST} missing{f' for version {version}' if version else ''}"
                                 "): run jobs/embed_corpus.py first")
     check_manifest(manifest, model_path=model_path, dim=dim, where=f"the index at {output}")
-    files = manifest.get("files") or {"index": INDEX_FILE, "ids": IDS_FILE}
-    ids = read_table(f"{output}/{files['ids']}")
-    if "index" not in files:  # every source rejected: an empty index
+    files = manifest.files
+    ids = read_table(f"{output}/{files.ids}")
+    if files.index is None:  # every source rejected: an empty index
         import faiss
 
-        return PageIndex(faiss.IndexFlatIP(manifest["dim"]), ids, manifest, output)
-    fs, path = fs_path(f"{output}/{files['index']}")
+        return PageIndex(faiss.IndexFlatIP(manifest.dim), ids, manifest, output)
+    fs, path = fs_path(f"{output}/{files.index}")
+    spec = manifest.index.model_dump()
     if isinstance(fs, pafs.LocalFileSystem):  # read in place: no second copy of the index in memory
-        index = read_index(path, manifest["index"])
+        index = read_index(path, spec)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{files['index']}"))
-            index = read_index(Path(tmp) / INDEX_FILE, manifest["index"])
+            (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{files.index}"))
+            index = read_index(Path(tmp) / INDEX_FILE, spec)
     pa.default_memory_pool().release_unused()  # the ids' read buffers (measured: +195 MiB per 500k rows otherwise)
     return PageIndex(index, ids, manifest, output)
 
@@ -231,15 +233,15 @@ class PageStore:
     @classmethod
     def of(cls, index: PageIndex, cache_bytes: int = 256 << 20) -> PageStore:
         """The pages of a loaded index version, thumbnails at the side its manifest records."""
-        return cls(index.output, index.ids, cache_bytes, index.manifest.get("thumbnail_side", THUMBNAIL_SIDE))
+        return cls(index.output, index.ids, cache_bytes, index.manifest.thumbnail_side)
 
     @classmethod
     def open(cls, output: str, cache_bytes: int = 256 << 20, version: int | None = None) -> PageStore:
         from ray_vdr.corpus.versions import read_version
 
-        manifest = (read_version(output, version) if version else read_manifest(output)) or {}
-        return cls(output, read_ids(output, manifest or None), cache_bytes,
-                   manifest.get("thumbnail_side", THUMBNAIL_SIDE))
+        manifest = read_version(output, version) if version else read_manifest(output)
+        return cls(output, read_ids(output, manifest), cache_bytes,
+                   manifest.thumbnail_side if manifest else THUMBNAIL_SIDE)
 
     def get(self, positions: list[int], column: str = "image") -> list[Any]:
         """The ``column`` (image, thumbnail or embedding) of each vector position; one read per shard for the

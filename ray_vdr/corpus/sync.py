@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ray_vdr.corpus.manifest import CompactSummary, DeleteSummary, IndexFiles, IndexManifest
 from ray_vdr.corpus.metadata import MetadataError, PositionFields, parse_filter, read_sidecar, validate_metadata
 from ray_vdr.corpus.pages import SourceFile
 from ray_vdr.corpus.versions import docs_table, live_ids, next_version, publish, read_docs
@@ -122,16 +123,13 @@ def _metadata(f: dict[str, Any], table: tuple[str, dict[str, dict]] | None) -> d
 
 def delete(output: str, *, doc_ids: list[str] = (), sources: list[str] = (), filter: dict | None = None,
            compact_share: float | None = None, index_cfg: dict | None = None,
-           scope: list | None = None) -> dict[str, Any]:
+           scope: list | None = None) -> DeleteSummary:
     """Remove documents (and their pages) by doc_id, source (a file, or a folder: everything under it) or metadata
     filter, among those an API key's ``scope`` may see; publish the new version. LookupError when nothing matches.
     Returns a summary."""
     from ray_vdr.corpus.build import read_all_ids
-    from ray_vdr.corpus.store import read_manifest
 
-    current = read_manifest(output)
-    if current is None or "files" not in current:
-        raise FileNotFoundError(f"no versioned index at {output}: build it with `ray-vdr embed` first")
+    current = _versioned(output)
     docs = read_docs(output, current)
     if not (doc_ids or sources or filter):
         raise ValueError("say what to delete: --doc-id, --source or --filter")
@@ -154,13 +152,13 @@ def delete(output: str, *, doc_ids: list[str] = (), sources: list[str] = (), fil
         raise LookupError(f"nothing to delete: no document of the index at {output} matches {what}")
     new_docs = docs_table([r for r, h in zip(rows, hit, strict=True) if not h])
     ids = live_ids(read_all_ids(output, current), new_docs)
-    manifest = publish(output, {**current, "version": next_version(current), "operation": "delete"}, new_docs, ids,
-                       current)
-    summary = {"version": manifest["version"], "documents_removed": len(removed),
-               "pages_removed": current["live_pages"] - manifest["live_pages"], "matched": what,
-               "removed_doc_ids": sorted({r["doc_id"] for r in removed})[:100]}
-    if compact_share is not None and _removed_share(manifest) > compact_share:
-        summary["compaction"] = compact(output, index_cfg or {})
+    manifest = publish(output, current.model_copy(update={"version": next_version(current), "operation": "delete"}),
+                       new_docs, ids, current)
+    summary = DeleteSummary(version=manifest.version, documents_removed=len(removed),
+                            pages_removed=current.live - manifest.live, matched=what,
+                            removed_doc_ids=sorted({r["doc_id"] for r in removed})[:100])
+    if compact_share is not None and manifest.removed_share > compact_share:
+        summary.compaction = compact(output, index_cfg or {})
     return summary
 
 
@@ -170,26 +168,28 @@ def _normalise(source: str) -> str:
     return fs_path(source)[1].rstrip("/")
 
 
-def _removed_share(manifest: dict[str, Any]) -> float:
-    total = manifest["live_pages"] + manifest["removed_pages"]
-    return manifest["removed_pages"] / total if total else 0.0
-
-
-def compact(output: str, index_cfg: dict) -> dict[str, Any]:
-    """Rebuild the index over the live pages only (removed ones are then gone from the shards and the index too)."""
-    from ray_vdr.corpus.build import compact_version
+def _versioned(output: str) -> IndexManifest:
     from ray_vdr.corpus.store import read_manifest
 
     current = read_manifest(output)
-    if current is None or "files" not in current:
+    if current is None or current.version is None:
         raise FileNotFoundError(f"no versioned index at {output}: build it with `ray-vdr embed` first")
+    return current
+
+
+def compact(output: str, index_cfg: dict) -> CompactSummary:
+    """Rebuild the index over the live pages only (removed ones are then gone from the shards and the index too)."""
+    from ray_vdr.corpus.build import compact_version
+
+    current = _versioned(output)
     version = next_version(current)
     fields, ids = compact_version(output, current, index_cfg, version)
     docs = read_docs(output, current)
-    files = {**{k: v for k, v in current["files"].items() if k != "index"}, **fields.pop("files")}
-    manifest = publish(output, {**current, **fields, "files": files, "version": version, "operation": "compact"},
-                       docs, live_ids(ids, docs), current)
-    logger.info("compacted %s: %d removed pages dropped, %d vectors", output, current["removed_pages"],
-                manifest["vectors"])
-    return {"version": manifest["version"], "removed_pages_dropped": current.get("removed_pages", 0),
-            "vectors": manifest["vectors"], "retired_shards": len(manifest.get("retired_shards", []))}
+    files = IndexFiles(ids=current.files.ids, docs=current.files.docs, **fields.pop("files"))
+    manifest = publish(output, IndexManifest.model_validate({
+        **current.model_dump(), **fields, "files": files.model_dump(), "version": version, "operation": "compact"}),
+        docs, live_ids(ids, docs), current)
+    logger.info("compacted %s: %d removed pages dropped, %d vectors", output, current.removed_pages,
+                manifest.vectors)
+    return CompactSummary(version=manifest.version, removed_pages_dropped=current.removed_pages,
+                          vectors=manifest.vectors, retired_shards=len(manifest.retired_shards))

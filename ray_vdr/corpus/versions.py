@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.storage import fs_path, list_dirs, now_iso, read_json, read_table, remove_tree, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
@@ -50,19 +51,20 @@ def version_dir(output: str, n: int) -> str:
     return f"{output}/{VERSIONS}/v-{n:06d}"
 
 
-def next_version(current: dict[str, Any] | None) -> int:
-    return (current or {}).get("version", 0) + 1
+def next_version(current: IndexManifest | None) -> int:
+    return (current.version or 0) + 1 if current else 1
 
 
-def read_version(output: str, n: int) -> dict[str, Any] | None:
-    return read_json(f"{version_dir(output, n)}/manifest.json")
+def read_version(output: str, n: int) -> IndexManifest | None:
+    data = read_json(f"{version_dir(output, n)}/manifest.json")
+    return None if data is None else IndexManifest.model_validate(data)
 
 
-def read_docs(output: str, manifest: dict[str, Any] | None) -> pa.Table:
+def read_docs(output: str, manifest: IndexManifest | None) -> pa.Table:
     """The documents of a version (empty for none, or an index from before versions)."""
-    if not manifest or "docs" not in manifest.get("files", {}):
+    if manifest is None or manifest.files.docs is None:
         return DOCS_SCHEMA.empty_table()
-    return read_table(f"{output}/{manifest['files']['docs']}")
+    return read_table(f"{output}/{manifest.files.docs}")
 
 
 def docs_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -90,47 +92,49 @@ def _merge(doc: str | None, row: str | None) -> str | None:
     return json.dumps({**(json.loads(doc) if doc else {}), **json.loads(row)}, sort_keys=True, separators=(",", ":"))
 
 
-def retired_shards(manifest: dict[str, Any] | None) -> set[str]:
-    return set((manifest or {}).get("retired_shards", []))
+def retired_shards(manifest: IndexManifest | None) -> set[str]:
+    return set(manifest.retired_shards) if manifest else set()
 
 
-def publish(output: str, manifest: dict[str, Any], docs: pa.Table, ids: pa.Table,
-            base: dict[str, Any] | None) -> dict[str, Any]:
-    """Write version ``manifest['version']`` (its docs and ids; its index file is already there) and commit it, unless
+def publish(output: str, manifest: IndexManifest, docs: pa.Table, ids: pa.Table,
+            base: IndexManifest | None) -> IndexManifest:
+    """Write version ``manifest.version`` (its docs and ids; its index file is already there) and commit it, unless
     another writer published since ``base`` (the version this one was made from). Returns the committed manifest."""
-    n = manifest["version"]
+    n = manifest.version
     folder = version_dir(output, n)
     rel = f"{VERSIONS}/v-{n:06d}"
     write_table(docs, f"{folder}/docs.parquet")
     write_table(ids, f"{folder}/ids.parquet")
     live = int(pc.sum(ids.column("live")).as_py() or 0) if ids.num_rows else 0
-    manifest = {**manifest, "updated_at": now_iso(), "previous_version": (base or {}).get("version"),
-                "files": {**manifest.get("files", {}), "ids": f"{rel}/ids.parquet", "docs": f"{rel}/docs.parquet"},
-                "documents": docs.num_rows, "live_pages": live, "removed_pages": ids.num_rows - live}
-    write_bytes(json.dumps(manifest, indent=2).encode(), f"{folder}/manifest.json")
+    files = manifest.files.model_copy(update={"ids": f"{rel}/ids.parquet", "docs": f"{rel}/docs.parquet"})
+    manifest = manifest.model_copy(update={
+        "updated_at": now_iso(), "previous_version": base.version if base else None, "files": files,
+        "documents": docs.num_rows, "live_pages": live, "removed_pages": ids.num_rows - live})
+    data = manifest.model_dump_json(indent=2).encode()
+    write_bytes(data, f"{folder}/manifest.json")
     if os.environ.get(CHAOS_ENV) == "before_commit":
         logger.warning("chaos: killing the writer before it commits version %d", n)
         os.kill(os.getpid(), signal.SIGKILL)
-    now = read_json(f"{output}/manifest.json")
-    if (now or {}).get("version") != (base or {}).get("version"):
-        raise ConcurrentUpdate(f"the index at {output} moved from version {(base or {}).get('version')} to "
-                               f"{(now or {}).get('version')} while this change was prepared: rerun it")
-    write_bytes(json.dumps(manifest, indent=2).encode(), f"{output}/manifest.json")
+    now = (read_json(f"{output}/manifest.json") or {}).get("version")
+    if now != (base.version if base else None):
+        raise ConcurrentUpdate(f"the index at {output} moved from version {base.version if base else None} to "
+                               f"{now} while this change was prepared: rerun it")
+    write_bytes(data, f"{output}/manifest.json")
     logger.info("published version %d of %s: %d documents, %d live pages, %d removed", n, output,
                 docs.num_rows, live, ids.num_rows - live)
     _collect(output, manifest, base)
     return manifest
 
 
-def _collect(output: str, new: dict[str, Any], previous: dict[str, Any] | None) -> None:
+def _collect(output: str, new: IndexManifest, previous: IndexManifest | None) -> None:
     """Delete what neither the new version nor the previous one (still served during the switch) uses: older
     version folders, and the shards the previous version retired (its predecessor was their last user)."""
-    keep = {posixpath.dirname(f) for m in (new, previous) if m for f in m.get("files", {}).values()}
-    oldest = (previous or new).get("version", new["version"])
+    keep = {posixpath.dirname(f) for m in (new, previous) if m for f in m.files.model_dump().values() if f}
+    oldest = (previous.version if previous else None) or new.version
     for name in list_dirs(f"{output}/{VERSIONS}"):
         if name.startswith("v-") and int(name[2:]) < oldest and f"{VERSIONS}/{name}" not in keep:
             remove_tree(f"{output}/{VERSIONS}/{name}")
-    for name in retired_shards(previous) - set(new.get("shards", [])):
+    for name in retired_shards(previous) - set(new.shards):
         fs, path = fs_path(f"{output}/pages/{name}")
         with contextlib.suppress(FileNotFoundError):
             fs.delete_file(path)

@@ -30,11 +30,12 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
 
 from ray_vdr.config import MineConfig, VDRConfig
 from ray_vdr.corpus.pages import page_key
@@ -44,7 +45,7 @@ from ray_vdr.storage import is_file, list_parts, part_name, read_bytes, read_tab
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexMiner", "Mined", "MineResult", "NegativeMiner", "run", "select_negatives"]
+__all__ = ["IndexMiner", "MineResult", "MineSettings", "MineSummary", "Mined", "NegativeMiner", "run", "select_negatives"]
 
 TRIPLETS = "triplets"  # the reranker's training data: <output>/triplets
 REJECTS = "rejects"
@@ -54,10 +55,45 @@ REJECT_SCHEMA = pa.schema([("row_id", pa.string()), ("query", pa.string()), ("re
                            ("detail", pa.string())])
 
 
+class MineSettings(BaseModel):
+    """What negatives were mined from and with (``mine.json``): a rerun must match, or it would mix two kinds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str
+    model_fingerprint: str | None
+    dim: int
+    num_negatives: int
+    rank_min: int
+    rank_max: int
+    margin: float
+    duplicate_similarity: float
+    sampling: str
+    seed: int
+    last_run: MineSummary | None = None
+
+
+class MineSummary(BaseModel):
+    """One run of the mining job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows_mined: int
+    rows_rejected: int
+    rows_done_before: int
+    input_rejects: int
+    dropped_positive: int = 0
+    dropped_same_document: int = 0
+    dropped_near_duplicate: int = 0
+    dropped_within_margin: int = 0
+    rows_per_second: float = 0.0
+    seconds: float = 0.0
+
+
 @dataclass
 class MineResult:
     output: str
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: MineSummary
 
 
 def mined_schema(k: int) -> pa.Schema:
@@ -146,27 +182,24 @@ class IndexMiner:
                  cpus: float = 1.0):
         from ray_vdr.cluster import worker_device, worker_logging
         from ray_vdr.corpus.store import PageStore, open_index
-        from ray_vdr.models.load import load_embedder
+        from ray_vdr.models.encoder import IndexEncoder
+        from ray_vdr.models.load import Runtime
 
         worker_logging()
-        device = worker_device(use_gpu, cpus)
         self.index = open_index(index, model_path=model)
-        binding = {**self.index.manifest["model"], "path": model}  # encode as the index did, with these files
-        self.model = load_embedder(binding, dtype=dtype, attn_implementation=attn, device=device)
-        self.dim = self.index.manifest["dim"]
+        self.dim = self.index.manifest.dim
+        # encode as the index did (its binding: prompts, pixel bounds, remote code), with these files
+        self.encoder = IndexEncoder(self.index.manifest.model.at(model),
+                                    Runtime(dtype, attn, worker_device(use_gpu, cpus)), self.dim)
         self.pages = PageStore.of(self.index, cache_bytes=64 << 20)
 
-    def _embed(self, fn, items) -> np.ndarray:
-        return fn(items, batch_size=len(items), truncate_dim=self.dim, normalize_embeddings=True,
-                  convert_to_numpy=True, show_progress_bar=False)
-
     def encode_queries(self, queries: list[str]) -> np.ndarray:
-        return self._embed(self.model.encode_query, queries)
+        return self.encoder.encode_queries(queries)
 
     def encode_pages(self, images: list[bytes]) -> np.ndarray:
         from ray_vdr.data.images import pil_pages
 
-        return self._embed(self.model.encode_document, pil_pages(images))
+        return self.encoder.encode_pages(pil_pages(images))
 
     def stored(self, positions: list[int]) -> np.ndarray:
         """The vectors the index stored for these positions."""
@@ -250,14 +283,14 @@ def resolve(cfg: VDRConfig) -> tuple[str, str, str]:
     manifest = read_manifest(index)
     if manifest is None:
         raise FileNotFoundError(f"no corpus index at {index}: build it first (jobs/embed_corpus.py) or set mine.index")
-    model = cfg.mine.model or manifest["model"]["path"]
+    model = cfg.mine.model or manifest.model.path
     return index, model, cfg.mine.output or cfg.run.uri("mined")
 
 
-def _binding(cfg: MineConfig, index: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def _settings(cfg: MineConfig, index: str, manifest) -> MineSettings:
     keep = ("num_negatives", "rank_min", "rank_max", "margin", "duplicate_similarity", "sampling", "seed")
-    return {"index": index, "model_fingerprint": manifest["model"]["fingerprint"], "dim": manifest["dim"],
-            **{name: getattr(cfg, name) for name in keep}}
+    return MineSettings(index=index, model_fingerprint=manifest.model.fingerprint, dim=manifest.dim,
+                        **{name: getattr(cfg, name) for name in keep})
 
 
 def run(cfg: VDRConfig) -> MineResult:
@@ -273,15 +306,15 @@ def run(cfg: VDRConfig) -> MineResult:
     source = cfg.mine.queries or cfg.data.train
     if source is None:
         raise FileNotFoundError("mine.queries and data.train are both unset: nothing to mine for")
-    manifest = read_manifest(index)
-    binding = _binding(cfg.mine, index, manifest)
+    settings = _settings(cfg.mine, index, read_manifest(index))
     if is_file(f"{output}/{BINDING_FILE}"):
-        earlier = {k: v for k, v in json.loads(read_bytes(f"{output}/{BINDING_FILE}")).items() if k in binding}
-        if earlier != binding:
-            changed = sorted(k for k in binding if earlier.get(k) != binding[k])
+        earlier = MineSettings.model_validate(json.loads(read_bytes(f"{output}/{BINDING_FILE}")))
+        changed = sorted(k for k in MineSettings.model_fields if k != "last_run"
+                         and getattr(earlier, k) != getattr(settings, k))
+        if changed:
             raise IndexMismatch(f"{output} holds negatives mined with other settings ({', '.join(changed)} differ): "
                                 "mine into a new mine.output or restore the settings to resume")
-    write_bytes(json.dumps(binding, indent=2).encode(), f"{output}/{BINDING_FILE}")
+    write_bytes(settings.model_dump_json(indent=2).encode(), f"{output}/{BINDING_FILE}")
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     done = done_rows(output)
@@ -310,11 +343,13 @@ def run(cfg: VDRConfig) -> MineResult:
             logger.info("%d batches: %d rows mined, %d rejected (%.1f rows/s)", totals["batches"], totals["mined"],
                         totals["rejected"], (totals["mined"] + totals["rejected"]) / (time.perf_counter() - t0))
     seconds = time.perf_counter() - t0
-    summary = {"rows_mined": totals["mined"], "rows_rejected": totals["rejected"], "rows_done_before": len(done),
-               "input_rejects": sum(count_rejects(f"{output}/{INPUT_REJECTS}").values()),
-               **{f"dropped_{reason}": totals[reason] for reason in DROP_REASONS},
-               "rows_per_second": round((totals["mined"] + totals["rejected"]) / seconds, 2) if seconds else 0.0,
-               "seconds": round(time.time() - start, 2)}
-    write_bytes(json.dumps({**binding, "last_run": summary}, indent=2).encode(), f"{output}/{BINDING_FILE}")
+    summary = MineSummary(
+        rows_mined=totals["mined"], rows_rejected=totals["rejected"], rows_done_before=len(done),
+        input_rejects=sum(count_rejects(f"{output}/{INPUT_REJECTS}").values()),
+        **{f"dropped_{reason}": totals[reason] for reason in DROP_REASONS},
+        rows_per_second=round((totals["mined"] + totals["rejected"]) / seconds, 2) if seconds else 0.0,
+        seconds=round(time.time() - start, 2))
+    settings.last_run = summary
+    write_bytes(settings.model_dump_json(indent=2).encode(), f"{output}/{BINDING_FILE}")
     logger.info("mining summary: %s", summary)
     return MineResult(output, summary)

@@ -1,7 +1,8 @@
 """Two-stage evaluation on the eval split: the embedder alone, then the embedder's top candidates reordered by the
 reranker at several depths. NDCG@10, MRR@10 and Recall@10 per setting, as a table (eval.md), JSON and a plot.
 
-The core (:func:`two_stage_metrics`) takes models and an :class:`~ray_vdr.eval.matryoshka.EvalSet` and uses no Ray;
+The core (:func:`two_stage_metrics`) takes an :class:`~ray_vdr.models.encoder.IndexEncoder` (queries and pages
+encoded as an index encodes them), a reranker and an :class:`~ray_vdr.eval.matryoshka.EvalSet`, and uses no Ray;
 the job (:func:`run`) reads the eval split with Ray Data inside one Ray task, on a GPU when the cluster has one.
 :func:`compare_embedders` is the same embed-only measurement for promotion.
 """
@@ -15,13 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from ray_vdr.config import VDRConfig
 from ray_vdr.eval.metrics import mean_metrics, rank, ranking_metrics, rerank_order
+from ray_vdr.models.binding import EmbedderBinding
 from ray_vdr.storage import is_file, write_bytes
 
 if TYPE_CHECKING:
     from ray_vdr.eval.matryoshka import EvalSet
+    from ray_vdr.models.encoder import IndexEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +37,35 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {m: v for m, v in mean_metrics(rows).items() if m in METRICS}
 
 
-def two_stage_metrics(embedder, reranker, eval_set: EvalSet, *, dim: int | None, depths: list[int],
+class EvalReport(BaseModel):
+    """What ``ray-vdr evaluate`` measured (eval.json), and where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    results: dict[str, dict[str, float]]
+    dim: int
+    eval_queries: int
+    eval_corpus: int
+    seconds: float
+    device: str
+    embedder: str | None = None
+    reranker: str | None = None
+    rerank_depths: list[int] = []
+    table: str = ""
+    output: str | None = None
+
+
+def two_stage_metrics(encoder: IndexEncoder, reranker, eval_set: EvalSet, *, dim: int | None, depths: list[int],
                       batch_size: int = 16) -> dict[str, dict[str, float]]:
     """{"embed only": metrics, "rerank@<depth>": metrics, ...}; ``reranker`` None gives embed only.
 
-    The embedder encodes queries and pages as the index does (prompts, ``dim``, normalised); the reranker scores
+    The encoder encodes queries and pages as the index does (prompts, ``dim``, normalised); the reranker scores
     each query's top ``max(depths)`` pages once, and every depth reorders its own prefix of them.
     """
     qids = list(eval_set.queries)
     cids = list(eval_set.corpus)
-    kwargs = {"batch_size": batch_size, "truncate_dim": dim, "normalize_embeddings": True, "convert_to_numpy": True,
-              "show_progress_bar": False}
-    q = embedder.encode_query([eval_set.queries[i] for i in qids], **kwargs)
-    c = embedder.encode_document([eval_set.corpus[i] for i in cids], **kwargs)
+    q = encoder.encode_queries([eval_set.queries[i] for i in qids], dim, batch_size)
+    c = encoder.encode_pages([eval_set.corpus[i] for i in cids], dim, batch_size)
     first_stage = [[cids[j] for j in row] for row in rank(q @ c.T)]
     results = {EMBED_ONLY: _mean([ranking_metrics(r, eval_set.relevant[qid]) for r, qid in
                                   zip(first_stage, qids, strict=True)])}
@@ -118,7 +138,7 @@ def write_reports(out: str, results: dict[str, dict[str, float]], extra: dict[st
 
 def resolve(cfg: VDRConfig) -> tuple[str, str | None, str]:
     """(embedder, reranker or None, output) with the defaults filled in: this config's trained models."""
-    from ray_vdr.train.reranker import trained_reranker
+    from ray_vdr.models.load import trained_reranker
 
     model = cfg.evaluate.model or cfg.run.uri("model")
     if not is_file(f"{model}/modules.json") and cfg.evaluate.model is None:
@@ -142,17 +162,17 @@ def _eval_split(cfg: VDRConfig, tag: str):
     return eval_set_from_table(pa.concat_tables(list(ds.iter_batches(batch_size=256, batch_format="pyarrow"))))
 
 
-def evaluated_embedder(cfg: VDRConfig, binding: dict[str, Any], device: str):
-    """The embedder of an index binding (ray_vdr.models.load), with this config's dtype and attention: an index's
-    manifest binding (promotion), or the binding the embedding job would record for a model under this config
+def evaluated_encoder(cfg: VDRConfig, binding: EmbedderBinding, device: str, dim: int | None = None) -> IndexEncoder:
+    """The encoder of an index binding, with this config's dtype and attention: an index's manifest binding
+    (promotion), or the binding the embedding job would record for a model under this config
     (:func:`config_binding`), so evaluation encodes exactly as the index and the endpoint do."""
-    from ray_vdr.models.load import load_embedder
+    from ray_vdr.models.encoder import IndexEncoder
+    from ray_vdr.models.load import Runtime
 
-    return load_embedder(binding, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                         device=device, trust_remote_code=cfg.model.trust_remote_code)
+    return IndexEncoder(binding, Runtime(cfg.model.dtype, cfg.model.attn_implementation, device), dim)
 
 
-def config_binding(cfg: VDRConfig, model: str) -> dict[str, Any]:
+def config_binding(cfg: VDRConfig, model: str) -> EmbedderBinding:
     """How the embedding job would encode with ``model`` under this config: its prompts, pixel bounds and token limit
     (the model's saved ones, overridden by the config's model section)."""
     from ray_vdr.models.load import embedder_binding
@@ -161,11 +181,11 @@ def config_binding(cfg: VDRConfig, model: str) -> dict[str, Any]:
 
 
 def _reranker(cfg: VDRConfig, path: str, device: str):
-    from ray_vdr.models.load import load_reranker
+    from ray_vdr.models.load import Runtime, load_reranker
 
     m = cfg.reranker.model
-    return load_reranker(path, dtype=m.dtype, attn_implementation=m.attn_implementation, device=device,
-                         min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    return load_reranker(path, Runtime(m.dtype, m.attn_implementation, device), min_pixels=m.min_pixels,
+                         max_pixels=m.max_pixels, trust_remote_code=m.trust_remote_code)
 
 
 def _device(cfg: VDRConfig, num_cpus: float = 1.0) -> str:
@@ -175,19 +195,19 @@ def _device(cfg: VDRConfig, num_cpus: float = 1.0) -> str:
     return worker_device(cfg.scaling.use_gpu, num_cpus)
 
 
-def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> dict[str, Any]:
+def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> EvalReport:
     """Runs as one Ray task: read the eval split, load both models, measure."""
     cfg = VDRConfig.model_validate(cfg_json)
     device = _device(cfg)
     eval_set = _eval_split(cfg, "eval-two-stage")
-    embedder = evaluated_embedder(cfg, config_binding(cfg, model), device)
-    dim = cfg.evaluate.dim or cfg.output.truncate_dim or embedder.get_embedding_dimension()
+    encoder = evaluated_encoder(cfg, config_binding(cfg, model), device)
+    dim = cfg.evaluate.dim or cfg.output.truncate_dim or encoder.full_dim
     rr = _reranker(cfg, reranker, device) if reranker is not None else None
     t0 = time.perf_counter()
-    results = two_stage_metrics(embedder, rr, eval_set, dim=dim, depths=cfg.evaluate.rerank_depths,
+    results = two_stage_metrics(encoder, rr, eval_set, dim=dim, depths=cfg.evaluate.rerank_depths,
                                 batch_size=cfg.evaluate.batch_size)
-    return {"results": results, "dim": dim, "eval_queries": len(eval_set.queries),
-            "eval_corpus": len(eval_set.corpus), "seconds": round(time.perf_counter() - t0, 2), "device": device}
+    return EvalReport(results=results, dim=dim, eval_queries=len(eval_set.queries), eval_corpus=len(eval_set.corpus),
+                      seconds=round(time.perf_counter() - t0, 2), device=device)
 
 
 def _compare_task(cfg_json: dict, embedders: dict[str, tuple[dict, int]]) -> dict[str, dict[str, float]]:
@@ -197,13 +217,14 @@ def _compare_task(cfg_json: dict, embedders: dict[str, tuple[dict, int]]) -> dic
     eval_set = _eval_split(cfg, "eval-compare")
     out = {}
     for name, (binding, dim) in embedders.items():
-        out[name] = two_stage_metrics(evaluated_embedder(cfg, binding, device), None, eval_set, dim=dim, depths=[],
+        encoder = evaluated_encoder(cfg, EmbedderBinding.model_validate(binding), device, dim)
+        out[name] = two_stage_metrics(encoder, None, eval_set, dim=dim, depths=[],
                                       batch_size=cfg.evaluate.batch_size)[EMBED_ONLY]
         out[name]["eval_queries"] = len(eval_set.queries)
     return out
 
 
-def compare_embedders(cfg: VDRConfig, embedders: dict[str, tuple[dict, int]], num_cpus: float = 1.0
+def compare_embedders(cfg: VDRConfig, embedders: dict[str, tuple[EmbedderBinding, int]], num_cpus: float = 1.0
                       ) -> dict[str, dict[str, float]]:
     """Embed-only NDCG@10, MRR@10, Recall@10 of each {name: (binding, dim)} on the eval split, in one Ray task (on a
     GPU when ``scaling.use_gpu``), each embedder as its index encodes (an index manifest's ``model`` binding) and
@@ -213,10 +234,11 @@ def compare_embedders(cfg: VDRConfig, embedders: dict[str, tuple[dict, int]], nu
     if cfg.data.eval is None:
         raise FileNotFoundError("data.eval is not set: comparing embedders needs the eval split")
     task = ray.remote(_compare_task).options(num_gpus=1 if cfg.scaling.use_gpu else 0, num_cpus=num_cpus)
-    return ray.get(task.remote(cfg.model_dump(mode="json"), embedders))
+    plain = {name: (binding.model_dump(), dim) for name, (binding, dim) in embedders.items()}
+    return ray.get(task.remote(cfg.model_dump(mode="json"), plain))
 
 
-def run(cfg: VDRConfig) -> dict[str, Any]:
+def run(cfg: VDRConfig) -> EvalReport:
     """Evaluate embed-only and embed + rerank on the eval split; write the reports. Returns the report."""
     import ray
 
@@ -227,9 +249,9 @@ def run(cfg: VDRConfig) -> dict[str, Any]:
     model, reranker, output = resolve(cfg)
     init_ray()
     task = ray.remote(_evaluate_task).options(num_gpus=1 if cfg.scaling.use_gpu else 0, num_cpus=1)
-    report = ray.get(task.remote(cfg.model_dump(mode="json"), model, reranker))
-    report.update({"embedder": model, "reranker": reranker, "rerank_depths": cfg.evaluate.rerank_depths})
-    report["table"] = write_reports(output, report["results"], {k: v for k, v in report.items() if k != "results"})
-    report["output"] = output
-    logger.info("two-stage evaluation (%s):\n%s", output, report["table"])
+    report = ray.get(task.remote(cfg.model_dump(mode="json"), model, reranker)).model_copy(
+        update={"embedder": model, "reranker": reranker, "rerank_depths": cfg.evaluate.rerank_depths,
+                "output": output})
+    report.table = write_reports(output, report.results, report.model_dump(exclude={"results", "table", "output"}))
+    logger.info("two-stage evaluation (%s):\n%s", output, report.table)
     return report

@@ -2,8 +2,9 @@
 built with from its binding (path, prompts, pixel bounds), so every job encodes as the index did.
 
 - :func:`build_model`: load (or build, then load) what a config describes; every job goes through it.
-- :func:`embedder_binding` / :func:`load_embedder`: how an index encodes. The embedding job stores the binding in the
-  index manifest; the job itself, mining, evaluation, promotion and serving all load the embedder from a binding.
+- :func:`embedder_binding` / :func:`load_embedder`: how an index encodes (:mod:`ray_vdr.models.binding`). The
+  embedding job stores the binding in the index manifest; every encoder loads the embedder from a binding
+  (:class:`ray_vdr.models.encoder.IndexEncoder`), with a :class:`Runtime` (dtype, attention, device).
 - :func:`local_model`, :func:`model_fingerprint`, :func:`model_signature`: where a model's files are, and its identity
   (a full hash once, at index build; a cheap signature at load).
 """
@@ -17,14 +18,18 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray_vdr.config import ModelConfig
+from ray_vdr.models.binding import EmbedderBinding, PixelBounds
 
 if TYPE_CHECKING:
     import torch
     from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    from ray_vdr.config import VDRConfig
 
 logger = logging.getLogger(__name__)
 
@@ -275,14 +280,14 @@ def _pixel_bounds(cfg: ModelConfig, path: Path) -> dict[str, Any]:
     return {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge")}
 
 
-def embedder_binding(cfg: ModelConfig, uri: str) -> dict[str, Any]:
+def embedder_binding(cfg: ModelConfig, uri: str) -> EmbedderBinding:
     """How the embedder at ``uri`` encodes when a job runs it with the model section ``cfg``: its path, the prompts
-    (the saved ones, overridden by ``cfg``), processor pixel bounds (likewise), token limit, saved truncation and
-    whether it normalises. Reads configuration files only.
+    (the saved ones, overridden by ``cfg``), processor pixel bounds (likewise), token limit, saved truncation, whether
+    it normalises, and whether it needs its own code (``cfg.trust_remote_code``). Reads configuration files only.
 
     The embedding job stores this in the index manifest (``model``), with the model's identity; every job that
-    encodes against an index loads the embedder from it with :func:`load_embedder`, so queries are encoded exactly
-    as the index's pages were, and an evaluation computes it from the same config as the job would.
+    encodes against an index encodes through :class:`ray_vdr.models.encoder.IndexEncoder` from it, so queries are
+    encoded exactly as the index's pages were, and an evaluation computes it from the same config as the job would.
     """
     local = Path(local_model(uri))
     st_cfg = local / "config_sentence_transformers.json"
@@ -293,28 +298,48 @@ def embedder_binding(cfg: ModelConfig, uri: str) -> dict[str, Any]:
         prompts["document"] = cfg.document_prompt
     if cfg.query_prompt is not None:
         prompts["query"] = cfg.query_prompt
-    return {"path": uri, "truncate_dim": st.get("truncate_dim"),
-            "normalized": any(m.get("type", "").endswith("Normalize") for m in modules),
-            "document_prompt": prompts.get("document"), "query_prompt": prompts.get("query"),
-            "pixel_bounds": _pixel_bounds(cfg, local), "max_seq_length": cfg.max_seq_length}
+    return EmbedderBinding(path=uri, truncate_dim=st.get("truncate_dim"),
+                           normalized=any(m.get("type", "").endswith("Normalize") for m in modules),
+                           document_prompt=prompts.get("document"), query_prompt=prompts.get("query"),
+                           pixel_bounds=PixelBounds(**_pixel_bounds(cfg, local)), max_seq_length=cfg.max_seq_length,
+                           trust_remote_code=cfg.trust_remote_code)
 
 
-def load_embedder(binding: dict[str, Any], *, dtype: str = "auto", attn_implementation: str = "auto",
-                  device: str | None = None, trust_remote_code: bool = False) -> SentenceTransformer:
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a job runs a model (not how it encodes: that is the binding): dtype, attention, device."""
+
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    device: str | None = None
+
+
+def load_embedder(binding: EmbedderBinding, runtime: Runtime | None = None) -> SentenceTransformer:
     """The embedder of a binding (:func:`embedder_binding`, or an index manifest's ``model``), encoding with its
-    prompts, pixel bounds and token limit."""
-    bounds = binding.get("pixel_bounds") or {}
-    cfg = ModelConfig(name_or_path=local_model(binding["path"]), builder="load", dtype=dtype,
-                      attn_implementation=attn_implementation, min_pixels=bounds.get("min_pixels"),
-                      max_pixels=bounds.get("max_pixels"), query_prompt=binding.get("query_prompt"),
-                      document_prompt=binding.get("document_prompt"), max_seq_length=binding.get("max_seq_length"),
+    prompts, pixel bounds and token limit, with its own code when the binding says it needs it."""
+    runtime, bounds = runtime or Runtime(), binding.pixel_bounds
+    cfg = ModelConfig(name_or_path=local_model(binding.path), builder="load", dtype=runtime.dtype,
+                      attn_implementation=runtime.attn_implementation, min_pixels=bounds.min_pixels,
+                      max_pixels=bounds.max_pixels, query_prompt=binding.query_prompt,
+                      document_prompt=binding.document_prompt, max_seq_length=binding.max_seq_length,
+                      trust_remote_code=binding.trust_remote_code)
+    return build_model(cfg, device=runtime.device)
+
+
+def load_reranker(uri: str, runtime: Runtime | None = None, *, min_pixels: int | None = None,
+                  max_pixels: int | None = None, trust_remote_code: bool = False) -> CrossEncoder:
+    """A saved CrossEncoder (folder, URI or hub id), with its saved pixel bounds unless given, and its own code when
+    ``trust_remote_code``."""
+    runtime = runtime or Runtime()
+    cfg = ModelConfig(name_or_path=local_model(uri), builder="load", dtype=runtime.dtype,
+                      attn_implementation=runtime.attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels,
                       trust_remote_code=trust_remote_code)
-    return build_model(cfg, device=device)
+    return build_model(cfg, device=runtime.device, reranker=True)
 
 
-def load_reranker(uri: str, *, dtype: str = "auto", attn_implementation: str = "auto", device: str | None = None,
-                  min_pixels: int | None = None, max_pixels: int | None = None) -> CrossEncoder:
-    """A saved CrossEncoder (folder, URI or hub id), with its saved pixel bounds unless given."""
-    cfg = ModelConfig(name_or_path=local_model(uri), builder="load", dtype=dtype,
-                      attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
-    return build_model(cfg, device=device, reranker=True)
+def trained_reranker(cfg: VDRConfig) -> str | None:
+    """The reranker this config's reranker run saved, if it has finished; else None."""
+    from ray_vdr.storage import is_file
+
+    uri = cfg.reranker_run().uri("model")
+    return uri if is_file(f"{uri}/modules.json") else None

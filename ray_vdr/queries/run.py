@@ -298,11 +298,11 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> TrainingDataResult:
     t0 = time.time()
     built = embed.run(icfg)
     seconds["pages and corpus index"] = time.time() - t0
-    _check_settings(output, _settings(cfg, model, built.manifest["model"]["fingerprint"]))
+    _check_settings(output, _settings(cfg, model, built.manifest.model.fingerprint))
     init_ray()
     import ray.data
 
-    n_pages = built.manifest["vectors"]
+    n_pages = built.manifest.vectors
     pages = ray.data.read_parquet(f"{corpus}/pages", num_cpus=q.cpus_per_task).select_columns(["text"])
 
     # 2. boilerplate, 3. generation and the per-query filters

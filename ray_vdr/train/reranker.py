@@ -9,20 +9,7 @@ pairs and CrossEncoderRerankingEvaluator on the eval split.
 
 from __future__ import annotations
 
-from ray_vdr.config import DataConfig, ModelConfig, OutputConfig, RunConfig, SourceConfig, TrainConfig, VDRConfig
-
-
-def reranker_run(cfg: VDRConfig) -> RunConfig:
-    """The reranker's run: its own name (default ``<run.name>-reranker``) under the same storage."""
-    return cfg.run.model_copy(update={"name": cfg.reranker.run_name or f"{cfg.run.name}-reranker"})
-
-
-def trained_reranker(cfg: VDRConfig) -> str | None:
-    """The reranker this config's reranker run saved, if it has finished; else None."""
-    from ray_vdr.storage import is_file
-
-    uri = reranker_run(cfg).uri("model")
-    return uri if is_file(f"{uri}/modules.json") else None
+from ray_vdr.config import DataConfig, ModelConfig, OutputConfig, SourceConfig, TrainConfig, VDRConfig
 
 
 def training_config(cfg: VDRConfig) -> VDRConfig:
@@ -47,7 +34,7 @@ def training_config(cfg: VDRConfig) -> VDRConfig:
         "data": data_cfg.model_dump(),
         "train": TrainConfig.model_validate(r.train.model_dump()).model_dump(),
         "scaling": (r.scaling or cfg.scaling).model_dump(),
-        "run": reranker_run(cfg).model_dump(),
+        "run": cfg.reranker_run().model_dump(),
         "output": OutputConfig(truncate_dim=None).model_dump(),
         "synthetic": None,
     })

@@ -57,11 +57,11 @@ def test_embed_corpus_exactly_once_rerun_and_growth(ray_local, tiny_qwen, page_p
     expected = write_corpus(corpus, page_pngs[:20])
     result = run(_cfg(tiny_qwen, corpus, out, "index.thumbnail_side=96"))
     s = result.summary
-    assert (s["pages_embedded"], s["pages_rejected"]) == (expected["pages"], sum(expected["rejects"].values()))
+    assert (s.pages_embedded, s.pages_rejected) == (expected["pages"], sum(expected["rejects"].values()))
     m = result.manifest
-    assert m["dim"] == 32 and m["index"]["type"] == "flat" and m["vectors"] == expected["pages"]
-    assert m["model"]["document_prompt"] == "Represent the user's input." and m["model"]["fingerprint"]
-    assert m["model"]["pixel_bounds"] == {"min_pixels": 1024, "max_pixels": 16384}  # demo config's model bounds
+    assert m.dim == 32 and m.index.type == "flat" and m.vectors == expected["pages"]
+    assert m.model.document_prompt == "Represent the user's input." and m.model.fingerprint
+    assert m.model.pixel_bounds.model_dump() == {"min_pixels": 1024, "max_pixels": 16384}  # demo config's bounds
     index = open_index(str(out), model_path=str(tiny_qwen), dim=32)
     _assert_exactly_once(out, expected, index)
 
@@ -78,16 +78,16 @@ def test_embed_corpus_exactly_once_rerun_and_growth(ray_local, tiny_qwen, page_p
 
     # a rerun over the same sources embeds nothing and leaves the index as it was
     again = run(_cfg(tiny_qwen, corpus, out))
-    assert again.summary["pages_embedded"] == again.summary["pages_rejected"] == 0
-    assert again.summary["pages_done_before"] == expected["inputs"] and again.manifest["vectors"] == expected["pages"]
+    assert again.summary.pages_embedded == again.summary.pages_rejected == 0
+    assert again.summary.pages_done_before == expected["inputs"] and again.manifest.vectors == expected["pages"]
 
     # new files: only they are embedded, and the index is extended, not rebuilt
     (corpus / "more").mkdir()
     for i, png in enumerate(page_pngs[20:26]):
         (corpus / "more" / f"new-{i}.png").write_bytes(png)
     grown = run(_cfg(tiny_qwen, corpus, out))
-    assert grown.summary["pages_embedded"] == 6 and grown.manifest["extended"]
-    assert grown.manifest["added_vectors"] == 6
+    assert grown.summary.pages_embedded == 6 and grown.manifest.extended
+    assert grown.manifest.added_vectors == 6
     expected = {**expected, "pages": expected["pages"] + 6, "inputs": expected["inputs"] + 6}
     _assert_exactly_once(out, expected, open_index(str(out)))
 
@@ -150,12 +150,12 @@ def test_interrupted_job_resumes_exactly_once(ray_local, tiny_qwen, page_pngs, t
         _kill_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
     done = len(pq.read_table(out / "pages", columns=["key"]))
-    assert v1["vectors"] < done < expected["pages"]
+    assert v1.vectors < done < expected["pages"]
     still = open_index(str(out))
-    assert still.manifest["version"] == 1 and still.index.ntotal == v1["vectors"], "the previous version is served"
+    assert still.manifest.version == 1 and still.index.ntotal == v1.vectors, "the previous version is served"
     result = run(_cfg(tiny_qwen, corpus, out))
-    assert result.summary["pages_done_before"] >= done and result.manifest["version"] == 2
-    assert result.summary["pages_embedded"] <= expected["pages"] - done
+    assert result.summary.pages_done_before >= done and result.manifest.version == 2
+    assert result.summary.pages_embedded <= expected["pages"] - done
     _assert_exactly_once(out, expected, open_index(str(out)))
 
 
@@ -199,7 +199,7 @@ def test_every_job_encodes_as_the_index_does(ray_local, tiny_qwen, page_pngs, tm
                f"model.document_prompt={prompts['document']}")
     run(cfg)
     manifest = read_manifest(str(out))
-    assert (manifest["model"]["query_prompt"], manifest["model"]["document_prompt"]) == (prompts["query"],
+    assert (manifest.model.query_prompt, manifest.model.document_prompt) == (prompts["query"],
                                                                                         prompts["document"])
 
     # the reference: Sentence Transformers itself, with the overriding prompts and the config's pixel bounds

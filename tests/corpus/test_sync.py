@@ -61,7 +61,7 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     table = tmp_path / "meta.jsonl"
     table.write_text(json.dumps({"doc_id": "c.pdf", "tenant": "t1", "collection": "hr"}) + "\n")
     v1 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))
-    assert v1.summary["documents"]["added"] == 5 and v1.summary["pages"]["added"] == 8
+    assert v1.summary.documents["added"] == 5 and v1.summary.pages.added == 8
     bad_row = pq.read_table(out / "rejects").to_pylist()
     assert [(r["doc_id"], r["reason"]) for r in bad_row] == [("scan-3", "bad_metadata_type")], bad_row
     first = open_index(str(out))
@@ -89,7 +89,7 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     index = open_index(str(out))
     stored = _stored(out)
     live = [r["key"] for r in index.ids.to_pylist() if r["live"]]
-    assert len(live) == len(set(live)) == 9 and v2.manifest["version"] == 2
+    assert len(live) == len(set(live)) == 9 and v2.manifest.version == 2
     assert not {r["doc_id"] for r in index.ids.to_pylist() if r["live"]} & {"c.pdf", "f.pdf", "g.pdf"}
     for gone in old_b + old_c:  # a removed page's own vector does not find it, at any depth
         hits = index.search(stored[gone][None], 50)[0]
@@ -112,29 +112,29 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     assert cmd_delete(_cfg(tiny_qwen, docs, out), ["nope.pdf"], [], None) == 1
     assert "nothing to delete" in capsys.readouterr().err
     after = open_index(str(out))
-    assert after.manifest["version"] == 4 and after.manifest["live_pages"] == 5
+    assert after.manifest.version == 4 and after.manifest.live_pages == 5
     assert {h["doc_id"] for row in after.search(np.stack(list(stored.values())), 20) for h in row} == {
         "a.pdf", "d.png", "scan-1", "scan-2"}
 
     # compaction drops removed pages from the index and the shards, and the retired shards go with the next version
     c = compact(str(out), _cfg(tiny_qwen, docs, out).index.model_dump())
     compacted = open_index(str(out))
-    assert compacted.index.ntotal == compacted.manifest["live_pages"] == 5 and compacted.live is None
-    retired = compacted.manifest["retired_shards"]
+    assert compacted.index.ntotal == compacted.manifest.live_pages == 5 and compacted.live is None
+    retired = compacted.manifest.retired_shards
     assert c["retired_shards"] == len(retired) > 0 and all((out / "pages" / n).exists() for n in retired)
-    in_shards = [k for n in compacted.manifest["shards"]
+    in_shards = [k for n in compacted.manifest.shards
                  for k in pq.read_table(out / "pages" / n, columns=["key"]).column("key").to_pylist()]
     assert sorted(in_shards) == sorted(compacted.ids.column("key").to_pylist())
     for key in [r["key"] for r in compacted.ids.to_pylist()]:
         assert compacted.search(stored[key][None], 1)[0][0]["key"] == key
     v6 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))  # brings back b and e (still in the sources)
-    assert v6.summary["documents"]["added"] == 2 and not any((out / "pages" / n).exists() for n in retired)
+    assert v6.summary.documents["added"] == 2 and not any((out / "pages" / n).exists() for n in retired)
     assert not set(_stored(out)) & set(old_b + old_c), "removed pages are gone from storage"
 
     # append mode keeps a changed file's old pages
     (docs / "d.png").write_bytes(p[12])
     appended = run(_cfg(tiny_qwen, docs, out, "index.mode=append", f"index.metadata={table}"))
-    assert appended.summary["pages"]["removed"] == 0 and appended.summary["pages"]["added"] == 1
+    assert appended.summary.pages.removed == 0 and appended.summary.pages.added == 1
     assert len(_pages_of(open_index(str(out)), "d.png")) == 2
 
 
@@ -152,10 +152,10 @@ def test_writer_killed_before_its_commit_leaves_the_previous_version(tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (out / "versions" / "v-000002" / "manifest.json").exists(), "killed after writing the version's files"
     index = open_index(str(out))
-    assert index.manifest["version"] == 1 and index.manifest["live_pages"] == 12
+    assert index.manifest.version == 1 and index.manifest.live_pages == 12
     summary = delete(str(out), doc_ids=["doc-1"])
     index = open_index(str(out))
-    assert summary["version"] == index.manifest["version"] == 2 and index.manifest["live_pages"] == 9
+    assert summary.version == index.manifest.version == 2 and index.manifest.live_pages == 9
     keys = index.ids.column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 12 and "doc-1" not in {r["doc_id"] for r in index.ids.to_pylist()
                                                                    if r["live"]}

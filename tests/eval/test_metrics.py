@@ -46,20 +46,24 @@ def test_ranking_metrics_and_rerank_order():
     assert rerank_order(["a", "b"], [], 0) == ["a", "b"]
 
 
-def test_retrieval_metrics_equal_the_information_retrieval_evaluator(eval_rows, embedder):
+def test_retrieval_metrics_equal_the_information_retrieval_evaluator(eval_rows, embedder, tiny_qwen):
     """Training's Matryoshka evaluation (one encoding pass, every dim) and two-stage evaluation's embed-only ranking
     give what InformationRetrievalEvaluator computes on the same model and eval split, dim by dim."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
+    from ray_vdr.config import ModelConfig
     from ray_vdr.eval.two_stage import EMBED_ONLY, two_stage_metrics
+    from ray_vdr.models.encoder import IndexEncoder
+    from ray_vdr.models.load import embedder_binding
 
     eval_set = eval_set_from_table(eval_rows)
+    encoder = IndexEncoder(embedder_binding(ModelConfig(), str(tiny_qwen)))  # two-stage evaluation encodes so
     ours = MatryoshkaRetrievalEvaluator(eval_set, [64, 16])(embedder)
     for dim in (64, 32, 16):
         theirs = InformationRetrievalEvaluator(eval_set.queries, eval_set.corpus, eval_set.relevant, truncate_dim=dim,
                                                name="p", write_csv=False, accuracy_at_k=[1, 5, 10],
                                                precision_recall_at_k=[1, 5, 10])(embedder)
-        got = ours[dim] if dim in ours else two_stage_metrics(embedder, None, eval_set, dim=dim, depths=[])[EMBED_ONLY]
+        got = ours[dim] if dim in ours else two_stage_metrics(encoder, None, eval_set, dim=dim, depths=[])[EMBED_ONLY]
         for metric in got:
             assert got[metric] == pytest.approx(theirs[f"p_cosine_{metric}"], abs=1e-6), (dim, metric)
 

@@ -162,9 +162,9 @@ def test_reranker_pipeline_on_ray(mined):
     cfg.evaluate.model = cfg.index.model
     cfg.evaluate.rerank_depths = [5, 10]
     report = two_stage.run(cfg)
-    assert report["reranker"] == result.model_uri, "evaluation defaults to the reranker this config trained"
-    assert set(report["results"]) == {"embed only", "rerank@5", "rerank@10"}
-    assert (Path(report["output"]) / "eval.png").stat().st_size > 0 and (Path(report["output"]) / "eval.md").is_file()
+    assert report.reranker == result.model_uri, "evaluation defaults to the reranker this config trained"
+    assert set(report.results) == {"embed only", "rerank@5", "rerank@10"}
+    assert (Path(report.output) / "eval.png").stat().st_size > 0 and (Path(report.output) / "eval.md").is_file()
 
     pairs = [(row["query"], page) for row, page in zip(table.slice(0, 4).to_pylist(),
                                                        pil_pages(table.column("image").to_pylist()[:4]), strict=True)]

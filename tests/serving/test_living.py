@@ -56,7 +56,7 @@ def test_deletes_and_syncs_switch_the_endpoint_under_load(endpoint, corpus_index
             f"index.output={corpus_index}", "index.batch_size=8", "index.dim=32", "synthetic=null",
             "index.cpus_per_actor=0.5", "index.decode_cpus=0.25"])
         synced = run(cfg)
-        assert synced.summary["documents"]["added"] == 1 and synced.summary["pages_embedded"] == 0, synced.summary
+        assert synced.summary.documents["added"] == 1 and synced.summary.pages_embedded == 0, synced.summary
         deadline = time.time() + 60
         while _generation(endpoint) == after:
             assert time.time() < deadline, "the endpoint did not follow the sync"

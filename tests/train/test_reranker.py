@@ -77,7 +77,7 @@ def test_reranker_training_config_reads_the_mined_triplets():
 
 def test_serving_and_evaluation_default_to_the_trained_reranker(tmp_path):
     from ray_vdr.eval.two_stage import resolve
-    from ray_vdr.train.reranker import trained_reranker
+    from ray_vdr.models.load import trained_reranker
 
     cfg = load_config(ROOT / "configs/demo.yaml", ["run.name=r2", f"run.storage_path={tmp_path}"])
     (tmp_path / "r2" / "model").mkdir(parents=True)
