@@ -159,7 +159,7 @@ def show(section: str = "", width: int = 110) -> str:
         lines = ["config sections (`ray-vdr config --show SECTION` lists a section's fields):"]
         for name, field in VDRConfig.model_fields.items():
             lines.append(f"  {name:<10} {field.description}")
-            lines.append(f"  {'':<10} read by: {', '.join(readers[name]) or '(demo only)'}")
+            lines.append(f"  {'':<10} read by: {', '.join(readers[name])}")
         return "\n".join([*lines, "", textwrap.fill(OVERRIDE_SYNTAX, width=width)]) + "\n"
     model, field = _lookup(section)
     out = [_render_field(section, field, width)]
