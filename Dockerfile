@@ -1,7 +1,7 @@
 # The ray-vdr runtime image used by the KubeRay manifests in k8s/ (head, workers, job submitters, Serve replicas).
-# Base: Ray's GPU image at the Ray version pyproject.toml pins; tests/test_k8s.py checks that the tag, the manifests'
-# rayVersion and the installed ray agree. The repo goes to /app, the working_dir of the RayJobs, and ray-vdr is
-# installed with its `gpu` extra.
+# Base: Ray's GPU image at the Ray version pyproject.toml pins; tests/k8s/test_manifests.py checks that the tag,
+# the manifests' rayVersion and the installed ray agree. The repo goes to /app, the working_dir of the RayJobs, and
+# ray-vdr is installed with its `gpu` extra.
 #
 #   docker build -t ghcr.io/ray-vdr/ray-vdr:0.1.0-ray2.60.0 .                           # with flash-attn (slow)
 #   docker build --build-arg FLASH_ATTN=0 -t ghcr.io/ray-vdr/ray-vdr:0.1.0-ray2.60.0 .  # without: PyTorch sdpa

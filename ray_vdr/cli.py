@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ray_vdr.config import ConfigError, VDRConfig, dump_config, load_config
+from ray_vdr.config_help import command_epilog, show
 
 logger = logging.getLogger("ray_vdr")
 
@@ -24,6 +25,14 @@ def setup_logging(level: str = "INFO") -> None:
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 scaling.num_workers=2")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the config sections it reads (ray_vdr/config_help.py)."""
+    p = sub.add_parser(name, help=help_text, epilog=command_epilog(name),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    return p
 
 
 def config_from_args(args: argparse.Namespace) -> VDRConfig:
@@ -333,14 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get("RAY_VDR_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        add_config_args(sub.add_parser(name, help=help_text))
-    demo = sub.add_parser("demo", help="synthetic pages → embedder → index → mined negatives → reranker → two-stage "
-                                       "evaluation → endpoint, on a local Ray cluster (the README's main command)")
-    add_config_args(demo)
+        add_command(sub, name, help_text)
+    sub.choices["config"].add_argument(
+        "--show", nargs="?", const="", metavar="SECTION",
+        help="describe the config schema instead: the sections, or SECTION's fields (e.g. serve, serve.auth) with "
+             "their types, defaults and descriptions")
+    demo = add_command(sub, "demo", "synthetic pages → embedder → index → mined negatives → reranker → two-stage "
+                                    "evaluation → endpoint, on a local Ray cluster (the README's main command)")
     demo.add_argument("--plan", action="store_true", help="print the stages as `ray job submit` commands and exit")
     demo.add_argument("--no-serve", dest="serve", action="store_false", help="stop after the evaluation")
-    delete = sub.add_parser("delete", help="remove documents from the index (a new version the endpoint switches to)")
-    add_config_args(delete)
+    delete = add_command(sub, "delete", "remove documents from the index (a new version the endpoint switches to)")
     delete.add_argument("--doc-id", action="append", default=[], help="a document id (repeat for more)")
     delete.add_argument("--source", action="append", default=[], help="a source file or folder (repeat for more)")
     delete.add_argument("--filter", dest="filter_json", help='a metadata filter, e.g. \'{"collection": "old"}\'')
@@ -350,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     from ray_vdr.data.triplets import DataError
 
     try:
+        if getattr(args, "show", None) is not None:
+            if args.config or args.overrides:
+                raise ConfigError("config --show describes the schema and its defaults: it reads no --config or "
+                                  "overrides (`ray-vdr config -c FILE` prints a resolved config)")
+            sys.stdout.write(show(args.show))
+            return 0
         if args.command == "demo":
             return cmd_demo(args.config, args.overrides, print_plan=args.plan, serve=args.serve)
         if args.command == "delete":

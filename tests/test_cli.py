@@ -95,3 +95,65 @@ def test_make_training_data_names_what_is_missing(tmp_path, capsys):
     assert main(["make-training-data", "-c", config, f"queries.sources=[{tmp_path}]", "queries.generator=callable",
                  "queries.callable=no_such_module:f"]) == 2
     assert "queries.callable: 'no_such_module:f' cannot be loaded" in capsys.readouterr().err
+
+
+def _help(capsys, command: str) -> str:
+    from ray_vdr.cli import main
+
+    try:
+        main([command, "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_the_config_sections_each_command_reads(capsys):
+    """Every subcommand's --help (a command missing from COMMAND_SECTIONS fails the parser's construction) names the
+    sections it reads with their schema descriptions, and none it does not read."""
+    from ray_vdr.config import VDRConfig
+    from ray_vdr.config_help import COMMAND_SECTIONS
+
+    for command, sections in COMMAND_SECTIONS.items():
+        text = _help(capsys, command).split("config sections this command reads:")[1]
+        listed = [line.split()[0] for line in text.splitlines() if line.startswith("  ")]
+        assert listed == list(sections), command
+        for s in sections:
+            assert f"  {s:<10} {VDRConfig.model_fields[s].description}" in text
+        assert "ray-vdr config --show SECTION" in text and "SECTION.FIELD=VALUE" in text
+    assert "--show [SECTION]" in _help(capsys, "config")
+
+
+def test_config_show_prints_fields_with_type_default_and_description(capsys):
+    from ray_vdr.cli import main
+    from ray_vdr.config import ServeAuthConfig, VDRConfig
+
+    assert main(["config", "--show"]) == 0
+    out = capsys.readouterr().out
+    for name, field in VDRConfig.model_fields.items():
+        assert f"  {name:<10} {field.description}" in out
+    assert "read by: serve, promote" in out  # the serve section's line
+    assert main(["config", "--show", "serve"]) == 0
+    out = capsys.readouterr().out
+    assert "serve.port: int (>= 1, <= 65535) = 8000\n    HTTP port of the Serve proxy.\n" in out
+    assert "serve.auth.keys_file: str | None = null\n" in out
+    assert " ".join(ServeAuthConfig.model_fields["keys_file"].description.split()[:6]) in out
+    assert 'serve.dtype: "auto" | "float32" | "bfloat16" | "float16" = "auto"' in out
+    assert "section.field=value" in out
+    assert main(["config", "--show", "data.train"]) == 0
+    out = capsys.readouterr().out
+    assert "data.train: section | None = null" in out and "data.train.uri: str (required)" in out
+    assert "data.query_column" not in out
+
+
+def test_config_show_rejects_unknown_sections(capsys):
+    from ray_vdr.cli import main
+
+    assert main(["config", "--show", "severs"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config section 'severs'" in err and "model, data, train, scaling" in err and "serve" in err
+    assert main(["config", "--show", "serve.ath"]) == 2
+    assert "serve has no field 'ath'; its fields are: index, model" in capsys.readouterr().err
+    assert main(["config", "--show", "serve.port.x"]) == 2
+    assert "serve.port is a field, not a section" in capsys.readouterr().err
+    assert main(["config", "--show", "serve", "-c", str(ROOT / "configs/demo.yaml")]) == 2
+    assert "reads no --config" in capsys.readouterr().err
