@@ -533,6 +533,9 @@ class ServeConfig(_Strict):
         "auto", description="'auto' = flash_attention_2 on CUDA when flash_attn is installed, else sdpa."
     )
     rerank_batch_size: PositiveInt = Field(16, description="(query, page) pairs per reranker forward.")
+    reranker_trust_remote_code: bool = Field(
+        False, description="Allow the reranker's own modelling code (custom modules in its repository). The embedder "
+        "needs no such switch: the index's binding records whether it does.")
     host: str = Field("127.0.0.1", description="HTTP host the Serve proxy binds (0.0.0.0 in a cluster).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     route_prefix: str = Field("/", description="Where the application is mounted.")

@@ -6,7 +6,7 @@ measure what the endpoint adds on top of the compute. Pages come from the index'
 
 Stages of one search::
 
-    request ─► validate (limits, base64 image decode with the bomb guard) ─► QueryEncoder (query prompt, truncated
+    request ─► validate (limits, base64 image decode with the bomb guard) ─► IndexEncoder (query prompt, truncated
     dim, normalised) ─► FAISS top-N (N = max(top_k, rerank_depth)) ─► RerankScorer on the first rerank_depth
     (query, page image) pairs ─► merge: reranked candidates by rerank score, then the rest in first-stage order
 """
@@ -17,18 +17,23 @@ import base64
 import binascii
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_vdr.config import ImageLimits, ServeConfig, ServeLimits
+from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.eval.metrics import rerank_order
+from ray_vdr.models.binding import EmbedderBinding
+
+if TYPE_CHECKING:
+    from ray_vdr.models.encoder import IndexEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeleteRequest", "NotReady", "QueryEncoder", "RequestError", "RerankScorer", "SearchRequest", "check_binding", "decode_image_query",
+__all__ = ["DeleteRequest", "NotReady", "RequestError", "RerankScorer", "SearchRequest", "check_binding", "decode_image_query", "query_encoder",
            "merge_results", "parse_request"]
 
 
@@ -150,9 +155,9 @@ def parse_request(req: SearchRequest, limits: ServeLimits, rerank_available: boo
 # the index binding: which model and dimension the endpoint must use
 
 
-def check_binding(cfg: ServeConfig, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The query embedder for an index: the index's embedder binding (prompts, pixel bounds; ray_vdr.models.load) with
-    the model to load, and the index's dimension.
+def check_binding(cfg: ServeConfig, manifest: IndexManifest) -> EmbedderBinding:
+    """The query embedder for an index: the index's embedder binding (prompts, pixel bounds, remote code) with the
+    model to load.
 
     Refuses (IndexMismatch) a ``cfg.dim`` other than the index's, and a model whose files differ from the ones the
     index was built with (by the cheap signature the manifest stores): queries and pages must come from the same
@@ -160,57 +165,32 @@ def check_binding(cfg: ServeConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     """
     from ray_vdr.corpus.store import check_manifest
 
-    model = cfg.model or manifest["model"]["path"]
+    model = cfg.model or manifest.model.path
     check_manifest(manifest, model_path=model, dim=cfg.dim, where=f"the index at {cfg.index}")
-    return {**manifest["model"], "path": model, "dim": manifest["dim"]}
+    return manifest.model.at(model)
+
+
+def query_encoder(cfg: ServeConfig, manifest: IndexManifest, device: str) -> IndexEncoder:
+    """The index's encoder (checked against it), encoding queries at the index's dimension, on ``device``."""
+    from ray_vdr.models.encoder import IndexEncoder
+    from ray_vdr.models.load import Runtime
+
+    return IndexEncoder(check_binding(cfg, manifest), Runtime(cfg.dtype, cfg.attn_implementation, device),
+                        manifest.dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # models
 
 
-class QueryEncoder:
-    """The embedder, encoding queries the way the index encoded pages: query prompt, truncated dim, normalised."""
-
-    def __init__(self, binding: dict[str, Any], cfg: ServeConfig, device: str):
-        from ray_vdr.models.load import load_embedder
-
-        self.model = load_embedder(binding, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                   device=device)
-        self.dim = binding["dim"]
-
-    @property
-    def full_dim(self) -> int:
-        return self.model.get_embedding_dimension()
-
-    def encode(self, items: list[str | Image.Image], dim: int | None = None, document: bool = False) -> np.ndarray:
-        """One row per item, at ``dim`` (default: the index's), with the query prompt (or the document prompt);
-        texts and images are encoded in separate calls (one modality per forward)."""
-        dim = dim or self.dim
-        fn = self.model.encode_document if document else self.model.encode_query
-        out = np.zeros((len(items), dim), dtype=np.float32)
-        for want_text in (True, False):
-            idx = [i for i, x in enumerate(items) if isinstance(x, str) == want_text]
-            if idx:
-                out[idx] = fn([items[i] for i in idx], batch_size=len(idx), truncate_dim=dim,
-                              normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        return out
-
-    def count_tokens(self, texts: list[str]) -> int:
-        """Tokens of the texts as the model's tokenizer counts them (OpenAI's ``usage``)."""
-        tokenizer = getattr(self.model, "tokenizer", None)
-        if tokenizer is None or not texts:
-            return 0
-        return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-
-
 class RerankScorer:
     """A Sentence Transformers CrossEncoder scoring (query text, page image) pairs."""
 
     def __init__(self, path: str, cfg: ServeConfig, device: str):
-        from ray_vdr.models.load import load_reranker
+        from ray_vdr.models.load import Runtime, load_reranker
 
-        self.model = load_reranker(path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, device=device)
+        self.model = load_reranker(path, Runtime(cfg.dtype, cfg.attn_implementation, device),
+                                   trust_remote_code=cfg.reranker_trust_remote_code)
         self.batch_size = cfg.rerank_batch_size
 
     def score(self, pairs: list[tuple[str, Image.Image]]) -> np.ndarray:

@@ -66,7 +66,7 @@ class MineSettings(BaseModel):
     num_negatives: int
     rank_min: int
     rank_max: int
-    margin: float
+    margin: float | None
     duplicate_similarity: float
     sampling: str
     seed: int

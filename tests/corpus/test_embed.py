@@ -174,37 +174,44 @@ def _kill_cluster(temp: Path) -> None:
 
 
 @pytest.mark.slow
-def test_every_job_encodes_as_the_index_does(ray_local, tiny_qwen, page_pngs, tmp_path):
-    """One loader for "the embedder this index was built with": with the config's query and document prompts
+def test_every_job_encodes_as_the_index_does(ray_local, tiny_remote_code, page_pngs, tmp_path):
+    """One encoder for "the embedder this index was built with" (IndexEncoder), for a model that needs its own code
+    (a custom module in its folder, loaded only with trust_remote_code): with the config's query and document prompts
     overridden, the embedding job stores page vectors, and mining, two-stage evaluation, promotion's comparison and
-    the endpoint's query encoder all encode a query, exactly as Sentence Transformers itself does with those prompts,
-    the config's pixel bounds and the index's dimension (evaluation once used the model's saved prompts instead)."""
+    the endpoint's query encoder all load it from the binding (which records trust_remote_code) and encode a query
+    exactly as Sentence Transformers itself does with those prompts, the config's pixel bounds and the index's
+    dimension (evaluation once used the model's saved prompts; mining and serving once could not load such a
+    model)."""
     from sentence_transformers import SentenceTransformer
 
     from ray_vdr.config import ServeConfig
     from ray_vdr.corpus.embed import run
+    from ray_vdr.corpus.live import generation
     from ray_vdr.corpus.store import read_manifest
     from ray_vdr.eval import two_stage
     from ray_vdr.eval.mine import NegativeMiner
+    from ray_vdr.models.load import load_embedder
     from ray_vdr.models.processor import install_image_only_processor
     from ray_vdr.promote import generation_binding
-    from serving.core import QueryEncoder, check_binding
+    from serving.core import query_encoder
 
     corpus, out = tmp_path / "corpus", tmp_path / "index"
     corpus.mkdir()
     for i, png in enumerate(page_pngs[:4]):
         (corpus / f"page-{i}.png").write_bytes(png)
     prompts = {"query": "Find the report page that answers the question.", "document": "A page of an annual report."}
-    cfg = _cfg(tiny_qwen, corpus, out, f"model.query_prompt={prompts['query']}",
-               f"model.document_prompt={prompts['document']}")
+    cfg = _cfg(tiny_remote_code, corpus, out, f"model.query_prompt={prompts['query']}",
+               f"model.document_prompt={prompts['document']}", "model.trust_remote_code=true")
     run(cfg)
     manifest = read_manifest(str(out))
-    assert (manifest.model.query_prompt, manifest.model.document_prompt) == (prompts["query"],
-                                                                                        prompts["document"])
+    assert (manifest.model.query_prompt, manifest.model.document_prompt) == (prompts["query"], prompts["document"])
+    assert manifest.model.trust_remote_code, "the binding records that the model needs its own code"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_embedder(manifest.model.model_copy(update={"trust_remote_code": False}))
 
     # the reference: Sentence Transformers itself, with the overriding prompts and the config's pixel bounds
     install_image_only_processor()
-    st = SentenceTransformer(str(tiny_qwen), device="cpu")
+    st = SentenceTransformer(str(tiny_remote_code), device="cpu", trust_remote_code=True)
     st[0].processor.image_processor.size = {"shortest_edge": cfg.model.min_pixels, "longest_edge": cfg.model.max_pixels}
     kwargs = {"truncate_dim": 32, "normalize_embeddings": True, "convert_to_numpy": True}
     query = ["What was Northwind Logistics' Q3 2021 revenue?"]
@@ -215,20 +222,19 @@ def test_every_job_encodes_as_the_index_does(ray_local, tiny_qwen, page_pngs, tm
     pages = [Image.open(corpus / d).convert("RGB") for d in table.column("doc_id").to_pylist()]
     assert np.abs(stored - st.encode(pages, prompt=prompts["document"], **kwargs)).max() < 1e-5, "the job's pages"
 
-    serve = ServeConfig(index=str(out))
-    miner = NegativeMiner(str(out), str(tiny_qwen), {**cfg.mine.model_dump(), "output": str(tmp_path / "mined")},
+    miner = NegativeMiner(str(out), str(tiny_remote_code), {**cfg.mine.model_dump(), "output": str(tmp_path / "m")},
                           "auto", "auto", use_gpu=False, cpus=2)
-    live = {"index": str(out), "model": str(tiny_qwen), "dim": 32}
+    live = generation(str(out), str(tiny_remote_code), 32)
     encoders = {
-        "mining": miner.miner.model,
-        "two-stage evaluation": two_stage.evaluated_embedder(cfg, two_stage.config_binding(cfg, str(tiny_qwen)), "cpu"),
-        "promotion": two_stage.evaluated_embedder(cfg, generation_binding(live, manifest), "cpu"),
+        "mining": miner.miner.encoder,
+        "two-stage evaluation": two_stage.evaluated_encoder(cfg, two_stage.config_binding(cfg, str(tiny_remote_code)),
+                                                            "cpu", 32),
+        "promotion": two_stage.evaluated_encoder(cfg, generation_binding(live, manifest), "cpu", 32),
+        "endpoint": query_encoder(ServeConfig(index=str(out)), manifest, "cpu"),
     }
-    got = {name: model.encode_query(query, **kwargs) for name, model in encoders.items()}
-    got["endpoint"] = QueryEncoder(check_binding(serve, manifest), serve, "cpu").encode(query)
-    for name, vector in got.items():
-        assert np.abs(vector - want).max() < 1e-5, name
-    evaluated = encoders["two-stage evaluation"].encode_document(pages, **kwargs)
+    for name, encoder in encoders.items():
+        assert np.abs(encoder.encode_queries(query) - want).max() < 1e-5, name
+    evaluated = encoders["two-stage evaluation"].encode_pages(pages)
     assert np.abs(evaluated - stored).max() < 1e-5, "evaluation encodes pages as the job did"
 
 

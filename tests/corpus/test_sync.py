@@ -80,11 +80,11 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     (docs / "g.pdf.json").write_text('{"tenant": 5}')
     v2 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))
     s = v2.summary
-    assert s["documents"] == {"added": 1, "updated": 1, "removed": 1, "unchanged": 2, "metadata_updated": 1,
+    assert s.documents == {"added": 1, "updated": 1, "removed": 1, "unchanged": 2, "metadata_updated": 1,
                               "rejected": 2}
-    assert s["pages"] == {"added": 4, "removed": 3, "unchanged": 5}
-    assert s["pages_embedded"] == 4, "a metadata-only change is not re-embedded; unchanged files are skipped"
-    assert {(r["doc_id"], r["reason"]) for r in s["documents_rejected"]} == {
+    assert s.pages.model_dump() == {"added": 4, "removed": 3, "unchanged": 5}
+    assert s.pages_embedded == 4, "a metadata-only change is not re-embedded; unchanged files are skipped"
+    assert {(r["doc_id"], r["reason"]) for r in s.documents_rejected} == {
         ("f.pdf", "invalid_metadata_json"), ("g.pdf", "bad_metadata_type")}
     index = open_index(str(out))
     stored = _stored(out)
@@ -107,8 +107,8 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     assert sorted((h["doc_id"], h["metadata"]["year"]) for h in rows) == [("scan-1", 2019), ("scan-2", 2020)]
 
     # deletes: by doc_id, by filter; one that matches nothing says so
-    assert delete(str(out), doc_ids=["e.pdf"])["pages_removed"] == 1
-    assert delete(str(out), filter={"collection": "legal"})["documents_removed"] == 1
+    assert delete(str(out), doc_ids=["e.pdf"]).pages_removed == 1
+    assert delete(str(out), filter={"collection": "legal"}).documents_removed == 1
     assert cmd_delete(_cfg(tiny_qwen, docs, out), ["nope.pdf"], [], None) == 1
     assert "nothing to delete" in capsys.readouterr().err
     after = open_index(str(out))
@@ -121,7 +121,7 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     compacted = open_index(str(out))
     assert compacted.index.ntotal == compacted.manifest.live_pages == 5 and compacted.live is None
     retired = compacted.manifest.retired_shards
-    assert c["retired_shards"] == len(retired) > 0 and all((out / "pages" / n).exists() for n in retired)
+    assert c.retired_shards == len(retired) > 0 and all((out / "pages" / n).exists() for n in retired)
     in_shards = [k for n in compacted.manifest.shards
                  for k in pq.read_table(out / "pages" / n, columns=["key"]).column("key").to_pylist()]
     assert sorted(in_shards) == sorted(compacted.ids.column("key").to_pylist())

@@ -76,7 +76,7 @@ def _mine(synthetic, tiny_qwen, tmp_path):
     embed.run(cfg)
     result = mine.run(cfg)
     s = result.summary
-    assert s["rows_mined"] + s["rows_rejected"] == len(rows) and s["input_rejects"] == 0
+    assert s.rows_mined + s.rows_rejected == len(rows) and s.input_rejects == 0
 
     def outcome():
         mined = pq.read_table(f"{result.output}/triplets")
@@ -99,7 +99,7 @@ def _mine(synthetic, tiny_qwen, tmp_path):
     lost = pq.read_table(shards[0]).num_rows
     shards[0].unlink()
     again = mine.run(cfg).summary
-    assert again["rows_done_before"] == len(rows) - lost and again["rows_mined"] + again["rows_rejected"] == lost
+    assert again.rows_done_before == len(rows) - lost and again.rows_mined + again.rows_rejected == lost
     _, ids = outcome()
     assert len(ids) == len(set(ids)) == len(rows)
 
