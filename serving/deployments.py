@@ -27,6 +27,7 @@ from ray_vdr.config import ServeConfig, ServeDeploymentConfig
 from ray_vdr.corpus.live import generation_config
 from ray_vdr.corpus.store import PageStore, open_index
 from ray_vdr.data.images import pil_pages
+from ray_vdr.protocol import IndexStatus, PageInfo, StageStatus
 from serving import core
 from serving.batching import Batcher
 from serving.generations import Background, Generations, wait_for_manifest
@@ -60,8 +61,8 @@ class QueryEmbedder:
         self.metrics = EndpointMetrics(self.cfg.metrics)
         quiet_health_probes()
 
-    def status(self) -> dict[str, Any]:
-        return self.gens.status()
+    def status(self) -> StageStatus:
+        return StageStatus(**self.gens.status())
 
     async def embed(self, gid: str, item: Any) -> tuple[Any, float, int] | core.NotReady:
         """The query's vector from generation ``gid``'s model; also the model time and batch size (for timings).
@@ -132,20 +133,20 @@ class Retriever:
         while True:
             try:
                 status = self.status()
-                if "index" in status:
-                    ix = status["index"]
-                    self.metrics.generation(status["generation"], ix["vectors"], ix["live_pages"], ix["updated_at"])
+                if status.index is not None:
+                    ix = status.index
+                    self.metrics.generation(status.generation, ix.vectors, ix.live_pages, ix.updated_at)
             except Exception as e:  # a generation dropped meanwhile: the next round reports the new one
                 logger.debug("generation metrics: %s", e)
             time.sleep(1.0)
 
-    def status(self) -> dict[str, Any]:
-        status = self.gens.status()
-        if status["state"] == "ready":
-            m = self.gens.get(status["generation"])[0].manifest
-            status["index"] = {"vectors": m["vectors"], "dim": m["dim"], "type": m["index"]["type"],
-                               "model": m["model"]["path"], "updated_at": m.get("updated_at"),
-                               "version": m.get("version"), "live_pages": m.get("live_pages", m["vectors"])}
+    def status(self) -> StageStatus:
+        status = StageStatus(**self.gens.status())
+        if status.state == "ready":
+            m = self.gens.get(status.generation)[0].manifest
+            status.index = IndexStatus(vectors=m["vectors"], dim=m["dim"], type=m["index"]["type"],
+                                       model=m["model"]["path"], updated_at=m.get("updated_at"),
+                                       version=m.get("version"), live_pages=m.get("live_pages", m["vectors"]))
         return status
 
     async def search(self, gid: str, vector: Any, k: int, clauses: list | None = None, scope: list | None = None
@@ -194,14 +195,14 @@ class Retriever:
         position = store.position(doc_id, page)
         return position if position is not None and index.visible(position, scope) else None
 
-    async def info(self, gid: str, position: int) -> dict[str, Any]:
+    async def info(self, gid: str, position: int) -> PageInfo:
         """A page's doc_id, page, source and metadata."""
         import json
 
         ids = self.gens.get(gid)[0].ids
         row = {c: ids.column(c)[position].as_py() for c in ("doc_id", "page", "source", "metadata")
                if c in ids.column_names}
-        return {**row, "metadata": json.loads(row["metadata"]) if row.get("metadata") else {}}
+        return PageInfo(**{**row, "metadata": json.loads(row["metadata"]) if row.get("metadata") else {}})
 
     async def page(self, gid: str, position: int, column: str) -> bytes:
         return (await asyncio.to_thread(self.gens.get(gid)[1].get, [position], column))[0]
@@ -223,9 +224,9 @@ class Reranker:
         self.metrics = EndpointMetrics(self.cfg.metrics)
         quiet_health_probes()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StageStatus:
         pages = self.gens.status()
-        return pages if self.scorer.state == "ready" else {**pages, **self.scorer.status()}
+        return StageStatus(**(pages if self.scorer.state == "ready" else {**pages, **self.scorer.status()}))
 
     async def rerank(self, gid: str, query: str, positions: list[int]) -> tuple[Any, float, int] | core.NotReady:
         """Scores of (query, page) for pages of generation ``gid``'s index; also the model time and batch size."""

@@ -109,7 +109,17 @@ def test_pages_serves_thumbnails_and_full_pages(endpoint, planted, corpus_index)
     status, _, html = get(endpoint)
     assert status == 200 and b"<form" in html
     status, _, spec = get(endpoint + "openapi.json")
-    assert status == 200 and "/search" in json.loads(spec)["paths"]
+    paths = json.loads(spec)["paths"]
+
+    def schema(path, method, status):  # the model a route declares for an answer
+        return paths[path][method]["responses"][status]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+
+    assert status == 200 and schema("/search", "post", "200") == "SearchResponse"
+    assert [schema(p, "post", "200") for p in ("/v1/embeddings", "/v2/rerank", "/admin/delete")] == [
+        "EmbeddingsResponse", "RerankResponse", "DeleteResponse"]
+    assert (schema("/healthz", "get", "503"), schema("/pages/{doc_id}", "get", "200")) == ("HealthResponse", "PageInfo")
+    assert (schema("/search", "post", "503"), schema("/v1/embeddings", "post", "400")) == (
+        "ErrorResponse", "OpenAIErrorResponse"), "one error model per API shape"
 
 
 def test_health_is_unready_until_the_index_exists_and_overload_gets_503(endpoint, corpus_index, tmp_path):
