@@ -53,7 +53,7 @@ from ray_vdr.protocol import (
 )
 from serving import core, errors, openai_api, rerank_api
 from serving.auth import KeyRing
-from serving.deployments import QueryEmbedder, Reranker, Retriever
+from serving.deployments import Batched, QueryEmbedder, Reranker, Retriever
 from serving.generations import Generations
 from serving.metrics import EndpointMetrics, quiet_health_probes, route_label
 
@@ -92,7 +92,8 @@ async def _limit_and_count(request: Request, call_next):
     limit = getattr(request.app.state, "max_body_bytes", None)
     length = request.headers.get("content-length")
     if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-        response = errors.error_response(request, 413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+        response = errors.error_response(request, 413,
+                                         f"request body of {length} bytes exceeds the limit of {limit} bytes")
     else:
         response = await call_next(request)
     metrics: EndpointMetrics | None = getattr(request.app.state, "metrics", None)
@@ -174,17 +175,19 @@ class Ingress:
 
     async def _search(self, gid: str, query: core.Query, scope: list | None = None) -> SearchResponse:
         t0 = time.perf_counter()
-        vector, embed_s, embed_batch = _raise_or_return(await self.embedder.embed.remote(gid, query.item))
+        embedded: Batched = _raise_or_return(await self.embedder.embed.remote(gid, query.item))
         t1 = time.perf_counter()
         depth = max(query.top_k, query.rerank_depth)
-        hits, search_s = _raise_or_return(await self.retriever.search.remote(gid, vector, depth, query.clauses,
-                                                                             scope))
+        searched: Batched = _raise_or_return(await self.retriever.search.remote(gid, embedded.value, depth,
+                                                                               query.clauses, scope))
+        hits = searched.value
         t2 = time.perf_counter()
-        scores, rerank_s, rerank_batch = None, 0.0, 0
+        reranked = Batched(None, 0.0, 0)
         if query.rerank_depth and hits:
             head = hits[:query.rerank_depth]
-            scores, rerank_s, rerank_batch = _raise_or_return(await self.reranker.rerank.remote(
-                gid, query.text, [h["position"] for h in head]))
+            reranked = _raise_or_return(await self.reranker.rerank.remote(gid, query.text,
+                                                                          [h["position"] for h in head]))
+        scores = reranked.value
         t3 = time.perf_counter()
         results = core.merge_results(hits, scores, query.top_k)
         ms = {"embed": (t1 - t0) * 1000, "search": (t2 - t1) * 1000, "rerank": (t3 - t2) * 1000,
@@ -196,9 +199,9 @@ class Ingress:
         return SearchResponse(
             query=query.text, image_query=query.image is not None, top_k=query.top_k, generation=gid,
             rerank_depth=query.rerank_depth if scores is not None else 0, results=results,
-            timings=Timings(**{f"{stage}_ms": v for stage, v in ms.items()}, embed_compute_ms=embed_s * 1000,
-                            search_compute_ms=search_s * 1000, rerank_compute_ms=rerank_s * 1000,
-                            embed_batch=embed_batch, rerank_batch=rerank_batch))
+            timings=Timings(**{f"{stage}_ms": v for stage, v in ms.items()}, embed_compute_ms=embedded.seconds * 1000,
+                            search_compute_ms=searched.seconds * 1000, rerank_compute_ms=reranked.seconds * 1000,
+                            embed_batch=embedded.batch, rerank_batch=reranked.batch))
 
     @api.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images (query or document prompt)",
               responses=errors.OPENAI_ERRORS)
