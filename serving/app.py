@@ -75,16 +75,6 @@ def _error_cause(e: BaseException) -> BaseException:
     return getattr(e, "cause", None) or e
 
 
-def _raise_or_return(result: Any) -> Any:
-    """A stage's answer, or the NotReady it returned, raised here in the ingress. The stages return it rather than
-    raise it: a batch has no per-request errors (one generation's NotReady must not fail the batch's other
-    requests), and a generation still loading during a promotion is the ingress's to handle (it falls back to the
-    previous one), not an error in the replica's log."""
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
 @api.middleware("http")
 async def _limit_and_count(request: Request, call_next):
     """413 for bodies over limits.max_body_bytes, by their Content-Length before reading them; every answer counted
@@ -175,18 +165,16 @@ class Ingress:
 
     async def _search(self, gid: str, query: core.Query, scope: list | None = None) -> SearchResponse:
         t0 = time.perf_counter()
-        embedded: Batched = _raise_or_return(await self.embedder.embed.remote(gid, query.item))
+        embedded: Batched = await self.embedder.embed.remote(gid, query.item)
         t1 = time.perf_counter()
         depth = max(query.top_k, query.rerank_depth)
-        searched: Batched = _raise_or_return(await self.retriever.search.remote(gid, embedded.value, depth,
-                                                                               query.clauses, scope))
+        searched: Batched = await self.retriever.search.remote(gid, embedded.value, depth, query.clauses, scope)
         hits = searched.value
         t2 = time.perf_counter()
         reranked = Batched(None, 0.0, 0)
         if query.rerank_depth and hits:
             head = hits[:query.rerank_depth]
-            reranked = _raise_or_return(await self.reranker.rerank.remote(gid, query.text,
-                                                                          [h["position"] for h in head]))
+            reranked = await self.reranker.rerank.remote(gid, query.text, [h["position"] for h in head])
         scores = reranked.value
         t3 = time.perf_counter()
         results = core.merge_results(hits, scores, query.top_k)
@@ -211,12 +199,11 @@ class Ingress:
 
         async def run(gid: str) -> EmbeddingsResponse:
             t0 = time.perf_counter()
-            full, index_dim = _raise_or_return(await self.embedder.dims.remote(gid))
+            full, index_dim = await self.embedder.dims.remote(gid)
             dims = openai_api.allowed_dims(self.cfg.embedding_dims, full, index_dim)
             items, dim = openai_api.parse_embeddings(body, self.cfg.limits, dims, index_dim)
             t1 = time.perf_counter()
-            vectors, tokens = _raise_or_return(await self.embedder.vectors.remote(
-                gid, items, dim, body.input_type == "document"))
+            vectors, tokens = await self.embedder.vectors.remote(gid, items, dim, body.input_type == "document")
             t2 = time.perf_counter()
             self.metrics.stages("/v1/embeddings", {"embed": (t2 - t1) * 1000, "total": (t2 - t0) * 1000})
             return openai_api.embeddings_response(vectors, body.encoding_format, gid.split("@")[0], tokens)

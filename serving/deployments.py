@@ -9,9 +9,11 @@
 What the three share is :class:`Stage`: the config, the device, the generations it loads, its batcher, metrics and
 health. Batches form while the model runs (:class:`serving.batching.Batcher`: no wait for a lone request); a batch
 holds small typed records (:class:`EmbedCall`, :class:`SearchCall`, :class:`RerankCall`) and each request gets a
-:class:`Batched` answer. The batched methods return NotReady per request instead of raising it: a batch function's
-exception fails the whole batch, and one generation still loading during a promotion must not fail the batch's
-other requests (the ingress raises it and falls back to the previous generation).
+:class:`Batched` answer. A stage raises NotReady for a generation it has not loaded (yet: a promotion is switching)
+and RequestError for a request it refuses; in a batch, to that request only (the Batcher delivers a per-request
+exception: one generation's NotReady does not fail the batch's other requests). The ingress then falls back to the
+previous generation, or answers 503 (serving/errors.py). Neither is a fault of the replica: Ray Serve's
+"Request failed." traceback of them stays out of its log (:func:`quiet_expected_errors`).
 """
 
 from __future__ import annotations
@@ -42,9 +44,25 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-__all__ = ["Batched", "EmbedCall", "QueryEmbedder", "RerankCall", "Reranker", "Retriever", "SearchCall", "Stage"]
+__all__ = ["Batched", "EmbedCall", "QueryEmbedder", "RerankCall", "Reranker", "Retriever", "SearchCall", "Stage",
+           "quiet_expected_errors"]
 
 logger = logging.getLogger(__name__)
+
+
+def _not_an_expected_error(record: logging.LogRecord) -> bool:
+    """False for Ray Serve's "Request failed." record of a NotReady or RequestError a stage raised (its access-log
+    line, CALL ... ERROR, stays)."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not isinstance(error, (core.NotReady, core.RequestError))
+
+
+def quiet_expected_errors() -> None:
+    """Keep the tracebacks of a generation still loading (the ingress's to handle) and of a refused request (the
+    caller's) out of this replica's log: Ray Serve logs every exception a handle call raises."""
+    serve_logger = logging.getLogger("ray.serve")
+    if _not_an_expected_error not in serve_logger.filters:
+        serve_logger.addFilter(_not_an_expected_error)
 
 
 class Batched(NamedTuple):
@@ -100,6 +118,7 @@ class Stage:
         self.device = worker_device(bool(num_gpus), num_cpus) if self.model else "cpu"
         self.metrics = EndpointMetrics(self.cfg.metrics)
         quiet_health_probes()
+        quiet_expected_errors()
         batching: ServeDeploymentConfig = getattr(self.cfg, self.section)
         self.batcher = Batcher(self._batch, batching.max_batch_size, batching.batch_wait_timeout_s)
         self.gens = Generations(self.what, self.cfg, self.load, per_version=self.per_version)
@@ -122,7 +141,8 @@ class Stage:
 
     async def _batch(self, requests: list) -> list[Batched | Exception]:
         """One :meth:`run_batch` per generation (and group) in the batch: one, except while a promotion switches. A
-        generation not loaded here (NotReady) or a request refused (RequestError) answers its own requests only."""
+        generation not loaded here (NotReady) or a request refused (RequestError) is raised to its own requests only
+        (the Batcher raises an answer that is an exception to its caller)."""
         start = time.perf_counter()
         self.metrics.batch(self.stage, len(requests))
         out: list[Any] = [None] * len(requests)
@@ -156,33 +176,26 @@ class QueryEmbedder(Stage):
         say(f"loading {binding['path']} on {self.device}")
         return core.QueryEncoder(binding, self.cfg, self.device)
 
-    async def embed(self, gid: str, item: str | Image.Image) -> Batched | core.NotReady:
-        """The query's vector from generation ``gid``'s model (batched with other queries). NotReady is returned,
-        not raised (see the module's docstring)."""
+    async def embed(self, gid: str, item: str | Image.Image) -> Batched:
+        """The query's vector from generation ``gid``'s model (batched with other queries); NotReady while that
+        generation is not loaded here."""
         return await self.batcher(EmbedCall(gid, item))
 
     async def run_batch(self, encoder: core.QueryEncoder, requests: list[EmbedCall]) -> list[np.ndarray]:
         # in a thread: the loop keeps gathering the next batch
         return list(await asyncio.to_thread(encoder.encode, [r.item for r in requests]))
 
-    async def vectors(self, gid: str, items: list, dim: int | None, document: bool
-                      ) -> tuple[np.ndarray, int] | core.NotReady:
+    async def vectors(self, gid: str, items: list, dim: int | None, document: bool) -> tuple[np.ndarray, int]:
         """``POST /v1/embeddings``: the items' vectors at ``dim`` with the query or document prompt, and their text
         tokens (not batched with searches: one request is already a batch)."""
-        try:
-            encoder: core.QueryEncoder = self.gens.get(gid)
-        except core.NotReady as e:
-            return e
+        encoder: core.QueryEncoder = self.gens.get(gid)
         texts = [x for x in items if isinstance(x, str)]
         vectors = await asyncio.to_thread(encoder.encode, items, dim, document)
         return vectors, encoder.count_tokens(texts)
 
-    async def dims(self, gid: str) -> tuple[int, int] | core.NotReady:
+    async def dims(self, gid: str) -> tuple[int, int]:
         """(the model's full dimension, the index's) of generation ``gid``."""
-        try:
-            encoder: core.QueryEncoder = self.gens.get(gid)
-        except core.NotReady as e:
-            return e
+        encoder: core.QueryEncoder = self.gens.get(gid)
         return encoder.full_dim, encoder.dim
 
 
@@ -227,10 +240,10 @@ class Retriever(Stage):
         return status
 
     async def search(self, gid: str, vector: np.ndarray, k: int, clauses: list | None = None,
-                     scope: list | None = None) -> Batched | core.NotReady | core.RequestError:
+                     scope: list | None = None) -> Batched:
         """The top-k live hits of a query vector in generation ``gid``'s index, matching the filter ``clauses`` and
-        the caller's key ``scope`` (batched with other queries). A filter this index cannot apply comes back as a
-        RequestError (422 naming the field); NotReady and it are returned, not raised."""
+        the caller's key ``scope`` (batched with other queries). A filter this index cannot apply raises a
+        RequestError (422 naming the field)."""
         return await self.batcher(SearchCall(gid, vector, k, clauses, scope))
 
     def group(self, request: SearchCall) -> str:
@@ -289,7 +302,7 @@ class Reranker(Stage):
         pages = super().status()
         return pages if self.scorer.state == "ready" else pages.model_copy(update=self.scorer.status())
 
-    async def rerank(self, gid: str, query: str, positions: list[int]) -> Batched | core.NotReady:
+    async def rerank(self, gid: str, query: str, positions: list[int]) -> Batched:
         """Scores of (query, page) for pages of generation ``gid``'s index (batched with other requests)."""
         return await self.batcher(RerankCall(gid, query, positions))
 

@@ -122,9 +122,11 @@ def test_pages_serves_thumbnails_and_full_pages(endpoint, planted, corpus_index)
         "ErrorResponse", "OpenAIErrorResponse"), "one error model per API shape"
 
 
-def test_health_is_unready_until_the_index_exists_and_overload_gets_503(endpoint, corpus_index, tmp_path):
-    """A second application whose index is published after it started: health 503 (waiting), then 200. Then more
-    concurrent requests than it may hold: only 200s and 503s with Retry-After, and no request hangs."""
+def test_health_is_unready_until_the_index_exists_and_overload_gets_503(endpoint, corpus_index, tmp_path,
+                                                                        tmp_path_factory):
+    """A second application whose index is published after it started: health 503 (waiting), a search 503 (the
+    embedder raised NotReady), then 200. Then more concurrent requests than it may hold: only 200s and 503s with
+    Retry-After, and no request hangs."""
     from ray import serve
 
     from serving.app import build_app
@@ -148,6 +150,12 @@ def test_health_is_unready_until_the_index_exists_and_overload_gets_503(endpoint
     assert "waiting for the index" in body.decode()
     status, headers, answer = post(base, {"query": "revenue"})
     assert status == 503 and headers.get("retry-after") == "3" and "not ready" in answer["detail"]
+    # the embedder raised NotReady (its call's access-log line says ERROR), without a traceback in its log
+    deadline, logs = time.time() + 15, ""
+    while "CALL embed ERROR" not in logs and time.time() < deadline:
+        time.sleep(0.5)
+        logs = "".join(p.read_text() for p in tmp_path_factory.getbasetemp().rglob("replica_late_QueryEmbedder_*.log"))
+    assert "CALL embed ERROR" in logs and "NotReady" not in logs and "Request failed" not in logs
     shutil.copytree(corpus_index, late)
     deadline = time.time() + 120
     while get(base + "healthz")[0] != 200:
