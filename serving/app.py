@@ -292,10 +292,13 @@ class Ingress:
         if data is None:
             where = f" page {page}" if page is not None else ""
             raise core.RequestError(404, f"no page in the index for doc_id {doc_id!r}{where}")
+        # with API keys a page is the caller's (its tenant's): no shared cache (a proxy, a CDN) may hand it to another
+        cache = {"Cache-Control": "private, max-age=3600", "Vary": "Authorization"} if self.keys.enabled else \
+            {"Cache-Control": "public, max-age=3600"}
         if isinstance(data, PageInfo):
-            return JSONResponse(data.model_dump())
+            return JSONResponse(data.model_dump(), headers=cache)
         media = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/webp" if data[8:12] == b"WEBP" else "image/png"
-        return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+        return Response(data, media_type=media, headers=cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ def test_pages_serves_thumbnails_and_full_pages(endpoint, planted, corpus_index)
     url = endpoint.rstrip("/") + answer["results"][0]["thumbnail_url"]
     status, headers, data = get(url)
     assert status == 200 and headers["content-type"] == "image/jpeg"
+    assert headers["cache-control"] == "public, max-age=3600" and "vary" not in headers, "no keys: any cache may"
+    assert get(url + "&size=info")[1]["cache-control"] == "public, max-age=3600"
     thumb = Image.open(io.BytesIO(data))
     assert max(thumb.size) <= 256
     status, _, full = get(url + "&size=full")

@@ -116,8 +116,12 @@ def test_keys_scopes_and_tenants_on_every_route(secure, page_pngs, tmp_path_fact
     assert post(secure, {**q, "filter": {"tenant": "team-b"}}, headers=_bearer("team-a"))[2]["results"] == []
     status, _, b = post(secure, q, headers=_bearer("team-b"))
     assert status == 200 and {r["doc_id"][0] for r in b["results"]} == {"b"}
+    # a tenant's page is the caller's: no shared cache (a proxy, a CDN) may keep it for another key
+    for size in ("thumbnail", "full", "info"):
+        status, headers, _ = get(secure + f"pages/a-0.png?size={size}", headers=_bearer("team-a"))
+        assert status == 200 and headers["cache-control"] == "private, max-age=3600", (size, headers)
+        assert headers["vary"] == "Authorization", (size, headers)
     # another tenant's page is a 404, as a missing one: through /pages and rerank references
-    assert get(secure + "pages/a-0.png?size=info", headers=_bearer("team-a"))[0] == 200
     assert get(secure + "pages/b-1.png", headers=_bearer("team-a"))[0] == 404
     assert get(secure + "pages/no-such.png", headers=_bearer("team-a"))[0] == 404
     status, _, r = post(secure, {"query": "q", "documents": [{"doc_id": "b-1.png"}]}, "v2/rerank",
