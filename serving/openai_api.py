@@ -66,6 +66,8 @@ def _item(x: Any, n: int, limits: ServeLimits) -> str | Image.Image:
         return decode_image_query(url, limits.image)
     if isinstance(x, int) or (isinstance(x, list) and all(isinstance(t, int) for t in x)):
         raise RequestError(400, "input: token arrays are not supported; send text or image content parts")
+    if isinstance(x, list) and len(x) == 1:  # one content part (a message's content list) is not a mix: that part
+        return _item(x[0], n, limits)
     if isinstance(x, list):
         raise RequestError(400, f"input[{n}] mixes {len(x)} content parts in one input: this embedder encodes a text "
                            "or an image per input, not both together; send them as separate inputs")
