@@ -270,8 +270,8 @@ def cmd_serve(cfg: VDRConfig) -> int:
                 rerank = "-" if r.rerank_score is None else f"{r.rerank_score:.4f} ({r.rerank_rank})"
                 print(f"| {r.rank} | {r.doc_id} | {r.page} | {r.score:.4f} ({r.first_stage_rank}) | {rerank} |")
             t = answer.timings
-            print(f"timings: embed {t['embed_ms']:.1f} ms, search {t['search_ms']:.1f} ms, "
-                  f"rerank {t['rerank_ms']:.1f} ms, total {t['total_ms']:.1f} ms")
+            print(f"timings: embed {t.embed_ms:.1f} ms, search {t.search_ms:.1f} ms, "
+                  f"rerank {t.rerank_ms:.1f} ms, total {t.total_ms:.1f} ms")
     if cfg.serve.keep_running:
         print(f"serving at {url} until Ctrl-C")
         # a Ray Train run earlier in this process (the demo) leaves its own SIGINT handler, which only aborts

@@ -8,9 +8,13 @@
     best = client.rerank("revenue", ["some text", {"doc_id": hits[0].doc_id, "page": hits[0].page}], top_n=1)
     thumbnail = client.page(hits[0].doc_id, hits[0].page)
 
-Any answer but 2xx raises :class:`EndpointError` with the status, the server's message and the request id; nothing
+Answers come back as the endpoint's own wire models (:mod:`ray_vdr.protocol`, which the server declares its routes
+with): ``search`` → :class:`~ray_vdr.protocol.SearchResponse`, ``rerank`` → its ``RerankResult`` list, ``page_info``
+→ ``PageInfo``, ``delete`` → ``DeleteResponse``, ``health`` → (status, ``HealthResponse``). Any answer but 2xx raises
+:class:`EndpointError` with the status, the server's message (from either error shape) and the request id; nothing
 answering raises OSError. The CLI, promotion, tests and benches talk to the endpoint through it, over HTTP like any
-other client: standard library only, no Ray, no ``serving`` import (it lives in the library so that jobs can use it).
+other client: the standard library and pydantic only, no Ray, no ``serving`` import (it lives in the library so that
+jobs can use it).
 """
 
 from __future__ import annotations
@@ -21,10 +25,29 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-__all__ = ["EndpointClient", "EndpointError", "Hit", "PageInfo", "Ranked", "SearchResult"]
+from pydantic import BaseModel, ValidationError
+
+from ray_vdr.protocol import (
+    DeleteRequest,
+    DeleteResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ErrorResponse,
+    HealthResponse,
+    OpenAIErrorResponse,
+    PageInfo,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    SearchRequest,
+    SearchResponse,
+)
+
+__all__ = ["EndpointClient", "EndpointError"]
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class EndpointError(Exception):
@@ -36,44 +59,15 @@ class EndpointError(Exception):
         self.status, self.detail, self.request_id = status, detail, request_id
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One result of a search: its final rank, page, and both stages' scores and ranks."""
-
-    rank: int
-    doc_id: str
-    page: int
-    score: float
-    first_stage_rank: int
-    rerank_score: float | None = None
-    rerank_rank: int | None = None
-    source: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    thumbnail_url: str | None = None
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    hits: list[Hit]
-    generation: str
-    timings: dict[str, float]
-    request_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Ranked:
-    """A reranked document: its index in the request's ``documents`` and its score."""
-
-    index: int
-    relevance_score: float
-
-
-@dataclass(frozen=True)
-class PageInfo:
-    doc_id: str
-    page: int
-    source: str | None
-    metadata: dict[str, Any]
+def _error_detail(raw: bytes) -> str:
+    """The message of an error body in either of the endpoint's shapes (ray-vdr's or OpenAI's), else its text."""
+    for shape in (ErrorResponse, OpenAIErrorResponse):
+        try:
+            answer = shape.model_validate_json(raw)
+        except ValidationError:
+            continue
+        return answer.detail if isinstance(answer, ErrorResponse) else answer.error.message
+    return raw.decode(errors="replace")[:500]
 
 
 def _data_url(data: bytes) -> str:
@@ -109,91 +103,75 @@ class EndpointClient:
         except urllib.error.HTTPError as e:
             return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
-    def _json(self, method: str, path: str, body: dict[str, Any] | None = None,
-              timeout: float | None = None) -> tuple[dict[str, Any], str | None]:
-        """The JSON answer and its request id; EndpointError for anything but 2xx."""
-        status, headers, raw = self._request(method, path, body, timeout)
+    def _answer(self, model: type[Answer], method: str, path: str, body: BaseModel | None = None,
+                timeout: float | None = None) -> tuple[Answer, str | None]:
+        """The answer parsed into ``model``, and its request id; EndpointError for anything but 2xx."""
+        payload = body.model_dump(mode="json", exclude_none=True) if body is not None else None
+        status, headers, raw = self._request(method, path, payload, timeout)
         request_id = headers.get("x-request-id")
-        try:
-            answer = json.loads(raw) if raw else {}
-        except ValueError:
-            answer = {"detail": raw.decode(errors="replace")[:500]}
         if status >= 400:
-            detail = answer.get("detail") if isinstance(answer, dict) else None
-            if detail is None and isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-                detail = answer["error"].get("message")  # OpenAI's error shape (/v1/embeddings)
-            raise EndpointError(status, str(detail if detail is not None else answer), request_id)
-        return answer, request_id
+            raise EndpointError(status, _error_detail(raw), request_id)
+        return model.model_validate_json(raw), request_id
 
     # -- the API ------------------------------------------------------------------------------------------------------
 
     def search(self, query: str | None = None, *, image: bytes | None = None, top_k: int | None = None,
                rerank_depth: int | None = None, filter: dict[str, Any] | None = None,
-               timeout: float | None = None) -> SearchResult:
-        """``POST /search``: the top pages for a text query, an image query (PNG/JPEG/WebP bytes), or both."""
-        body: dict[str, Any] = {k: v for k, v in (("query", query), ("top_k", top_k), ("rerank_depth", rerank_depth),
-                                                  ("filter", filter)) if v is not None}
-        if image is not None:
-            body["image"] = base64.b64encode(image).decode()
-        answer, request_id = self._json("POST", "search", body, timeout)
-        fields = Hit.__dataclass_fields__
-        hits = [Hit(**{k: v for k, v in r.items() if k in fields}) for r in answer["results"]]
-        return SearchResult(hits, answer["generation"], answer["timings"], request_id)
+               timeout: float | None = None) -> SearchResponse:
+        """``POST /search``: the top pages (``.hits``) for a text query, an image query (PNG/JPEG/WebP bytes), or
+        both; also the generation that answered, the timings and the request id."""
+        body = SearchRequest(query=query, image=base64.b64encode(image).decode() if image is not None else None,
+                             top_k=top_k, rerank_depth=rerank_depth, filter=filter)
+        answer, request_id = self._answer(SearchResponse, "POST", "search", body, timeout)
+        answer.request_id = request_id
+        return answer
 
     def embed(self, inputs: str | bytes | list[str | bytes], *, dimensions: int | None = None,
               input_type: Literal["query", "document"] = "query") -> list[list[float]]:
         """``POST /v1/embeddings``: one vector per text or image (bytes), with the query or the document prompt, at
         ``dimensions`` (one of the model's Matryoshka dims; default: the index's)."""
         items = inputs if isinstance(inputs, list) else [inputs]
-        body: dict[str, Any] = {"input": [{"type": "image_url", "image_url": {"url": _data_url(x)}}
-                                          if isinstance(x, bytes) else x for x in items],
-                                "input_type": input_type, "encoding_format": "float"}
-        if dimensions is not None:
-            body["dimensions"] = dimensions
-        answer, _ = self._json("POST", "v1/embeddings", body)
-        return [d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])]
+        body = EmbeddingsRequest(input=[{"type": "image_url", "image_url": {"url": _data_url(x)}}
+                                        if isinstance(x, bytes) else x for x in items],
+                                 dimensions=dimensions, input_type=input_type, encoding_format="float")
+        answer, _ = self._answer(EmbeddingsResponse, "POST", "v1/embeddings", body)
+        return [d.embedding for d in sorted(answer.data, key=lambda d: d.index)]  # type: ignore[misc]
 
     def rerank(self, query: str, documents: list[str | bytes | dict[str, Any]], *,
-               top_n: int | None = None) -> list[Ranked]:
+               top_n: int | None = None) -> list[RerankResult]:
         """``POST /v2/rerank``: the documents (texts, images as bytes, or indexed pages ``{"doc_id", "page"}``) by
-        the reranker's score, best first."""
+        the reranker's score, best first (``index`` in ``documents``, ``relevance_score``)."""
         docs = [{"image": _data_url(d)} if isinstance(d, bytes) else d for d in documents]
-        body: dict[str, Any] = {"query": query, "documents": docs}
-        if top_n is not None:
-            body["top_n"] = top_n
-        answer, _ = self._json("POST", "v2/rerank", body)
-        return [Ranked(r["index"], r["relevance_score"]) for r in answer["results"]]
+        answer, _ = self._answer(RerankResponse, "POST", "v2/rerank", RerankRequest(query=query, documents=docs,
+                                                                                    top_n=top_n))
+        return answer.results
 
     def page(self, doc_id: str, page: int | None = None, size: Literal["thumbnail", "full"] = "thumbnail") -> bytes:
         """``GET /pages/{doc_id}``: a page's thumbnail or full image (PNG or JPEG bytes)."""
         status, headers, raw = self._request("GET", self._page_path(doc_id, page, size))
         if status >= 400:
-            try:
-                detail = json.loads(raw).get("detail")
-            except ValueError:
-                detail = raw.decode(errors="replace")[:500]
-            raise EndpointError(status, str(detail), headers.get("x-request-id"))
+            raise EndpointError(status, _error_detail(raw), headers.get("x-request-id"))
         return raw
 
     def page_info(self, doc_id: str, page: int | None = None) -> PageInfo:
         """A page's doc_id, page number, source and document metadata."""
-        answer, _ = self._json("GET", self._page_path(doc_id, page, "info"))
-        return PageInfo(answer["doc_id"], answer["page"], answer.get("source"), answer.get("metadata") or {})
+        return self._answer(PageInfo, "GET", self._page_path(doc_id, page, "info"))[0]
 
     def delete(self, *, doc_ids: list[str] | None = None, sources: list[str] | None = None,
-               filter: dict[str, Any] | None = None) -> dict[str, Any]:
+               filter: dict[str, Any] | None = None) -> DeleteResponse:
         """``POST /admin/delete`` (an ``admin`` key): returns once the endpoint no longer serves those documents."""
-        body = {k: v for k, v in (("doc_ids", doc_ids), ("sources", sources), ("filter", filter)) if v}
-        return self._json("POST", "admin/delete", body)[0]
+        body = DeleteRequest(doc_ids=doc_ids or [], sources=sources or [], filter=filter)
+        return self._answer(DeleteResponse, "POST", "admin/delete", body)[0]
 
-    def health(self, timeout: float | None = None) -> tuple[int, dict[str, Any]]:
+    def health(self, timeout: float | None = None) -> tuple[int, HealthResponse]:
         """``GET /healthz``: (200, report) when every stage is loaded, (503, each stage's state) while not; never
-        raises for a status. Raises OSError when nothing answers at the URL."""
+        raises for a status (an answer that is no health report, e.g. before the route exists, comes back as
+        not ready with its text as ``detail``). Raises OSError when nothing answers at the URL."""
         status, _, raw = self._request("GET", "healthz", timeout=timeout)
         try:
-            return status, json.loads(raw)
-        except ValueError:
-            return status, {"detail": raw.decode(errors="replace")[:500]}
+            return status, HealthResponse.model_validate_json(raw)
+        except ValidationError:
+            return status, HealthResponse(ready=False, detail=_error_detail(raw))
 
     @staticmethod
     def _page_path(doc_id: str, page: int | None, size: str) -> str:

@@ -52,10 +52,9 @@ def deploy(cfg: ServeConfig, *, ready_timeout_s: float = 600.0) -> str:
         else:
             if status == 200:
                 return url  # every stage loaded
-            last = report
-            stages = report.get("stages") or {}
-            if any(s.get("state") == "failed" for s in stages.values()):
-                raise RuntimeError(f"the endpoint failed to load: {report}")
+            last = report.detail or f"HTTP {status}"
+            if any(s.state == "failed" for s in report.stages.values()):
+                raise RuntimeError(f"the endpoint failed to load: {last}")
         time.sleep(1.0)
     raise TimeoutError(f"the endpoint at {url} was not ready after {ready_timeout_s:.0f}s: {last}"
                        + (f"; {fit}" if fit else ""))

@@ -6,6 +6,8 @@
 
 ``Ingress`` (FastAPI): ``POST /search``, ``GET /healthz``, ``GET /pages/{doc_id}``, the search page at ``/``, OpenAPI
 at ``/docs``; it calls the deployments of :mod:`serving.deployments` (query embedder → FAISS retriever → reranker).
+Every body is a model of :mod:`ray_vdr.protocol` (the one wire format, which the client parses too); routes and
+stages raise, and :mod:`serving.errors` answers each error in its API's shape.
 Models and the index load in the background, so ``GET /healthz`` answers 503 "loading" rather than a replica
 hanging in its constructor.
 
@@ -21,11 +23,10 @@ enough requests in flight to fill every downstream batch. Over capacity every ca
 """
 
 import asyncio
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from fastapi import FastAPI, Header, Request
@@ -36,9 +37,23 @@ from ray.serve.handle import DeploymentHandle
 from ray_vdr.config import ServeConfig, ServeDeploymentConfig
 from ray_vdr.corpus.live import generation_config, serving_generations
 from ray_vdr.corpus.store import read_manifest
-from serving import core, openai_api, rerank_api
-from serving.auth import AuthError, KeyRing
-from serving.deployments import QueryEmbedder, Reranker, Retriever
+from ray_vdr.protocol import (
+    DeleteRequest,
+    DeleteResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    HealthResponse,
+    PageInfo,
+    RerankRequest,
+    RerankResponse,
+    SearchRequest,
+    SearchResponse,
+    StageStatus,
+    Timings,
+)
+from serving import core, errors, openai_api, rerank_api
+from serving.auth import KeyRing
+from serving.deployments import Batched, QueryEmbedder, Reranker, Retriever
 from serving.generations import Generations
 from serving.metrics import EndpointMetrics, quiet_health_probes, route_label
 
@@ -52,35 +67,12 @@ api = FastAPI(
     description="Two-stage retrieval over document page images: embedder + FAISS, then a multimodal reranker.",
     version="0.1.0",
 )
+errors.install(api)  # every error in its route's API shape, each kind mapped to its status in one handler
 
 
 def _error_cause(e: BaseException) -> BaseException:
     """The exception a deployment raised (Ray wraps it in RayTaskError, which may or may not subclass it)."""
     return getattr(e, "cause", None) or e
-
-
-def _raise_or_return(result: Any) -> Any:
-    """A stage's answer, or the NotReady it returned, raised here in the ingress. The stages return it rather than
-    raise it: a batch has no per-request errors (one generation's NotReady must not fail the batch's other
-    requests), and a generation still loading during a promotion is the ingress's to handle (it falls back to the
-    previous one), not an error in the replica's log."""
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
-@api.exception_handler(AuthError)
-async def _denied(request: Request, e: AuthError) -> JSONResponse:
-    """401 (with WWW-Authenticate) or 403 for every route; the message names what is missing, never the key.
-    OpenAI's error shape on its route, so its client raises AuthenticationError / PermissionDeniedError."""
-    body = openai_api.openai_error(e.status, str(e)) if request.url.path.endswith("/v1/embeddings") else \
-        {"detail": str(e)}
-    return JSONResponse(body, status_code=e.status, headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
-
-
-def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
 @api.middleware("http")
@@ -90,13 +82,18 @@ async def _limit_and_count(request: Request, call_next):
     limit = getattr(request.app.state, "max_body_bytes", None)
     length = request.headers.get("content-length")
     if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-        response = _error(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+        response = errors.error_response(request, 413,
+                                         f"request body of {length} bytes exceeds the limit of {limit} bytes")
     else:
         response = await call_next(request)
     metrics: EndpointMetrics | None = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.request(route_label(request.scope), response.status_code)
     return response
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the ingress
 
 
 @serve.deployment
@@ -107,6 +104,7 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(cfg)
         self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
+        api.state.retry_after_s = self.cfg.limits.retry_after_s
         self.metrics = api.state.metrics = EndpointMetrics(self.cfg.metrics)
         quiet_health_probes()
         self.keys = KeyRing.load(self.cfg.auth.keys_file, self.cfg.auth.keys_env)  # hashes only
@@ -115,90 +113,69 @@ class Ingress:
 
     async def _in_generation(self, call):
         """``await call(gid)`` in the preferred generation; if a stage has not loaded it (yet: a promotion is
-        switching), in the next one. Every stage of one request uses the same generation."""
+        switching), in the next one. Every stage of one request uses the same generation. A stage's error comes out
+        as the stage raised it (not Ray's wrapper), for its exception handler."""
         order = list(self.gens.order)
         for n, gid in enumerate(order):
             try:
                 return await call(gid)
             except Exception as e:
-                if n + 1 == len(order) or not isinstance(_error_cause(e), core.NotReady):
-                    raise
-
-    def _unavailable(self, e: BaseException) -> JSONResponse | None:
-        """503 + Retry-After for a stage still loading or over capacity; None for anything else."""
-        from ray.serve.exceptions import BackPressureError
-
-        cause = _error_cause(e)
-        retry = self.cfg.limits.retry_after_s
-        if isinstance(e, core.NotReady) or isinstance(cause, core.NotReady):
-            self.metrics.unavailable("not_ready")
-            return _error(503, f"not ready: {cause}", retry)
-        if isinstance(e, BackPressureError) or isinstance(cause, BackPressureError):
-            self.metrics.unavailable("over_capacity")
-            return _error(503, "over capacity: too many requests in flight, retry later", retry)
-        return None
-
-    async def _answer(self, call, what: str, error=None) -> JSONResponse:
-        """``call(gid)``'s answer in the preferred generation, or the error response: a RequestError's 4xx (raised
-        here or by a stage: a filter the index cannot apply), 504 past the timeout, 503 while a stage loads or is
-        over capacity. ``error`` shapes the errors (default ``{"detail": ...}``)."""
-        error = error or _error
-        try:
-            return JSONResponse(await asyncio.wait_for(self._in_generation(call), self.cfg.limits.request_timeout_s))
-        except TimeoutError:
-            return error(504, f"{what} took longer than {self.cfg.limits.request_timeout_s}s")
-        except Exception as e:
-            cause = _error_cause(e)
-            if isinstance(cause, core.RequestError):
-                return error(cause.status, str(cause))
-            unavailable = self._unavailable(e)
-            if unavailable is None:
+                cause = _error_cause(e)
+                if isinstance(cause, core.NotReady) and n + 1 < len(order):
+                    continue
+                if cause is not e and isinstance(cause, (core.NotReady, core.RequestError)):
+                    raise cause from None
                 raise
-            return error(unavailable.status_code, json.loads(unavailable.body)["detail"],
-                         self.cfg.limits.retry_after_s)
+
+    async def _answer(self, call, what: str) -> Any:
+        """``call(gid)``'s answer in the preferred generation (:meth:`_in_generation`); 504 past the timeout."""
+        try:
+            return await asyncio.wait_for(self._in_generation(call), self.cfg.limits.request_timeout_s)
+        except TimeoutError:
+            raise core.RequestError(504, f"{what} took longer than {self.cfg.limits.request_timeout_s}s") from None
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(SEARCH_PAGE)
 
-    @api.get("/healthz", summary="Ready when the embedder, the index (and the reranker) are loaded")
-    async def healthz(self) -> JSONResponse:
+    @api.get("/healthz", summary="Ready when the embedder, the index (and the reranker) are loaded",
+             responses={503: {"model": HealthResponse, "description": "Not ready yet (with Retry-After)"}})
+    async def healthz(self, response: Response) -> HealthResponse:
         stages = {"embedder": self.embedder, "retriever": self.retriever}
         if self.reranker is not None:
             stages["reranker"] = self.reranker
-        report: dict[str, Any] = {}
+        report: dict[str, StageStatus] = {}
         for name, handle in stages.items():
             try:
                 report[name] = await asyncio.wait_for(handle.status.remote(), STAGE_TIMEOUT_S)
             except Exception as e:  # a replica still starting, or gone
-                report[name] = {"state": "unavailable", "detail": f"{type(e).__name__}: {e}"[:300]}
-        ready = all(s["state"] == "ready" for s in report.values())
-        headers = None if ready else {"Retry-After": str(self.cfg.limits.retry_after_s)}
-        return JSONResponse({"ready": ready, "generation": self.gens.order[0], "stages": report},
-                            status_code=200 if ready else 503, headers=headers)
+                report[name] = StageStatus(state="unavailable", detail=f"{type(e).__name__}: {e}"[:300])
+        ready = all(s.state == "ready" for s in report.values())
+        if not ready:
+            response.status_code = 503
+            response.headers["Retry-After"] = str(self.cfg.limits.retry_after_s)
+        detail = None if ready else "; ".join(f"{n}: {s.detail}" for n, s in report.items() if s.state != "ready")
+        return HealthResponse(ready=ready, generation=self.gens.order[0], stages=report, detail=detail)
 
-    @api.post("/search", summary="Top pages for a text or image query, reranked")
-    async def search(self, body: core.SearchRequest, authorization: str | None = Header(None)) -> JSONResponse:
+    @api.post("/search", summary="Top pages for a text or image query, reranked", responses=errors.ERRORS)
+    async def search(self, body: SearchRequest, authorization: str | None = Header(None)) -> SearchResponse:
         who = self.keys.check(authorization, "search")  # AuthError: 401/403 (_denied)
-        try:
-            query = core.parse_request(body, self.cfg.limits, rerank_available=self.reranker is not None)
-        except core.RequestError as e:
-            return _error(e.status, str(e))
+        query = core.parse_request(body, self.cfg.limits, rerank_available=self.reranker is not None)
         return await self._answer(lambda gid: self._search(gid, query, who.scope()), "search")
 
-    async def _search(self, gid: str, query: core.Query, scope: list | None = None) -> dict[str, Any]:
+    async def _search(self, gid: str, query: core.Query, scope: list | None = None) -> SearchResponse:
         t0 = time.perf_counter()
-        vector, embed_s, embed_batch = _raise_or_return(await self.embedder.embed.remote(gid, query.item))
+        embedded: Batched = await self.embedder.embed.remote(gid, query.item)
         t1 = time.perf_counter()
         depth = max(query.top_k, query.rerank_depth)
-        hits, search_s = _raise_or_return(await self.retriever.search.remote(gid, vector, depth, query.clauses,
-                                                                             scope))
+        searched: Batched = await self.retriever.search.remote(gid, embedded.value, depth, query.clauses, scope)
+        hits = searched.value
         t2 = time.perf_counter()
-        scores, rerank_s, rerank_batch = None, 0.0, 0
+        reranked = Batched(None, 0.0, 0)
         if query.rerank_depth and hits:
             head = hits[:query.rerank_depth]
-            scores, rerank_s, rerank_batch = _raise_or_return(await self.reranker.rerank.remote(
-                gid, query.text, [h["position"] for h in head]))
+            reranked = await self.reranker.rerank.remote(gid, query.text, [h["position"] for h in head])
+        scores = reranked.value
         t3 = time.perf_counter()
         results = core.merge_results(hits, scores, query.top_k)
         ms = {"embed": (t1 - t0) * 1000, "search": (t2 - t1) * 1000, "rerank": (t3 - t2) * 1000,
@@ -206,54 +183,51 @@ class Ingress:
         self.metrics.stages("/search", {k: v for k, v in ms.items() if k != "rerank" or scores is not None})
         prefix = self.cfg.route_prefix.rstrip("/")
         for r in results:
-            r["thumbnail_url"] = f"{prefix}/pages/{quote(r['doc_id'])}?page={r['page']}"
-        return {
-            "query": query.text, "image_query": query.image is not None, "top_k": query.top_k, "generation": gid,
-            "rerank_depth": query.rerank_depth if scores is not None else 0, "results": results,
-            "timings": {**{f"{stage}_ms": v for stage, v in ms.items()}, "embed_compute_ms": embed_s * 1000,
-                        "search_compute_ms": search_s * 1000, "rerank_compute_ms": rerank_s * 1000,
-                        "embed_batch": embed_batch, "rerank_batch": rerank_batch},
-        }
+            r.thumbnail_url = f"{prefix}/pages/{quote(r.doc_id)}?page={r.page}"
+        return SearchResponse(
+            query=query.text, image_query=query.image is not None, top_k=query.top_k, generation=gid,
+            rerank_depth=query.rerank_depth if scores is not None else 0, results=results,
+            timings=Timings(**{f"{stage}_ms": v for stage, v in ms.items()}, embed_compute_ms=embedded.seconds * 1000,
+                            search_compute_ms=searched.seconds * 1000, rerank_compute_ms=reranked.seconds * 1000,
+                            embed_batch=embedded.batch, rerank_batch=reranked.batch))
 
-    @api.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images (query or document prompt)")
-    async def embeddings(self, body: openai_api.EmbeddingsRequest,
-                         authorization: str | None = Header(None)) -> JSONResponse:
+    @api.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images (query or document prompt)",
+              responses=errors.OPENAI_ERRORS)
+    async def embeddings(self, body: EmbeddingsRequest,
+                         authorization: str | None = Header(None)) -> EmbeddingsResponse:
         self.keys.check(authorization, "embed")  # AuthError: 401/403 in OpenAI's shape (_denied)
-        async def run(gid: str) -> dict[str, Any]:
+
+        async def run(gid: str) -> EmbeddingsResponse:
             t0 = time.perf_counter()
-            full, index_dim = _raise_or_return(await self.embedder.dims.remote(gid))
+            full, index_dim = await self.embedder.dims.remote(gid)
             dims = openai_api.allowed_dims(self.cfg.embedding_dims, full, index_dim)
             items, dim = openai_api.parse_embeddings(body, self.cfg.limits, dims, index_dim)
             t1 = time.perf_counter()
-            vectors, tokens = _raise_or_return(await self.embedder.vectors.remote(
-                gid, items, dim, body.input_type == "document"))
+            vectors, tokens = await self.embedder.vectors.remote(gid, items, dim, body.input_type == "document")
             t2 = time.perf_counter()
             self.metrics.stages("/v1/embeddings", {"embed": (t2 - t1) * 1000, "total": (t2 - t0) * 1000})
             return openai_api.embeddings_response(vectors, body.encoding_format, gid.split("@")[0], tokens)
 
-        def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:  # OpenAI's shape
-            headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-            return JSONResponse(openai_api.openai_error(status, message, openai_api.error_param(message)), status_code=status,
-                                headers=headers)
+        return await self._answer(run, "embedding")
 
-        return await self._answer(run, "embedding", error)
-
-    @api.post("/v2/rerank", summary="Cohere v2-compatible reranking of texts, images and indexed pages")
-    @api.post("/v1/rerank", summary="Jina-compatible reranking (the same as /v2/rerank)")
-    async def rerank(self, body: rerank_api.RerankRequest, authorization: str | None = Header(None)) -> JSONResponse:
+    @api.post("/v2/rerank", summary="Cohere v2-compatible reranking of texts, images and indexed pages",
+              responses=errors.ERRORS)
+    @api.post("/v1/rerank", summary="Jina-compatible reranking (the same as /v2/rerank)", responses=errors.ERRORS)
+    async def rerank(self, body: RerankRequest, authorization: str | None = Header(None)) -> RerankResponse:
         who = self.keys.check(authorization, "rerank")  # AuthError: 401/403 (_denied)
         if self.reranker is None:
-            return _error(404, "this endpoint has no reranker (serve.reranker)")
+            raise core.RequestError(404, "this endpoint has no reranker (serve.reranker)")
 
-        async def run(gid: str) -> dict[str, Any]:
+        async def run(gid: str) -> RerankResponse:
             t0 = time.perf_counter()
             query, docs, top_n = rerank_api.parse_rerank(body, self.cfg.limits)
             resolved = []
             for n, d in enumerate(docs):
                 if isinstance(d, rerank_api.PageRef):
-                    position = await self.retriever.lookup.remote(gid, d[0], d[1], who.scope())
+                    position = await self.retriever.lookup.remote(gid, d.doc_id, d.page, who.scope())
                     if position is None:
-                        raise core.RequestError(404, f"documents[{n}]: no page {d[1]} of doc_id {d[0]!r} in the index")
+                        raise core.RequestError(404, f"documents[{n}]: no page {d.page} of doc_id {d.doc_id!r} in "
+                                                "the index")
                     d = position
                 resolved.append(d)
             t1 = time.perf_counter()
@@ -264,46 +238,50 @@ class Ingress:
 
         return await self._answer(run, "reranking")
 
-    @api.post("/admin/delete", summary="Remove documents from the live index (off unless serve.admin_deletes)")
-    async def admin_delete(self, body: core.DeleteRequest, authorization: str | None = Header(None)) -> JSONResponse:
+    @api.post("/admin/delete", summary="Remove documents from the live index (off unless serve.admin_deletes)",
+              responses=errors.ERRORS)
+    async def admin_delete(self, body: DeleteRequest, authorization: str | None = Header(None)) -> DeleteResponse:
         """Publishes a new index version without the matching documents and returns once this endpoint's stages
         serve it: no later response contains a removed page."""
         from ray_vdr.corpus.metadata import FilterError
         from ray_vdr.corpus.sync import delete
 
         if not self.cfg.admin_deletes:
-            return _error(403, "admin deletes are off on this endpoint (serve.admin_deletes: false)")
+            raise core.RequestError(403, "admin deletes are off on this endpoint (serve.admin_deletes: false)")
         who = self.keys.check(authorization, "admin")  # AuthError: 401/403 (_denied)
         if not (body.doc_ids or body.sources or body.filter):
-            return _error(422, "say what to delete: doc_ids, sources or filter")
-        index = serving_generations(self.cfg)[0]["index"]
+            raise core.RequestError(422, "say what to delete: doc_ids, sources or filter")
+        index = serving_generations(self.cfg)[0].index
         try:
             summary = await asyncio.to_thread(delete, index, doc_ids=body.doc_ids, sources=body.sources,
                                               filter=body.filter, scope=who.scope())
         except LookupError as e:
-            return _error(404, str(e))
+            raise core.RequestError(404, str(e)) from None
         except (FilterError, ValueError) as e:
-            return _error(422, str(e))
+            raise core.RequestError(422, str(e)) from None
         self.gens.refresh()
         wanted, deadline = self.gens.order[0], time.monotonic() + self.cfg.limits.request_timeout_s
         while time.monotonic() < deadline:
             states = [await h.status.remote() for h in (self.embedder, self.retriever, self.reranker) if h is not None]
-            if all(st.get("generations", {}).get(wanted) == "ready" or (
-                    st.get("generations") and wanted.split("@")[0] in st["generations"] and st["state"] == "ready")
-                   for st in states):
+            if all(st.generations.get(wanted) == "ready" or (
+                    wanted.split("@")[0] in st.generations and st.state == "ready") for st in states):
                 break
             await asyncio.sleep(0.2)
-        logger.info("admin delete: %s", {k: summary[k] for k in ("version", "documents_removed", "pages_removed")})
-        return JSONResponse({**summary, "generation": wanted})
+        logger.info("admin delete: %s", summary.model_dump_json(include={"version", "documents_removed",
+                                                                         "pages_removed"}))
+        return DeleteResponse(**summary.model_dump(), generation=wanted)
 
-    @api.get("/pages/{doc_id:path}", summary="A live page's thumbnail, full image, or info (metadata)")
-    async def pages(self, doc_id: str, page: int | None = None, size: str = "thumbnail",
+    @api.get("/pages/{doc_id:path}", summary="A live page's thumbnail, full image, or info (metadata)",
+             response_model=PageInfo, responses={
+                 200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
+                       "description": "The page's image (size thumbnail or full), or its info (size info)"},
+                 **errors.ERRORS})
+    async def pages(self, doc_id: str, page: int | None = None,
+                    size: Literal["thumbnail", "full", "info"] = "thumbnail",
                     authorization: str | None = Header(None)) -> Response:
         who = self.keys.check(authorization, "pages")  # AuthError: 401/403 (_denied)
-        if size not in ("thumbnail", "full", "info"):
-            return _error(422, "size must be 'thumbnail', 'full' or 'info' (doc_id, page, source and metadata)")
 
-        async def fetch(gid: str) -> bytes | dict | None:
+        async def fetch(gid: str) -> bytes | PageInfo | None:
             position = await self.retriever.lookup.remote(gid, doc_id, page, who.scope())
             if position is None:
                 return None
@@ -311,20 +289,17 @@ class Ingress:
                 return await self.retriever.info.remote(gid, position)
             return await self.retriever.page.remote(gid, position, "thumbnail" if size == "thumbnail" else "image")
 
-        try:
-            data = await self._in_generation(fetch)
-            if data is None:
-                where = f" page {page}" if page is not None else ""
-                return _error(404, f"no page in the index for doc_id {doc_id!r}{where}")
-        except Exception as e:
-            unavailable = self._unavailable(e)
-            if unavailable is None:
-                raise
-            return unavailable
-        if isinstance(data, dict):
-            return JSONResponse(data)
+        data = await self._in_generation(fetch)
+        if data is None:
+            where = f" page {page}" if page is not None else ""
+            raise core.RequestError(404, f"no page in the index for doc_id {doc_id!r}{where}")
+        # with API keys a page is the caller's (its tenant's): no shared cache (a proxy, a CDN) may hand it to another
+        cache = {"Cache-Control": "private, max-age=3600", "Vary": "Authorization"} if self.keys.enabled else \
+            {"Cache-Control": "public, max-age=3600"}
+        if isinstance(data, PageInfo):
+            return JSONResponse(data.model_dump(), headers=cache)
         media = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/webp" if data[8:12] == b"WEBP" else "image/png"
-        return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+        return Response(data, media_type=media, headers=cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -369,12 +344,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if cfg.index is None:
         raise ValueError("serve.index is not set: give the embedding job's output folder or URI (index=...)")
     live = serving_generations(cfg)[0]  # the live manifest's live generation, or cfg.index
-    manifest = read_manifest(live["index"])
+    manifest = read_manifest(live.index)
     if manifest is not None:
         core.check_binding(generation_config(cfg, live), manifest)
     else:
         logger.warning("no index at %s yet: the endpoint starts and waits for it (health 503 until loaded)",
-                       live["index"])
+                       live.index)
     gpus = _cluster_gpus()
     retry = cfg.limits.retry_after_s
     model_gpus = {name: (d.num_gpus if d.num_gpus is not None else (1.0 if gpus else 0.0))

@@ -22,7 +22,8 @@ __all__ = ["Batcher"]
 
 class Batcher:
     """``await batcher(item)`` → ``fn``'s answer for ``item``; ``fn`` takes a list of items and returns one answer per
-    item, in order. An exception ``fn`` raises goes to every request of that batch."""
+    item, in order. An answer that is an exception is raised to its own caller only (a per-request error: the batch's
+    other requests get their answers); an exception ``fn`` raises goes to every request of that batch."""
 
     def __init__(self, fn: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int, wait_s: float = 0.0):
         if max_batch_size < 1:
@@ -56,5 +57,9 @@ class Batcher:
                         f.set_exception(e)
                 continue
             for (_, f), answer in zip(batch, answers, strict=True):
-                if not f.done():
+                if f.done():
+                    continue
+                if isinstance(answer, BaseException):
+                    f.set_exception(answer)
+                else:
                     f.set_result(answer)

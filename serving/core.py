@@ -21,24 +21,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from ray_vdr.config import ImageLimits, ServeConfig, ServeLimits
 from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.eval.metrics import rerank_order
 from ray_vdr.models.binding import EmbedderBinding
+from ray_vdr.protocol import SearchHit, SearchRequest
 
 if TYPE_CHECKING:
     from ray_vdr.models.encoder import IndexEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeleteRequest", "NotReady", "RequestError", "RerankScorer", "SearchRequest", "check_binding", "decode_image_query", "query_encoder",
+__all__ = ["NotReady", "RequestError", "RerankScorer", "check_binding", "decode_image_query", "query_encoder",
            "merge_results", "parse_request"]
 
 
 class RequestError(ValueError):
-    """A request the endpoint refuses: ``status`` is the HTTP status (4xx), the message says what to change."""
+    """A request the endpoint refuses: ``status`` is the HTTP status (4xx: the message says what to change; 504: it
+    took longer than ``limits.request_timeout_s``). The ingress answers it in the route's error shape."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -49,39 +50,8 @@ class RequestError(ValueError):
 
 
 class NotReady(RuntimeError):
-    """A stage still loading (or waiting for its index); the endpoint answers 503 with Retry-After."""
-
-
-class SearchRequest(BaseModel):
-    """``POST /search``: a text query, an image query (base64), or both."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: str | None = Field(None, description="The text query.", examples=["What was ACME's Q3 2021 revenue?"])
-    image: str | None = Field(
-        None, description="An image query: base64 of PNG/JPEG/WebP bytes (a data: URL prefix is accepted). The "
-        "endpoint never fetches URLs."
-    )
-    top_k: int | None = Field(None, description="Results to return (default and bound: the server's limits).")
-    rerank_depth: int | None = Field(
-        None, description="First-stage candidates the reranker scores (0 = no reranking; default: the server's)."
-    )
-    filter: dict[str, Any] | None = Field(
-        None, description="Only pages whose document metadata matches every clause: field: value (equality), "
-        "field: {in: [...]}, field: {gte/gt/lte/lt: number or date}. doc_id and source are always fields. Applied "
-        "inside the vector search, so top_k stays full. An unknown field or a wrong type is a 422 naming it.",
-        examples=[{"collection": "finance", "year": {"gte": 2021}}],
-    )
-
-
-class DeleteRequest(BaseModel):
-    """``POST /admin/delete``: documents to remove (any of them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    doc_ids: list[str] = Field(default_factory=list, max_length=10_000)
-    sources: list[str] = Field(default_factory=list, max_length=1_000)
-    filter: dict[str, Any] | None = None
+    """A stage still loading (or waiting for its index), raised by the stages; the ingress tries the previous
+    generation, else answers 503 with Retry-After."""
 
 
 @dataclass
@@ -204,7 +174,7 @@ class RerankScorer:
 # merging the stages
 
 
-def merge_results(hits: list[dict[str, Any]], rerank_scores: np.ndarray | None, top_k: int) -> list[dict[str, Any]]:
+def merge_results(hits: list[dict[str, Any]], rerank_scores: np.ndarray | None, top_k: int) -> list[SearchHit]:
     """Final ranking: the reranked head by rerank score (ties by first-stage rank), then the rest as retrieved.
 
     Each result keeps both stages' score and rank, so a client can see what the reranker changed.
@@ -213,11 +183,7 @@ def merge_results(hits: list[dict[str, Any]], rerank_scores: np.ndarray | None, 
     scores = [float(x) for x in rerank_scores] if depth else []
     order = rerank_order(list(range(len(hits))), scores, depth)
     rerank_rank = {i: r for r, i in enumerate(order[:depth], start=1)}
-    out = []
-    for final, i in enumerate(order[:top_k], start=1):
-        h = hits[i]
-        out.append({"rank": final, "doc_id": h["doc_id"], "page": h["page"], "source": h["source"], "key": h["key"],
-                    "metadata": h.get("metadata", {}),
-                    "position": h["position"], "score": h["score"], "first_stage_rank": h["rank"],
-                    "rerank_score": scores[i] if i < depth else None, "rerank_rank": rerank_rank.get(i)})
-    return out
+    return [SearchHit(rank=final, doc_id=hits[i]["doc_id"], page=hits[i]["page"], source=hits[i]["source"],
+                      metadata=hits[i].get("metadata", {}), score=hits[i]["score"], first_stage_rank=hits[i]["rank"],
+                      rerank_score=scores[i] if i < depth else None, rerank_rank=rerank_rank.get(i))
+            for final, i in enumerate(order[:top_k], start=1)]

@@ -6,125 +6,216 @@
 - ``Retriever``: the FAISS index (batched over queries) and the page store (thumbnails and page images).
 - ``Reranker`` (optional): a CrossEncoder scoring (query, page image) pairs; batched over requests.
 
-Batches form while the model runs (:class:`serving.batching.Batcher`: no wait for a lone request). The batched
-methods return NotReady per request instead of raising it: a batch function's exception fails the whole batch,
-and one generation still loading during a promotion must not fail the batch's other requests (the ingress raises it
-and falls back to the previous generation).
+What the three share is :class:`Stage`: the config, the device, the generations it loads, its batcher, metrics and
+health. Batches form while the model runs (:class:`serving.batching.Batcher`: no wait for a lone request); a batch
+holds small typed records (:class:`EmbedCall`, :class:`SearchCall`, :class:`RerankCall`) and each request gets a
+:class:`Batched` answer. A stage raises NotReady for a generation it has not loaded (yet: a promotion is switching)
+and RequestError for a request it refuses; in a batch, to that request only (the Batcher delivers a per-request
+exception: one generation's NotReady does not fail the batch's other requests). The ingress then falls back to the
+previous generation, or answers 503 (serving/errors.py). Neither is a fault of the replica: Ray Serve's
+"Request failed." traceback of them stays out of its log (:func:`quiet_expected_errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ray import serve
 
 from ray_vdr.cluster import worker_device
 from ray_vdr.config import ServeConfig, ServeDeploymentConfig
-from ray_vdr.corpus.live import generation_config
+from ray_vdr.corpus.live import Generation, generation_config
 from ray_vdr.corpus.store import PageStore, open_index
 from ray_vdr.data.images import pil_pages
+from ray_vdr.protocol import IndexStatus, PageInfo, StageStatus
 from serving import core
 from serving.batching import Batcher
 from serving.generations import Background, Generations, wait_for_manifest
 from serving.metrics import EndpointMetrics, quiet_health_probes
 
-__all__ = ["QueryEmbedder", "Reranker", "Retriever"]
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from ray_vdr.models.encoder import IndexEncoder
+
+__all__ = ["Batched", "EmbedCall", "QueryEmbedder", "RerankCall", "Reranker", "Retriever", "SearchCall", "Stage",
+           "quiet_expected_errors"]
 
 logger = logging.getLogger(__name__)
 
 
-def _batcher(fn, d: ServeDeploymentConfig) -> Batcher:
-    """A batched stage with the configured batch size and extra wait."""
-    return Batcher(fn, d.max_batch_size, d.batch_wait_timeout_s)
+def _not_an_expected_error(record: logging.LogRecord) -> bool:
+    """False for Ray Serve's "Request failed." record of a NotReady or RequestError a stage raised (its access-log
+    line, CALL ... ERROR, stays)."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not isinstance(error, (core.NotReady, core.RequestError))
+
+
+def quiet_expected_errors() -> None:
+    """Keep the tracebacks of a generation still loading (the ingress's to handle) and of a refused request (the
+    caller's) out of this replica's log: Ray Serve logs every exception a handle call raises."""
+    serve_logger = logging.getLogger("ray.serve")
+    if _not_an_expected_error not in serve_logger.filters:
+        serve_logger.addFilter(_not_an_expected_error)
+
+
+class Batched(NamedTuple):
+    """A batched stage's answer to one request, with the batch's model time and size (the search's timings)."""
+
+    value: Any
+    seconds: float
+    batch: int
+
+
+class EmbedCall(NamedTuple):
+    """A query to encode with generation ``gid``'s model."""
+
+    gid: str
+    item: str | Image.Image
+
+
+class SearchCall(NamedTuple):
+    """A query vector's top ``k`` live pages in generation ``gid``'s index, matching the filter ``clauses`` and the
+    caller's key ``scope``."""
+
+    gid: str
+    vector: np.ndarray
+    k: int
+    clauses: list | None
+    scope: list | None
+
+
+class RerankCall(NamedTuple):
+    """The scores of (``query``, page) for pages at ``positions`` of generation ``gid``'s index."""
+
+    gid: str
+    query: str
+    positions: list[int]
+
+
+class Stage:
+    """The part every stage deployment shares: its config, its device (``model`` stages), what it loads per
+    generation (:meth:`load`, in the background), its batcher over :meth:`run_batch`, its metrics and health.
+
+    A subclass says what it is (``what``: its health name; ``stage``: its batch metric; ``section``: the ServeConfig
+    section with its batching) and defines :meth:`load` and :meth:`run_batch`.
+    """
+
+    what = "stage"
+    stage = "stage"
+    section = "embedder"
+    model = False  # runs a torch model: gets a device (and as many torch threads as CPUs)
+    per_version = True  # one load per index version (False: per index and model, shared by its versions)
+
+    def __init__(self, cfg: dict[str, Any], num_cpus: float = 1.0, num_gpus: float = 0.0):
+        self.cfg = ServeConfig.model_validate(cfg)
+        self.device = worker_device(bool(num_gpus), num_cpus) if self.model else "cpu"
+        self.metrics = EndpointMetrics(self.cfg.metrics)
+        quiet_health_probes()
+        quiet_expected_errors()
+        batching: ServeDeploymentConfig = getattr(self.cfg, self.section)
+        self.batcher = Batcher(self._batch, batching.max_batch_size, batching.batch_wait_timeout_s)
+        self.gens = Generations(self.what, self.cfg, self.load, per_version=self.per_version)
+
+    def load(self, gen: Generation, say: Callable[[str], None]) -> Any:
+        """What this stage serves of generation ``gen`` (runs in a thread; ``say`` reports progress to health)."""
+        raise NotImplementedError
+
+    async def run_batch(self, loaded: Any, requests: list) -> list:
+        """One answer per request, in order, for requests of one generation (and :meth:`group`), with what
+        :meth:`load` made of it."""
+        raise NotImplementedError
+
+    def group(self, request: Any) -> Hashable:
+        """Requests of one generation that :meth:`run_batch` can answer together (default: all of them)."""
+        return None
+
+    def status(self) -> StageStatus:
+        return StageStatus(**self.gens.status())
+
+    async def _batch(self, requests: list) -> list[Batched | Exception]:
+        """One :meth:`run_batch` per generation (and group) in the batch: one, except while a promotion switches. A
+        generation not loaded here (NotReady) or a request refused (RequestError) is raised to its own requests only
+        (the Batcher raises an answer that is an exception to its caller)."""
+        start = time.perf_counter()
+        self.metrics.batch(self.stage, len(requests))
+        out: list[Any] = [None] * len(requests)
+        groups: dict[tuple[str, Hashable], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.gid, self.group(r)), []).append(i)
+        for (gid, _), idx in groups.items():
+            try:
+                answers = await self.run_batch(self.gens.get(gid), [requests[i] for i in idx])
+            except (core.NotReady, core.RequestError) as e:
+                answers = [e] * len(idx)
+            for i, answer in zip(idx, answers, strict=True):
+                out[i] = answer
+        seconds = time.perf_counter() - start
+        return [a if isinstance(a, Exception) else Batched(a, seconds, len(requests)) for a in out]
 
 
 @serve.deployment
-class QueryEmbedder:
-    def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
-        self.cfg = ServeConfig.model_validate(cfg)
-        device = worker_device(bool(num_gpus), num_cpus)
+class QueryEmbedder(Stage):
+    what = "query embedder"
+    stage = "embed"
+    section = "embedder"
+    model = True
+    per_version = False  # one model for every version of an index
 
-        def load(gen, say):
-            manifest = wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
-            say("checking the model against the index manifest")
-            binding = core.check_binding(generation_config(self.cfg, gen), manifest)
-            say(f"loading {binding['path']} on {device}")
-            return core.QueryEncoder(binding, self.cfg, device)
+    def load(self, gen: Generation, say: Callable[[str], None]) -> IndexEncoder:
+        """The generation's encoder, checked against its index's binding (model files, dimension, prompts)."""
+        manifest = wait_for_manifest(gen.index, self.cfg.index_poll_s, say)
+        say(f"loading {gen.model or manifest.model.path} on {self.device}, checked against the index manifest")
+        return core.query_encoder(generation_config(self.cfg, gen), manifest, self.device)
 
-        self.gens = Generations("query embedder", self.cfg, load, per_version=False)
-        self._embed = _batcher(self._embed_batch, self.cfg.embedder)
-        self.metrics = EndpointMetrics(self.cfg.metrics)
-        quiet_health_probes()
+    async def embed(self, gid: str, item: str | Image.Image) -> Batched:
+        """The query's vector from generation ``gid``'s model (batched with other queries); NotReady while that
+        generation is not loaded here."""
+        return await self.batcher(EmbedCall(gid, item))
 
-    def status(self) -> dict[str, Any]:
-        return self.gens.status()
+    async def run_batch(self, encoder: IndexEncoder, requests: list[EmbedCall]) -> list[np.ndarray]:
+        # in a thread: the loop keeps gathering the next batch
+        return list(await asyncio.to_thread(encoder.encode_queries, [r.item for r in requests]))
 
-    async def embed(self, gid: str, item: Any) -> tuple[Any, float, int] | core.NotReady:
-        """The query's vector from generation ``gid``'s model; also the model time and batch size (for timings).
-        NotReady is returned, not raised (see ``_raise_or_return``)."""
-        return await self._embed((gid, item))
-
-    async def vectors(self, gid: str, items: list, dim: int | None, document: bool
-                      ) -> tuple[Any, int] | core.NotReady:
+    async def vectors(self, gid: str, items: list, dim: int | None, document: bool) -> tuple[np.ndarray, int]:
         """``POST /v1/embeddings``: the items' vectors at ``dim`` with the query or document prompt, and their text
         tokens (not batched with searches: one request is already a batch)."""
-        try:
-            encoder: core.QueryEncoder = self.gens.get(gid)
-        except core.NotReady as e:
-            return e
+        encoder: IndexEncoder = self.gens.get(gid)
         texts = [x for x in items if isinstance(x, str)]
-        vectors = await asyncio.to_thread(encoder.encode, items, dim, document)
+        vectors = await asyncio.to_thread(encoder.encode_pages if document else encoder.encode_queries, items, dim)
         return vectors, encoder.count_tokens(texts)
 
-    async def dims(self, gid: str) -> tuple[int, int] | core.NotReady:
+    async def dims(self, gid: str) -> tuple[int, int]:
         """(the model's full dimension, the index's) of generation ``gid``."""
-        try:
-            encoder: core.QueryEncoder = self.gens.get(gid)
-        except core.NotReady as e:
-            return e
+        encoder: IndexEncoder = self.gens.get(gid)
         return encoder.full_dim, encoder.dim
-
-    async def _embed_batch(self, requests: list[tuple[str, Any]]) -> list[Any]:
-        """One forward per generation in the batch (one, except while a promotion switches)."""
-        start, out = time.perf_counter(), [None] * len(requests)
-        self.metrics.batch("embed", len(requests))
-        for gid in dict.fromkeys(g for g, _ in requests):
-            idx = [i for i, (g, _) in enumerate(requests) if g == gid]
-            try:
-                encoder: core.QueryEncoder = self.gens.get(gid)
-            except core.NotReady as e:
-                for i in idx:
-                    out[i] = e
-                continue
-            # in a thread: the loop keeps gathering the next batch
-            vectors = await asyncio.to_thread(encoder.encode, [requests[i][1] for i in idx])
-            for i, v in zip(idx, vectors, strict=True):
-                out[i] = v
-        seconds = time.perf_counter() - start
-        return [v if isinstance(v, Exception) else (v, seconds, len(requests)) for v in out]
 
 
 @serve.deployment
-class Retriever:
+class Retriever(Stage):
+    what = "index"
+    stage = "search"
+    section = "retriever"
+
     def __init__(self, cfg: dict[str, Any]):
-        self.cfg = ServeConfig.model_validate(cfg)
-
-        def load(gen, say):  # the index alone: the model is the QueryEmbedder's to check and load
-            wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
-            say(f"loading the FAISS index (version {gen.get('version')})")
-            index = open_index(gen["index"], dim=generation_config(self.cfg, gen).dim, version=gen.get("version"))
-            return index, PageStore.of(index)
-
-        self.gens = Generations("index", self.cfg, load)
-        self._search = _batcher(self._search_batch, self.cfg.retriever)
-        self.metrics = EndpointMetrics(self.cfg.metrics)
-        quiet_health_probes()
+        super().__init__(cfg)
         if self.metrics.enabled:
             threading.Thread(target=self._report_generation, name="generation-metrics", daemon=True).start()
+
+    def load(self, gen: Generation, say: Callable[[str], None]) -> tuple[Any, PageStore]:
+        """The index alone (the model is the QueryEmbedder's to check and load), and its page store."""
+        wait_for_manifest(gen.index, self.cfg.index_poll_s, say)
+        say(f"loading the FAISS index (version {gen.version})")
+        index = open_index(gen.index, dim=gen.dim, version=gen.version)
+        return index, PageStore.of(index)
 
     def _report_generation(self) -> None:
         """The live generation's gauges (which one, its vectors, its age), every second: Ray's metrics agent drops a
@@ -132,61 +223,46 @@ class Retriever:
         while True:
             try:
                 status = self.status()
-                if "index" in status:
-                    ix = status["index"]
-                    self.metrics.generation(status["generation"], ix["vectors"], ix["live_pages"], ix["updated_at"])
+                if status.index is not None:
+                    ix = status.index
+                    self.metrics.generation(status.generation, ix.vectors, ix.live_pages, ix.updated_at)
             except Exception as e:  # a generation dropped meanwhile: the next round reports the new one
                 logger.debug("generation metrics: %s", e)
             time.sleep(1.0)
 
-    def status(self) -> dict[str, Any]:
-        status = self.gens.status()
-        if status["state"] == "ready":
-            m = self.gens.get(status["generation"])[0].manifest
-            status["index"] = {"vectors": m["vectors"], "dim": m["dim"], "type": m["index"]["type"],
-                               "model": m["model"]["path"], "updated_at": m.get("updated_at"),
-                               "version": m.get("version"), "live_pages": m.get("live_pages", m["vectors"])}
+    def status(self) -> StageStatus:
+        status = super().status()
+        if status.state == "ready":
+            m = self.gens.get(status.generation)[0].manifest
+            status.index = IndexStatus(vectors=m.vectors, dim=m.dim, type=m.index.type, model=m.model.path,
+                                       updated_at=m.updated_at, version=m.version, live_pages=m.live)
         return status
 
-    async def search(self, gid: str, vector: Any, k: int, clauses: list | None = None, scope: list | None = None
-                     ) -> tuple[list[dict], float] | core.NotReady | core.RequestError:
+    async def search(self, gid: str, vector: np.ndarray, k: int, clauses: list | None = None,
+                     scope: list | None = None) -> Batched:
         """The top-k live hits of a query vector in generation ``gid``'s index, matching the filter ``clauses`` and
-        the caller's key ``scope``; also the search time. A filter this index cannot apply comes back as a
+        the caller's key ``scope`` (batched with other queries). A filter this index cannot apply raises a
         RequestError (422 naming the field)."""
-        return await self._search((gid, vector, k, clauses, scope))  # or NotReady, returned (see _raise_or_return)
+        return await self.batcher(SearchCall(gid, vector, k, clauses, scope))
 
-    async def _search_batch(self, requests: list[tuple[str, Any, int, list | None, list | None]]) -> list[Any]:
-        """One FAISS call per generation, filter and key scope in the batch, at its largest k."""
-        import json
+    def group(self, request: SearchCall) -> str:
+        """One FAISS call per filter and key scope."""
+        return json.dumps([request.clauses, request.scope], sort_keys=True)
 
+    async def run_batch(self, loaded: tuple[Any, PageStore], requests: list[SearchCall]) -> list[list[dict]]:
+        """The group's queries in one FAISS call, at its largest k."""
         import numpy as np
 
         from ray_vdr.corpus.metadata import FilterError
 
-        start, out = time.perf_counter(), [None] * len(requests)
-        self.metrics.batch("search", len(requests))
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r[0], json.dumps([r[3], r[4]], sort_keys=True)), []).append(i)
-        for (gid, _), idx in groups.items():
-            try:
-                index, _ = self.gens.get(gid)
-            except core.NotReady as e:
-                for i in idx:
-                    out[i] = e
-                continue
-            k, clauses, scope = max(requests[i][2] for i in idx), requests[idx[0]][3], requests[idx[0]][4]
-            try:
-                hits = await asyncio.to_thread(index.search, np.stack([requests[i][1] for i in idx]), k, clauses,
-                                               scope)
-            except FilterError as e:
-                for i in idx:
-                    out[i] = core.RequestError(422, str(e))
-                continue
-            for i, h in zip(idx, hits, strict=True):
-                out[i] = h[:requests[i][2]]
-        seconds = time.perf_counter() - start
-        return [h if isinstance(h, Exception) else (h, seconds) for h in out]
+        index, _ = loaded
+        first = requests[0]
+        try:
+            hits = await asyncio.to_thread(index.search, np.stack([r.vector for r in requests]),
+                                           max(r.k for r in requests), first.clauses, first.scope)
+        except FilterError as e:
+            raise core.RequestError(422, str(e)) from None
+        return [h[:r.k] for r, h in zip(requests, hits, strict=True)]
 
     async def lookup(self, gid: str, doc_id: str, page: int | None, scope: list | None = None) -> int | None:
         """The position of a live page the caller's key ``scope`` may see; None otherwise (a 404 either way)."""
@@ -194,44 +270,55 @@ class Retriever:
         position = store.position(doc_id, page)
         return position if position is not None and index.visible(position, scope) else None
 
-    async def info(self, gid: str, position: int) -> dict[str, Any]:
+    async def info(self, gid: str, position: int) -> PageInfo:
         """A page's doc_id, page, source and metadata."""
-        import json
-
         ids = self.gens.get(gid)[0].ids
         row = {c: ids.column(c)[position].as_py() for c in ("doc_id", "page", "source", "metadata")
                if c in ids.column_names}
-        return {**row, "metadata": json.loads(row["metadata"]) if row.get("metadata") else {}}
+        return PageInfo(**{**row, "metadata": json.loads(row["metadata"]) if row.get("metadata") else {}})
 
     async def page(self, gid: str, position: int, column: str) -> bytes:
         return (await asyncio.to_thread(self.gens.get(gid)[1].get, [position], column))[0]
 
 
 @serve.deployment
-class Reranker:
+class Reranker(Stage):
+    what = "reranker pages"
+    stage = "rerank"
+    section = "rerank"
+    model = True
+
     def __init__(self, cfg: dict[str, Any], num_cpus: float, num_gpus: float):
-        self.cfg = ServeConfig.model_validate(cfg)
-        device = worker_device(bool(num_gpus), num_cpus)
-        self.scorer = Background("reranker", lambda say: core.RerankScorer(self.cfg.reranker, self.cfg, device))
+        super().__init__(cfg, num_cpus, num_gpus)
+        self.scorer = Background("reranker", lambda say: core.RerankScorer(self.cfg.reranker, self.cfg, self.device))
 
-        def load(gen, say):  # the generation's page store: page positions differ from index to index
-            wait_for_manifest(gen["index"], self.cfg.index_poll_s, say)
-            return PageStore.open(gen["index"], version=gen.get("version"))
+    def load(self, gen: Generation, say: Callable[[str], None]) -> PageStore:
+        """The generation's page store (page positions differ from index to index); the model is one for all."""
+        wait_for_manifest(gen.index, self.cfg.index_poll_s, say)
+        return PageStore.open(gen.index, version=gen.version)
 
-        self.gens = Generations("reranker pages", self.cfg, load)
-        self._rerank = _batcher(self._rerank_batch, self.cfg.rerank)
-        self.metrics = EndpointMetrics(self.cfg.metrics)
-        quiet_health_probes()
+    def status(self) -> StageStatus:
+        pages = super().status()
+        return pages if self.scorer.state == "ready" else pages.model_copy(update=self.scorer.status())
 
-    def status(self) -> dict[str, Any]:
-        pages = self.gens.status()
-        return pages if self.scorer.state == "ready" else {**pages, **self.scorer.status()}
+    async def rerank(self, gid: str, query: str, positions: list[int]) -> Batched:
+        """Scores of (query, page) for pages of generation ``gid``'s index (batched with other requests)."""
+        return await self.batcher(RerankCall(gid, query, positions))
 
-    async def rerank(self, gid: str, query: str, positions: list[int]) -> tuple[Any, float, int] | core.NotReady:
-        """Scores of (query, page) for pages of generation ``gid``'s index; also the model time and batch size."""
-        return await self._rerank((gid, query, positions))  # or NotReady, returned (see _raise_or_return)
+    async def run_batch(self, store: PageStore, requests: list[RerankCall]) -> list[np.ndarray]:
+        """The pairs of every request go through the model together, in forwards of ``rerank_batch_size`` pairs."""
+        scorer = self.scorer.get()
 
-    async def score_documents(self, gid: str, query: str, docs: list) -> Any:
+        def run():
+            blobs = [b for r in requests for b in store.get(r.positions, "image")]
+            queries = [r.query for r in requests for _ in r.positions]
+            return scorer.score(list(zip(queries, pil_pages(blobs), strict=True)))
+
+        scores = await asyncio.to_thread(run)
+        bounds = list(itertools.accumulate((len(r.positions) for r in requests), initial=0))
+        return [scores[a:b] for a, b in itertools.pairwise(bounds)]
+
+    async def score_documents(self, gid: str, query: str, docs: list) -> np.ndarray:
         """``POST /v2/rerank``: the scores of (query, document) for texts, images and indexed page positions (ints);
         not batched with searches (one request is already a batch)."""
         scorer = self.scorer.get()
@@ -243,30 +330,3 @@ class Reranker:
             return scorer.score([(query, pages[d] if isinstance(d, int) else d) for d in docs])
 
         return await asyncio.to_thread(run)
-
-    async def _rerank_batch(self, requests: list[tuple[str, str, list[int]]]) -> list[Any]:
-        """The pairs of every request in the batch go through the model together, in forwards of
-        ``rerank_batch_size`` pairs."""
-        scorer = self.scorer.get()
-        start = time.perf_counter()
-        self.metrics.batch("rerank", len(requests))
-        ok, out = [], [None] * len(requests)
-        for i, (gid, _, _) in enumerate(requests):
-            try:
-                ok.append((i, self.gens.get(gid)))
-            except core.NotReady as e:
-                out[i] = e
-
-        def run():
-            blobs = [b for i, store in ok for b in store.get(requests[i][2], "image")]
-            queries = [requests[i][1] for i, _ in ok for _ in requests[i][2]]
-            return scorer.score(list(zip(queries, pil_pages(blobs), strict=True)))
-
-        scores = await asyncio.to_thread(run)
-        seconds = time.perf_counter() - start
-        at = 0
-        for i, _ in ok:
-            n = len(requests[i][2])
-            out[i] = (scores[at:at + n], seconds, len(ok))
-            at += n
-        return out

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ray_vdr.config import ServeConfig
-from ray_vdr.corpus.live import base_id, serving_generations
+from ray_vdr.corpus.live import Generation, base_id, serving_generations
+from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.corpus.store import MANIFEST, read_manifest
 from serving.core import NotReady
 
@@ -50,7 +51,7 @@ class Background:
         return {"state": self.state, "detail": self.detail}
 
 
-def wait_for_manifest(index: str, poll_s: float, say: Callable[[str], None]) -> dict[str, Any]:
+def wait_for_manifest(index: str, poll_s: float, say: Callable[[str], None]) -> IndexManifest:
     """The index manifest; while the embedding job has not published it yet, wait (health stays unready)."""
     waited = 0.0
     while (manifest := read_manifest(index)) is None:
@@ -73,7 +74,7 @@ class Generations:
     the next generation, so a switch never fails a request while replicas load the new one.
     """
 
-    def __init__(self, what: str, cfg: ServeConfig, load: Callable[[dict[str, Any], Callable[[str], None]], Any],
+    def __init__(self, what: str, cfg: ServeConfig, load: Callable[[Generation, Callable[[str], None]], Any],
                  per_version: bool = True):
         self.what, self.cfg, self._load, self.per_version = what, cfg, load, per_version
         self.loaded: dict[str, Background] = {}
@@ -87,12 +88,12 @@ class Generations:
     def refresh(self) -> None:
         gens = serving_generations(self.cfg)
         if not self.per_version:  # what versions of one index share (the model) is loaded once for them all
-            gens = list({base_id(g["id"]): {**g, "id": base_id(g["id"])} for g in gens}.values())
+            gens = list({g.base_id: g.model_copy(update={"id": g.base_id}) for g in gens}.values())
         for g in gens:
-            if g["id"] not in self.loaded:
-                logger.info("%s: loading generation %s (%s)", self.what, g["id"], g["index"])
-                self.loaded[g["id"]] = Background(f"{self.what} {g['id']}", lambda say, g=g: self._load(g, say))
-        self.order = [g["id"] for g in gens]
+            if g.id not in self.loaded:
+                logger.info("%s: loading generation %s (%s)", self.what, g.id, g.index)
+                self.loaded[g.id] = Background(f"{self.what} {g.id}", lambda say, g=g: self._load(g, say))
+        self.order = [g.id for g in gens]
         for gid in [k for k in self.loaded if k not in self.order]:
             logger.info("%s: dropping generation %s", self.what, gid)
             del self.loaded[gid]  # requests already holding its objects finish with them

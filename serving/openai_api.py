@@ -1,4 +1,4 @@
-"""OpenAI-compatible embeddings (``POST /v1/embeddings``) without Ray: the request, its checks and the response.
+"""OpenAI-compatible embeddings (``POST /v1/embeddings``) without Ray: the request's checks and the response.
 
 What the ``openai`` client sends (``OpenAI(base_url=…/v1).embeddings.create(model=…, input=…, dimensions=…)``)::
 
@@ -9,44 +9,24 @@ What the ``openai`` client sends (``OpenAI(base_url=…/v1).embeddings.create(mo
 document prompt. ``dimensions`` must be one of the embedder's Matryoshka dims (``serve.embedding_dims``, by default
 the model's dimension and its halvings down to 64, and the index's). Images are base64 data URLs (never fetched).
 Errors come in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, which the client raises as
-``BadRequestError``.
+``BadRequestError``. The request and response models are :mod:`ray_vdr.protocol`'s (the one wire format).
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from ray_vdr.config import ServeLimits
+from ray_vdr.protocol import Embedding, EmbeddingsRequest, EmbeddingsResponse, Usage
 from serving.core import RequestError, decode_image_query
 
-__all__ = ["EmbeddingsRequest", "allowed_dims", "embeddings_response", "error_param", "openai_error",
-           "parse_embeddings"]
+__all__ = ["allowed_dims", "embeddings_response", "error_param", "parse_embeddings"]
 
 MAX_INPUTS = 256
-
-
-class EmbeddingsRequest(BaseModel):
-    """``POST /v1/embeddings`` (OpenAI's embeddings API, plus ``input_type``)."""
-
-    model_config = ConfigDict(extra="ignore")  # the client may send fields this endpoint has no use for (user, …)
-
-    input: Any = Field(..., description="A string, a list of strings, or image content parts "
-                       "({type: image_url, image_url: {url: data:image/png;base64,...}}).")
-    model: str | None = Field(None, description="Ignored: the endpoint serves the embedder of its live index.")
-    dimensions: int | None = Field(None, description="One of the embedder's Matryoshka dims (default: the index's).")
-    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
-    input_type: Literal["query", "document"] = Field("query", description="The prompt to encode with.")
-
-
-def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 def error_param(message: str) -> str | None:
@@ -86,6 +66,8 @@ def _item(x: Any, n: int, limits: ServeLimits) -> str | Image.Image:
         return decode_image_query(url, limits.image)
     if isinstance(x, int) or (isinstance(x, list) and all(isinstance(t, int) for t in x)):
         raise RequestError(400, "input: token arrays are not supported; send text or image content parts")
+    if isinstance(x, list) and len(x) == 1:  # one content part (a message's content list) is not a mix: that part
+        return _item(x[0], n, limits)
     if isinstance(x, list):
         raise RequestError(400, f"input[{n}] mixes {len(x)} content parts in one input: this embedder encodes a text "
                            "or an image per input, not both together; send them as separate inputs")
@@ -109,12 +91,11 @@ def parse_embeddings(req: EmbeddingsRequest, limits: ServeLimits, dims: list[int
     return items, dim
 
 
-def embeddings_response(vectors: np.ndarray, encoding: str, model: str, tokens: int) -> dict[str, Any]:
+def embeddings_response(vectors: np.ndarray, encoding: str, model: str, tokens: int) -> EmbeddingsResponse:
     def one(v: np.ndarray) -> list[float] | str:
         if encoding == "base64":
             return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode()
         return v.astype(np.float32).tolist()
 
-    return {"object": "list", "model": model,
-            "data": [{"object": "embedding", "index": i, "embedding": one(v)} for i, v in enumerate(vectors)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return EmbeddingsResponse(model=model, data=[Embedding(index=i, embedding=one(v)) for i, v in enumerate(vectors)],
+                              usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -1,4 +1,4 @@
-"""Cohere- and Jina-compatible reranking (``POST /v2/rerank``, ``POST /v1/rerank``) without Ray: the request, its
+"""Cohere- and Jina-compatible reranking (``POST /v2/rerank``, ``POST /v1/rerank``) without Ray: the request's
 checks and the response.
 
 What the ``cohere`` client sends (``ClientV2(base_url=URL).rerank(model=…, query=…, documents=[…], top_n=…)``; Jina's
@@ -9,36 +9,29 @@ API is the same at ``/v1/rerank``)::
 
 A document is a text, an image (a base64 data URL; never fetched) or a reference to an indexed page, which the
 endpoint reads from its page store (a page the index does not serve is a 404). The answer lists
-``{index, relevance_score}`` best first: the CrossEncoder's own scores.
+``{index, relevance_score}`` best first: the CrossEncoder's own scores. The request and response models are
+:mod:`ray_vdr.protocol`'s (the one wire format).
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from ray_vdr.config import ServeLimits
+from ray_vdr.protocol import RerankRequest, RerankResponse, RerankResult
 from serving.core import RequestError, decode_image_query
 
-__all__ = ["PageRef", "RerankRequest", "parse_rerank", "rerank_response"]
+__all__ = ["PageRef", "parse_rerank", "rerank_response"]
 
 
-class RerankRequest(BaseModel):
-    """``POST /v2/rerank`` (Cohere v2) and ``POST /v1/rerank`` (Jina)."""
+class PageRef(NamedTuple):
+    """An indexed page a document refers to."""
 
-    model_config = ConfigDict(extra="ignore")  # max_tokens_per_doc, priority, return_documents, …
-
-    query: str = Field(..., description="The text query.")
-    documents: list[Any] = Field(..., description="Texts, image data URLs, {text}, {image} or {doc_id, page}.")
-    top_n: int | None = Field(None, description="Results to return, best first (default: all).")
-    model: str | None = Field(None, description="Ignored: the endpoint serves one reranker.")
-
-
-class PageRef(tuple):
-    """An indexed page a document refers to: (doc_id, page)."""
+    doc_id: str
+    page: int
 
 
 def _document(x: Any, n: int, limits: ServeLimits) -> str | Image.Image | PageRef:
@@ -66,7 +59,7 @@ def _document(x: Any, n: int, limits: ServeLimits) -> str | Image.Image | PageRe
             page = x.get("page", 1)
             if not isinstance(page, int) or isinstance(page, bool) or page < 1:
                 raise RequestError(400, f"documents[{n}].page must be a positive integer")
-            return PageRef((x["doc_id"], page))
+            return PageRef(x["doc_id"], page)
     raise RequestError(400, f"documents[{n}] must be a text, an image data URL, {{text}}, {{image}} or "
                        "{doc_id, page}")
 
@@ -89,8 +82,7 @@ def parse_rerank(req: RerankRequest, limits: ServeLimits) -> tuple[str, list[str
     return query, docs, min(req.top_n or len(docs), len(docs))
 
 
-def rerank_response(scores: list[float], top_n: int, model: str) -> dict[str, Any]:
+def rerank_response(scores: list[float], top_n: int, model: str) -> RerankResponse:
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_n]
-    return {"id": str(uuid.uuid4()), "model": model,
-            "results": [{"index": i, "relevance_score": float(scores[i])} for i in order],
-            "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
+    return RerankResponse(id=str(uuid.uuid4()), model=model,
+                          results=[RerankResult(index=i, relevance_score=float(scores[i])) for i in order])

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from ray_vdr.corpus.manifest import INDEX_FILE
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "filter_path", "read_index", "search",
            "write_index"]
 
-INDEX_FILE = "index.faiss"
 # Above this share of allowed pages, a filtered search uses the index with a selector rather than exact scoring of
 # the allowed vectors (bench/filter_search.py, 200k x 128-d: on flat the full scan wins from ~5% on, 2.05 ms against
 # 3.78 at 10%; on HNSW exact scoring keeps recall at 1.0 where the selector drops to 0.85 on a topical 10%)

@@ -12,13 +12,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ray_vdr.corpus.faiss_index import INDEX_FILE
 from ray_vdr.models.binding import EmbedderBinding
 
 __all__ = ["CompactSummary", "CorpusBinding", "DeleteSummary", "EmbedSummary", "IndexFiles", "IndexKind",
            "IndexManifest", "PageCounts"]
 
-IDS_FILE = "ids.parquet"
+INDEX_FILE, IDS_FILE = "index.faiss", "ids.parquet"
 
 
 class _Record(BaseModel):

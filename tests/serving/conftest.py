@@ -7,11 +7,18 @@ clear margin (and, for the two-stage test, the page the reranker also puts first
 exactly that: same prompt, truncation, normalisation, batching, FAISS and merge, through HTTP.
 
 test_promotion.py runs last (modules run in name order): it switches the endpoint to another model.
+
+Also here: ``serve_cfg`` (the tests' applications, sized for 2 CPUs) and ``browser`` (headless chromium). The tests
+talk to the endpoints with the library's client (ray_vdr.client), and with httpx where they need raw statuses and
+headers or bodies the client never sends.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +26,68 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ray_vdr.config import load_config
+from ray_vdr.config import ServeConfig, load_config
 from tests.ray_cluster import local_ray
-from tests.serving.http import free_port, serve_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 # logical CPUs of the package's Ray cluster: the promotion test runs the embedding job and the evaluation task next to
 # the endpoint's replicas (0.6 CPU), and Ray Data's read tasks take a whole CPU each
 RAY_CPUS = 3
+# the deployments and limits of the tests' applications, sized for 2 CPUs
+TINY = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.2}
+DEPLOYMENTS = {
+    "embedder": {**TINY, "max_batch_size": 8, "max_ongoing_requests": 16, "target_ongoing_requests": 4},
+    "retriever": {**TINY, "num_cpus": 0.1, "max_batch_size": 8, "max_ongoing_requests": 16,
+                  "target_ongoing_requests": 4},
+    "rerank": {**TINY, "max_batch_size": 4, "max_ongoing_requests": 8, "target_ongoing_requests": 4},
+    "ingress": {**TINY, "num_cpus": 0.1, "max_ongoing_requests": 64, "target_ongoing_requests": 16}}
+LIMITS = {"max_top_k": 20, "max_rerank_depth": 10, "default_rerank_depth": 5, "max_query_chars": 200,
+          "max_body_bytes": 3_000_000, "retry_after_s": 3,
+          "image": {"max_pixels": 4_000_000, "max_bytes": 2_000_000, "max_side": 2048}}
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_cfg(index, port: int, **over) -> ServeConfig:
+    base = {"index": str(index), "port": port, "limits": LIMITS, "keep_running": False, **DEPLOYMENTS}
+    return ServeConfig.model_validate({**base, **{k: {**DEPLOYMENTS[k], **v} if k in DEPLOYMENTS else v
+                                                  for k, v in over.items()}})
+
+
+@pytest.fixture(scope="package")
+def serve_cfg():
+    """``serve_cfg(index, port, **overrides)``: a ServeConfig sized for 2 CPUs; an override of a deployment section
+    (``embedder={"max_batch_size": 2}``) changes those fields of the default section."""
+    return _serve_cfg
+
+
+@pytest.fixture
+def browser():
+    """Debian's chromium through Playwright (never a downloaded browser), with a fresh temporary profile; skips the
+    test where there is none, unless RAY_VDR_REQUIRE_BROWSER=1 (CI), where it fails."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if os.environ.get("RAY_VDR_REQUIRE_BROWSER") != "1" and not os.path.exists(chromium):
+        pytest.skip("no chromium here (CI installs it and sets RAY_VDR_REQUIRE_BROWSER=1)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=BROWSER_FLAGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="package")
 def metrics_url() -> str:
     """Where the package's Ray cluster exports Prometheus metrics (its metrics agent)."""
-    return f"http://127.0.0.1:{free_port()}/metrics"
+    return f"http://127.0.0.1:{_free_port()}/metrics"
 
 
 @pytest.fixture(scope="package")
@@ -124,7 +179,7 @@ def endpoint(corpus_index, tiny_reranker, planted):
     from ray_vdr.endpoint import deploy
 
     # it follows a live manifest (none yet: it serves corpus_index), as `ray-vdr promote` needs (the last test)
-    cfg = serve_cfg(corpus_index, free_port(), reranker=str(tiny_reranker), index_poll_s=0.5, admin_deletes=True,
+    cfg = _serve_cfg(corpus_index, _free_port(), reranker=str(tiny_reranker), index_poll_s=0.5, admin_deletes=True,
                      live=str(corpus_index.parent / "live.json"))
     url = deploy(cfg, ready_timeout_s=240)
     yield url

@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 
+from ray_vdr.client import EndpointClient, EndpointError
 from ray_vdr.config import load_config
 from serving.auth import AuthError, KeyRing
-from tests.serving.http import get, headless_chromium, post, serve_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"team-a": "a-key-0123456789abcdef", "team-b": "b-key-0123456789abcdef", "embed": "e-key-0123456789abcdef",
@@ -49,7 +50,7 @@ def test_key_ring_checks_and_refusals(tmp_path, monkeypatch):
         KeyRing.load(None, "RVDR_UNSET")
 
 
-def test_a_reachable_endpoint_needs_keys_or_an_explicit_anonymous(corpus_index):
+def test_a_reachable_endpoint_needs_keys_or_an_explicit_anonymous(corpus_index, serve_cfg):
     from serving.app import build_app
 
     with pytest.raises(ValueError, match="serve.auth has no keys"):
@@ -57,7 +58,7 @@ def test_a_reachable_endpoint_needs_keys_or_an_explicit_anonymous(corpus_index):
 
 
 @pytest.fixture(scope="module")
-def secure(endpoint, ray_local, tiny_qwen, tiny_reranker, page_pngs, tmp_path_factory):
+def secure(endpoint, ray_local, tiny_qwen, tiny_reranker, page_pngs, tmp_path_factory, serve_cfg):
     """The second application: 8 pages, 4 of tenant team-a and 4 of team-b (sidecars), keys from a file."""
     from ray import serve
 
@@ -84,9 +85,9 @@ def secure(endpoint, ray_local, tiny_qwen, tiny_reranker, page_pngs, tmp_path_fa
                     auth={"keys_file": str(keys)}, admin_deletes=True, reranker=str(tiny_reranker))
     serve.run(build_app(cfg), name="secure", route_prefix="/secure", blocking=False)
     url, seen, deadline = endpoint_url(cfg), [], time.time() + 240
-    while get(url + "healthz")[0] != 200:  # while it loads, a search is a 503 "not ready" (counted in the metrics)
-        assert time.time() < deadline, get(url + "healthz")
-        status, _, answer = post(url, {"query": "q"}, headers=_bearer("team-a"))
+    while EndpointClient(url).health()[0] != 200:  # while it loads, a search is a 503 "not ready" (in the metrics)
+        assert time.time() < deadline, EndpointClient(url).health()
+        status = httpx.post(url + "search", json={"query": "q"}, headers=_bearer("team-a"), timeout=60).status_code
         seen += [status] if status != 404 else []  # 404: the proxy does not know the route yet
         time.sleep(0.2)
     assert 503 in seen, f"the search while loading answered {seen}"
@@ -94,38 +95,50 @@ def secure(endpoint, ray_local, tiny_qwen, tiny_reranker, page_pngs, tmp_path_fa
     serve.delete("secure")
 
 
+@pytest.fixture
+def http(secure):
+    """Raw HTTP to the keyed application: exact statuses and headers, and requests the typed client never sends."""
+    with httpx.Client(base_url=secure, timeout=60) as client:
+        yield client
+
+
 def _bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[name]}"}
 
 
 @pytest.mark.slow
-def test_keys_scopes_and_tenants_on_every_route(secure, page_pngs, tmp_path_factory):
+def test_keys_scopes_and_tenants_on_every_route(secure, http, page_pngs, tmp_path_factory):
     import openai
 
     q = {"query": "revenue by quarter", "top_k": 10, "rerank_depth": 0}
     for path, body in [("search", q), ("v2/rerank", {"query": "q", "documents": ["a"]}),
                        ("v1/embeddings", {"input": "q"})]:
-        assert post(secure, body, path)[0] == 401, path
-        assert post(secure, body, path, headers={"Authorization": "Token abc"})[0] == 401, path
-    assert get(secure + "pages/a-0.png")[0] == 401
-    assert post(secure, q, headers=_bearer("embed"))[0] == 403, "an embed-only key cannot search"
+        assert http.post(path, json=body).status_code == 401, path
+        assert http.post(path, json=body, headers={"Authorization": "Token abc"}).status_code == 401, path
+    assert http.get("pages/a-0.png").status_code == 401
+    assert http.post("search", json=q, headers=_bearer("embed")).status_code == 403, "an embed-only key cannot search"
 
     # each tenant sees its own pages only, and a filter cannot widen that
-    status, _, a = post(secure, q, headers=_bearer("team-a"))
-    assert status == 200 and {r["doc_id"][0] for r in a["results"]} == {"a"} and len(a["results"]) == 4
-    assert post(secure, {**q, "filter": {"tenant": "team-b"}}, headers=_bearer("team-a"))[2]["results"] == []
-    status, _, b = post(secure, q, headers=_bearer("team-b"))
-    assert status == 200 and {r["doc_id"][0] for r in b["results"]} == {"b"}
+    team_a, team_b = (EndpointClient(secure, api_key=KEYS[name]) for name in ("team-a", "team-b"))
+    hits = team_a.search("revenue by quarter", top_k=10, rerank_depth=0).hits
+    assert len(hits) == 4 and {h.doc_id[0] for h in hits} == {"a"} and hits[0].rank == 1
+    assert team_a.search("revenue by quarter", top_k=10, rerank_depth=0, filter={"tenant": "team-b"}).hits == []
+    assert {h.doc_id[0] for h in team_b.search("revenue by quarter", top_k=10, rerank_depth=0).hits} == {"b"}
+    # a tenant's page is the caller's: no shared cache (a proxy, a CDN) may keep it for another key
+    for size in ("thumbnail", "full", "info"):
+        answer = http.get("pages/a-0.png", params={"size": size}, headers=_bearer("team-a"))
+        assert answer.status_code == 200, (size, answer.text)
+        assert answer.headers["cache-control"] == "private, max-age=3600", (size, answer.headers)
+        assert answer.headers["vary"] == "Authorization", (size, answer.headers)
     # another tenant's page is a 404, as a missing one: through /pages and rerank references
-    assert get(secure + "pages/a-0.png?size=info", headers=_bearer("team-a"))[0] == 200
-    assert get(secure + "pages/b-1.png", headers=_bearer("team-a"))[0] == 404
-    assert get(secure + "pages/no-such.png", headers=_bearer("team-a"))[0] == 404
-    status, _, r = post(secure, {"query": "q", "documents": [{"doc_id": "b-1.png"}]}, "v2/rerank",
-                        headers=_bearer("team-a"))
-    assert status == 404 and "b-1.png" in r["detail"]
-    # a tenant-scoped admin cannot delete another tenant's documents
-    status, _, d = post(secure, {"filter": {"tenant": "team-b"}}, "admin/delete", headers=_bearer("admin-a"))
-    assert status == 404 and "nothing to delete" in d["detail"]
+    for call, says in [(lambda: team_a.page("b-1.png"), "b-1.png"), (lambda: team_a.page("no-such.png"), "no-such"),
+                       (lambda: team_a.rerank("q", [{"doc_id": "b-1.png"}]), "no page 1 of doc_id 'b-1.png'"),
+                       # a tenant-scoped admin cannot delete another tenant's documents
+                       (lambda: EndpointClient(secure, api_key=KEYS["admin-a"]).delete(filter={"tenant": "team-b"}),
+                        "nothing to delete")]:
+        with pytest.raises(EndpointError) as e:
+            call()
+        assert e.value.status == 404 and says in e.value.detail and e.value.request_id
     # the openai client with an embed key
     client = openai.OpenAI(base_url=secure + "v1", api_key=KEYS["embed"], max_retries=0)
     assert len(client.embeddings.create(model="x", input="q").data[0].embedding) == 32
@@ -133,24 +146,19 @@ def test_keys_scopes_and_tenants_on_every_route(secure, page_pngs, tmp_path_fact
         openai.OpenAI(base_url=secure + "v1", api_key="wrong-key-0123456789", max_retries=0).embeddings.create(
             model="x", input="q")
 
-    # the typed client (serving/client.py) with a tenant's key: every route it offers, and its errors
-    from serving.client import EndpointClient, EndpointError
-
-    team_a = EndpointClient(secure, api_key=KEYS["team-a"])
+    # the typed client with a tenant's key: the rest of what it offers, and its errors
     assert KEYS["team-a"] not in repr(team_a)
-    hits = team_a.search("revenue by quarter", top_k=10, rerank_depth=0).hits
-    assert len(hits) == 4 and {h.doc_id[0] for h in hits} == {"a"} and hits[0].rank == 1
     info = team_a.page_info(hits[0].doc_id)
     assert info.doc_id == hits[0].doc_id and info.metadata == {"tenant": "team-a"}
     assert team_a.page(hits[0].doc_id, size="full")[:4] == b"\x89PNG"
     ranked = team_a.rerank("revenue", ["a text", {"doc_id": hits[0].doc_id, "page": hits[0].page}], top_n=2)
     assert sorted(r.index for r in ranked) == [0, 1] and ranked[0].relevance_score >= ranked[1].relevance_score
-    for call, status in [(lambda: team_a.page("b-1.png"), 404), (lambda: team_a.embed("q"), 403),
-                         (lambda: team_a.rerank("q", [{"doc_id": "b-1.png"}]), 404),
-                         (lambda: EndpointClient(secure, api_key="wrong-key-0123456789").search("q"), 401)]:
+    for call, status, says in [(lambda: team_a.embed("q"), 403, "does not have the 'embed' scope"),  # OpenAI's shape
+                               (lambda: EndpointClient(secure, api_key="wrong-key-0123456789").search("q"), 401,
+                                "invalid API key")]:
         with pytest.raises(EndpointError) as e:
             call()
-        assert e.value.status == status and e.value.request_id
+        assert e.value.status == status and e.value.detail.endswith(says) and e.value.request_id
     vectors = EndpointClient(secure, api_key=KEYS["embed"]).embed(["q", page_pngs[0]], dimensions=32)
     assert [len(v) for v in vectors] == [32, 32]
 
@@ -181,7 +189,7 @@ def _total(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.mark.slow
-def test_metrics_count_known_traffic_and_logs_carry_request_ids(secure, metrics_url, tmp_path_factory):
+def test_metrics_count_known_traffic_and_logs_carry_request_ids(secure, http, metrics_url, tmp_path_factory):
     """After known traffic to the keyed application, the scrape's counts move by exactly that traffic; every name the
     Grafana dashboard queries is in the scrape; each response's x-request-id is in its access-log line, and health
     probes are not."""
@@ -206,18 +214,16 @@ def test_metrics_count_known_traffic_and_logs_carry_request_ids(secure, metrics_
 
     q = {"query": "revenue by quarter", "top_k": 3, "rerank_depth": 0}
     rid = f"test-{uuid.uuid4()}"
-    status, headers, answer = post(secure, q, headers={**_bearer("team-a"), "x-request-id": rid})
-    assert status == 200 and {k.lower(): v for k, v in headers.items()}["x-request-id"] == rid
-    generated = []
-    for _ in range(2):
-        status, headers, _ = post(secure, q, headers=_bearer("team-a"))
-        assert status == 200
-        generated.append({k.lower(): v for k, v in headers.items()}["x-request-id"])
-    assert post(secure, q)[0] == 401 and post(secure, q, headers={"Authorization": "Bearer x"})[0] == 401
-    assert post(secure, q, headers=_bearer("embed"))[0] == 403
-    assert get(secure + "pages/b-1.png", headers=_bearer("team-a"))[0] == 404
-    assert post(secure, {"input": ["a", "b"]}, "v1/embeddings", headers=_bearer("embed"))[0] == 200
-    assert all(get(secure + "healthz")[0] == 200 for _ in range(2))
+    answer = http.post("search", json=q, headers={**_bearer("team-a"), "x-request-id": rid})
+    assert answer.status_code == 200 and answer.headers["x-request-id"] == rid
+    generated = [EndpointClient(secure, api_key=KEYS["team-a"]).search(**q).request_id for _ in range(2)]
+    assert all(generated) and rid not in generated
+    assert http.post("search", json=q).status_code == 401
+    assert http.post("search", json=q, headers={"Authorization": "Bearer x"}).status_code == 401
+    assert http.post("search", json=q, headers=_bearer("embed")).status_code == 403
+    assert http.get("pages/b-1.png", headers=_bearer("team-a")).status_code == 404
+    assert http.post("v1/embeddings", json={"input": ["a", "b"]}, headers=_bearer("embed")).status_code == 200
+    assert all(http.get("healthz").status_code == 200 for _ in range(2))
 
     expected = {("ray_vdr_requests_total", ("route", "/search"), ("status", "200")): 3,
                 ("ray_vdr_requests_total", ("route", "/search"), ("status", "401")): 2,
@@ -260,12 +266,12 @@ def test_metrics_count_known_traffic_and_logs_carry_request_ids(secure, metrics_
         return live, [_total(samples, f"ray_vdr_index_{g}", **app) for g in ("vectors", "live_pages", "age_seconds")]
 
     deadline = time.time() + 20
-    while (gauges := generation(after))[0] != {answer["generation"]: 1.0} and time.time() < deadline:
+    while (gauges := generation(after))[0] != {answer.json()["generation"]: 1.0} and time.time() < deadline:
         time.sleep(1)
         after = _scrape(metrics_url)
         families |= {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n, _ in after}
     live, (vectors, pages, age) = gauges
-    assert live == {answer["generation"]: 1.0}
+    assert live == {answer.json()["generation"]: 1.0}
     assert vectors == 8 == pages and 0 <= age < 3600
 
     # every name the dashboard queries was exported (gauges only while recorded: collected over the scrapes above)
@@ -289,20 +295,19 @@ def test_metrics_count_known_traffic_and_logs_carry_request_ids(secure, metrics_
 
 
 @pytest.mark.slow
-def test_search_page_asks_for_a_key_and_shows_the_tenants_pages(secure):
+def test_search_page_asks_for_a_key_and_shows_the_tenants_pages(browser, secure):
     """In headless chromium: the keyed endpoint's search page answers 401 and shows the key field; with team-a's
     key it shows team-a's pages only, thumbnails included (fetched with the key)."""
-    with headless_chromium() as browser:
-        page = browser.new_page()
-        page.goto(secure)
-        assert not page.is_visible("#api_key")
-        page.fill("#query", "revenue by quarter")
-        page.click("#go")
-        page.wait_for_selector("#status.error", timeout=30_000)
-        assert "401" in page.inner_text("#status") and page.is_visible("#api_key")
-        page.fill("#api_key", KEYS["team-a"])
-        page.click("#go")
-        page.wait_for_selector("#results .result", timeout=60_000)
-        ids = page.eval_on_selector_all("#results .result", "els => els.map(e => e.dataset.docId)")
-        assert ids and {d[0] for d in ids} == {"a"}
-        page.wait_for_function("document.querySelector('#results img').naturalWidth > 0", timeout=30_000)
+    page = browser.new_page()
+    page.goto(secure)
+    assert not page.is_visible("#api_key")
+    page.fill("#query", "revenue by quarter")
+    page.click("#go")
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert "401" in page.inner_text("#status") and page.is_visible("#api_key")
+    page.fill("#api_key", KEYS["team-a"])
+    page.click("#go")
+    page.wait_for_selector("#results .result", timeout=60_000)
+    ids = page.eval_on_selector_all("#results .result", "els => els.map(e => e.dataset.docId)")
+    assert ids and {d[0] for d in ids} == {"a"}
+    page.wait_for_function("document.querySelector('#results img').naturalWidth > 0", timeout=30_000)

@@ -1,6 +1,7 @@
-"""The endpoint's batcher (serving/batching.py), without Ray: a lone request is not held back, requests that arrive
-while the model runs go together in the next call, answers go back to their own callers, and an error fails only
-its batch."""
+"""The endpoint's batcher (serving/batching.py) and the stages' batch loop (serving/deployments.py's Stage), without
+Ray: a lone request is not held back, requests that arrive while the model runs go together in the next call,
+answers go back to their own callers, an error fails only its batch, and a per-request error (a generation not
+loaded) only its own request."""
 
 from __future__ import annotations
 
@@ -57,6 +58,60 @@ def test_a_failing_batch_fails_its_own_requests_only():
     first, bad, good = asyncio.run(main())
     assert first == 1 and good == 14
     assert all(isinstance(e, ValueError) for e in bad)
+
+
+async def _outcome(call) -> tuple[str, object]:
+    """("answered", the answer) or ("raised", the exception): an exception *returned* is not one raised."""
+    try:
+        return "answered", await call
+    except Exception as e:
+        return "raised", e
+
+
+def test_an_exception_answer_is_raised_to_its_own_caller_only():
+    async def model(items):
+        return [ValueError(f"no {x}") if x % 2 else x for x in items]
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=4)
+        return await asyncio.gather(*(_outcome(batcher(x)) for x in range(4)))
+
+    got = asyncio.run(main())
+    assert [got[0], got[2]] == [("answered", 0), ("answered", 2)]
+    assert [(how, str(e)) for how, e in (got[1], got[3])] == [("raised", "no 1"), ("raised", "no 3")]
+
+
+def test_a_stage_raises_not_ready_to_the_requests_of_a_generation_it_has_not_loaded(tmp_path):
+    """One batch with requests for the loaded generation and for another one (a promotion switching): the loaded
+    generation's requests get their answers, with the batch's size; the others raise NotReady, each."""
+    from ray_vdr.config import ServeConfig
+    from serving.core import NotReady
+    from serving.deployments import Batched, EmbedCall, Stage
+
+    class Echo(Stage):
+        def load(self, gen, say):
+            return gen["id"]
+
+        async def run_batch(self, loaded, requests):
+            return [f"{loaded}:{r.item}" for r in requests]
+
+    cfg = ServeConfig(index=str(tmp_path / "index"), metrics=False, embedder={"max_batch_size": 8})
+    stage = Echo(cfg.model_dump(mode="json"))
+    deadline = time.time() + 10
+    while stage.status().state != "ready":
+        assert time.time() < deadline, stage.status()
+        time.sleep(0.01)
+    gid = stage.status().generation
+
+    async def main():
+        calls = [EmbedCall(gid, "a"), EmbedCall("g-other", "b"), EmbedCall(gid, "c"), EmbedCall("g-other", "d")]
+        return await asyncio.gather(*(_outcome(stage.batcher(c)) for c in calls))
+
+    (how_a, a), (how_b, b), (how_c, c), (how_d, d) = asyncio.run(main())
+    assert (how_a, how_c) == ("answered", "answered") and isinstance(a, Batched) and isinstance(c, Batched)
+    assert (a.value, c.value, a.batch) == (f"{gid}:a", f"{gid}:c", 4)
+    assert (how_b, how_d) == ("raised", "raised") and isinstance(b, NotReady) and isinstance(d, NotReady)
+    assert "g-other is not served here" in str(b)
 
 
 def test_wrong_answer_count_and_size_are_refused():

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from ray_vdr.config import ConfigError, ServeConfig, ServeLimits, load_config
-from serving.core import RequestError, SearchRequest, merge_results, parse_request
+from ray_vdr.protocol import SearchRequest
+from serving.core import RequestError, merge_results, parse_request
 
 LIMITS = ServeLimits(max_top_k=20, max_rerank_depth=10, default_rerank_depth=5, max_query_chars=50)
 
@@ -76,12 +77,13 @@ def _hits(n):
 
 def test_merge_reranks_the_head_and_keeps_the_tail():
     out = merge_results(_hits(6), np.array([0.1, 0.9, 0.5], np.float32), top_k=5)
-    assert [r["doc_id"] for r in out] == ["d1", "d2", "d0", "d3", "d4"]
-    assert [r["first_stage_rank"] for r in out] == [2, 3, 1, 4, 5]
-    assert [r["rerank_rank"] for r in out] == [1, 2, 3, None, None]
-    assert out[3]["rerank_score"] is None and [r["rank"] for r in out] == [1, 2, 3, 4, 5]
+    assert [r.doc_id for r in out] == ["d1", "d2", "d0", "d3", "d4"]
+    assert [r.first_stage_rank for r in out] == [2, 3, 1, 4, 5]
+    assert [r.rerank_rank for r in out] == [1, 2, 3, None, None]
+    assert out[3].rerank_score is None and [r.rank for r in out] == [1, 2, 3, 4, 5]
+    assert (out[2].score, out[2].rerank_score) == (pytest.approx(1.0), pytest.approx(0.1)), "both stages' scores"
     plain = merge_results(_hits(4), None, top_k=10)
-    assert [r["doc_id"] for r in plain] == ["d0", "d1", "d2", "d3"], "no reranker: first-stage order"
+    assert [r.doc_id for r in plain] == ["d0", "d1", "d2", "d3"], "no reranker: first-stage order"
 
 
 @pytest.mark.parametrize("override, says", [

@@ -3,53 +3,58 @@ brings the document back; filters over HTTP (runs after test_app, before test_pr
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from ray_vdr.client import EndpointClient, EndpointError
 from ray_vdr.config import ServeConfig, load_config
-from tests.serving.http import get, post
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def _generation(endpoint: str) -> str:
-    return json.loads(get(endpoint + "healthz")[2])["generation"]
+    return EndpointClient(endpoint).health()[1].generation
 
 
 def test_deletes_and_syncs_switch_the_endpoint_under_load(endpoint, corpus_index, planted, tiny_qwen):
     from ray_vdr.corpus.embed import run
 
-    victim, query = planted[0]["doc_id"], planted[0]["query"]
-    assert post(endpoint, {"query": query, "top_k": 1, "rerank_depth": 0})[2]["results"][0]["doc_id"] == victim
+    victim, query, client = planted[0]["doc_id"], planted[0]["query"], EndpointClient(endpoint)
+    assert client.search(query, top_k=1, rerank_depth=0).hits[0].doc_id == victim
     answers: list[tuple[int, str | None, list[str], float]] = []  # status, generation, doc_ids, sent at
     stop = threading.Event()
 
-    def client() -> None:
+    def search() -> None:
         while not stop.is_set():
             sent = time.monotonic()
-            status, _, a = post(endpoint, {"query": query, "top_k": 20, "rerank_depth": 2})
-            answers.append((status, a.get("generation"), [r["doc_id"] for r in a.get("results", [])], sent))
+            try:
+                a = client.search(query, top_k=20, rerank_depth=2)
+            except EndpointError as e:
+                answers.append((e.status, None, [], sent))
+            else:
+                answers.append((200, a.generation, [h.doc_id for h in a.hits], sent))
 
-    threads = [threading.Thread(target=client) for _ in range(2)]
+    threads = [threading.Thread(target=search) for _ in range(2)]
     for t in threads:
         t.start()
     try:
         before = _generation(endpoint)
         # the admin delete returns once the endpoint serves the new version: no later answer has the page
-        status, _, deleted = post(endpoint, {"doc_ids": [victim]}, "admin/delete")
-        assert status == 200 and deleted["documents_removed"] == 1, deleted
+        deleted = client.delete(doc_ids=[victim])
+        assert deleted.documents_removed == 1 and deleted.removed_doc_ids == [victim], deleted
         returned = time.monotonic()
-        after = deleted["generation"]
-        assert after != before and after.endswith(f"@v{deleted['version']}")
+        after = deleted.generation
+        assert after != before and after.endswith(f"@v{deleted.version}")
         time.sleep(2)
         later = [a for a in answers if a[3] > returned]  # requests sent after the delete returned
         assert later and all(victim not in a[2] for a in later), "a removed page was served after the switch"
-        assert get(endpoint + f"pages/{victim}?size=info")[0] == 404, "/pages does not serve a removed page"
+        with pytest.raises(EndpointError) as e:
+            client.page_info(victim)
+        assert e.value.status == 404, "/pages does not serve a removed page"
         # a sync over the unchanged sources brings it back (its file is still there): another switch
         cfg = load_config(ROOT / "configs/demo.yaml", [
             f"index.model={tiny_qwen}", f"index.sources=[{corpus_index.parent / 'corpus'}]",
@@ -70,22 +75,23 @@ def test_deletes_and_syncs_switch_the_endpoint_under_load(endpoint, corpus_index
     assert not failed, f"{len(failed)} of {len(answers)} requests failed during the switches: {failed[:3]}"
     assert answers[-1][2][0] == victim and len({a[1] for a in answers}) >= 3
     # nothing to delete says so; admin deletes are off unless configured
-    assert post(endpoint, {"doc_ids": ["no-such-doc"]}, "admin/delete")[0] == 404
+    with pytest.raises(EndpointError) as e:
+        client.delete(doc_ids=["no-such-doc"])
+    assert e.value.status == 404 and "nothing to delete" in e.value.detail
     assert ServeConfig().admin_deletes is False
 
 
 def test_filters_apply_inside_the_search_and_bad_ones_name_the_field(endpoint, planted):
-    victim, query = planted[0]["doc_id"], planted[1]["query"]
-    status, _, a = post(endpoint, {"query": query, "top_k": 5, "rerank_depth": 0, "filter": {"doc_id": victim}})
-    assert status == 200 and [r["doc_id"] for r in a["results"]] == [victim]
-    status, _, info = get(endpoint + f"pages/{victim}?size=info")
-    assert status == 200 and json.loads(info)["doc_id"] == victim and json.loads(info)["metadata"] == {}
+    victim, query, client = planted[0]["doc_id"], planted[1]["query"], EndpointClient(endpoint)
+    assert [h.doc_id for h in client.search(query, top_k=5, rerank_depth=0, filter={"doc_id": victim}).hits] == [
+        victim]
+    info = client.page_info(victim)
+    assert info.doc_id == victim and info.metadata == {}
     others = [p["doc_id"] for p in planted[1:4]]
-    status, _, a = post(endpoint, {"query": query, "top_k": 10, "rerank_depth": 0,
-                                   "filter": {"doc_id": {"in": others}}})
-    assert status == 200 and {r["doc_id"] for r in a["results"]} == set(others)
-    assert a["results"][0]["doc_id"] == planted[1]["doc_id"], "the planted page first among the filtered ones"
-    status, _, a = post(endpoint, {"query": query, "filter": {"customer": "acme"}})
-    assert status == 422 and "'customer'" in a["detail"], a
-    status, _, a = post(endpoint, {"query": query, "filter": {"doc_id": {"near": 1}}})
-    assert status == 422 and "'near'" in a["detail"], a
+    hits = client.search(query, top_k=10, rerank_depth=0, filter={"doc_id": {"in": others}}).hits
+    assert {h.doc_id for h in hits} == set(others)
+    assert hits[0].doc_id == planted[1]["doc_id"], "the planted page first among the filtered ones"
+    for bad, says in [({"customer": "acme"}, "'customer'"), ({"doc_id": {"near": 1}}, "'near'")]:
+        with pytest.raises(EndpointError) as e:
+            client.search(query, filter=bad)
+        assert e.value.status == 422 and says in e.value.detail, e.value

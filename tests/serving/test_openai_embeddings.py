@@ -45,6 +45,10 @@ def test_openai_client_gets_the_models_own_vectors(endpoint, inproc, page_pngs):
     image = Image.open(io.BytesIO(png)).convert("RGB")
     want = st.encode_document([image], truncate_dim=32, normalize_embeddings=True, convert_to_numpy=True)
     assert np.allclose(got.data[0].embedding, want[0], atol=1e-4)
+    # an input that is a list of ONE content part (a message's content) is that part, not a mix
+    one = client.embeddings.create(model="ray-vdr", input=[[part], texts[0]], dimensions=32,  # type: ignore[list-item]
+                                   extra_body={"input_type": "document"})
+    assert np.allclose(one.data[0].embedding, want[0], atol=1e-4) and len(one.data) == 2
 
 
 def test_bad_embedding_requests_name_the_field(endpoint):

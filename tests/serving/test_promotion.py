@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from ray_vdr.client import EndpointClient, EndpointError
 from ray_vdr.config import load_config
-from tests.serving.http import get, post
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -41,17 +41,22 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
             f"promote.output={tmp_path}/generations", f"promote.endpoint={endpoint}", "promote.eval_cpus=0.5",
             "promote.switch_timeout_s=120", f"run.storage_path={tmp_path}/runs"]
     queries = ["What was the revenue in 2021?", "operating margin by quarter", "headcount 2019"]
-    answers: list[tuple[int, str | None, str]] = []
+    answers: list[tuple[int, str | None, str]] = []  # status, generation, error
     stop = threading.Event()
+    client = EndpointClient(endpoint)
 
-    def client(n: int) -> None:
+    def search(n: int) -> None:
         i = n
         while not stop.is_set():
-            status, _, answer = post(endpoint, {"query": queries[i % len(queries)], "top_k": 3, "rerank_depth": 2})
-            answers.append((status, base_id(answer.get("generation") or ""), answer.get("detail", "")))
+            try:
+                answer = client.search(queries[i % len(queries)], top_k=3, rerank_depth=2)
+            except EndpointError as e:
+                answers.append((e.status, None, e.detail))
+            else:
+                answers.append((200, base_id(answer.generation), ""))
             i += 1
 
-    clients = [threading.Thread(target=client, args=(n,)) for n in range(2)]
+    clients = [threading.Thread(target=search, args=(n,)) for n in range(2)]
     for t in clients:
         t.start()
     try:
@@ -75,8 +80,8 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     assert doc["live"]["id"] == new and doc["live"]["model"] == str(candidate)
     assert doc["live"]["index"] == result.candidate["index"] and doc["previous"]["id"] == old
     assert doc["history"][-1]["decision"] == "promoted" and "ndcg@10" in doc["history"][-1]["candidate"]["metrics"]
-    health = json.loads(get(endpoint + "healthz")[2])
-    assert get(endpoint + "healthz")[0] == 200 and base_id(health["generation"]) == new
+    status, health = client.health()
+    assert status == 200 and health.ready and base_id(health.generation) == new
 
     # answers come from the new index: the candidate's brute-force top 3 over the vectors its index stored
     install_image_only_processor()
@@ -85,10 +90,10 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     emb = np.stack(pages.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     v = st.encode_query([queries[0]], truncate_dim=32, normalize_embeddings=True, convert_to_numpy=True)[0]
     top = np.argsort(-(emb @ v))[:3]
-    status, _, answer = post(endpoint, {"query": queries[0], "top_k": 3, "rerank_depth": 0})
-    assert status == 200 and base_id(answer["generation"]) == new
-    assert [r["doc_id"] for r in answer["results"]] == [pages.column("doc_id")[int(i)].as_py() for i in top]
-    assert np.allclose([r["score"] for r in answer["results"]], emb[top] @ v, atol=1e-4)
+    answer = client.search(queries[0], top_k=3, rerank_depth=0)
+    assert base_id(answer.generation) == new
+    assert [h.doc_id for h in answer.hits] == [pages.column("doc_id")[int(i)].as_py() for i in top]
+    assert np.allclose([h.score for h in answer.hits], emb[top] @ v, atol=1e-4)
 
     # a candidate below the bar is rejected and recorded; the live generation stays
     rejected = run(load_config(ROOT / "configs/demo.yaml", [*base, f"promote.model={tiny_qwen}",
@@ -97,7 +102,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     doc = json.loads(live_json.read_text())
     assert doc["live"]["id"] == new and doc["history"][-1]["decision"] == "rejected"
     assert doc["history"][-1]["candidate"]["model"] == str(tiny_qwen)
-    assert base_id(post(endpoint, {"query": queries[1], "top_k": 3})[2]["generation"]) == new
+    assert base_id(client.search(queries[1], top_k=3).generation) == new
     # the live model again: nothing is embedded, evaluated or written
     again = run(load_config(ROOT / "configs/demo.yaml", [*base, f"promote.model={candidate}"]))
     assert not again.promoted and "already live" in again.reason and again.metrics == {}
