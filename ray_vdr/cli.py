@@ -52,7 +52,7 @@ def cmd_make_data(cfg: VDRConfig) -> int:
     if cfg.synthetic is None:
         raise ConfigError("invalid configuration:\n  synthetic: this command needs a synthetic section")
     summary = (write_documents if cfg.synthetic.kind == "documents" else write_synthetic)(cfg.synthetic)
-    print(f"synthetic dataset in {cfg.synthetic.output_dir}: {json.dumps(summary)}")
+    print(f"synthetic dataset in {cfg.synthetic.output_dir}: {summary.model_dump_json()}")
     return 0
 
 

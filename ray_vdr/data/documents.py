@@ -19,7 +19,6 @@ Output under ``output_dir``::
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing
 import os
 import random
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
 
 from ray_vdr.config import SyntheticConfig
 from ray_vdr.data.facts import (
@@ -47,7 +47,22 @@ from ray_vdr.data.facts import (
     page_facts,
 )
 
-__all__ = ["plan_documents", "write_documents"]
+__all__ = ["DocumentsSummary", "plan_documents", "write_documents"]
+
+
+class DocumentsSummary(BaseModel):
+    """What ``ray-vdr make-data`` wrote with ``synthetic.kind: documents`` (``summary.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int
+    documents: int
+    pages_per_document: int
+    document_pages: int
+    heldout_documents: int
+    heldout_queries: int
+    page_size: list[int]
+    dpi: int
 
 _FILLER = [
     "Management remains focused on disciplined capital allocation and operational efficiency across all regions.",
@@ -223,7 +238,7 @@ def _heldout_eval(docs: list[list[Page]], images: dict[int, bytes], k: int, rng:
     return pa.table(cols)
 
 
-def write_documents(cfg: SyntheticConfig) -> dict:
+def write_documents(cfg: SyntheticConfig) -> DocumentsSummary:
     """Write the unlabeled documents and the held-out eval split under ``cfg.output_dir``; returns the summary (also
     written as summary.json)."""
     out = Path(cfg.output_dir)
@@ -247,8 +262,8 @@ def write_documents(cfg: SyntheticConfig) -> dict:
     table = _heldout_eval(heldout, images, cfg.eval_negatives, rng)
     (out / "heldout" / "eval").mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "heldout" / "eval" / "part-00000.parquet")
-    summary = {"seed": cfg.seed, "documents": len(docs), "pages_per_document": cfg.pages_per_document,
-               "document_pages": len(docs) * cfg.pages_per_document, "heldout_documents": len(heldout),
-               "heldout_queries": table.num_rows, "page_size": [w, h], "dpi": cfg.dpi}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = DocumentsSummary(seed=cfg.seed, documents=len(docs), pages_per_document=cfg.pages_per_document,
+                               document_pages=len(docs) * cfg.pages_per_document, heldout_documents=len(heldout),
+                               heldout_queries=table.num_rows, page_size=[w, h], dpi=cfg.dpi)
+    (out / "summary.json").write_text(summary.model_dump_json(indent=2))
     return summary

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
 
 from ray_vdr.config import SyntheticConfig
 from ray_vdr.data.facts import PALETTES, PREFIXES, SUFFIXES, TEMPLATES, YEARS, Page, make_queries, max_pages
@@ -32,7 +33,21 @@ from ray_vdr.data.render import FONT_FILES, page_png
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SyntheticRow", "generate", "iter_pages", "write_synthetic"]
+__all__ = ["SyntheticRow", "SyntheticSummary", "generate", "iter_pages", "write_synthetic"]
+
+
+class SyntheticSummary(BaseModel):
+    """What ``ray-vdr make-data`` wrote (``summary.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int
+    train_rows: int
+    train_pages: int
+    eval_queries: int
+    eval_corpus_pages: int
+    templates: list[str]
+    page_size: list[int]
 
 
 class _PageFactory:
@@ -206,7 +221,7 @@ def iter_pages(rows: list[SyntheticRow]) -> Iterator[Page]:
                 yield p
 
 
-def write_synthetic(cfg: SyntheticConfig, rows_per_file: int = 256) -> dict:
+def write_synthetic(cfg: SyntheticConfig, rows_per_file: int = 256) -> SyntheticSummary:
     """Generate and write the dataset under ``cfg.output_dir``. Returns a summary (also written as summary.json).
 
     Layout::
@@ -226,15 +241,10 @@ def write_synthetic(cfg: SyntheticConfig, rows_per_file: int = 256) -> dict:
     if cfg.jsonl:
         _write_jsonl(train_rows, out / "train.jsonl", out / "images" / "train", w, h)
         _write_jsonl(eval_rows, out / "eval.jsonl", out / "images" / "eval", w, h)
-    summary = {
-        "seed": cfg.seed,
-        "train_rows": len(train_rows),
-        "train_pages": sum(1 for _ in iter_pages(train_rows)),
-        "eval_queries": len(eval_rows),
-        "eval_corpus_pages": sum(1 for _ in iter_pages(eval_rows)),
-        "templates": sorted({p.template for p in iter_pages(train_rows + eval_rows)}),
-        "page_size": [w, h],
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = SyntheticSummary(
+        seed=cfg.seed, train_rows=len(train_rows), train_pages=sum(1 for _ in iter_pages(train_rows)),
+        eval_queries=len(eval_rows), eval_corpus_pages=sum(1 for _ in iter_pages(eval_rows)),
+        templates=sorted({p.template for p in iter_pages(train_rows + eval_rows)}), page_size=[w, h])
+    (out / "summary.json").write_text(summary.model_dump_json(indent=2))
     logger.info("synthetic dataset written to %s: %s", out, summary)
     return summary

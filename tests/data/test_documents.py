@@ -18,7 +18,7 @@ def test_documents_have_a_text_layer_and_a_heldout_eval_split(tmp_path):
     cfg = SyntheticConfig(output_dir=str(tmp_path / "a"), kind="documents", documents=4, heldout_documents=3,
                           pages_per_document=3, page_width=224, page_height=288, seed=5)
     summary = write_documents(cfg)
-    assert summary["document_pages"] == 12 and summary["heldout_queries"] == 9
+    assert summary.document_pages == 12 and summary.heldout_queries == 9
     docs = sorted((tmp_path / "a" / "documents").glob("*.pdf"))
     heldout = sorted((tmp_path / "a" / "heldout" / "documents").glob("*.pdf"))
     assert len(docs) == 4 and len(heldout) == 3

@@ -131,8 +131,8 @@ def test_synthetic_streams_into_disjoint_shards(ray_local, synthetic, tmp_path):
     for t in threads:
         t.join(timeout=300)
     all_ids = seen[0] + seen[1]
-    assert len(all_ids) == len(set(all_ids)) == summary["train_rows"]
-    assert len(seen[0]) == len(seen[1]) == summary["train_rows"] // 2 and not set(seen[0]) & set(seen[1])
+    assert len(all_ids) == len(set(all_ids)) == summary.train_rows
+    assert len(seen[0]) == len(seen[1]) == summary.train_rows // 2 and not set(seen[0]) & set(seen[1])
 
 
 def test_missing_column_is_a_clear_error(tmp_path):
@@ -172,7 +172,7 @@ def test_hub_dataset_streams_parquet_files(ray_local, synthetic, tmp_path, monke
     hub_root = pafs.SubTreeFileSystem(str(tmp_path / "hub"), pafs.LocalFileSystem())  # reading, in Ray tasks
     monkeypatch.setattr(dataset_mod, "_hub_filesystem", lambda: hub_root)
     src = SourceConfig(uri="org/vdr", format="hf_hub", hf_config="train", hf_split="train")
-    assert count_rows(src) == summary["train_rows"]
+    assert count_rows(src) == summary.train_rows
     rows = consume(build_dataset(src, TripletSpec.from_config(DataConfig()), str(tmp_path / "rej")))
-    assert len({r["row_id"] for r in rows}) == summary["train_rows"]
+    assert len({r["row_id"] for r in rows}) == summary.train_rows
     assert read_rejects(str(tmp_path / "rej")).num_rows == 0

@@ -35,14 +35,14 @@ def test_schema_and_eval_layout(synthetic):
     out = Path(cfg.output_dir)
     train = pq.read_table(out / "train")
     ev = pq.read_table(out / "eval")
-    assert train.num_rows == cfg.train_queries == summary["train_rows"]
+    assert train.num_rows == cfg.train_queries == summary.train_rows
     assert train.column_names == ["query_id", "query", "answer", "image", "negative_0"]
     assert ev.column_names == ["query_id", "query", "answer", "image", *[f"negative_{i}" for i in range(4)]]
     # the reference eval layout: N queries, each with its positive and 4 negatives, all distinct → 5N pages
     pages = {c["path"] for col in ev.column_names[3:] for c in ev.column(col).to_pylist()}
-    assert len(pages) == 5 * cfg.eval_queries == summary["eval_corpus_pages"]
-    assert set(summary["templates"]) <= {"table", "bar", "line", "memo", "segments"}
-    assert len(set(summary["templates"])) >= 3
+    assert len(pages) == 5 * cfg.eval_queries == summary.eval_corpus_pages
+    assert set(summary.templates) <= {"table", "bar", "line", "memo", "segments"}
+    assert len(set(summary.templates)) >= 3
     meta = json.loads(train.schema.metadata[b"huggingface"])
     assert meta["info"]["features"]["image"] == {"_type": "Image"}
 

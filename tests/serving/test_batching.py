@@ -90,7 +90,7 @@ def test_a_stage_raises_not_ready_to_the_requests_of_a_generation_it_has_not_loa
 
     class Echo(Stage):
         def load(self, gen, say):
-            return gen["id"]
+            return gen.id
 
         async def run_batch(self, loaded, requests):
             return [f"{loaded}:{r.item}" for r in requests]

@@ -67,7 +67,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
         stop.set()
         for t in clients:
             t.join(timeout=120)
-    old, new = generation(str(corpus_index))["id"], result.candidate["id"]
+    old, new = generation(str(corpus_index)).id, result.candidate.id
     failed = [a for a in answers if a[0] != 200]
     assert not failed, f"{len(failed)} of {len(answers)} requests failed during the switch: {failed[:5]}"
     seen = [g for _, g, _ in answers]
@@ -78,7 +78,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     # the live manifest says what is live, and what was
     doc = json.loads(live_json.read_text())
     assert doc["live"]["id"] == new and doc["live"]["model"] == str(candidate)
-    assert doc["live"]["index"] == result.candidate["index"] and doc["previous"]["id"] == old
+    assert doc["live"]["index"] == result.candidate.index and doc["previous"]["id"] == old
     assert doc["history"][-1]["decision"] == "promoted" and "ndcg@10" in doc["history"][-1]["candidate"]["metrics"]
     status, health = client.health()
     assert status == 200 and health.ready and base_id(health.generation) == new
@@ -86,7 +86,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     # answers come from the new index: the candidate's brute-force top 3 over the vectors its index stored
     install_image_only_processor()
     st = SentenceTransformer(str(candidate), device="cpu")
-    pages = pq.read_table(Path(result.candidate["index"]) / "pages", columns=["doc_id", "embedding"])
+    pages = pq.read_table(Path(result.candidate.index) / "pages", columns=["doc_id", "embedding"])
     emb = np.stack(pages.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     v = st.encode_query([queries[0]], truncate_dim=32, normalize_embeddings=True, convert_to_numpy=True)[0]
     top = np.argsort(-(emb @ v))[:3]
@@ -98,7 +98,7 @@ def test_promotion_switches_the_endpoint_under_load(endpoint, corpus_index, tiny
     # a candidate below the bar is rejected and recorded; the live generation stays
     rejected = run(load_config(ROOT / "configs/demo.yaml", [*base, f"promote.model={tiny_qwen}",
                                                             "promote.min_delta=1.0"]))
-    assert not rejected.promoted and rejected.live["id"] == new and rejected.switched is None
+    assert not rejected.promoted and rejected.live.id == new and rejected.switched is None
     doc = json.loads(live_json.read_text())
     assert doc["live"]["id"] == new and doc["history"][-1]["decision"] == "rejected"
     assert doc["history"][-1]["candidate"]["model"] == str(tiny_qwen)

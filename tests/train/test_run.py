@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_and_recovers_exactly_once(ray_local, synthetic,
     assert second.exists(), "the resumed run's worker was not killed"
     assert result.metrics["distributed_type"] == "DistributedType.DEEPSPEED"
     assert result.metrics["resumed_from_step"] in (4, 6) and result.metrics["step"] >= 7
-    check_exactly_once_and_in_sync(result, tmp_path / "demo", summary["train_rows"], epochs=EPOCHS)
+    check_exactly_once_and_in_sync(result, tmp_path / "demo", summary.train_rows, epochs=EPOCHS)
     # Ray Train kept the latest 2 checkpoints: the last intermediate one and the final model
     kept = sorted(p for p in (tmp_path / "demo").iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     assert len(kept) == 2
