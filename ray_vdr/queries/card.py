@@ -25,7 +25,7 @@ def render_card(s: dict[str, Any]) -> str:
         "---", "configs:", "- config_name: default", "  data_files:",
         "  - split: train", "    path: train/*.parquet", "  - split: eval", "    path: eval/*.parquet",
         "task_categories:", "- visual-document-retrieval", "tags:", "- ray-vdr", "- generated-queries", "---"])
-    how = {"text": "spans of each page's own text layer (a title with key figures, a table row with its column "
+    how = {"text": "spans of each page's own text layer (a title with a table row's figures, a row with its column "
                    "headers, a sentence with a name and a number; no model)",
            "vlm": f"questions a vision-language model ({gen.get('model')}) wrote from each page image",
            "callable": f"the function {gen.get('callable')}"}[gen["name"]]
