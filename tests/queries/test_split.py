@@ -71,3 +71,18 @@ def test_auto_keeps_documents_when_they_hold_enough_and_warns_when_short():
     assert short_eval_warning(enough, 18, 18) is None
     warning = short_eval_warning(enough, 7, 18)
     assert "holds 7 rows (min_eval_rows 18; 18 candidate queries" in warning and "split=auto or page_range" in warning
+
+
+def test_cli_prints_the_split_warnings(monkeypatch, capsys):
+    import ray_vdr.queries.run
+    from ray_vdr.cli import main
+    from ray_vdr.queries.run import TrainingDataResult
+
+    warning = "the split by document leaves 1 candidate queries for the eval split (min_eval_rows 50) in 1 of 3 ..."
+    summary = {"pages": {"in": 3, "kept": 3, "rejected": 0, "rejected_by_reason": {}}, "splits": {"train": 231, "eval": 1},
+               "queries": {"generated": 240, "rejected_by_reason": {}}, "consistency": "off",
+               "rates": {"pages_per_second": 1.0, "queries_per_second": 3.0}, "seconds": {"total": 5.0},
+               "split": {"warnings": [warning]}}
+    monkeypatch.setattr(ray_vdr.queries.run, "run", lambda cfg: TrainingDataResult("out", summary, "out/README.md"))
+    assert main(["make-training-data", "queries.sources=[docs]"]) == 0
+    assert f"WARNING: {warning}" in capsys.readouterr().out.splitlines()
