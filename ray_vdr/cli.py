@@ -165,6 +165,8 @@ def cmd_make_training_data(cfg: VDRConfig) -> int:
     s = r.summary
     p, sp = s["pages"], s["splits"]
     print(f"training data: {r.output} (train {sp['train']} rows, eval {sp['eval']} rows; card {r.card})")
+    for warning in s["split"]["warnings"]:
+        print(f"WARNING: {warning}")
     print(f"pages: {p['in']} in = {p['kept']} with a kept query + {p['rejected']} rejected "
           f"({', '.join(f'{k}: {n}' for k, n in sorted(p['rejected_by_reason'].items())) or 'none'}; "
           f"{r.output}/rejected-pages.parquet)")

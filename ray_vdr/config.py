@@ -730,8 +730,25 @@ class QueriesConfig(_Strict):
         True, description="Never take a page of the query's own document as its negative (it may answer it too)."
     )
     eval_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of the documents (not pages) whose queries form the eval split; no "
-        "document is in both splits."
+        0.1, ge=0, lt=1, description="Split by_document: the share of the documents whose queries form the eval "
+        "split. Split page_range: the share of each large document's pages held out (a contiguous range) to start "
+        "with. 0 = no eval split."
+    )
+    split: Literal["auto", "by_document", "page_range"] = Field(
+        "auto", description="How the eval split is held out. 'by_document': eval_fraction of the documents; no "
+        "document is in both splits. 'page_range': a contiguous range of pages inside each large document, page_gap "
+        "pages apart from its training pages, grown until the ranges hold min_eval_rows candidate queries. 'auto': "
+        "by document, unless that leaves fewer than min_eval_rows candidate queries (one document holds most pages): "
+        "then page ranges."
+    )
+    min_eval_rows: int = Field(
+        50, ge=0, description="Fewest eval rows worth evaluating on: a split with fewer is logged as a WARNING and "
+        "noted in the card, and split 'auto' falls back to page ranges."
+    )
+    page_gap: int = Field(
+        2, ge=0, description="Split page_range: pages on each side of a document's eval range that are in neither "
+        "split (their queries are dropped as split_gap): neighbouring pages share text, and a query of one finds "
+        "the other."
     )
     seed: int = Field(0, description="Seeds the span choice, the split and the negatives' sampling.")
     batch_size: PositiveInt = Field(32, description="Pages per generation batch, queries per mining batch.")

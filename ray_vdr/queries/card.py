@@ -18,6 +18,18 @@ def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def _split_line(s: dict[str, Any]) -> str:
+    sp, k = s["split"], s["mining"]["eval_negatives"]
+    if sp["mode"] == "page_range":
+        ranges = ", ".join(f"{d} pages {a}-{b}" for d, (a, b) in sp["eval_ranges"].items()) or "none"
+        return (f"Split by page range (split {sp['requested']}): inside each large document a contiguous range of "
+                f"pages forms the eval split (each query with its page and {k} negatives): {ranges}. The "
+                f"{sp['page_gap']} pages on each side of a range are in neither split (their queries are rejects: "
+                "split_gap), so no training page neighbours an eval page of its document.")
+    return (f"Split by document (split {sp['requested']}): {sp['eval_documents']} of {s['documents']} documents form "
+            f"the eval split (each query with its page and {k} negatives); no document is in both splits.")
+
+
 def render_card(s: dict[str, Any]) -> str:
     """README.md of the dataset from its summary (card.json)."""
     pages, queries, gen = s["pages"], s["queries"], s["generator"]
@@ -25,7 +37,7 @@ def render_card(s: dict[str, Any]) -> str:
         "---", "configs:", "- config_name: default", "  data_files:",
         "  - split: train", "    path: train/*.parquet", "  - split: eval", "    path: eval/*.parquet",
         "task_categories:", "- visual-document-retrieval", "tags:", "- ray-vdr", "- generated-queries", "---"])
-    how = {"text": "spans of each page's own text layer (a title with key figures, a table row with its column "
+    how = {"text": "spans of each page's own text layer (a title with a table row's figures, a row with its column "
                    "headers, a sentence with a name and a number; no model)",
            "vlm": f"questions a vision-language model ({gen.get('model')}) wrote from each page image",
            "callable": f"the function {gen.get('callable')}"}[gen["name"]]
@@ -34,6 +46,7 @@ def render_card(s: dict[str, Any]) -> str:
              f"{pages['in']} pages of {s['documents']} documents ({', '.join(s['sources'])}). Each row is a query, the "
              f"page it was written for (`image`) and hard negatives mined with the base embedder "
              f"(`negative_0..k-1`), in the llamaindex-vdr layout the ray-vdr trainers read.", "",
+             *[f"> **Warning**: {w}\n" for w in s["split"]["warnings"]],
              "## How it was made", "",
              f"1. Pages: every PDF page (rasterised at {s['dpi']} dpi), image and Parquet row of the sources, with "
              "its text; unreadable input is a reject with its reason.",
@@ -43,8 +56,7 @@ def render_card(s: dict[str, Any]) -> str:
              f"4. Hard negatives: mined with the base embedder `{s['base_model']}` from the corpus index (ranks "
              f"{s['mining']['rank_min']}..{s['mining']['rank_max']}, margin {s['mining']['margin']}"
              f"{', never from the query' + chr(39) + 's own document' if s['mining']['exclude_same_document'] else ''}).",
-             f"5. Split by document: {s['split']['eval_documents']} of {s['documents']} documents form the eval split "
-             "(each query with its page and 4 negatives); no document is in both splits.", ""]
+             f"5. {_split_line(s)}", ""]
     if gen["name"] == "vlm":
         parts += ["Prompt:", "", "```", gen["prompt"], "```", ""]
     parts += ["## Counts", "",

@@ -1,13 +1,15 @@
 """Generated queries → training rows: the corpus-wide duplicate filter, then, per query, the consistency filter and
-hard negatives mined with the base embedder from the corpus index, and the split by document.
+hard negatives mined with the base embedder from the corpus index, into the train or eval split.
 
 :func:`drop_duplicates` (a task stage) rejects queries generated for more than one page. :class:`QueryMiner` (an
 actor-pool stage) encodes each remaining query as the index encodes queries, searches the corpus index, keeps the
 query only if its own page ranks within ``queries.consistency_k`` (the round-trip filter), and picks its negatives
 with the mining job's rule (:func:`ray_vdr.eval.mine.select_negatives`: the rank window, the positive and its
 near-duplicates, the margin against unlabeled positives, and the query's own document). The positive's vector is the
-one the index stored for its page, not encoded again. A row goes to ``eval/`` when its document is an eval document,
-else to ``train/``, in the triplet layout the trainers read; a query without enough negatives is a reject.
+one the index stored for its page, not encoded again. A row goes to ``eval/`` when its page is an eval page (of an
+eval document, or in a document's eval page range: :class:`ray_vdr.queries.split.SplitPlan`), else to ``train/``, in
+the triplet layout the trainers read; a query on a page in the gap around an eval range (``split_gap``) or without
+enough negatives is a reject.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from ray_vdr.config import VDRConfig
 from ray_vdr.eval.mine import DROP_REASONS, IndexMiner
 from ray_vdr.queries.filters import query_key
 from ray_vdr.queries.generate import REJECTS, ROW_SCHEMA
+from ray_vdr.queries.split import EVAL, GAP, TRAIN
 from ray_vdr.storage import part_name, write_table
 
-__all__ = ["EVAL", "TRAIN", "QueryMiner", "candidates_only", "drop_duplicates", "split_schema"]
-
-TRAIN, EVAL = "train", "eval"
+__all__ = ["QueryMiner", "candidates_only", "drop_duplicates", "split_schema"]
 
 
 def split_schema(k: int) -> pa.Schema:
@@ -73,16 +74,14 @@ class QueryMiner:
     """Actor-pool stage: consistency filter, hard negatives and split for one batch of generated queries; publishes
     the batch's train rows, eval rows and rejects as one part each and returns counts."""
 
-    def __init__(self, cfg: dict, index: str, model: str, eval_docs_ref: list, output: str, use_gpu: bool,
+    def __init__(self, cfg: dict, index: str, model: str, split_ref: list, output: str, use_gpu: bool,
                  chaos: dict | None = None):
-        import ray
-
         self.cfg = VDRConfig.model_validate(cfg)
         q, m = self.cfg.queries, self.cfg.mine
         self.miner = IndexMiner(index, model, self.cfg.model.dtype, self.cfg.model.attn_implementation, use_gpu,
                                 m.cpus_per_actor)
         self.position = {key: i for i, key in enumerate(self.miner.index.ids.column("key").to_pylist())}
-        self.eval_docs = set(ray.get(eval_docs_ref[0]))
+        self.split = fetch_once(split_ref[0])
         self.need = {TRAIN: q.num_negatives, EVAL: q.eval_negatives}
         self.rules = {s: m.model_copy(update={"num_negatives": max(1, k), "seed": q.seed})
                       for s, k in self.need.items()}
@@ -97,13 +96,21 @@ class QueryMiner:
         rejected: list[dict] = []
         reasons: list[tuple[str, str]] = []
         dropped = dict.fromkeys(DROP_REASONS, 0)
-        known = [r for r in rows if r["page_key"] in self.position]
+        known, splits = [], []
         for r in rows:
+            side = self.split.side(r["doc_id"], r["page"])
             if r["page_key"] not in self.position:
                 rejected.append(r)
                 reasons.append(("page_not_indexed", "its page is not in the corpus index"))
+            elif side == GAP:
+                first, last = self.split.ranges[r["doc_id"]]
+                rejected.append(r)
+                reasons.append(("split_gap", f"page {r['page']} is within {self.split.page_gap} pages of its "
+                                f"document's eval pages {first}-{last}: in neither split"))
+            else:
+                known.append(r)
+                splits.append(side)
         if known:
-            splits = [EVAL if r["doc_id"] in self.eval_docs else TRAIN for r in known]
             positions = [self.position[r["page_key"]] for r in known]
             mined = self.miner.mine(self.miner.encode_queries([r["query"] for r in known]),
                                     self.miner.stored(positions), [r["page_key"] for r in known],
@@ -145,6 +152,7 @@ class QueryMiner:
         counts = {"queries": len(rows), "train": len(out[TRAIN]), "eval": len(out[EVAL]),
                   "inconsistent": sum(r[0] == "inconsistent" for r in reasons),
                   "too_few_negatives": sum(r[0] == "too_few_negatives" for r in reasons),
-                  "page_not_indexed": sum(r[0] == "page_not_indexed" for r in reasons)}
+                  "page_not_indexed": sum(r[0] == "page_not_indexed" for r in reasons),
+                  "split_gap": sum(r[0] == "split_gap" for r in reasons)}
         return pa.table({**{k: [v] for k, v in counts.items()}, **{f"dropped_{k}": [v] for k, v in dropped.items()},
                          "seconds": [time.perf_counter() - start]})

@@ -7,13 +7,14 @@ document ids and the small sets shown below, never pages)::
                    ─► lines on many pages (a groupby count) ─► the boilerplate set
                    ─► generate (text / callable tasks, or a VLM) → per-query filters → generated/
                    ─► queries generated for several pages (a groupby count) ─► the duplicates set
-                   ─► consistency filter, hard negatives, split by document (actor pool) → train/, eval/ + rejects
+                   ─► the split: by document, or page ranges inside large documents (ray_vdr.queries.split)
+                   ─► consistency filter, hard negatives, train or eval (actor pool) → train/, eval/ + rejects
                    ─► rejected-pages.parquet, card.json, README.md
 
 Output under ``queries.output``: ``corpus/`` (the base embedder's index of the pages), ``generated/`` (each page's
 queries, kept or rejected with the reason, or why it has none), ``rejects/`` (queries rejected later: duplicates,
-inconsistent, too few negatives), ``train/`` and ``eval/``, ``rejected-pages.parquet``, ``make.json`` (the
-settings: a rerun with others is refused) and the card.
+in the gap around an eval page range, inconsistent, too few negatives), ``train/`` and ``eval/``,
+``rejected-pages.parquet``, ``make.json`` (the settings: a rerun with others is refused) and the card.
 
 Resumable and exactly-once: a rerun skips the pages already generated for and the queries already mined or rejected,
 and a final pass keeps each page's candidates and each row once.
@@ -21,11 +22,9 @@ and a final pass keeps each page's candidates and each row once.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -36,12 +35,12 @@ import pyarrow.compute as pc
 
 from ray_vdr.config import VDRConfig
 from ray_vdr.queries.generate import GENERATED, REJECTS
-from ray_vdr.queries.pairs import EVAL, TRAIN
+from ray_vdr.queries.split import EVAL, TRAIN, SplitPlan, plan_split, short_eval_warning
 from ray_vdr.storage import is_file, list_parts, read_bytes, read_table, write_bytes, write_table
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingDataResult", "eval_documents", "run"]
+__all__ = ["TrainingDataResult", "run"]
 
 SETTINGS_FILE = "make.json"
 REJECTED_PAGES = "rejected-pages.parquet"
@@ -52,16 +51,6 @@ class TrainingDataResult:
     output: str
     summary: dict[str, Any]
     card: str
-
-
-def eval_documents(docs: list[str], fraction: float, seed: int) -> list[str]:
-    """The documents whose queries form the eval split: ``fraction`` of them (at least one when the fraction is not
-    0 and there are two or more), chosen by a seeded hash of their ids, so the choice is stable as documents come
-    and go."""
-    if fraction <= 0 or len(docs) < 2:
-        return []
-    n = min(len(docs) - 1, max(1, math.ceil(fraction * len(docs))))
-    return sorted(docs, key=lambda d: hashlib.blake2b(f"{seed}:{d}".encode(), digest_size=8).digest())[:n]
 
 
 def _column(output: str, folder: str, columns: list[str]) -> pa.Table:
@@ -85,7 +74,7 @@ def _settings(cfg: VDRConfig, model: str, fingerprint: str) -> dict[str, Any]:
     q = cfg.queries
     keep = ("generator", "callable", "per_page", "text_kinds", "min_words", "max_words", "max_chars",
             "boilerplate_share", "boilerplate_min_pages", "dedupe", "consistency_k", "num_negatives", "eval_negatives",
-            "exclude_same_document", "eval_fraction", "seed")
+            "exclude_same_document", "eval_fraction", "split", "min_eval_rows", "page_gap", "seed")
     vlm = q.vlm.model_dump(include={"model", "prompt", "max_tokens", "temperature", "max_pixels"})
     mine = cfg.mine.model_dump(include={"rank_min", "rank_max", "margin", "duplicate_similarity", "sampling"})
     return {**{k: getattr(q, k) for k in keep}, "vlm": vlm if q.generator == "vlm" else None, "mine": mine,
@@ -154,6 +143,23 @@ def _duplicates(output: str, n_pages: int, cfg: VDRConfig) -> dict[str, int]:
     return {r["key"]: r["count()"] for r in repeated.take_all()}
 
 
+def _split(output: str, corpus: str, duplicates: dict[str, int], cfg: VDRConfig) -> SplitPlan:
+    """The split (ray_vdr.queries.split) of the indexed pages, from each page's candidate queries that are no
+    duplicates: one row per page and per generated query in the driver, as the accounting reads them."""
+    from ray_vdr.corpus.store import read_ids
+    from ray_vdr.queries.filters import query_key
+
+    q = cfg.queries
+    pages: dict[str, list[int]] = {}
+    for r in read_ids(corpus).select(["doc_id", "page"]).to_pylist():
+        pages.setdefault(r["doc_id"], []).append(r["page"])
+    generated = _column(output, GENERATED, ["doc_id", "page", "query", "reason"]).to_pylist()
+    counts = Counter((r["doc_id"], r["page"]) for r in generated
+                     if r["reason"] is None and r["query"] and query_key(r["query"]) not in duplicates)
+    return plan_split(pages, counts, mode=q.split, eval_fraction=q.eval_fraction, min_eval_rows=q.min_eval_rows,
+                      page_gap=q.page_gap, seed=q.seed)
+
+
 def _drain(ds, what: str) -> tuple[Counter, float]:
     """Consume a stage's per-batch counts; log progress."""
     totals: Counter = Counter()
@@ -201,7 +207,7 @@ def _generate(cfg: VDRConfig, output: str, corpus: str, boilerplate: set[str]) -
 
 
 def _mine(cfg: VDRConfig, output: str, corpus: str, model: str, duplicates: dict[str, int],
-          eval_docs: list[str], chaos: dict | None) -> tuple[Counter, float]:
+          split: SplitPlan, chaos: dict | None) -> tuple[Counter, float]:
     import ray
     import ray.data
 
@@ -224,7 +230,7 @@ def _mine(cfg: VDRConfig, output: str, corpus: str, model: str, duplicates: dict
     ds = ds.map_batches(QueryMiner, batch_size=q.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=m.actors),
                         num_cpus=m.cpus_per_actor, num_gpus=1 if use_gpu else 0,
                         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "index": corpus, "model": model,
-                                               "eval_docs_ref": [ray.put(eval_docs)], "output": output,
+                                               "split_ref": [ray.put(split)], "output": output,
                                                "use_gpu": use_gpu, "chaos": chaos})
     return _drain(ds, "mining")
 
@@ -274,7 +280,6 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> TrainingDataResult:
     ``chaos`` ({"after_batches", "marker", "sleep"}) kills a mining actor once, or slows it: failure drills, tests."""
     from ray_vdr.cluster import init_ray
     from ray_vdr.corpus import embed
-    from ray_vdr.corpus.store import read_ids
     from ray_vdr.queries.card import write_card
     from ray_vdr.queries.generate import ensure_generator, load_callable
     from ray_vdr.storage import dedupe_parts, now_iso
@@ -313,13 +318,12 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> TrainingDataResult:
     seconds["generation"] = gen_seconds
     dedupe_parts([f"{output}/{GENERATED}"], "page_key", unique_rows=False)
 
-    # 4. duplicates across the corpus, 5. the split by document, 6. consistency and negatives
+    # 4. duplicates across the corpus, 5. the split (by document or page ranges), 6. consistency and negatives
     t0 = time.time()
     duplicates = _duplicates(output, n_pages, cfg)
-    docs = sorted(set(read_ids(corpus).column("doc_id").to_pylist())) if n_pages else []
-    eval_docs = eval_documents(docs, q.eval_fraction, q.seed)
+    split = _split(output, corpus, duplicates, cfg) if n_pages else SplitPlan("by_document")
     seconds["duplicates and split"] = time.time() - t0
-    mined, seconds["consistency and negatives"] = _mine(cfg, output, corpus, model, duplicates, eval_docs, chaos)
+    mined, seconds["consistency and negatives"] = _mine(cfg, output, corpus, model, duplicates, split, chaos)
     for folder in (TRAIN, EVAL, REJECTS):
         dedupe_parts([f"{output}/{folder}"], "row_id")
 
@@ -329,7 +333,8 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> TrainingDataResult:
               for s in (TRAIN, EVAL)}
     rejected_queries = account.pop("queries_rejected")
     generated_queries = account.pop("queries_generated")
-    checked = mined.get("queries", 0) - mined.get("page_not_indexed", 0)
+    checked = mined.get("queries", 0) - mined.get("page_not_indexed", 0) - mined.get("split_gap", 0)
+    short = short_eval_warning(split, splits[EVAL], q.min_eval_rows) if q.eval_fraction and n_pages else None
     summary = {
         "name": output.rsplit("/", 1)[-1], "output": output, "made_at": now_iso(), "sources": q.sources,
         "dpi": cfg.index.dpi, "base_model": model, "documents": account.pop("documents"),
@@ -341,7 +346,8 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> TrainingDataResult:
         "mining": {"rank_min": cfg.mine.rank_min, "rank_max": cfg.mine.rank_max, "margin": cfg.mine.margin,
                    "exclude_same_document": q.exclude_same_document, "train_negatives": q.num_negatives,
                    "eval_negatives": q.eval_negatives},
-        "split": {"eval_fraction": q.eval_fraction, "eval_documents": len(eval_docs)},
+        "split": {"requested": q.split, "eval_fraction": q.eval_fraction, "min_eval_rows": q.min_eval_rows,
+                  **split.summary(), "warnings": [*split.warnings, *([short] if short else [])]},
         **account,
         "queries": {"generated": generated_queries, "rejected_by_reason": rejected_queries},
         "splits": splits, "boilerplate_lines": len(boilerplate), "duplicate_queries": len(duplicates),

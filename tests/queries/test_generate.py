@@ -39,6 +39,42 @@ def test_text_spans_single_the_page_out():
     assert [k for _, k in text_queries(PAGE, n=10, seed="p1", kinds=["sentence"])] == ["sentence"]
 
 
+# A textbook page's text layer: a running header (page and chapter number), a section heading, margin numbers and an
+# equation number on lines of their own, a sentence wrapped around a margin number, captions and cross-references,
+# and a table whose rows' figures belong in its spans.
+TEXTBOOK = """48 3 Mechanik fester Körper
+3.2 Dichte und Masse
+Die Dichte eines Stoffes ist der Quotient aus Masse und Volumen:
+17
+ρ = m/V (3.4)
+Abbildung 3.2: Messung der Dichte mit dem Pyknometer
+Metall Dichte
+Eisen 7.87
+Kupfer 8.96
+Gold 19.32
+Abbildung 3.3
+Die Tabelle gilt bei 20 °C und Normaldruck. Ein Würfel aus Eisen mit 2 cm Kantenlänge
+18
+wiegt also 62.96 g. Nach Satz 3.5 ist die Dichte eine Materialkonstante."""
+
+
+def test_text_spans_take_numbers_only_from_their_sentence_or_table_row():
+    spans = text_queries(TEXTBOOK, n=20, seed="p48")
+    rows = {"Eisen 7.87", "Kupfer 8.96", "Gold 19.32"}
+    assert {q for q, k in spans if k == "table_row"} == {f"Mechanik fester Körper: {r.replace(' ', ' Dichte ')}"
+                                                         for r in rows}
+    assert {q for q, k in spans if k == "sentence"} == {
+        "Die Tabelle gilt bei 20 °C und Normaldruck",
+        "Ein Würfel aus Eisen mit 2 cm Kantenlänge wiegt also 62.96 g"}, "wrapped across the margin number"
+    [title_figures] = [q for q, k in spans if k == "title_figures"]
+    assert title_figures in {f"Mechanik fester Körper {r}" for r in rows}, "one row's figures, under the heading"
+    stray = {"48", "3", "3.2", "17", "(3.4)", "3.3", "18", "3.5"}  # page, section, margin, equation, figure numbers
+    assert not [q for q, _ in spans if stray & set(q.split())]
+    # without a table, no title with figures: numbers from elsewhere on the page are not appended to a heading
+    prose = "\n".join(line for line in TEXTBOOK.splitlines() if not line.startswith(("Eisen", "Kupfer", "Gold")))
+    assert [k for _, k in text_queries(prose, n=20, seed="p48")] == ["sentence", "sentence"]
+
+
 def test_filters_name_their_reasons():
     kw = {"min_words": 3, "max_words": 8, "max_chars": 60}
     assert length_problem("", **kw)[0] == "empty_query"

@@ -132,6 +132,44 @@ def test_unlabeled_documents_become_a_training_set(ray_local, tiny_qwen, sources
         run(_cfg(tiny_qwen, sources, out, "queries.per_page=1"))
 
 
+def test_one_large_document_gets_a_page_range_eval_split(ray_local, tiny_qwen, sources, tmp_path):
+    """A folder where one document holds most pages (a user's: 1 eval row, 231 train rows): split auto warns that the
+    split by document leaves too few eval rows and holds out a page range of the large document instead, a gap of
+    pages apart from its training pages."""
+    import shutil
+
+    import pypdfium2 as pdfium
+
+    from ray_vdr.queries.run import run
+
+    reports = sorted(p for p in sources.glob("*.pdf") if p.name not in ("scan.pdf", "locked.pdf", "damaged.pdf"))
+    src = tmp_path / "src"
+    src.mkdir()
+    manual = pdfium.PdfDocument.new()
+    for path in reports[:5]:
+        manual.import_pages(pdfium.PdfDocument(path))
+    manual.save(src / "manual.pdf")  # 15 pages; a 3-page report and an image with its text are the small ones
+    shutil.copy(reports[5], src / "report.pdf")
+    for name in ("photo.png", "photo.png.txt"):
+        shutil.copy(sources / name, src / name)
+    out = tmp_path / "ranged"
+    s = run(_cfg(tiny_qwen, src, out, "queries.consistency_k=null", "queries.min_eval_rows=6", "queries.page_gap=1",
+                 "queries.eval_negatives=2")).summary
+    _check_exactly_once(out, s)
+    split = s["split"]
+    assert (split["requested"], split["mode"], list(split["eval_ranges"])) == ("auto", "page_range", ["manual.pdf"])
+    [warning] = split["warnings"]
+    assert "1 of 3 documents" in warning and "holding out" in warning, "the split by document held out photo.png"
+    assert f"> **Warning**: {warning}" in (out / "README.md").read_text()
+    assert s["splits"]["eval"] >= 6 and s["queries"]["rejected_by_reason"]["split_gap"] > 0
+    first, last = split["eval_ranges"]["manual.pdf"]
+    evals = pq.read_table(out / "eval", columns=["doc_id", "page"]).to_pylist()
+    assert {r["doc_id"] for r in evals} == {"manual.pdf"} and all(first <= r["page"] <= last for r in evals)
+    train = pq.read_table(out / "train", columns=["doc_id", "page"]).to_pylist()
+    assert {r["doc_id"] for r in train} == {"manual.pdf", "report.pdf", "photo.png"}
+    assert all(r["page"] < first - 1 or r["page"] > last + 1 for r in train if r["doc_id"] == "manual.pdf")
+
+
 def test_vlm_generator_pipeline(ray_local, tiny_qwen, sources, tmp_path):
     """A generative VLM (a tiny random-weight Qwen3-VL chat model: its text is gibberish) writes the questions in an
     actor pool; every page ends up with candidates or a reject with the reason, and the counts add up."""
