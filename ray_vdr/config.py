@@ -78,18 +78,21 @@ class ModelConfig(_Strict):
         "None = the embedder this config's training run saved."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype at load time. 'auto' = bfloat16 on a CUDA device that supports it, else float32."
+        "auto",
+        description="Weight dtype at load time. 'auto' = bfloat16 on a CUDA device that supports it, else float32.",
     )
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
         "auto",
-        description="Attention kernel. 'auto' = flash_attention_2 when flash_attn imports and CUDA is present, else sdpa.",
+        description="Attention kernel. 'auto' = flash_attention_2 when flash_attn imports and CUDA is present, "
+        "else sdpa.",
     )
     min_pixels: PositiveInt | None = Field(
         None, description="Processor lower bound on pixels per image (Qwen-VL min_pixels). None keeps the model's own."
     )
     max_pixels: PositiveInt | None = Field(
         None,
-        description="Processor upper bound on pixels per image (Qwen-VL max_pixels); bounds image tokens. None keeps the model's own.",
+        description="Processor upper bound on pixels per image (Qwen-VL max_pixels); bounds image tokens. "
+        "None keeps the model's own.",
     )
     query_prompt: str | None = Field(
         None, description="Prompt for queries (encode_query). None keeps the prompt saved with the model."
@@ -214,8 +217,12 @@ class TrainConfig(_Strict):
     max_steps: PositiveInt | None = Field(
         None, description="Optimizer steps; overrides epochs. None = derived from rows, epochs and the global batch."
     )
-    eval_every: float | None = Field(0.1, gt=0, le=1, description="Evaluate every this fraction of the run. None = never.")
-    save_every: float | None = Field(0.1, gt=0, le=1, description="Checkpoint every this fraction of the run. None = end only.")
+    eval_every: float | None = Field(
+        0.1, gt=0, le=1, description="Evaluate every this fraction of the run. None = never."
+    )
+    save_every: float | None = Field(
+        0.1, gt=0, le=1, description="Checkpoint every this fraction of the run. None = end only."
+    )
     log_every: float = Field(0.05, gt=0, le=1, description="Log metrics every this fraction of the run.")
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel strategy.")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage (strategy 'deepspeed' only).")
@@ -226,7 +233,9 @@ class TrainConfig(_Strict):
         True, description="Never put the same query or page twice in one global batch (false in-batch negatives)."
     )
     shuffle_buffer: int = Field(
-        1024, ge=0, description="Rows in the streaming shuffle buffer (reshuffled every epoch with seed+epoch). 0 = file order."
+        1024,
+        ge=0,
+        description="Rows in the streaming shuffle buffer (reshuffled every epoch with seed+epoch). 0 = file order.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     seed: int = Field(12, description="Seed for weights that are initialised, shuffling and sampling.")
@@ -521,7 +530,9 @@ class ServeConfig(_Strict):
         None, description="Query embedder. None = the model the index was built with (its manifest); another model "
         "is refused unless it is byte-identical (same fingerprint)."
     )
-    dim: PositiveInt | None = Field(None, description="Embedding dimension; must equal the index's. None = the index's.")
+    dim: PositiveInt | None = Field(
+        None, description="Embedding dimension; must equal the index's. None = the index's."
+    )
     reranker: str | None = Field(
         None, description="A Sentence Transformers CrossEncoder (folder, URI or hub id) scoring (query, page image) "
         "pairs. None = first stage only (`ray-vdr serve`: the reranker this config trained, when there is one)."
@@ -849,7 +860,8 @@ class SyntheticConfig(_Strict):
     kind: Literal["triplets", "documents"] = Field(
         "triplets", description="'triplets': the labelled train/eval splits above. 'documents': unlabeled company "
         "reports as vector PDFs with a text layer (documents/), plus a held-out eval split of other documents' "
-        "pages with their template questions (heldout/eval/): the own-documents loop's input (ray_vdr/data/documents.py)."
+        "pages with their template questions (heldout/eval/): the own-documents loop's input "
+        "(ray_vdr/data/documents.py)."
     )
     documents: PositiveInt = Field(100, description="'documents': unlabeled documents (one company each).")
     pages_per_document: PositiveInt = Field(5, le=16, description="'documents': pages per document (a year each).")
@@ -861,8 +873,8 @@ class SyntheticConfig(_Strict):
     def _enough_heldout_pages(self) -> SyntheticConfig:
         others = (self.heldout_documents - 1) * self.pages_per_document
         if self.kind == "documents" and others < self.eval_negatives:
-            raise ValueError(f"heldout_documents: each held-out question needs {self.eval_negatives} negatives from the "
-                             f"other held-out documents, which hold {others} pages")
+            raise ValueError(f"heldout_documents: each held-out question needs {self.eval_negatives} negatives "
+                             f"from the other held-out documents, which hold {others} pages")
         return self
 
 
@@ -899,7 +911,8 @@ class VDRConfig(_Strict):
         if dims and td is not None and td > dims[0]:
             raise ValueError(f"output.truncate_dim ({td}) exceeds the largest Matryoshka dim ({dims[0]})")
         if dims and td is not None and td not in dims:
-            raise ValueError(f"output.truncate_dim ({td}) is not one of train.matryoshka_dims {dims}: it was never trained")
+            raise ValueError(f"output.truncate_dim ({td}) is not one of train.matryoshka_dims {dims}: "
+                             "it was never trained")
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision 'fp16' needs scaling.use_gpu (CPU trains in fp32 or bf16)")
         if self.train.strategy == "deepspeed" and self.scaling.num_workers == 0:

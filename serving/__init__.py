@@ -1,1 +1,1 @@
-"""The retrieval endpoint on Ray Serve: the app (ingress, builder), its deployments, their plain core and generations."""
+"""The retrieval endpoint on Ray Serve: the app (ingress, builder), its deployments, plain core and generations."""

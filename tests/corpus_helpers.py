@@ -28,7 +28,8 @@ CATALOG = "<< /Type /Catalog /Pages 2 0 R >>"
 ONE_PAGE = ["<< /Type /Pages /Kids [3 0 R] /Count 1 >>", "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>"]
 # the standard security handler with a user password: PDFium cannot open it without the password
 ENCRYPTED_PDF = pdf_bytes([CATALOG, *ONE_PAGE, "<< /Filter /Standard /V 1 /R 2 /O <" + "11" * 32 + "> /U <"
-                           + "22" * 32 + "> /P -44 >>"], "/Encrypt 4 0 R /ID [<" + "33" * 16 + "> <" + "33" * 16 + ">] ")
+                           + "22" * 32 + "> /P -44 >>"],
+                          "/Encrypt 4 0 R /ID [<" + "33" * 16 + "> <" + "33" * 16 + ">] ")
 EMPTY_PDF = pdf_bytes([CATALOG, "<< /Type /Pages /Kids [] /Count 0 >>"])
 CORRUPT_PDF = b"%PDF-1.4\n" + bytes(range(256)) * 8
 

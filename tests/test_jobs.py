@@ -181,9 +181,9 @@ def test_jobs_train_embed_and_evaluate(demo_jobs):
 def test_reranker_learns_on_the_trained_embedder(demo_jobs, tmp_path):
     """The reranker task's pieces — a Dense-head reranker built on the trained embedder, (query, page, 1/0) pairs from
     triplet rows, BinaryCrossEntropyLoss with the model's judge prompt, the streaming CrossEncoderTrainer — fit the
-    training pairs: the loss falls below the label prior. In process (the Ray pipeline is tested in tests/eval/test_mine.py).
-    Training from random weights instead stays at the prior (docs/benchmarks.md), and so would a broken head, loss
-    or prompt.
+    training pairs: the loss falls below the label prior. In process (the Ray pipeline is tested in
+    tests/eval/test_mine.py). Training from random weights instead stays at the prior (docs/benchmarks.md), and so
+    would a broken head, loss or prompt.
     """
     import random
 

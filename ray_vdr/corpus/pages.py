@@ -137,8 +137,9 @@ def _png(img: Image.Image) -> bytes:
 
 def _reject(key: str, doc_id: str, source: str, page: int | None, reason: str, detail: str = "",
             file_hash: str | None = None) -> dict[str, Any]:
-    return {"key": key, "content": None, "file_hash": file_hash, "doc_id": doc_id, "source": source, "page": page, "width": None, "height": None,
-            "image": None, "thumbnail": None, "pixels": None, "text": None, "row_metadata": None, "reason": reason, "detail": detail[:500]}
+    return {"key": key, "content": None, "file_hash": file_hash, "doc_id": doc_id, "source": source, "page": page,
+            "width": None, "height": None, "image": None, "thumbnail": None, "pixels": None, "text": None,
+            "row_metadata": None, "reason": reason, "detail": detail[:500]}
 
 
 def _clean_text(text: str | None) -> str | None:
@@ -216,7 +217,8 @@ def _pdf_pages(data: bytes, file_key: str, f: SourceFile, dpi: int, limits: Imag
                 w, h = round(w_pt * scale), round(h_pt * scale)
                 if w * h > limits.max_pixels:
                     yield _reject(key, f.doc_id, f.uri, i + 1, "page_too_large",
-                                  f"{w_pt:.0f}x{h_pt:.0f} pt at {dpi} dpi = {w}x{h} px > max_pixels {limits.max_pixels}",
+                                  f"{w_pt:.0f}x{h_pt:.0f} pt at {dpi} dpi = {w}x{h} px "
+                                  f"> max_pixels {limits.max_pixels}",
                                   file_key)
                     continue
                 if min(w, h) < limits.min_side:
@@ -317,7 +319,8 @@ def expand_file(f: SourceFile, *, dpi: int, limits: ImageLimits, image_column: s
         with fs.open_input_stream(path) as fh:
             data = fh.read()
     except OSError as e:
-        yield _reject(page_key(f.uri, "file", f.file_hash or ""), f.doc_id, f.uri, None, "unreadable", str(e), f.file_hash)
+        yield _reject(page_key(f.uri, "file", f.file_hash or ""), f.doc_id, f.uri, None, "unreadable", str(e),
+                      f.file_hash)
         return
     file_key = page_key(data)
     if f.file_hash is not None and file_key != f.file_hash:

@@ -108,7 +108,8 @@ def check_manifest(manifest: CorpusBinding, *, model_path: str | None = None, fi
     else:
         return
     if not same:
-        raise IndexMismatch(f"{where} was built with the model at {m.path} (fingerprint {(m.fingerprint or '')[:12]}…), "
+        raise IndexMismatch(f"{where} was built with the model at {m.path} "
+                            f"(fingerprint {(m.fingerprint or '')[:12]}…), "
                             f"not with {model_path or 'this model'}: its files differ; embed the corpus again with "
                             "this model into a new index.output")
 
@@ -195,7 +196,8 @@ def open_index(output: str, *, model_path: str | None = None, dim: int | None = 
 
     manifest = read_manifest(output) if version is None else read_version(output, version)
     if manifest is None:
-        raise FileNotFoundError(f"no index at {output} ({MANIFEST} missing{f' for version {version}' if version else ''}"
+        raise FileNotFoundError(f"no index at {output} "
+                                f"({MANIFEST} missing{f' for version {version}' if version else ''}"
                                 "): run jobs/embed_corpus.py first")
     check_manifest(manifest, model_path=model_path, dim=dim, where=f"the index at {output}")
     files = manifest.files

@@ -34,8 +34,19 @@ from ray_vdr.storage import fs_path, list_dirs, now_iso, read_json, read_table, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DOCS_SCHEMA", "ConcurrentUpdate", "allowed_positions", "docs_table", "live_ids", "next_version", "publish", "read_docs",
-           "read_version", "retired_shards", "version_dir"]
+__all__ = [
+    "DOCS_SCHEMA",
+    "ConcurrentUpdate",
+    "allowed_positions",
+    "docs_table",
+    "live_ids",
+    "next_version",
+    "publish",
+    "read_docs",
+    "read_version",
+    "retired_shards",
+    "version_dir",
+]
 
 VERSIONS = "versions"
 DOCS_SCHEMA = pa.schema([("source", pa.string()), ("doc_id", pa.string()), ("kind", pa.string()),

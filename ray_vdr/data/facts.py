@@ -105,7 +105,8 @@ def make_queries(page: Page, rng: random.Random) -> list[Query]:
                           QUARTERS[int(np.argmax(f["revenue"]))]))
     elif page.template == "line":
         for m in (0, 2, 5, 8, 11):
-            pool.append(Query(f"How many monthly active users did {c} have in {MONTHS[m]} {y}?", f"{f['users'][m]:.2f}M"))
+            pool.append(Query(f"How many monthly active users did {c} have in {MONTHS[m]} {y}?",
+                              f"{f['users'][m]:.2f}M"))
     elif page.template == "memo":
         pool.append(Query(f"How many new stores did {c} open in {y}?", str(f["stores"])))
         pool.append(Query(f"How many people did {c} hire in {y}?", f"{f['hires']:,}"))

@@ -115,7 +115,8 @@ def render_page(page: Page, width: int, height: int) -> Image.Image:
     img = Image.new("RGB", (width, height), paper)
     d = ImageDraw.Draw(img)
     s = width / 448  # scale fonts with the page
-    title_f, body_f, small_f = _font(page.font, int(20 * s)), _font(page.font, int(12 * s)), _font(page.font, int(10 * s))
+    title_f, body_f, small_f = (_font(page.font, int(20 * s)), _font(page.font, int(12 * s)),
+                                _font(page.font, int(10 * s)))
     m = int(24 * s + rng.uniform(-4, 4))
     w = width - 2 * m
     c, yr = page.company, page.year

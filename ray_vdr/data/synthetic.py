@@ -178,7 +178,8 @@ def _schema(n_neg: int) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
-def _write_parquet(rows: list[SyntheticRow], n_neg: int, path: Path, width: int, height: int, rows_per_file: int) -> int:
+def _write_parquet(rows: list[SyntheticRow], n_neg: int, path: Path, width: int, height: int,
+                   rows_per_file: int) -> int:
     path.mkdir(parents=True, exist_ok=True)
     schema = _schema(n_neg)
     n_files = 0

@@ -9,8 +9,8 @@ Pipeline (streaming; the driver sees per-batch counts, never pages)::
 
 For every query the miner looks at the pages ranked ``rank_min..rank_max`` and keeps the first ``num_negatives``
 that are neither its positive (same content key) nor a near-duplicate of it (page-to-page cosine >=
-``duplicate_similarity``) nor scored within ``margin`` of the positive (likely unlabeled positives). A query left with fewer negatives is a reject with the
-reason, never a silently shorter row.
+``duplicate_similarity``) nor scored within ``margin`` of the positive (likely unlabeled positives). A query left
+with fewer negatives is a reject with the reason, never a silently shorter row.
 
 Output under ``mine.output``::
 
@@ -45,7 +45,16 @@ from ray_vdr.storage import is_file, list_parts, part_name, read_bytes, read_tab
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexMiner", "MineResult", "MineSettings", "MineSummary", "Mined", "NegativeMiner", "run", "select_negatives"]
+__all__ = [
+    "IndexMiner",
+    "MineResult",
+    "MineSettings",
+    "MineSummary",
+    "Mined",
+    "NegativeMiner",
+    "run",
+    "select_negatives",
+]
 
 TRIPLETS = "triplets"  # the reranker's training data: <output>/triplets
 REJECTS = "rejects"
@@ -249,7 +258,8 @@ class NegativeMiner:
                     dropped[reason] += count
                 if len(m.chosen) < k:
                     rejects.append({"row_id": row_ids[i], "query": queries[i][:200], "reason": "too_few_negatives",
-                                    "detail": f"{len(m.chosen)} of {k} in ranks {self.cfg.rank_min}..{self.cfg.rank_max}"
+                                    "detail": f"{len(m.chosen)} of {k} in ranks "
+                                              f"{self.cfg.rank_min}..{self.cfg.rank_max}"
                                               f" of {m.hits} hits; dropped {m.dropped}"})
                     continue
                 images = self.miner.pages.get([h["position"] for h in m.chosen], "image")
@@ -328,7 +338,8 @@ def run(cfg: VDRConfig) -> MineResult:
                         fn_kwargs={"column": "row_id", "known_ref": [ray.put(done)]})
     use_gpu = cfg.scaling.use_gpu
     ds = ds.map_batches(NegativeMiner, batch_size=cfg.mine.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors), num_cpus=cfg.mine.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.mine.actors), num_cpus=cfg.mine.cpus_per_actor,
+                        num_gpus=1 if use_gpu else 0,
                         fn_constructor_kwargs={"index": index, "model": model,
                                                "mine": {**cfg.mine.model_dump(), "output": output},
                                                "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,

@@ -78,7 +78,8 @@ class GlobalBatcher:
         return taken
 
     def next_batch(self, final: bool = False) -> list[list[dict]] | None:
-        """The next global batch as ``world_size`` slices, or None when more input is needed (or, if final, none is left).
+        """The next global batch as ``world_size`` slices, or None when more input is needed (or, if final,
+        none is left).
 
         Without ``final`` a batch is only cut when the buffer yields a full one; with ``final`` (the stream has
         ended) the remainder is drained into equal-sized partial batches.

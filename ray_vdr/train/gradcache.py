@@ -109,7 +109,8 @@ class PageCachedMNRL(CachedMultipleNegativesRankingLoss):
             return
         device = sentence_feature[ROWS].device  # the trainer moved the row index where the model runs
         if ranges is None:  # cut by count (the DeepSpeed path): pages have no token counts until collated
-            ranges = [(b, min(b + self.mini_batch_size, len(pages))) for b in range(0, len(pages), self.mini_batch_size)]
+            ranges = [(b, min(b + self.mini_batch_size, len(pages)))
+                      for b in range(0, len(pages), self.mini_batch_size)]
         # on a GPU, collate the next mini-batch on the CPU while this one runs; on a CPU both would share the cores
         pool = ThreadPoolExecutor(1, thread_name_prefix="collate") if device.type == "cuda" else None
         try:

@@ -104,8 +104,8 @@ def lr_factor(done: float, warmup_ratio: float) -> float:
     return max(0.0, (1.0 - done) / (1.0 - warmup_ratio))
 
 
-def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bool, prompts: dict[str, str] | str | None,
-                       step_cap: int | None = None, args_cls=None):
+def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bool,
+                       prompts: dict[str, str] | str | None, step_cap: int | None = None, args_cls=None):
     """HF/ST arguments from the typed config. ``max_steps`` is the planned length (logging, evaluation and
     checkpoint intervals follow it); ``step_cap`` (default: the plan) is where the loop stops at the latest.
     ``args_cls`` defaults to SentenceTransformerTrainingArguments (CrossEncoderTrainingArguments for rerankers)."""

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _hits(n: int) -> list[dict]:
-    return [{"key": f"k{r}", "position": r, "rank": r, "score": 1.0 - r / 100, "doc_id": f"d{r}"} for r in range(1, n + 1)]
+    return [{"key": f"k{r}", "position": r, "rank": r, "score": 1.0 - r / 100, "doc_id": f"d{r}"}
+            for r in range(1, n + 1)]
 
 
 def test_selection_takes_the_window_and_drops_the_positive_copies_and_the_margin():
@@ -91,7 +92,8 @@ def _mine(synthetic, tiny_qwen, tmp_path):
         negatives = [row["negative_0"], row["negative_1"]]
         assert row["image"] not in negatives, "a negative is never the positive"
         assert all(n in index_pages for n in negatives), "negatives are pages of the index"
-        assert all(2 <= r <= 8 for r in row["negative_ranks"]) and row["negative_ranks"] == sorted(row["negative_ranks"])
+        assert all(2 <= r <= 8 for r in row["negative_ranks"])
+        assert row["negative_ranks"] == sorted(row["negative_ranks"])
         assert row["negative_scores"] == sorted(row["negative_scores"], reverse=True)
 
     # an interrupted run: the shards of one batch are lost; the rerun mines exactly those rows again

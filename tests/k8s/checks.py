@@ -1,4 +1,4 @@
-"""The k8s checks: each returns the problems it finds in rendered objects (an empty list when the manifests are right)."""
+"""The k8s checks: each returns the problems it finds in rendered objects (an empty list when manifests are right)."""
 
 from __future__ import annotations
 
@@ -251,8 +251,8 @@ def _fit_problems(script: str, cfg: VDRConfig, cap: dict[str, float]) -> list[st
     elif script == "make_training_data":  # indexes the pages, generates (a VLM's replicas), mines: one after another
         q, gpu = cfg.queries, 1 if cfg.scaling.use_gpu else 0
         generation = [] if q.generator != "vlm" else _fits(
-            q.vlm.replicas, gpu * q.vlm.tensor_parallel_size, q.vlm.cpus_per_actor,
-            f"{q.vlm.replicas} VLM replicas x ({q.vlm.cpus_per_actor} CPU, {gpu * q.vlm.tensor_parallel_size} GPU)", cap)
+            q.vlm.replicas, gpu * q.vlm.tensor_parallel_size, q.vlm.cpus_per_actor, f"{q.vlm.replicas} VLM replicas x "
+            f"({q.vlm.cpus_per_actor} CPU, {gpu * q.vlm.tensor_parallel_size} GPU)", cap)
         return _fit_problems("embed_corpus", cfg, cap) + generation + _fit_problems("mine_negatives", cfg, cap)
     elif script in ("embed_corpus", "mine_negatives"):
         section = cfg.index if script == "embed_corpus" else cfg.mine

@@ -47,7 +47,8 @@ def _step(model_dir, batch, *, deferred: bool):
 
     prompts = {"query": model.prompts.get("query"), "image": model.prompts.get("document"),
                "negative_0": model.prompts.get("document")}
-    collator = SentenceTransformerDataCollator(preprocess_fn=preprocess, prompts={k: v for k, v in prompts.items() if v})
+    collator = SentenceTransformerDataCollator(preprocess_fn=preprocess,
+                                               prompts={k: v for k, v in prompts.items() if v})
     cls = PageCachedMNRL if deferred else CachedMultipleNegativesRankingLoss
     loss = MatryoshkaLoss(model, cls(model, mini_batch_size=MINI), matryoshka_dims=DIMS)
     assert defer_page_collation(SimpleNamespace(loss=loss, data_collator=collator)) is deferred

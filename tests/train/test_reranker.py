@@ -58,7 +58,8 @@ def test_a_triplet_becomes_one_positive_and_k_negative_pairs():
                                                                                       "negative_1": "M2"}]
     pairs = rerank_pairs(rows)
     assert [(p["query"], p["document"], p["label"]) for p in pairs] == [
-        ("q1", "P1", 1.0), ("q1", "N1", 0.0), ("q1", "M1", 0.0), ("q2", "P2", 1.0), ("q2", "N2", 0.0), ("q2", "M2", 0.0)]
+        ("q1", "P1", 1.0), ("q1", "N1", 0.0), ("q1", "M1", 0.0),
+        ("q2", "P2", 1.0), ("q2", "N2", 0.0), ("q2", "M2", 0.0)]
 
 
 def test_reranker_training_config_reads_the_mined_triplets():
