@@ -42,7 +42,8 @@ def render_card(s: dict[str, Any]) -> str:
            "vlm": f"questions a vision-language model ({gen.get('model')}) wrote from each page image",
            "callable": f"the function {gen.get('callable')}"}[gen["name"]]
     parts = [front, f"# {s['name']}", "",
-             f"Training data for visual document retrieval, made by `ray-vdr make-training-data` on {s['made_at']} from "
+             "Training data for visual document retrieval, made by `ray-vdr make-training-data` on "
+             f"{s['made_at']} from "
              f"{pages['in']} pages of {s['documents']} documents ({', '.join(s['sources'])}). Each row is a query, the "
              f"page it was written for (`image`) and hard negatives mined with the base embedder "
              f"(`negative_0..k-1`), in the llamaindex-vdr layout the ray-vdr trainers read.", "",
@@ -55,7 +56,7 @@ def render_card(s: dict[str, Any]) -> str:
              f"and the consistency filter ({s['consistency']}).",
              f"4. Hard negatives: mined with the base embedder `{s['base_model']}` from the corpus index (ranks "
              f"{s['mining']['rank_min']}..{s['mining']['rank_max']}, margin {s['mining']['margin']}"
-             f"{', never from the query' + chr(39) + 's own document' if s['mining']['exclude_same_document'] else ''}).",
+             + (", never from the query's own document" if s['mining']['exclude_same_document'] else "") + ").",
              f"5. {_split_line(s)}", ""]
     if gen["name"] == "vlm":
         parts += ["Prompt:", "", "```", gen["prompt"], "```", ""]

@@ -138,7 +138,8 @@ def _duplicates(output: str, n_pages: int, cfg: VDRConfig) -> dict[str, int]:
 
     ds = ray.data.read_parquet(f"{output}/{GENERATED}", num_cpus=cfg.queries.cpus_per_task)
     ds = ds.select_columns(["query", "reason"])
-    counts = ds.map_batches(keys, batch_format="pyarrow").groupby("key", num_partitions=_shuffle_partitions(n_pages)).count()
+    counts = ds.map_batches(keys, batch_format="pyarrow").groupby(
+        "key", num_partitions=_shuffle_partitions(n_pages)).count()
     repeated = counts.map_batches(lambda b: b.filter(pc.greater(b.column("count()"), 1)), batch_format="pyarrow")
     return {r["key"]: r["count()"] for r in repeated.take_all()}
 
@@ -227,7 +228,8 @@ def _mine(cfg: VDRConfig, output: str, corpus: str, model: str, duplicates: dict
     ds = ds.map_batches(drop_duplicates, batch_format="pyarrow", num_cpus=q.cpus_per_task,
                         fn_kwargs={"duplicates_ref": [ray.put(duplicates)], "output": output})
     use_gpu = cfg.scaling.use_gpu
-    ds = ds.map_batches(QueryMiner, batch_size=q.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=m.actors),
+    ds = ds.map_batches(QueryMiner, batch_size=q.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=m.actors),
                         num_cpus=m.cpus_per_actor, num_gpus=1 if use_gpu else 0,
                         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "index": corpus, "model": model,
                                                "split_ref": [ray.put(split)], "output": output,

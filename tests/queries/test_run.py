@@ -50,7 +50,9 @@ def _cfg(tiny_qwen, sources, out, *extra):
 
 
 def _ids(out: Path, folder: str) -> list[str]:
-    return pq.read_table(out / folder, columns=["row_id"]).column("row_id").to_pylist() if (out / folder).is_dir() else []
+    if not (out / folder).is_dir():
+        return []
+    return pq.read_table(out / folder, columns=["row_id"]).column("row_id").to_pylist()
 
 
 def _check_exactly_once(out: Path, summary: dict) -> None:

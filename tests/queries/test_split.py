@@ -79,7 +79,8 @@ def test_cli_prints_the_split_warnings(monkeypatch, capsys):
     from ray_vdr.queries.run import TrainingDataResult
 
     warning = "the split by document leaves 1 candidate queries for the eval split (min_eval_rows 50) in 1 of 3 ..."
-    summary = {"pages": {"in": 3, "kept": 3, "rejected": 0, "rejected_by_reason": {}}, "splits": {"train": 231, "eval": 1},
+    summary = {"pages": {"in": 3, "kept": 3, "rejected": 0, "rejected_by_reason": {}},
+               "splits": {"train": 231, "eval": 1},
                "queries": {"generated": 240, "rejected_by_reason": {}}, "consistency": "off",
                "rates": {"pages_per_second": 1.0, "queries_per_second": 3.0}, "seconds": {"total": 5.0},
                "split": {"warnings": [warning]}}
