@@ -280,7 +280,8 @@ def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_doc
     assert str(made) in logs["make-training-data"] and "pages:" in logs["make-training-data"]
     card = json.loads((made / "card.json").read_text())
     pages = card["pages"]
-    assert pages["in"] == 500 == pages["kept"] + pages["rejected"] and card["splits"]["train"] >= 600
+    # 590 train rows on 2026-12-04 (739 before the text generator stopped adding figures from other lines to a title)
+    assert pages["in"] == 500 == pages["kept"] + pages["rejected"] and card["splits"]["train"] >= 500
     train_docs = set(pq.read_table(made / "train", columns=["doc_id"]).column("doc_id").to_pylist())
     eval_docs = set(pq.read_table(made / "eval", columns=["doc_id"]).column("doc_id").to_pylist())
     heldout = set(pq.read_table(Path(cfg.synthetic.output_dir) / "heldout" / "eval",

@@ -3,7 +3,8 @@
 Three kinds of span, each a search a person could type:
 
 - ``title_figures``: the page's title with a table row's label and some of that row's figures ("Northwind Logistics
-  - 2021 quarterly results Revenue ($M) 617.2 672.5");
+  - 2021 quarterly results Revenue ($M) 617.2 672.5"), or the title alone on a page without a table ("Northwind
+  Logistics: revenue by quarter, 2019": a chart's value labels are numbers from no sentence or row);
 - ``table_row``: a table row with its column headers, under the page's heading ("Northwind Logistics - 2021
   quarterly results: Revenue ($M) Q1 854.6 Q2 617.2 Q3 634.4 Q4 672.5");
 - ``sentence``: a sentence that holds a name and a number ("In 2012, Fabrikam Motors opened 120 new stores").
@@ -183,6 +184,8 @@ def text_queries(text: str | None, *, n: int, seed: str, boilerplate: Iterable[s
         label, _, figures = rows[rng.randrange(len(rows))]
         picked = sorted(rng.sample(range(len(figures)), min(max_figures, len(figures))))
         candidates.append((" ".join([title, label, *(figures[i] for i in picked)]), "title_figures"))
+    elif "title_figures" in kinds and title:  # no table: the title alone ("Adatum Motors: revenue by quarter, 2019")
+        candidates.append((title, "title_figures"))
     if "table_row" in kinds:  # under the page's heading, which says what the table is of
         for label, heads, figures in rows:
             row = " ".join([label, *(f"{h} {v}" for h, v in zip(heads, figures, strict=True))])

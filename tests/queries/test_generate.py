@@ -70,9 +70,11 @@ def test_text_spans_take_numbers_only_from_their_sentence_or_table_row():
     assert title_figures in {f"Mechanik fester Körper {r}" for r in rows}, "one row's figures, under the heading"
     stray = {"48", "3", "3.2", "17", "(3.4)", "3.3", "18", "3.5"}  # page, section, margin, equation, figure numbers
     assert not [q for q, _ in spans if stray & set(q.split())]
-    # without a table, no title with figures: numbers from elsewhere on the page are not appended to a heading
+    # without a table, the title alone: numbers from elsewhere on the page are not appended to a heading
     prose = "\n".join(line for line in TEXTBOOK.splitlines() if not line.startswith(("Eisen", "Kupfer", "Gold")))
-    assert [k for _, k in text_queries(prose, n=20, seed="p48")] == ["sentence", "sentence"]
+    alone = text_queries(prose, n=20, seed="p48")
+    assert alone == [("Mechanik fester Körper", "title_figures")] + [(q, "sentence") for q, k in spans
+                                                                      if k == "sentence"], alone
 
 
 def test_filters_name_their_reasons():
