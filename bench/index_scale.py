@@ -17,7 +17,7 @@ Per page means marginal: (figure at the largest n − figure at the smallest) ÷
 centroids, PQ codebooks, the interpreter) fall out. Build shortcuts that change no size, checked in the same run at the
 smallest size and dimension: HNSW built with efConstruction 40 instead of 200 (every node has room for 2·M links at
 level 0 whatever the construction depth), IVF-PQ without polysemous training (it reorders each sub-quantizer's
-centroids; codes keep their size).
+centroids; codes keep their size; the corpus job builds without it, the check builds with it).
 
 Computed from those figures, and labelled so: the largest corpus one replica holds at each of ``--memory`` GiB with
 ``--headroom`` of it kept free, at each of ``--compute-dims``, for one generation (a fixed index) and for two (with a
@@ -101,24 +101,26 @@ def vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def build(kind: str, x: np.ndarray, *, shortcut: bool = True):
-    """The index the corpus job builds for ``kind``, with the size-neutral build shortcuts unless told not to."""
+    """The index the corpus job builds for ``kind`` (``build_index``), HNSW with the size-neutral efConstruction
+    shortcut unless told not to; ``shortcut=False`` builds IVF-PQ with FAISS's default polysemous training, which
+    build_index skips (the check that skipping it changes no size)."""
     import faiss
 
     from ray_vdr.config import IndexConfig
-    from ray_vdr.corpus.faiss_index import _factory, _set_search_params, add_to, build_index, choose_spec
+    from ray_vdr.corpus.faiss_index import add_to, build_index, choose_spec, factory, set_search_params
 
     n, dim = x.shape
     if kind == "hnsw":
         spec = choose_spec(n, dim, IndexConfig(index_type="hnsw", **({"hnsw_ef_construction": 40} if shortcut else {})))
         return build_index(x, spec), spec
     spec = choose_spec(n, dim, IndexConfig(index_type=kind))
-    if kind != "ivf_pq" or not shortcut:
+    if kind != "ivf_pq" or shortcut:
         return build_index(x, spec), spec
-    index = _factory(spec, dim)  # as build_index, without polysemous training
-    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    index = factory(spec, dim)  # as build_index, with FAISS's default polysemous training
+    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = True
     index.train(x if n <= 262_144 else x[np.sort(np.random.default_rng(0).choice(n, 262_144, replace=False))])
     add_to(index, x)
-    _set_search_params(index, spec)
+    set_search_params(index, spec)
     return index, spec
 
 

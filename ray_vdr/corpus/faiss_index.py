@@ -21,8 +21,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "filter_path", "read_index", "search",
-           "write_index"]
+__all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "factory", "filter_path", "read_index",
+           "search", "set_search_params", "write_index"]
 
 INDEX_FILE = "index.faiss"
 # Above this share of allowed pages, a filtered search uses the index with a selector rather than exact scoring of
@@ -62,7 +62,8 @@ def choose_spec(n: int, dim: int, cfg) -> IndexSpec:
     return IndexSpec(kind, params)
 
 
-def _factory(spec: IndexSpec, dim: int):
+def factory(spec: IndexSpec, dim: int):
+    """An empty index of ``spec`` for ``dim``-d vectors (IVF types still to train); build_index fills it."""
     import faiss
 
     p = spec.params
@@ -90,7 +91,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, *, use_gpu: bool | None = 
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    index = _factory(spec, dim)
+    index = factory(spec, dim)
     gpus = gpu_count() if use_gpu is None else (gpu_count() if use_gpu else 0)
     on_gpu = gpus > 0 and spec.type != "hnsw"
     if on_gpu:
@@ -104,7 +105,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, *, use_gpu: bool | None = 
     add_to(index, vectors)
     if on_gpu:
         index = faiss.index_gpu_to_cpu(index)
-    _set_search_params(index, spec)
+    set_search_params(index, spec)
     return index
 
 
@@ -113,7 +114,8 @@ def add_to(index, vectors: np.ndarray, chunk: int = 65_536) -> None:
         index.add(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
 
 
-def _set_search_params(index, spec: IndexSpec) -> None:
+def set_search_params(index, spec: IndexSpec) -> None:
+    """Set the search depth ``spec`` asks for (HNSW efSearch, IVF nprobe) on a built or read index."""
     import faiss
 
     if spec.type.startswith("ivf"):
@@ -213,5 +215,5 @@ def read_index(path: str | Path, spec: dict[str, Any] | None = None):
 
     index = faiss.read_index(str(path))
     if spec is not None:
-        _set_search_params(index, IndexSpec(spec["type"], spec["params"]))
+        set_search_params(index, IndexSpec(spec["type"], spec["params"]))
     return index
