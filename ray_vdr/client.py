@@ -28,12 +28,12 @@ __all__ = ["EndpointClient", "EndpointError", "Hit", "PageInfo", "Ranked", "Sear
 
 
 class EndpointError(Exception):
-    """A 4xx or 5xx answer: ``status``, the server's ``detail`` and the ``request_id`` (x-request-id) to find its
-    log line."""
+    """A 4xx or 5xx answer: ``status``, the server's ``detail``, the ``request_id`` (x-request-id) to find its
+    log line, and ``retry_after`` (the Retry-After header of a 503 or 429: when to try again)."""
 
-    def __init__(self, status: int, detail: str, request_id: str | None = None):
+    def __init__(self, status: int, detail: str, request_id: str | None = None, retry_after: str | None = None):
         super().__init__(f"HTTP {status}: {detail}" + (f" (request {request_id})" if request_id else ""))
-        self.status, self.detail, self.request_id = status, detail, request_id
+        self.status, self.detail, self.request_id, self.retry_after = status, detail, request_id, retry_after
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,8 @@ class EndpointClient:
             detail = answer.get("detail") if isinstance(answer, dict) else None
             if detail is None and isinstance(answer, dict) and isinstance(answer.get("error"), dict):
                 detail = answer["error"].get("message")  # OpenAI's error shape (/v1/embeddings)
-            raise EndpointError(status, str(detail if detail is not None else answer), request_id)
+            raise EndpointError(status, str(detail if detail is not None else answer), request_id,
+                                headers.get("retry-after"))
         return answer, request_id
 
     # -- the API ------------------------------------------------------------------------------------------------------
