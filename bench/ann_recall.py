@@ -1,7 +1,7 @@
 """ANN index defaults on page-like vectors: recall@10 against exact search and one-query latency per size tier, at
 the ``index_type: auto`` defaults, with a small sweep of the search depth around them (not a test).
 
-Vectors: ``ray_vdr.corpus.synthetic_vectors`` (topics with Zipf sizes, documents and pages in each topic's own
+Vectors: :mod:`bench.synthetic_vectors` (topics with Zipf sizes, documents and pages in each topic's own
 low-dimensional subspace, a shared direction; queries off their document with a modality shift), L2-normalised,
 1024-d by default. Its profile was matched to the page and query embeddings of a trained embedder (``--parts
 profile --model``: the neighbour profile of both, side by side). Uniform random vectors, the earlier measurement,
@@ -28,6 +28,7 @@ import sys
 import time
 
 from bench import common
+from bench.synthetic_vectors import PageVectors, VectorProfile, neighbour_profile
 
 SWEEP = {"hnsw": ("ef_search", [32, 64, 128, 256, 512]), "ivf_sq8": ("nprobe", [8, 16, 32, 64, 128, 256]),
          "ivf_pq": ("nprobe", [8, 16, 32, 64, 128, 256]), "flat": (None, [None])}
@@ -39,7 +40,6 @@ def profile(args) -> dict:
     import torch
 
     from ray_vdr.config import ModelConfig
-    from ray_vdr.corpus.synthetic_vectors import PageVectors, neighbour_profile
     from ray_vdr.data.images import pil_pages
     from ray_vdr.models.load import build_model
 
@@ -98,7 +98,6 @@ def measure_index(x, q, truth, spec, default: bool, args, build_threads: int) ->
 def tier(n: int, args, build_threads: int) -> dict:
     from ray_vdr.config import IndexConfig
     from ray_vdr.corpus.faiss_index import choose_spec
-    from ray_vdr.corpus.synthetic_vectors import PageVectors
 
     t = time.perf_counter()
     gen = PageVectors(n, args.dim, seed=args.seed)
@@ -199,8 +198,6 @@ def main() -> int:
         p.error("--parts takes tiers and/or profile; profile needs --model")
 
     import faiss
-
-    from ray_vdr.corpus.synthetic_vectors import VectorProfile
 
     t0 = time.perf_counter()
     report: dict = {"args": vars(args), "dim": args.dim, "generator": VectorProfile().as_dict()}
