@@ -1,7 +1,7 @@
 """ANN index defaults on page-like vectors: recall@10 against exact search and one-query latency per size tier, at
 the ``index_type: auto`` defaults, with a small sweep of the search depth around them (not a test).
 
-Vectors: ``ray_vdr.corpus.synthetic_vectors`` (topics with Zipf sizes, documents and pages in each topic's own
+Vectors: :mod:`bench.synthetic_vectors` (topics with Zipf sizes, documents and pages in each topic's own
 low-dimensional subspace, a shared direction; queries off their document with a modality shift), L2-normalised,
 1024-d by default. Its profile was matched to the page and query embeddings of a trained embedder (``--parts
 profile --model``: the neighbour profile of both, side by side). Uniform random vectors, the earlier measurement,
@@ -12,30 +12,23 @@ recall@10 against exact top 10 (numpy) over ``--queries`` queries, and latency o
 ``search`` at ``--threads`` FAISS/BLAS threads (1: a Retriever replica at 1 CPU; builds use every core). Then the
 sweep: the search depth (HNSW efSearch, IVF nprobe) around the default, and the other index types of ``--compare``
 where they are cheap enough to build here (HNSW up to ``--hnsw-build-max``: 37 s for 100k of these vectors on 2
-cores, ~750 s for 200k uniform random ones; its build time grows faster than the size). Sizes past the largest measured one are computed, and labelled so: the spec ``auto`` picks, its
-memory from bench/index_scale.py's bytes per page, and for IVF the vectors scanned per query.
+cores, ~750 s for 200k uniform random ones; its build time grows faster than the size). Sizes past the largest
+measured one are computed, and labelled so: the spec ``auto`` picks, its memory from bench/index_scale.py's bytes per
+page, and for IVF the vectors scanned per query.
 
-    python bench/ann_recall.py                                      # 100k and 1M, ~20 min on 2 CPU cores
-    python bench/ann_recall.py --sizes 20000 --compare hnsw,ivf_sq8 --queries 100   # a smoke run, ~1 min
-    python bench/ann_recall.py --parts profile --model runs/<run>/model   # a trained embedder's profile
+    python -m bench.ann_recall                                      # 100k and 1M, ~20 min on 2 CPU cores
+    python -m bench.ann_recall --sizes 20000 --compare hnsw,ivf_sq8 --queries 100   # a smoke run, ~1 min
+    python -m bench.ann_recall --parts profile --model runs/<run>/model   # a trained embedder's profile
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import write_json  # noqa: E402
-from filter_search import exact_top, measure  # noqa: E402
+from bench import common
+from bench.synthetic_vectors import PageVectors, VectorProfile, neighbour_profile
 
 SWEEP = {"hnsw": ("ef_search", [32, 64, 128, 256, 512]), "ivf_sq8": ("nprobe", [8, 16, 32, 64, 128, 256]),
          "ivf_pq": ("nprobe", [8, 16, 32, 64, 128, 256]), "flat": (None, [None])}
@@ -45,23 +38,17 @@ COMPUTED_SIZES = [5_000_000, 20_000_000, 100_000_000]
 def profile(args) -> dict:
     """The neighbour profile of a trained embedder's pages and queries, next to the generator's at the same size."""
     import torch
-    from PIL import Image
 
-    from ray_vdr.config import ModelConfig, SyntheticConfig
-    from ray_vdr.corpus.synthetic_vectors import PageVectors, neighbour_profile
-    from ray_vdr.data.render import page_png
-    from ray_vdr.data.synthetic import generate, iter_pages
+    from ray_vdr.config import ModelConfig
+    from ray_vdr.data.images import pil_pages
     from ray_vdr.models.load import build_model
 
     torch.set_num_threads(args.threads)
-    cfg = SyntheticConfig(train_queries=args.profile_pages * 2, eval_queries=1, jsonl=False, seed=7)
-    pages = [p for _, p in zip(range(args.profile_pages), iter_pages(generate(cfg)[0]), strict=False)]
+    queries, pngs = zip(*common.synthetic_pages(args.profile_pages), strict=True)
     model = build_model(ModelConfig(name_or_path=args.model, builder="load", min_pixels=args.min_pixels,
                                     max_pixels=args.max_pixels), device="cpu")
-    images = [Image.open(io.BytesIO(page_png(p, cfg.page_width, cfg.page_height))).convert("RGB") for p in pages]
-    x = model.encode_document(images, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
-    q = model.encode_query([p.queries[0].text for p in pages], batch_size=64, normalize_embeddings=True,
-                           convert_to_numpy=True)
+    x = model.encode_document(pil_pages(list(pngs)), batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+    q = model.encode_query(list(queries), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     gen = PageVectors(len(x), args.dim, seed=args.seed)
     out = {"pages": len(x), "model_dim": int(x.shape[1]), "model": neighbour_profile(x, q),
            "generator": neighbour_profile(gen.pages(), gen.queries(len(x)))}
@@ -81,17 +68,6 @@ def _depth(index, kind: str, value) -> None:
         faiss.extract_index_ivf(index).nprobe = value
 
 
-def _limited(threads: int):
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # not a declared dependency: then FAISS's own setting only
-        return contextlib.nullcontext()
-    return threadpool_limits(threads)
-
-
 def measure_index(x, q, truth, spec, default: bool, args, build_threads: int) -> dict:
     """Build one index and measure its sweep of search depths (the spec's own depth included)."""
     import faiss
@@ -106,10 +82,10 @@ def measure_index(x, q, truth, spec, default: bool, args, build_threads: int) ->
     own = spec.params.get(knob) if knob else None
     rows = []
     print(f"  {spec.type} {spec.params}{' (auto)' if default else ''}: built in {built:.0f} s", flush=True)
-    with _limited(args.threads):
+    with common.search_threads(args.threads):
         for value in sorted(set(values) | {own}, key=lambda v: -1 if v is None else v):
             _depth(index, spec.type, value)
-            m = measure(index, q, truth, None, 0)
+            m = common.measure_search(index, q, truth, None, 0)
             row = {"knob": knob, "value": value, "default": value == own,
                    **{k: m[k] for k in ("recall_at_10", "p50_ms", "p99_ms")}}
             rows.append(row)
@@ -122,13 +98,12 @@ def measure_index(x, q, truth, spec, default: bool, args, build_threads: int) ->
 def tier(n: int, args, build_threads: int) -> dict:
     from ray_vdr.config import IndexConfig
     from ray_vdr.corpus.faiss_index import choose_spec
-    from ray_vdr.corpus.synthetic_vectors import PageVectors
 
     t = time.perf_counter()
     gen = PageVectors(n, args.dim, seed=args.seed)
     x, q = gen.pages(), gen.queries(args.queries)
-    with _limited(build_threads):
-        truth = exact_top(x, q, None)
+    with common.search_threads(build_threads):
+        truth = common.exact_top(x, q, None)
     auto = choose_spec(n, args.dim, IndexConfig())
     print(f"\n{n:,} page-like {args.dim}-d vectors, {args.queries} queries: generated with their exact top 10 in "
           f"{time.perf_counter() - t:.0f} s; auto picks {auto.type}", flush=True)
@@ -147,7 +122,7 @@ def computed(measured: list[dict], dim: int) -> dict:
     from ray_vdr.config import IndexConfig
     from ray_vdr.corpus.faiss_index import choose_spec
 
-    scale = ROOT / "docs" / "bench" / "results" / "index-scale-cpu.json"
+    scale = common.ROOT / "docs" / "bench" / "results" / "index-scale-cpu.json"
     per_page = json.loads(scale.read_text())["per_page"] if scale.is_file() else {}
     last = max(measured, key=lambda t: t["n"])
     ref = next((ix for ix in last["indexes"] if ix["auto"] and ix["type"].startswith("ivf")), None)
@@ -172,15 +147,16 @@ def render(r: dict) -> list[str]:
     out = []
     if "profile" in r:
         pr = r["profile"]
-        out += [f"Neighbour profile (medians) at {pr['pages']:,} synthetic pages and as many queries: the trained model "
-                f"({pr['model_dim']}-d) and the generator ({r['dim']}-d).", "", "| measure | model | generator |",
+        out += [f"Neighbour profile (medians) at {pr['pages']:,} synthetic pages and as many queries: the trained "
+                f"model ({pr['model_dim']}-d) and the generator ({r['dim']}-d).", "", "| measure | model | generator |",
                 "|---|---|---|"]
         out += [f"| {k} | {v:.3f} | {pr['generator'][k]:.3f} |" for k, v in pr["model"].items()]
         out.append("")
     for t in r.get("tiers", []):
         a = t["auto"]
         out += [f"**{t['n']:,} page-like {r['dim']}-d vectors** ({r['args']['queries']} queries, one at a time, "
-                f"{r['args']['threads']} search thread): `auto` picks {a['type']}" + (f" {a['params']}" if a["params"] else ""), "",
+                f"{r['args']['threads']} search thread): `auto` picks {a['type']}"
+                + (f" {a['params']}" if a["params"] else ""), "",
                 "| index | built in | search depth | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
         for ix in t["indexes"]:
             for row in ix["rows"]:
@@ -203,7 +179,7 @@ def render(r: dict) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--parts", default="tiers", help="tiers (recall and latency per size), profile (needs --model)")
     p.add_argument("--sizes", default="100000,1000000", help="corpus sizes, comma-separated")
     p.add_argument("--dim", type=int, default=1024)
@@ -216,16 +192,12 @@ def main() -> int:
     p.add_argument("--profile-pages", type=int, default=1000, help="profile: synthetic pages (and queries) embedded")
     p.add_argument("--min-pixels", type=int, default=1024, help="profile: the model's processor bounds")
     p.add_argument("--max-pixels", type=int, default=16384)
-    p.add_argument("--json", default=None,
-                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     if not parts <= {"tiers", "profile"} or ("profile" in parts and not args.model):
         p.error("--parts takes tiers and/or profile; profile needs --model")
 
     import faiss
-
-    from ray_vdr.corpus.synthetic_vectors import VectorProfile
 
     t0 = time.perf_counter()
     report: dict = {"args": vars(args), "dim": args.dim, "generator": VectorProfile().as_dict()}
@@ -242,7 +214,7 @@ def main() -> int:
                   + (f", p50 ~{row['p50_ms']:.1f} ms" if "p50_ms" in row else ""))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"\ndone in {report['seconds']:.0f} s")
-    write_json(args.json, report)
+    common.write_json(args.json, report)
     return 0
 
 

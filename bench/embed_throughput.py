@@ -11,8 +11,8 @@ FAISS recall and latency of the index the job builds: bench/ann_recall.py.
 Each measurement of (a) runs in its own subprocess (clean memory, fresh thread pools). The model is a random-weight
 Qwen3-VL embedder with the real module stack (``--shape small`` by default, ``2b`` on GPU).
 
-    python bench/embed_throughput.py --parts a        # the pipeline comparison (~3 min on 2 CPU cores)
-    python bench/embed_throughput.py --shape 2b --device cuda --parts a
+    python -m bench.embed_throughput --parts a        # the pipeline comparison (~3 min on 2 CPU cores)
+    python -m bench.embed_throughput --shape 2b --device cuda --parts a
 """
 
 from __future__ import annotations
@@ -20,46 +20,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import write_json  # noqa: E402
+from bench import common
 
 
 def _pages(args) -> list[Path]:
     """``args.pages`` distinct synthetic page PNGs (448x576), written once under --out."""
-    from ray_vdr.config import SyntheticConfig
-    from ray_vdr.data.render import page_png
-    from ray_vdr.data.synthetic import generate, iter_pages
-
     folder = Path(args.out) / "pages"
     files = sorted(folder.glob("*.png"))
     if len(files) >= args.pages:
         return files[: args.pages]
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = SyntheticConfig(train_queries=args.pages * 2, eval_queries=1, jsonl=False, seed=7)
-    train, _ = generate(cfg)
-    for i, page in enumerate(iter_pages(train)):
-        if i == args.pages:
-            break
-        (folder / f"page-{i:05d}.png").write_bytes(page_png(page, cfg.page_width, cfg.page_height))
+    for i, (_, png) in enumerate(common.synthetic_pages(args.pages)):
+        (folder / f"page-{i:05d}.png").write_bytes(png)
     return sorted(folder.glob("*.png"))[: args.pages]
 
 
 def _model(args) -> Path:
-    from train_throughput import _shape
-
     from ray_vdr.models.builders import build_qwen3vl_embedder
 
     path = Path(args.out) / f"model-{args.shape}-{args.max_pixels}"  # the saved processor bounds travel with it
     if not (path / "modules.json").is_file():
-        build_qwen3vl_embedder(path, _shape(args.shape), max_pixels=args.max_pixels)
+        build_qwen3vl_embedder(path, common.model_shape(args.shape), max_pixels=args.max_pixels)
     return path
 
 
@@ -89,27 +74,19 @@ def probe_plain(args) -> dict:
 
 
 def probe_job(args) -> dict:
-    import ray
-
-    from ray_vdr.cluster import LOCAL_CLUSTER_ENV
     from ray_vdr.config import load_config
     from ray_vdr.corpus.embed import run
 
     files = _pages(args)
     out = tempfile.mkdtemp(prefix="bench-index-", dir=args.out)
-    cfg = load_config(ROOT / "configs/demo.yaml", [
+    cfg = load_config(common.ROOT / "configs/demo.yaml", [
         f"index.model={_model(args)}", f"index.sources=[{files[0].parent}]", f"index.output={out}",
         f"index.batch_size={args.batch}", f"index.dim={args.dim}", "index.actors=1",
         f"index.cpus_per_actor={args.actor_cpus}", f"index.decode_cpus={args.decode_cpus}",
         f"model.dtype={args.dtype}", "model.min_pixels=null", f"model.max_pixels={args.max_pixels}", "synthetic=null",
         f"scaling.use_gpu={args.device == 'cuda'}"])
-    os.environ.update(LOCAL_CLUSTER_ENV)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    try:
+    with common.local_ray(runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}):
         result = run(cfg)
-    finally:
-        ray.shutdown()
     s = result.summary
     return {"pages": s["pages_embedded"], "seconds": s["stream_seconds"], "pages_per_s": s["steady_pages_per_second"],
             "whole_run_pages_per_s": s["pages_per_second"], "embed_seconds_in_actor": s["embed_seconds"],
@@ -119,10 +96,8 @@ def probe_job(args) -> dict:
 def _pipeline(args) -> dict:
     _pages(args)
     _model(args)
-    from train_throughput import run_probe
-
-    plain = run_probe(__file__, args, "plain")
-    job = run_probe(__file__, args, "job")
+    plain = common.run_probe(__spec__.name, args, "plain")
+    job = common.run_probe(__spec__.name, args, "job")
     ratio = job["pages_per_s"] / plain["pages_per_s"]
     print(f"\n(a) corpus embedding, {args.pages} pages (448x576 PNG), Qwen3-VL {args.shape}, max_pixels "
           f"{args.max_pixels}, batch {args.batch}, dim {args.dim}, {args.device}")
@@ -137,9 +112,9 @@ def _pipeline(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--probe", choices=["plain", "job"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(ROOT / "outputs" / "bench-embed"))
+    p.add_argument("--out", default=str(common.ROOT / "outputs" / "bench-embed"))
     p.add_argument("--shape", choices=["tiny", "small", "2b"], default="small")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -151,8 +126,6 @@ def main() -> None:
     p.add_argument("--actor-cpus", type=float, default=max(1.0, (os.cpu_count() or 2) - 0.5))
     p.add_argument("--decode-cpus", type=float, default=0.5)
     p.add_argument("--parts", default="a", help="a (job ÷ plain loop)")
-    p.add_argument("--json", default=None,
-                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     if args.probe:
         probe = {"plain": probe_plain, "job": probe_job}[args.probe]
@@ -166,7 +139,7 @@ def main() -> None:
     name = f"embed_bench_{'_'.join(sorted(parts))}.json"
     Path(args.out, name).write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}/{name}")
-    write_json(args.json, {**report, "parts": sorted(parts)})
+    common.write_json(args.json, {**report, "parts": sorted(parts)})
 
 
 if __name__ == "__main__":

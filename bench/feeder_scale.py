@@ -17,25 +17,19 @@ Computed, not measured, and labelled so: what ``--gpus`` GPUs of the 2B recipe c
 ``--peak-tflops`` (parameters of the real 2B shape on the meta device, image tokens by the Qwen-VL resize rule at the
 recipe's ``max_pixels``), and the headroom = feeder rows/s ÷ that. Every assumption is printed and stored.
 
-    python bench/feeder_scale.py                 # ~5.5 min on 2 CPU cores (the first run also renders the pages)
-    python bench/feeder_scale.py --ranks 64 --fetch-steps 1,8 --sources materialized --seconds 30
+    python -m bench.feeder_scale                 # ~5.5 min on 2 CPU cores (the first run also renders the pages)
+    python -m bench.feeder_scale --ranks 64 --fetch-steps 1,8 --sources materialized --seconds 30
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import write_json  # noqa: E402
+from bench import common
 
 MB = 1e6
 LETTER_150DPI = (1650, 1275)  # (height, width) of a US-letter page rendered at 150 dpi: larger than the pixel cap
@@ -51,7 +45,7 @@ def prepare(args):
     if not summary.is_file() or json.loads(summary.read_text())["train_rows"] != args.rows:
         write_synthetic(SyntheticConfig(output_dir=str(data), train_queries=args.rows, eval_queries=2, jsonl=False,
                                         seed=1))
-    return load_config(ROOT / "configs/qwen3vl-2b-vdr.yaml", [
+    return load_config(common.ROOT / "configs/qwen3vl-2b-vdr.yaml", [
         f"data.train={{uri: {data}/train}}", "data.eval=null", f"data.rejects_path={args.out}/rejects",
         f"run.storage_path={args.out}/runs", "scaling.use_gpu=false", "scaling.resources_per_worker={CPU: 1}",
         "data.cpus_per_task=0.25",  # 2 cores: several small read/validate tasks rather than 2 whole ones
@@ -328,8 +322,8 @@ def render(r: dict) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "outputs" / "bench-feeder"))
+    p = common.parser(__doc__)
+    p.add_argument("--out", default=str(common.ROOT / "outputs" / "bench-feeder"))
     p.add_argument("--rows", type=int, default=1024, help="synthetic training rows (pages 448 x 576 PNG)")
     p.add_argument("--ranks", default="8,32,64", help="simulated ranks, comma-separated")
     p.add_argument("--fetch-steps", default="1,4,8",
@@ -342,11 +336,9 @@ def main() -> None:
     p.add_argument("--receivers", type=int, default=4, help="receiver processes the ranks are spread over")
     p.add_argument("--seconds", type=float, default=15.0, help="timed part of each measurement")
     p.add_argument("--warmup-seconds", type=float, default=4.0)
-    for name, default in (("gpus", 64), ("mfu", 0.40), ("peak-tflops", 989.0), ("min-pixels", 784),
-                          ("max-pixels", 360_000), ("query-tokens", 40), ("document-tokens", 20), ("forward-passes", 4)):
+    for name, default in (("gpus", 64), ("mfu", 0.40), ("peak-tflops", 989.0), ("min-pixels", 784), ("max-pixels",
+                          360_000), ("query-tokens", 40), ("document-tokens", 20), ("forward-passes", 4)):
         p.add_argument(f"--{name}", type=type(default), default=default, help="the consumption estimate's assumption")
-    p.add_argument("--json", default=None,
-                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     ranks, fetch_steps = ([int(v) for v in arg.split(",")] for arg in (args.ranks, args.fetch_steps))
     sources = args.sources.split(",")
@@ -393,7 +385,7 @@ def main() -> None:
     report["consumption"] = c = consumption(args, tuple(reversed(summary["page_size"])), report["page_bytes_per_row"])
     report["headroom"] = headroom(report, c)
     print("", *render(report), sep="\n")
-    write_json(args.json, report)
+    common.write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -23,27 +23,21 @@ mask → selector or exact scoring included), after 5 warm-up queries, at ``--th
 Retriever replica at 1 CPU, where Ray sets OMP_NUM_THREADS=1; builds use every core). Ratios are filtered ÷
 unfiltered on the same index and queries: p50 latency, recall@10.
 
-    python bench/filter_search.py                          # 200,000 x 128-d, 4 index types, ~4 min on 2 CPU cores
-    python bench/filter_search.py --n 50000 --types flat,hnsw --dim 256
+    python -m bench.filter_search                          # 200,000 x 128-d, 4 index types, ~4 min on 2 CPU cores
+    python -m bench.filter_search --n 50000 --types flat,hnsw --dim 256
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from common import write_json  # noqa: E402
+from bench import common
 
-K = 10
+K = common.K
 
 
 def clustered(n: int, dim: int, clusters: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -82,41 +76,6 @@ def random_share(n: int, share: float, rng) -> np.ndarray:
     return mask
 
 
-def exact_top(x: np.ndarray, q: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
-    """Brute-force top-K positions within the allowed ones (numpy)."""
-    ids = np.arange(len(x)) if allowed is None else np.flatnonzero(allowed)
-    sub = x if allowed is None else x[ids]
-    out = np.empty((len(q), K), np.int64)
-    for i in range(0, len(q), 64):
-        s = q[i:i + 64] @ sub.T
-        top = np.argpartition(-s, K - 1, axis=1)[:, :K]
-        order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
-        out[i:i + 64] = ids[np.take_along_axis(top, order, axis=1)]
-    return out
-
-
-def measure(index, q: np.ndarray, truth: np.ndarray, allowed: np.ndarray | None, exact_max: int) -> dict:
-    """One query at a time through ``search``: latency, recall@10 and the checks."""
-    from ray_vdr.corpus.faiss_index import search
-
-    for i in range(min(5, len(q))):  # warm-up
-        search(index, q[i:i + 1], K, allowed=allowed, exact_max=exact_max)
-    lat, got = [], []
-    for i in range(len(q)):
-        t = time.perf_counter()
-        _, pos = search(index, q[i:i + 1], K, allowed=allowed, exact_max=exact_max)
-        lat.append(time.perf_counter() - t)
-        got.append(pos[0])
-    got = np.array(got)
-    found = got >= 0
-    short = int(np.sum(found.sum(axis=1) < K))
-    not_allowed = 0 if allowed is None else int(np.sum(~allowed[got[found]]))
-    recall = float(np.mean([len(set(a[a >= 0]) & set(b)) / K for a, b in zip(got, truth, strict=True)]))
-    ms = np.array(lat) * 1000
-    return {"recall_at_10": recall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "short": short, "not_allowed": not_allowed}
-
-
 def path_of(index, spec, allowed: np.ndarray | None, exact_max: int) -> tuple[str, str]:
     """Which code path ``search`` takes, and the search depth it uses."""
     from ray_vdr.corpus.faiss_index import filter_path
@@ -138,12 +97,12 @@ def run_cases(index, spec, cases, qsets, truth, exact_max: int, n: int) -> list[
                 continue  # the default already took the selector: the same path
             out.append({"index": spec.type, "case": name, "queries": qs, "exact_max": em, "path": path,
                         "depth": depth, "allowed": n if mask is None else int(mask.sum()),
-                        **measure(index, qsets[qs], truth[name], mask, em)})
+                        **common.measure_search(index, qsets[qs], truth[name], mask, em)})
     return out
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--n", type=int, default=200_000, help="vectors in the index")
     p.add_argument("--dim", type=int, default=128, help="dimension (a Matryoshka-truncated size)")
     p.add_argument("--clusters", type=int, default=1_000)
@@ -153,8 +112,6 @@ def main() -> int:
     p.add_argument("--exact-max", type=int, default=None, help="the default path's exact_max (default: search's)")
     p.add_argument("--threads", type=int, default=1, help="FAISS and BLAS threads while searching")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None,
-                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
 
     import inspect
@@ -178,14 +135,10 @@ def main() -> int:
              ("random 10%", masks["random 10%"], "all"), ("topical 1%", topic1, "all"),
              ("topical 10%", masks["topical 10%"], "all"), ("topical 1%, on-topic queries", topic1, "on-topic"),
              ("5% removed, no filter", masks["5% removed"], "all"), ("unfiltered, on-topic queries", None, "on-topic")]
-    truth = {name: exact_top(x, qsets[qs], mask) for name, mask, qs in cases}
+    truth = {name: common.exact_top(x, qsets[qs], mask) for name, mask, qs in cases}
     print(f"{args.n:,} clustered {args.dim}-d vectors ({args.clusters} centres), {args.queries} queries per case, "
           f"exact top-{K} per case: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # not a declared dependency: then FAISS's own setting only
-        threadpool_limits = None
     build_threads = faiss.omp_get_max_threads()
     results, builds = [], {}
     for kind in args.types.split(","):
@@ -195,8 +148,7 @@ def main() -> int:
         index = build_index(x, spec)
         builds[kind] = {"spec": spec.as_dict(), "seconds": round(time.perf_counter() - t, 1)}
         print(f"\n{kind} {spec.params}: built in {builds[kind]['seconds']} s", flush=True)
-        faiss.omp_set_num_threads(args.threads)
-        with threadpool_limits(args.threads) if threadpool_limits else contextlib.nullcontext():
+        with common.search_threads(args.threads):
             results += run_cases(index, spec, cases, qsets, truth, exact_max, args.n)
         base = {r["queries"]: r for r in results if r["index"] == kind and r["path"] == "plain"}
         for r in results:
@@ -210,11 +162,12 @@ def main() -> int:
                       f"short {r['short']}  not allowed {r['not_allowed']}", flush=True)
         del index
     report = {"args": vars(args), "n": args.n, "dim": args.dim, "exact_max_default": exact_max,
-              "cases": {name: {"allowed": args.n if m is None else int(m.sum()), "queries": qs} for name, m, qs in cases},
+              "cases": {name: {"allowed": args.n if m is None else int(m.sum()), "queries": qs}
+                        for name, m, qs in cases},
               "builds": builds, "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     print(f"\ndone in {report['seconds']:.0f} s")
     print(json.dumps({"violations": sum(r["short"] + r["not_allowed"] for r in results)}))
-    write_json(args.json, report)
+    common.write_json(args.json, report)
     return 0
 
 

@@ -6,12 +6,12 @@ its own process, under its own time limit and inside one overall budget (``--bud
 1. the training step of the Qwen3-VL-2B shape (random weights) with the reference recipe's loss: CachedMNRL
    (mini-batch 1) in MatryoshkaLoss, batch 64, bf16, SDPA attention, max_pixels 360,000: samples/s after the first
    step, peak memory (``torch.cuda.max_memory_allocated``) and model-FLOPs utilisation against 989 TFLOP/s (H100/H200
-   dense bf16); ``bench/train_throughput.py --probe memory``, which runs ray-vdr's own loss and page collation;
+   dense bf16); ``python -m bench.train_throughput --probe memory``, which runs ray-vdr's own loss and page collation;
 2. the same at batch 8: peak memory, and the ratio batch 64 ÷ batch 8;
-3. corpus embedding, pages/s of the plain loop (decode + ``encode_document``); ``bench/embed_throughput.py
+3. corpus embedding, pages/s of the plain loop (decode + ``encode_document``); ``python -m bench.embed_throughput
    --probe plain``;
 4. the reranker, (query, page) pairs/s in training (BCE) and in scoring, logit and dense heads;
-   ``bench/rerank_throughput.py``.
+   ``python -m bench.rerank_throughput``.
 
 FLOPs per training sample = 4 × the forward FLOPs of its query, positive and negative page as torch's FlopCounterMode
 counts them (matmuls, convolutions, attention kernels): the forward and backward of the gradient pass (1 + 2) plus the
@@ -39,10 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import machine, write_json  # noqa: E402
+from bench import common
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16, the spec sheet's figure (a bf16 8192³ matmul measures ~790e12 here)
 CACHED_LOSS_PASSES = 4  # forward FLOPs multiples per sample: no-grad forward 1 + forward 1 + backward 2
@@ -71,19 +68,19 @@ def settings(dry_run: bool) -> dict:
 def plan(s: dict, work: Path) -> list[tuple[str, list[str], Path | None]]:
     """(step, command, the JSON file it writes or None: the last line it prints) in order; ``work`` holds the models
     and data (gigabytes on the GPU: never under --out, whose files come back from the GPU machine)."""
-    common = ["--out", str(work), "--shape", s["shape"], "--device", s["device"], "--max-pixels", str(s["max_pixels"]),
+    shared = ["--out", str(work), "--shape", s["shape"], "--device", s["device"], "--max-pixels", str(s["max_pixels"]),
               "--threads", str(s["threads"])]
-    train = ["bench/train_throughput.py", "--probe", "memory", *common, "--precision", s["precision"], "--loss",
+    train = ["-m", "bench.train_throughput", "--probe", "memory", *shared, "--precision", s["precision"], "--loss",
              "cached_mnrl", "--mini-batch", str(s["mini_batch"]), "--steps", str(s["steps"])]
-    rerank = ["bench/rerank_throughput.py", *common, "--dtype", s["dtype"], "--batch", str(s["rerank_batch"]),
+    rerank = ["-m", "bench.rerank_throughput", *shared, "--dtype", s["dtype"], "--batch", str(s["rerank_batch"]),
               "--steps", str(s["rerank_steps"]), "--score-pairs", str(s["score_pairs"]), "--score-batch",
               str(s["score_batch"])]
     return [
-        ("prepare", ["bench/gpu.py", "--probe", "prepare", "--out", str(work), "--shape", s["shape"], "--max-pixels",
+        ("prepare", ["-m", "bench.gpu", "--probe", "prepare", "--out", str(work), "--shape", s["shape"], "--max-pixels",
                      str(s["max_pixels"]), "--rows", str(s["batch"] * s["steps"])], None),
         ("train", [*train, "--batch", str(s["batch"])], None),
         ("train_small", [*train, "--batch", str(s["small_batch"])], None),
-        ("embed", ["bench/embed_throughput.py", "--probe", "plain", *common, "--dtype", s["dtype"], "--pages",
+        ("embed", ["-m", "bench.embed_throughput", "--probe", "plain", *shared, "--dtype", s["dtype"], "--pages",
                    str(s["pages"]), "--batch", str(s["embed_batch"])], None),
         ("rerank", [*rerank, "--heads", "logit,dense", "--json", str(work / "rerank.json")], work / "rerank.json"),
     ]
@@ -92,10 +89,7 @@ def plan(s: dict, work: Path) -> list[tuple[str, list[str], Path | None]]:
 def prepare(args) -> dict:
     """The embedder and the training rows the train probes read, built once; the embedding probe's model folder
     (``model-<shape>-<max_pixels>``) is the same build (same builder, shape and bounds), so it links to it."""
-    from train_throughput import prepare as prepare_training
-
-    prepare_training(args)
-    model = Path(args.out) / f"model-{args.shape}"
+    model = common.training_inputs(args.out, args.shape, args.max_pixels, args.rows)
     link = Path(args.out) / f"model-{args.shape}-{args.max_pixels}"
     if not link.exists():
         link.symlink_to(model.name)
@@ -125,7 +119,7 @@ def run_step(name: str, argv: list[str], written: Path | None, work: Path, deadl
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     print(f"== {name}: {shown}  (limit {limit:.0f} s)", flush=True)
     try:
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, *argv], cwd=common.ROOT, env=env, capture_output=True, text=True,
                               timeout=limit)
         out, err = proc.stdout, proc.stderr
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
@@ -211,7 +205,7 @@ def render(r: dict) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__, json_help="docs/bench/results/gpu-gpu.json for bench/report.py, from a GPU run only")
     p.add_argument("--probe", choices=["prepare"], help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--max-pixels", type=int, help=argparse.SUPPRESS)
@@ -220,8 +214,6 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or None,
                    help="folder for the figures' JSON files (default: $OUT, else a new temporary folder)")
     p.add_argument("--budget", type=float, default=460, help="seconds for all the steps together")
-    p.add_argument("--json", default=None, help="also write all figures here (docs/bench/results/gpu-gpu.json for "
-                                                "bench/report.py, from a GPU run only)")
     args = p.parse_args()
     if args.probe:
         print(json.dumps(prepare(args)))
@@ -235,7 +227,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ray-vdr-gpu-work-"))
     deadline = time.monotonic() + args.budget
-    found = machine()
+    found = common.machine()
     print(f"ray-vdr GPU figures, {s['mode']}: shape {s['shape']}, {s['precision']}, SDPA, max_pixels "
           f"{s['max_pixels']:,}, batch {s['batch']} and {s['small_batch']}, CachedMNRL mini-batch {s['mini_batch']}; "
           f"versions: " + ", ".join(f"{d} {found.get(d, 'missing')}" for d in ("torch", "transformers",
@@ -256,8 +248,8 @@ def main() -> int:
     report = {"settings": s, "peak_flops": PEAK_FLOPS, "flops_per_sample_note": FLOPS_NOTE, "figures": figures(steps),
               "steps": {k: {x: v[x] for x in v if x != "error"} for k, v in steps.items()}}
     print("\n" + "\n".join(render(report)), flush=True)
-    write_json(str(out / "gpu.json"), report)
-    write_json(args.json, report)
+    common.write_json(str(out / "gpu.json"), report)
+    common.write_json(args.json, report)
     return 0 if all(v["status"] == "ok" for v in steps.values()) else 1
 
 

@@ -36,4 +36,4 @@ fi
 
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # bench/gpu.py keeps its steps inside --budget (460 s by default); this only stops a run that hangs outside them
-timeout --kill-after=10 480 "$python" bench/gpu.py "${args[@]}"
+timeout --kill-after=10 480 "$python" -m bench.gpu "${args[@]}"

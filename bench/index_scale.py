@@ -17,7 +17,7 @@ Per page means marginal: (figure at the largest n − figure at the smallest) ÷
 centroids, PQ codebooks, the interpreter) fall out. Build shortcuts that change no size, checked in the same run at the
 smallest size and dimension: HNSW built with efConstruction 40 instead of 200 (every node has room for 2·M links at
 level 0 whatever the construction depth), IVF-PQ without polysemous training (it reorders each sub-quantizer's
-centroids; codes keep their size).
+centroids; codes keep their size; the corpus job builds without it, the check builds with it).
 
 Computed from those figures, and labelled so: the largest corpus one replica holds at each of ``--memory`` GiB with
 ``--headroom`` of it kept free, at each of ``--compute-dims``, for one generation (a fixed index) and for two (with a
@@ -25,13 +25,12 @@ live manifest a replica holds the live and the previous generation, and loads a 
 promotion); assumptions in the output. A dimension that was not measured takes its bytes per page by linear
 interpolation between the measured ones (every index type's per-page size is affine in the dimension).
 
-    python bench/index_scale.py                          # 20k and 50k vectors at 128 and 1024-d, ~4 min on 2 cores
-    python bench/index_scale.py --sizes 20000,100000 --dims 128,512,1024    # more, on a quieter or larger machine
+    python -m bench.index_scale                          # 20k and 50k vectors at 128 and 1024-d, ~4 min on 2 cores
+    python -m bench.index_scale --sizes 20000,100000 --dims 128,512,1024    # more, on a quieter or larger machine
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -39,12 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from common import write_json  # noqa: E402
+from bench import common
 
 GIB = 2 ** 30
 TYPES = ("flat", "hnsw", "ivf_sq8", "ivf_pq")
@@ -87,8 +83,9 @@ print(json.dumps({"rss": after["VmRSS"], "before": before["VmRSS"], "grown": aft
 
 
 def loaded(what: str, path: str = "-") -> dict:
-    out = subprocess.run([sys.executable, "-c", LOADER, what, path], capture_output=True, text=True, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=600)
+    out = subprocess.run([sys.executable, "-c", LOADER, what, path], capture_output=True, text=True, cwd=common.ROOT,
+                         env={"PYTHONPATH": str(common.ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+                         timeout=600)
     if out.returncode:
         raise RuntimeError(f"loading {what} {path} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -101,24 +98,26 @@ def vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def build(kind: str, x: np.ndarray, *, shortcut: bool = True):
-    """The index the corpus job builds for ``kind``, with the size-neutral build shortcuts unless told not to."""
+    """The index the corpus job builds for ``kind`` (``build_index``), HNSW with the size-neutral efConstruction
+    shortcut unless told not to; ``shortcut=False`` builds IVF-PQ with FAISS's default polysemous training, which
+    build_index skips (the check that skipping it changes no size)."""
     import faiss
 
     from ray_vdr.config import IndexConfig
-    from ray_vdr.corpus.faiss_index import _factory, _set_search_params, add_to, build_index, choose_spec
+    from ray_vdr.corpus.faiss_index import add_to, build_index, choose_spec, factory, set_search_params
 
     n, dim = x.shape
     if kind == "hnsw":
         spec = choose_spec(n, dim, IndexConfig(index_type="hnsw", **({"hnsw_ef_construction": 40} if shortcut else {})))
         return build_index(x, spec), spec
     spec = choose_spec(n, dim, IndexConfig(index_type=kind))
-    if kind != "ivf_pq" or not shortcut:
+    if kind != "ivf_pq" or shortcut:
         return build_index(x, spec), spec
-    index = _factory(spec, dim)  # as build_index, without polysemous training
-    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    index = factory(spec, dim)  # as build_index, with FAISS's default polysemous training
+    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = True
     index.train(x if n <= 262_144 else x[np.sort(np.random.default_rng(0).choice(n, 262_144, replace=False))])
     add_to(index, x)
-    _set_search_params(index, spec)
+    set_search_params(index, spec)
     return index, spec
 
 
@@ -156,7 +155,7 @@ def marginal(rows: list[dict], key: str) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--sizes", default="20000,50000", help="vectors per index (at least two: per page is marginal)")
     p.add_argument("--dims", default="128,1024", help="dimensions measured")
     p.add_argument("--compute-dims", default="128,512,1024", help="dimensions of the computed capacity")
@@ -164,8 +163,6 @@ def main() -> int:
     p.add_argument("--id-rows", default="100000,1000000", help="rows of the id table (at least two)")
     p.add_argument("--memory", default="16,64,256", help="GiB per replica, for the computed capacity")
     p.add_argument("--headroom", type=float, default=0.25, help="share of a replica's memory kept free")
-    p.add_argument("--json", default=None,
-                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     import faiss
 
@@ -205,8 +202,8 @@ def main() -> int:
                     row = {"type": kind, "dim": dim, "n": n, "spec": spec.as_dict(), "build_seconds": round(seconds, 1),
                            "serialized": ser, "rss": mem["grown"], "peak": mem["peak"]}
                     report["indexes"].append(row)
-                    print(f"{kind:<8} dim {dim:<5} n {n:>8,}: serialized {ser / n:8.1f} B/page, loaded +{mem['grown']:,} "
-                          f"B (peak +{mem['peak']:,}), built in {seconds:.1f} s", flush=True)
+                    print(f"{kind:<8} dim {dim:<5} n {n:>8,}: serialized {ser / n:8.1f} B/page, loaded "
+                          f"+{mem['grown']:,} B (peak +{mem['peak']:,}), built in {seconds:.1f} s", flush=True)
         per_page = {}
         for kind in types:
             for dim in dims:
@@ -259,7 +256,7 @@ def main() -> int:
               + (f", one generation with filter columns {filters:>13,}" if filters else ""))
     print("  (* per-page figures interpolated between the measured dimensions)")
     print(f"\ndone in {report['seconds']:.0f} s")
-    write_json(args.json, report)
+    common.write_json(args.json, report)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Training data from unlabeled PDFs: pages/s and queries/s of the ``text`` generator, the make-training-data job
 against a plain single-process loop over the same PDFs, side by side in one run.
 
-    python bench/querygen_throughput.py                  # 100 synthetic reports x 5 pages (vector PDFs), CPU
-    python bench/querygen_throughput.py --docs ./my-pdfs # your own folder of PDFs
+    python -m bench.querygen_throughput                  # 100 synthetic reports x 5 pages (vector PDFs), CPU
+    python -m bench.querygen_throughput --docs ./my-pdfs # your own folder of PDFs
 
 - plain: one process opens each PDF with pypdfium2, reads each page's text layer, takes the spans
   (ray_vdr/queries/text.py) and the length filter: the generator's own work, nothing else.
@@ -17,19 +17,13 @@ scaling.use_gpu=true`` and read its card's "Time" table (pages/s and queries/s o
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import write_json  # noqa: E402
+from bench import common
 
 
 def plain(pdfs: list[Path], per_page: int) -> dict:
@@ -59,16 +53,14 @@ def plain(pdfs: list[Path], per_page: int) -> dict:
 
 def job(docs: Path, work: Path, per_page: int) -> dict:
     """make-training-data on a private local Ray cluster (2 logical CPUs per core here)."""
-    from ray_vdr.cluster import LOCAL_CLUSTER_ENV, init_ray
+    from ray_vdr.cluster import init_ray
     from ray_vdr.config import load_config
     from ray_vdr.queries.run import run
 
-    for key, value in LOCAL_CLUSTER_ENV.items():
-        os.environ.setdefault(key, value)
     init_ray(temp_dir=None)
-    cfg = load_config(ROOT / "configs/demo-own-docs.yaml", [
+    cfg = load_config(common.ROOT / "configs/demo-own-docs.yaml", [
         f"queries.sources=[{docs}]", f"queries.output={work}/made", f"model.name_or_path={work}/model",
-        f"queries.per_page={per_page}", "queries.consistency_k=null", "synthetic=null", "run.storage_path=" + str(work)])
+        f"queries.per_page={per_page}", "queries.consistency_k=null", "synthetic=null", f"run.storage_path={work}"])
     s = run(cfg).summary
     return {"pages": s["pages"]["in"], "queries": s["queries"]["generated"], "seconds": s["seconds"],
             "generation_pages_per_s": s["rates"]["pages_per_second"],
@@ -77,13 +69,11 @@ def job(docs: Path, work: Path, per_page: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--docs", default=None, help="a folder of PDFs (default: synthetic reports)")
     p.add_argument("--n-docs", type=int, default=100, help="synthetic reports (5 pages each)")
     p.add_argument("--per-page", type=int, default=3)
-    p.add_argument("--json", default=None, help="write the results here (bench/report.py)")
     args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         docs = Path(args.docs) if args.docs else None
@@ -99,7 +89,7 @@ def main() -> int:
                   "job": job(docs, work, args.per_page)}
     report["generation_ratio"] = round(report["job"]["generation_pages_per_s"] / report["plain"]["pages_per_s"], 3)
     print(json.dumps(report, indent=2))
-    write_json(args.json, report)
+    common.write_json(args.json, report)
     return 0
 
 

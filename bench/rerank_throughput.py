@@ -10,24 +10,19 @@ the Qwen3-VL-2B shape, for GPUs): ``logit`` = Qwen3VLForConditionalGeneration �
 Qwen3-VL-Reranker-2B; ``dense`` = Qwen3VLModel → last-token pooling → Dense(1). Pages are synthetic 448x576 pages at
 the ``--max-pixels`` budget (the reference bounds are 784..360000).
 
-    python bench/rerank_throughput.py                       # CPU, small shape (~3 min on 2 cores)
-    python bench/rerank_throughput.py --shape 2b --device cuda --dtype bfloat16 --max-pixels 360000
+    python -m bench.rerank_throughput                       # CPU, small shape (~3 min on 2 cores)
+    python -m bench.rerank_throughput --shape 2b --device cuda --dtype bfloat16 --max-pixels 360000
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import write_json  # noqa: E402
+from bench import common
 
 
 def _pairs(n: int) -> list[tuple[str, object]]:
@@ -44,14 +39,12 @@ def _pairs(n: int) -> list[tuple[str, object]]:
 
 
 def _model(args, head: str) -> Path:
-    from train_throughput import _shape
-
     from ray_vdr.models.builders import build_qwen3vl_reranker
 
     path = Path(args.out) / f"reranker-{args.shape}-{head}-{args.max_pixels}"
     if not (path / "modules.json").is_file():
-        build_qwen3vl_reranker(path, _shape(args.shape), head=head, min_pixels=784, max_pixels=args.max_pixels,
-                               dtype=args.dtype)
+        build_qwen3vl_reranker(path, common.model_shape(args.shape), head=head, min_pixels=784,
+                               max_pixels=args.max_pixels, dtype=args.dtype)
     return path
 
 
@@ -113,7 +106,7 @@ def measure(args, head: str, pairs) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--shape", default="small", choices=["tiny", "small", "2b"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -125,8 +118,6 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--heads", default="logit,dense")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "ray-vdr-bench-rerank"))
-    p.add_argument("--json", default=None,
-                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     pairs = _pairs(64)
     results = [measure(args, head, pairs) for head in args.heads.split(",")]
@@ -141,7 +132,7 @@ def main() -> int:
         a, b = results
         print(f"\n{a['head']} ÷ {b['head']}: training {a['train_pairs_per_s'] / b['train_pairs_per_s']:.2f}, "
               f"scoring {a['score_pairs_per_s'] / b['score_pairs_per_s']:.2f}")
-    write_json(args.json, {"args": vars(args), "results": results})
+    common.write_json(args.json, {"args": vars(args), "results": results})
     return 0
 
 

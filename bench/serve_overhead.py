@@ -1,7 +1,7 @@
 """What one request costs outside the model, hop by hop: the endpoint with a no-op model in the same deployments,
 next to the real (tiny) models and to Ray Serve's own floor, side by side in one run (not a test).
 
-    python bench/serve_overhead.py [--requests 300] [--pages 60] [--json FILE]
+    python -m bench.serve_overhead [--requests 300] [--pages 60] [--json FILE]
 
 Applications on one local Ray cluster (2 CPUs) behind one proxy, over the same flat index, one client; requests
 alternate between the applications (a, b, c, ... then reversed) so that drift on the machine falls on all alike:
@@ -23,18 +23,12 @@ HTTP) is the floor that ``endpoint p50 − compute`` (goal ≤ 10 ms here) is me
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import pickle
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from serve_load import finish, free_port, in_process, pct, post, prepare  # noqa: E402
+from bench import common
 
 OLD_WAITS = {"embedder": 0.005, "retriever": 0.002, "rerank": 0.005}  # the previous defaults
 
@@ -61,20 +55,29 @@ def noop_models() -> None:
         cls.__init__ = __init__
         setattr(cls, method, call)
 
-    patch(core.QueryEncoder, "encode",
-          lambda self, items, dim=None, document=False: np.full((len(items), dim or self.dim), (dim or self.dim) ** -0.5,
-                                                                np.float32))
+    real_query_encoder = core.query_encoder
+
+    def query_encoder(cfg, manifest, device):
+        encoder = real_query_encoder(cfg, manifest, device)
+        if "/noop/" in cfg.index:
+            def unit(items, dim=None, batch_size=None):
+                return np.full((len(items), dim or encoder.dim), (dim or encoder.dim) ** -0.5, np.float32)
+
+            encoder.encode_queries = encoder.encode_pages = unit
+        return encoder
+
+    core.query_encoder = query_encoder  # the QueryEmbedder loads its encoder through this module attribute
     patch(core.RerankScorer, "score", lambda self, pairs: np.zeros(len(pairs), np.float32))
 
 
-def in_process_hops(work: Path) -> dict:
+def in_process_hops(corpus: common.ServeCorpus) -> dict:
     """Microseconds of the generation lookup and of pickling one search's handle calls (arguments and answers)."""
     import numpy as np
 
     from ray_vdr.corpus.store import open_index
 
-    index = open_index(str(work / "index"))
-    vector = np.random.default_rng(0).standard_normal((1, index.manifest["dim"])).astype(np.float32)[0]
+    index = open_index(str(corpus.index))
+    vector = np.random.default_rng(0).standard_normal((1, index.manifest.dim)).astype(np.float32)[0]
     hits = index.search(vector[None], 10)[0]
     n = 2000
     t = time.perf_counter()
@@ -92,46 +95,38 @@ def in_process_hops(work: Path) -> dict:
     return {"pickle_one_search_us": pickling, "generation_lookup_us": (time.perf_counter() - t) / n * 1e6}
 
 
-def floor_app(port: int) -> str:
+def floor_app(port: int):
+    """Ray Serve's floor: a deployment answering an empty search at once (the proxy and one replica); its client."""
     from ray import serve
     from starlette.responses import JSONResponse
+
+    from ray_vdr.client import EndpointClient
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.05})
     class Floor:
         async def __call__(self, request):
             await request.body()
-            return JSONResponse({"results": [], "timings": {}})
+            zero = dict.fromkeys(("embed_ms", "search_ms", "rerank_ms", "total_ms", "embed_compute_ms",
+                                  "search_compute_ms", "rerank_compute_ms", "embed_batch", "rerank_batch"), 0)
+            return JSONResponse({"query": None, "image_query": False, "top_k": 0, "generation": "floor",
+                                 "rerank_depth": 0, "results": [], "timings": zero})
 
     serve.run(Floor.bind(), name="floor", route_prefix="/floor", blocking=False)
-    return f"http://127.0.0.1:{port}/floor/"
+    return EndpointClient(f"http://127.0.0.1:{port}/floor/")
 
 
-def alternate(urls: dict[str, str], queries: list[str], requests: int, depth: int) -> dict[str, list]:
-    """One client: each request to every application, in an order that alternates; (ms, timings) per answer."""
-    names, out = list(urls), {n: [] for n in urls}
-    for i in range(requests):
-        for n in names if i % 2 == 0 else names[::-1]:
-            status, answer, ms, _ = post(urls[n], {"query": queries[i % len(queries)], "top_k": 10,
-                                                  "rerank_depth": depth})
-            if status != 200:
-                raise RuntimeError(f"{n}: HTTP {status} {answer}")
-            out[n].append((ms, answer.get("timings", {})))
-    return out
-
-
-def breakdown(samples: list) -> dict:
+def breakdown(replies: list[common.Reply]) -> dict:
     """p50/p99 end to end and the p50 of each hop (see the module's docstring)."""
-    ms = [m for m, _ in samples]
-    out = {"p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99)}
-    if not samples[0][1]:
+    out = common.p50_p99([r.ms for r in replies])
+    if not replies[0].timings.get("total_ms"):  # the floor: no stages
         return out
-    t = [x for _, x in samples]
 
     def p50(values):
-        return pct(list(values), 50)
+        return common.percentile(list(values), 50)
 
+    t = [r.timings for r in replies]
     out.update({
-        "proxy_http_ms": p50(m - x["total_ms"] for m, x in samples),
+        "proxy_http_ms": p50(r.ms - r.timings["total_ms"] for r in replies),
         "embed_hop_ms": p50(x["embed_ms"] - x["embed_compute_ms"] for x in t),
         "search_hop_ms": p50(x["search_ms"] - x["search_compute_ms"] for x in t),
         "rerank_hop_ms": p50(x["rerank_ms"] - x["rerank_compute_ms"] for x in t),
@@ -141,55 +136,47 @@ def breakdown(samples: list) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--requests", type=int, default=300, help="requests per application and stage setting")
     ap.add_argument("--pages", type=int, default=60)
     ap.add_argument("--rerank-depth", type=int, default=5)
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
-    ap.add_argument("--json", default=None, help="also write the results as JSON here (bench/report.py)")
     args = ap.parse_args()
 
-    from ray_vdr.config import ServeConfig
-    from ray_vdr.endpoint import deploy
-    work, _, reranker, queries, temp = prepare(args.out, args.pages,
-                                               runtime_env={"worker_process_setup_hook": noop_models})
-    (work / "noop").mkdir(exist_ok=True)
-    if not (work / "noop" / "index").exists():
-        (work / "noop" / "index").symlink_to(work / "index")
-    port = free_port()
-    small = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.05}
-    apps = {"noop": (work / "noop" / "index", {}), "noop-old": (work / "noop" / "index", OLD_WAITS),
-            "real": (work / "index", {})}
-    urls = {}
-    for name, (index, waits) in apps.items():
-        cfg = ServeConfig.model_validate({
-            "index": str(index), "reranker": str(reranker), "port": port, "keep_running": False, "app_name": name,
-            "route_prefix": f"/{name}", "metrics": False,
-            **{stage: {**small, **({"batch_wait_timeout_s": waits[stage]} if stage in waits else {})}
-               for stage in ("embedder", "retriever", "rerank", "ingress")}})
-        urls[name] = deploy(cfg, ready_timeout_s=300)
-    urls = {"floor": floor_app(port), **urls}
-    alternate(urls, queries, 10, 0)  # warm up every path
+    hook = {"worker_process_setup_hook": noop_models}
+    with common.serve_corpus(args.out, args.pages, runtime_env=hook) as corpus:
+        noop = corpus.folder / "noop" / "index"
+        noop.parent.mkdir(exist_ok=True)
+        if not noop.exists():
+            noop.symlink_to(corpus.index)
+        port = common.free_port()
+        small = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.05}
+        apps = {"noop": (noop, {}), "noop-old": (noop, OLD_WAITS), "real": (corpus.index, {})}
+        clients = {name: common.deploy_app(port, name, index, reranker=str(corpus.reranker), metrics=False, **{
+            stage: {**small, **({"batch_wait_timeout_s": waits[stage]} if stage in waits else {})}
+            for stage in ("embedder", "retriever", "rerank", "ingress")}) for name, (index, waits) in apps.items()}
+        clients = {"floor": floor_app(port), **clients}  # after the endpoint: its deploy starts Serve at the port
+        common.closed_loop(clients, corpus.queries, clients=1, requests=10, rerank_depth=0, strict=True)  # warm-up
 
-    report: dict = {"machine": f"{os.cpu_count()} CPUs", "requests": args.requests}
-    report["in_process_first_stage"] = {"p50_ms": pct(c := in_process(work, reranker, queries[:60], 0), 50),
-                                        "p99_ms": pct(c, 99)}
-    report["in_process_both_stages"] = {"p50_ms": pct(c := in_process(work, reranker, queries[:60], args.rerank_depth),
-                                                      50), "p99_ms": pct(c, 99)}
-    report["in_process_hops"] = in_process_hops(work)
-    for stage, depth in (("first_stage", 0), ("both_stages", args.rerank_depth)):
-        wanted = urls if depth == 0 else {n: u for n, u in urls.items() if n in ("noop", "real")}
-        samples = alternate(wanted, queries, args.requests, depth)
-        report[stage] = {n: breakdown(s) for n, s in samples.items()}
-        for n, b in report[stage].items():
-            print(f"{stage:12s} {n:10s} " + ", ".join(f"{k} {v:.2f}" for k, v in b.items()), flush=True)
-    for stage in ("first_stage", "both_stages"):
-        report[f"{stage}_overhead_ms"] = report[stage]["real"]["p50_ms"] - report[f"in_process_{stage}"]["p50_ms"]
-    report["removed_ms"] = report["first_stage"]["noop-old"]["p50_ms"] - report["first_stage"]["noop"]["p50_ms"]
-    print(f"endpoint p50 − in-process compute, first stage: {report['first_stage_overhead_ms']:.1f} ms (goal ≤ 10); "
-          f"both stages: {report['both_stages_overhead_ms']:.1f} ms; removed from a lone request (noop-old − noop): "
-          f"{report['removed_ms']:.1f} ms")
-    finish(report, args, temp)
+        report: dict = {"machine": f"{os.cpu_count()} CPUs", "requests": args.requests}
+        for stage, depth in (("first_stage", 0), ("both_stages", args.rerank_depth)):
+            report[f"in_process_{stage}"] = common.p50_p99(common.in_process(corpus, corpus.queries[:60], depth))
+        report["in_process_hops"] = in_process_hops(corpus)
+        for stage, depth in (("first_stage", 0), ("both_stages", args.rerank_depth)):
+            wanted = clients if depth == 0 else {n: c for n, c in clients.items() if n in ("noop", "real")}
+            replies, _ = common.closed_loop(wanted, corpus.queries, clients=1, requests=args.requests,
+                                            rerank_depth=depth, strict=True)
+            report[stage] = {n: breakdown(r) for n, r in replies.items()}
+            for n, b in report[stage].items():
+                print(f"{stage:12s} {n:10s} " + ", ".join(f"{k} {v:.2f}" for k, v in b.items()), flush=True)
+        for stage in ("first_stage", "both_stages"):
+            report[f"{stage}_overhead_ms"] = report[stage]["real"]["p50_ms"] - report[f"in_process_{stage}"]["p50_ms"]
+        report["removed_ms"] = report["first_stage"]["noop-old"]["p50_ms"] - report["first_stage"]["noop"]["p50_ms"]
+        print(f"endpoint p50 − in-process compute, first stage: {report['first_stage_overhead_ms']:.1f} ms (goal ≤ "
+              f"10); both stages: {report['both_stages_overhead_ms']:.1f} ms; removed from a lone request (noop-old − "
+              f"noop): {report['removed_ms']:.1f} ms")
+        print(json.dumps(report, indent=1, default=float))
+        common.write_json(args.json, {"args": vars(args), **report})
 
 
 if __name__ == "__main__":

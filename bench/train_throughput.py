@@ -20,10 +20,10 @@ Every measurement runs in its own subprocess (clean memory, fresh thread pools).
 Qwen3-VL embedder with the real module stack; ``--shape small`` (default) is large enough for activations to
 dominate the memory probe on CPU, ``tiny`` is the test model, ``2b`` the real Qwen3-VL-2B shape (GPU only).
 
-    python bench/train_throughput.py                       # (a), (b): ~5 min on 2 CPU cores
-    python bench/train_throughput.py --parts c,d --threads 1   # ~20 min on 2 CPU cores
-    python bench/train_throughput.py --parts d --shape 2b --device cuda --precision bf16 --zero-workers 1
-    python bench/train_throughput.py --shape 2b --device cuda --precision bf16
+    python -m bench.train_throughput                       # (a), (b): ~5 min on 2 CPU cores
+    python -m bench.train_throughput --parts c,d --threads 1   # ~20 min on 2 CPU cores
+    python -m bench.train_throughput --parts d --shape 2b --device cuda --precision bf16 --zero-workers 1
+    python -m bench.train_throughput --shape 2b --device cuda --precision bf16
 """
 
 from __future__ import annotations
@@ -31,36 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import write_json  # noqa: E402
-
-
-def _shape(name: str):
-    from ray_vdr.models.builders import QWEN3VL_2B_SHAPE, TINY_QWEN3VL
-
-    if name == "tiny":
-        return TINY_QWEN3VL
-    if name == "2b":
-        return QWEN3VL_2B_SHAPE
-    return replace(TINY_QWEN3VL, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                   head_dim=32, intermediate_size=768, mrope_section=[4, 6, 6], vision_depth=4,
-                   vision_hidden_size=128, vision_intermediate_size=384, vision_num_heads=4,
-                   deepstack_visual_indexes=[1, 3])
+from bench import common
 
 
 def _config(args, batch: int, steps: int, loss: str = "cached_mnrl", workers: int = 1, zero: int | None = None):
     from ray_vdr.config import load_config
 
-    return load_config(ROOT / "configs/demo.yaml", [
+    return load_config(common.ROOT / "configs/demo.yaml", [
         f"model.name_or_path={args.out}/model-{args.shape}", "model.builder=load",
         f"model.max_pixels={args.max_pixels}", f"model.dtype={'bfloat16' if args.precision == 'bf16' else 'float32'}",
         f"data.train.uri={args.out}/data/train", "data.eval=null", "synthetic=null",
@@ -74,20 +54,6 @@ def _config(args, batch: int, steps: int, loss: str = "cached_mnrl", workers: in
         f"scaling.resources_per_worker={{{'CPU: 1, GPU: 1' if args.device == 'cuda' else f'CPU: {1 / workers}'}}}",
         f"run.storage_path={args.out}/runs", f"run.name=bench-{int(time.time() * 1000)}",
     ])
-
-
-def prepare(args) -> None:
-    from ray_vdr.config import SyntheticConfig
-    from ray_vdr.data.synthetic import write_synthetic
-    from ray_vdr.models.builders import build_qwen3vl_embedder
-
-    model = Path(args.out) / f"model-{args.shape}"
-    if not (model / "modules.json").is_file():
-        build_qwen3vl_embedder(model, _shape(args.shape), max_pixels=args.max_pixels)
-    data = Path(args.out) / "data"
-    if not (data / "summary.json").is_file() or json.loads((data / "summary.json").read_text())["train_rows"] < args.rows:
-        write_synthetic(SyntheticConfig(output_dir=str(data), train_queries=args.rows, eval_queries=2, jsonl=False,
-                                        seed=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,20 +122,11 @@ def probe_plain(args) -> dict:
 
 
 def probe_pipeline(args) -> dict:
-    import ray
-
     from ray_vdr.train.run import run
 
     cfg = _config(args, args.batch, args.steps, loss=args.loss, workers=args.workers, zero=args.zero)
-    from ray_vdr.cluster import LOCAL_CLUSTER_ENV
-
-    env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    os.environ.update(LOCAL_CLUSTER_ENV)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env})
-    try:
+    with common.local_ray(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}}):
         result = run(cfg)
-    finally:
-        ray.shutdown()
     m = result.metrics
     return {"samples_per_s": m["steady_rows_per_second"], "whole_run_samples_per_s": m["rows_per_second"],
             "train_seconds": m["train_seconds"], "torch_threads": m.get("torch_threads"),
@@ -237,28 +194,14 @@ def _forward_flops(model, row: dict, image_cols: list[str]) -> int:
 # driver
 
 
-def run_probe(script: str, args, probe: str, **overrides) -> dict:
-    """Run ``script --probe probe`` with the parsed arguments (and overrides) in a fresh process; its last stdout
-    line is the JSON result. Shared by the bench scripts."""
-    argv = [sys.executable, script, "--probe", probe]
-    for k, v in {**vars(args), **overrides}.items():
-        if k not in ("probe", "json") and v is not None:  # None: the option's default
-            argv += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"probe {probe} {overrides} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _subprocess(args, probe: str, **overrides) -> dict:
-    return run_probe(__file__, args, probe, **overrides)
+    return common.run_probe(__spec__.name, args, probe, **overrides)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--probe", choices=["plain", "pipeline", "memory"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(ROOT / "outputs" / "bench-train"))
+    p.add_argument("--out", default=str(common.ROOT / "outputs" / "bench-train"))
     p.add_argument("--shape", choices=["tiny", "small", "2b"], default="small")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -278,15 +221,13 @@ def main() -> None:
     p.add_argument("--zero-repeats", type=int, default=2, help="alternating runs per stage in (c)")
     p.add_argument("--parts", default="a,b", help="which measurements: a (throughput), b (memory), c (ZeRO-2 ÷ "
                                                   "ZeRO-1 step time), d (ZeRO-2 memory, batch 64 ÷ 8)")
-    p.add_argument("--json", default=None,
-                   help="also write the results as JSON here (bench/report.py renders docs/benchmarks.md)")
     args = p.parse_args()
     if args.probe:
         probe = {"plain": probe_plain, "pipeline": probe_pipeline, "memory": probe_memory}[args.probe]
         print(json.dumps(probe(args)))
         return
 
-    prepare(args)
+    common.training_inputs(args.out, args.shape, args.max_pixels, args.rows)
     print(f"model: Qwen3-VL embedder, shape {args.shape}, max_pixels {args.max_pixels}, {args.precision}, "
           f"device {args.device}, {args.threads} torch threads; batch {args.batch}, {args.steps} steps, "
           f"CachedMNRL mini-batch {args.mini_batch} in MatryoshkaLoss", flush=True)
@@ -304,7 +245,7 @@ def main() -> None:
     name = "train_bench.json" if parts <= {"a", "b"} else f"train_bench_{'_'.join(sorted(parts))}.json"
     Path(args.out, name).write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}/{name}")
-    write_json(args.json, {**report, "parts": sorted(parts)})
+    common.write_json(args.json, {**report, "parts": sorted(parts)})
 
 
 def _throughput(args) -> dict:
@@ -345,10 +286,11 @@ def _zero_step_time(args) -> dict:
                                           loss="cached_mnrl", duplicate_free=False))
     best = {z: min(r["step_seconds"] for r in rs) for z, rs in runs.items()}
     ratio = best[2] / best[1]
-    print(f"\n(c) step time, cached loss (mini-batch {args.mini_batch}) under DeepSpeed, {args.zero_workers} workers x batch "
-          f"{args.batch}, {args.zero_steps} steps, after the first step")
+    print(f"\n(c) step time, cached loss (mini-batch {args.mini_batch}) under DeepSpeed, {args.zero_workers} workers x "
+          f"batch {args.batch}, {args.zero_steps} steps, after the first step")
     for zero, rs in runs.items():
-        print(f"    ZeRO-{zero}: " + ", ".join(f"{r['step_seconds']:.2f} s" for r in rs) + f"   (best {best[zero]:.2f} s)")
+        print(f"    ZeRO-{zero}: " + ", ".join(f"{r['step_seconds']:.2f} s" for r in rs)
+              + f"   (best {best[zero]:.2f} s)")
     print(f"    ratio ZeRO-2 ÷ ZeRO-1 (best of {args.zero_repeats}): {ratio:.3f}   (goal ≤ 1.10)", flush=True)
     return {"zero_step_time": {f"zero{z}": rs for z, rs in runs.items()}, "zero_step_time_ratio": ratio}
 

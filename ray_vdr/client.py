@@ -51,12 +51,12 @@ Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class EndpointError(Exception):
-    """A 4xx or 5xx answer: ``status``, the server's ``detail`` and the ``request_id`` (x-request-id) to find its
-    log line."""
+    """A 4xx or 5xx answer: ``status``, the server's ``detail``, the ``request_id`` (x-request-id) to find its
+    log line, and ``retry_after`` (the Retry-After header of a 503 or 429: when to try again)."""
 
-    def __init__(self, status: int, detail: str, request_id: str | None = None):
+    def __init__(self, status: int, detail: str, request_id: str | None = None, retry_after: str | None = None):
         super().__init__(f"HTTP {status}: {detail}" + (f" (request {request_id})" if request_id else ""))
-        self.status, self.detail, self.request_id = status, detail, request_id
+        self.status, self.detail, self.request_id, self.retry_after = status, detail, request_id, retry_after
 
 
 def _error_detail(raw: bytes) -> str:
@@ -110,7 +110,7 @@ class EndpointClient:
         status, headers, raw = self._request(method, path, payload, timeout)
         request_id = headers.get("x-request-id")
         if status >= 400:
-            raise EndpointError(status, _error_detail(raw), request_id)
+            raise EndpointError(status, _error_detail(raw), request_id, headers.get("retry-after"))
         return model.model_validate_json(raw), request_id
 
     # -- the API ------------------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class EndpointClient:
         """``GET /pages/{doc_id}``: a page's thumbnail or full image (PNG or JPEG bytes)."""
         status, headers, raw = self._request("GET", self._page_path(doc_id, page, size))
         if status >= 400:
-            raise EndpointError(status, _error_detail(raw), headers.get("x-request-id"))
+            raise EndpointError(status, _error_detail(raw), headers.get("x-request-id"), headers.get("retry-after"))
         return raw
 
     def page_info(self, doc_id: str, page: int | None = None) -> PageInfo:

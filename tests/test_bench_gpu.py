@@ -65,7 +65,7 @@ def test_the_dry_run_measures_every_gpu_figure_without_ray_deepspeed_or_faiss(gp
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = tmp_path / "out"
     report = json.loads((out / "gpu.json").read_text())
-    assert report["settings"]["mode"].startswith("dry-run") and report["command"] == "python bench/gpu.py --dry-run"
+    assert report["settings"]["mode"].startswith("dry-run") and report["command"] == "python -m bench.gpu --dry-run"
     steps = report["steps"]
     assert list(steps) == ["prepare", "train", "train_small", "embed", "rerank"]
     assert all(s["status"] == "ok" for s in steps.values()), steps

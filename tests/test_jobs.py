@@ -70,9 +70,13 @@ class Head:
     def submit(self, job: str, *args: str, timeout: float = 1500) -> str:
         """`ray job submit` from the repo root, waiting for the job; returns its log, fails the test if it failed."""
         try:
-            out = self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
-                           "--runtime-env-json", json.dumps({"env_vars": JOB_ENV}), "--", "python", job, *args,
-                           timeout=timeout)
+            for _ in range(30):  # the head's job agent starts a little after its job API answers (a busy machine)
+                out = self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
+                               "--runtime-env-json", json.dumps({"env_vars": JOB_ENV}), "--", "python", job, *args,
+                               timeout=timeout)
+                if "No available agent to submit job" not in out.stderr + out.stdout:
+                    break
+                time.sleep(2)
         except subprocess.TimeoutExpired as e:  # show how far the job got, not only the command line
             tail = (e.stdout or b"")[-6000:]
             pytest.fail(f"{job} did not finish within {timeout:.0f} s; its log ends:\n"

@@ -1,13 +1,18 @@
 """The layout's rules, read from the source with ``ast`` (nothing is imported):
 
-- no import cycles inside ``ray_vdr`` and ``serving`` (imports inside functions count: a lazy import is still a
-  dependency);
-- ``ray_vdr`` never imports ``serving`` (the app builds on the library, not the other way round);
-- no private name (``_name``) is imported or used across modules;
+- no import cycles in ``ray_vdr``, ``serving``, ``bench`` and ``tests`` (imports inside functions count: a lazy
+  import is still a dependency);
+- ``ray_vdr`` never imports ``serving`` (the app builds on the library, not the other way round), and neither imports
+  ``bench`` or ``tests``;
+- no private name (``_name``) is imported or used across modules; a test may reach into the module it tests (the
+  library's or the app's), never into another test module;
 - no source file over 400 lines, except the typed config, which holds only schemas and their loading;
 - ``jobs/*.py`` stay thin: they parse nothing and call ``ray_vdr.cli.main``;
-- every module's docstring says in its first line what it holds;
+- every module of the library, the app, ``jobs`` and ``bench`` says in its docstring's first line what it holds;
 - tests/ mirrors ray_vdr/: a test folder per subpackage.
+
+Each rule is a function of a module map (name → file), so that ``test_the_rules_catch_violations`` can show on a small
+tree of its own that each one fails where it should.
 """
 
 from __future__ import annotations
@@ -18,61 +23,61 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ray_vdr", "serving")
+PACKAGES = ("ray_vdr", "serving", "bench", "tests")
+DOCUMENTED = ("ray_vdr", "serving", "jobs", "bench")
 MAX_LINES = 400
 CONFIG = "ray_vdr.config"
 
+Modules = dict[str, Path]
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _sources() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+def module_map(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> Modules:
+    return {_module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
 
 
-MODULES = _sources()
+MODULES = module_map()
 
 
-def _resolve(name: str) -> str | None:
+def _resolve(name: str, modules: Modules) -> str | None:
     """The project module ``name`` refers to (itself, or the package holding an imported attribute), else None."""
     while name:
-        if name in MODULES:
+        if name in modules:
             return name
         name = name.rpartition(".")[0]
     return None
 
 
-def _imports(module: str) -> list[tuple[str, list[str], int]]:
+def _imports(module: str, modules: Modules) -> list[tuple[str, list[str], int]]:
     """(imported project module, names taken from it, line) for every import in ``module``, at any depth."""
-    tree = ast.parse(MODULES[module].read_text())
-    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(modules[module].read_text())
+    package = module if modules[module].name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if (target := _resolve(alias.name)) is not None:
+                if (target := _resolve(alias.name, modules)) is not None:
                     found.append((target, [], node.lineno))
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
-                if sub in MODULES:  # `from pkg import module`
+                if sub in modules:  # `from pkg import module`
                     found.append((sub, [], node.lineno))
-                elif (target := _resolve(base)) is not None:
+                elif (target := _resolve(base, modules)) is not None:
                     found.append((target, [alias.name], node.lineno))
     return found
 
 
-def _graph() -> dict[str, set[str]]:
-    return {m: {t for t, _, _ in _imports(m) if t != m} for m in MODULES}
-
-
-def test_no_import_cycles():
-    graph = _graph()
+def import_cycles(modules: Modules) -> list[list[str]]:
+    graph = {m: {t for t, _, _ in _imports(m, modules) if t != m} for m in modules}
     cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1 on the stack, 2 done
 
@@ -90,34 +95,40 @@ def test_no_import_cycles():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
-    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    return cycles
 
 
-def test_the_library_never_imports_the_app():
-    bad = [f"{m}:{line} imports {t}" for m in MODULES if m.startswith("ray_vdr")
-           for t, _, line in _imports(m) if t.split(".")[0] == "serving"]
-    assert not bad, "\n".join(bad)
+def upward_imports(modules: Modules) -> list[str]:
+    """Imports against the direction of the layers: library → app, library or app → bench or tests."""
+    above = {"ray_vdr": {"serving", "bench", "tests"}, "serving": {"bench", "tests"}}
+    return [f"{m}:{line} imports {t}" for m in modules for t, _, line in _imports(m, modules)
+            if t.split(".")[0] in above.get(m.split(".")[0], set())]
 
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
-def test_no_private_name_crosses_a_module():
+def _crosses(module: str, target: str) -> bool:
+    """Whether ``module`` taking a private name of ``target`` crosses a module boundary the rule forbids."""
+    return target != module and (module.split(".")[0] != "tests" or target.split(".")[0] == "tests")
+
+
+def private_uses(modules: Modules) -> list[str]:
     bad = []
-    for m, path in MODULES.items():
+    for m, path in modules.items():
         tree = ast.parse(path.read_text())
         aliases: dict[str, str] = {}  # local name → project module it is bound to
-        for target, names, line in _imports(m):
-            bad += [f"{m}:{line} imports {target}.{n}" for n in names if _private(n) and target != m]
+        for target, names, line in _imports(m, modules):
+            bad += [f"{m}:{line} imports {target}.{n}" for n in names if _private(n) and _crosses(m, target)]
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
-                    if _resolve(a.name) is not None:
+                    if _resolve(a.name, modules) is not None:
                         aliases[a.asname or a.name.split(".")[0]] = a.name
             elif isinstance(node, ast.ImportFrom) and node.module:
                 for a in node.names:
-                    if f"{node.module}.{a.name}" in MODULES:
+                    if f"{node.module}.{a.name}" in modules:
                         aliases[a.asname or a.name] = f"{node.module}.{a.name}"
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and _private(node.attr):
@@ -126,20 +137,82 @@ def test_no_private_name_crosses_a_module():
                     chain.append(value.attr)
                     value = value.value
                 if isinstance(value, ast.Name) and value.id in aliases:
-                    target = _resolve(".".join([aliases[value.id], *reversed(chain[1:])]))
-                    if target is not None and target != m:
+                    target = _resolve(".".join([aliases[value.id], *reversed(chain[1:])]), modules)
+                    if target is not None and _crosses(m, target):
                         bad.append(f"{m}:{node.lineno} uses {target}.{node.attr}")
+    return bad
+
+
+def too_long(paths: list[Path], root: Path = ROOT) -> list[str]:
+    return [f"{p.relative_to(root)}: {n} lines" for p in paths
+            if (n := len(p.read_text().splitlines())) > MAX_LINES and _module_name(p, root) != CONFIG]
+
+
+def undocumented(paths: list[Path], root: Path = ROOT) -> list[str]:
+    missing = []
+    for p in paths:
+        if p.name == "__init__.py" and not p.read_text().strip():
+            missing.append(f"{p.relative_to(root)}: empty package marker, say what the package holds")
+            continue
+        doc = ast.get_docstring(ast.parse(p.read_text()))
+        first = (doc or "").strip().splitlines()[0] if doc else ""
+        if len(first.split()) < 4:
+            missing.append(f"{p.relative_to(root)}: {first!r}")
+    return missing
+
+
+def _python_files(*folders: str, root: Path = ROOT) -> list[Path]:
+    return [p for f in folders for p in sorted((root / f).rglob("*.py"))]
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(MODULES)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_library_never_imports_the_app_the_benches_or_the_tests():
+    bad = upward_imports(MODULES)
     assert not bad, "\n".join(bad)
 
 
-def _python_files(*folders: str) -> list[Path]:
-    return [p for f in folders for p in sorted((ROOT / f).rglob("*.py"))]
+def test_no_private_name_crosses_a_module():
+    bad = private_uses(MODULES)
+    assert not bad, "\n".join(bad)
 
 
 def test_no_source_file_over_the_limit():
-    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in _python_files(*PACKAGES, "jobs", "bench", "tests")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES and _module_name(p) != CONFIG]
+    long = too_long(_python_files("ray_vdr", "serving", "jobs", "bench", "tests"))
     assert not long, f"split these (at most {MAX_LINES} lines):\n" + "\n".join(long)
+
+
+def test_every_module_says_what_it_holds():
+    missing = undocumented(_python_files(*DOCUMENTED))
+    assert not missing, "modules without a first docstring line saying what they hold:\n" + "\n".join(missing)
+
+
+def test_the_rules_catch_violations(tmp_path):
+    """A small tree with one violation of each rule, and a test's allowed look at the library's internals."""
+    files = {
+        "ray_vdr/__init__.py": '"""The library package of the self-check."""',
+        "ray_vdr/a.py": '"""x"""\nfrom ray_vdr import b\n\nb._hidden()\n',
+        "ray_vdr/b.py": '"""The module the self-check imports in a cycle."""\n\n\n'
+                        'def f():\n    from ray_vdr.a import g\n',
+        "ray_vdr/c.py": '"""The module of the self-check that imports a test."""\nimport tests.helpers\n',
+        "tests/__init__.py": "",
+        "tests/helpers.py": "def _private():\n    pass\n" + "\n" * MAX_LINES,
+        "tests/test_x.py": "from tests.helpers import _private\nfrom ray_vdr.b import _internal\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    modules, paths = module_map(tmp_path, ("ray_vdr", "tests")), _python_files("ray_vdr", "tests", root=tmp_path)
+    assert import_cycles(modules) == [["ray_vdr.a", "ray_vdr.b", "ray_vdr.a"]]
+    assert upward_imports(modules) == ["ray_vdr.c:2 imports tests.helpers"]
+    assert private_uses(modules) == ["ray_vdr.a:4 uses ray_vdr.b._hidden",
+                                     "tests.test_x:1 imports tests.helpers._private"]
+    assert too_long(paths, tmp_path) == [f"tests/helpers.py: {MAX_LINES + 2} lines"]
+    assert undocumented(paths, tmp_path) == ["ray_vdr/a.py: 'x'", "tests/__init__.py: empty package marker, say what "
+                                             "the package holds", "tests/helpers.py: ''", "tests/test_x.py: ''"]
 
 
 def test_the_config_module_holds_only_schemas_and_their_loading():
@@ -168,19 +241,6 @@ def test_jobs_are_thin_entrypoints(job):
     assert imported <= {"__future__", "sys", "pathlib", "ray_vdr.cli"}, imported
     assert not any(isinstance(n, ast.FunctionDef) for n in tree.body), "a job defines no functions"
     assert "main([" in text, "a job hands its arguments to ray_vdr.cli.main"
-
-
-def test_every_module_says_what_it_holds():
-    missing = []
-    for p in _python_files(*PACKAGES, "jobs", "bench"):
-        if p.name == "__init__.py" and not p.read_text().strip():
-            missing.append(f"{p.relative_to(ROOT)}: empty package marker, say what the package holds")
-            continue
-        doc = ast.get_docstring(ast.parse(p.read_text()))
-        first = (doc or "").strip().splitlines()[0] if doc else ""
-        if len(first.split()) < 4:
-            missing.append(f"{p.relative_to(ROOT)}: {first!r}")
-    assert not missing, "modules without a first docstring line saying what they hold:\n" + "\n".join(missing)
 
 
 def test_tests_mirror_the_library():

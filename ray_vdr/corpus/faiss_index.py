@@ -23,8 +23,8 @@ from ray_vdr.corpus.manifest import INDEX_FILE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "filter_path", "read_index", "search",
-           "write_index"]
+__all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "factory", "filter_path", "read_index",
+           "search", "set_search_params", "write_index"]
 
 # Above this share of allowed pages, a filtered search uses the index with a selector rather than exact scoring of
 # the allowed vectors (bench/filter_search.py, 200k x 128-d: on flat the full scan wins from ~5% on, 2.05 ms against
@@ -63,7 +63,8 @@ def choose_spec(n: int, dim: int, cfg) -> IndexSpec:
     return IndexSpec(kind, params)
 
 
-def _factory(spec: IndexSpec, dim: int):
+def factory(spec: IndexSpec, dim: int):
+    """An empty index of ``spec`` for ``dim``-d vectors (IVF types still to train); build_index fills it."""
     import faiss
 
     p = spec.params
@@ -91,12 +92,12 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, *, use_gpu: bool | None = 
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    index = _factory(spec, dim)
+    index = factory(spec, dim)
     gpus = gpu_count() if use_gpu is None else (gpu_count() if use_gpu else 0)
     on_gpu = gpus > 0 and spec.type != "hnsw"
     if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
-    if spec.type == "ivf_pq":  # FAISS's default polysemous training is for a search mode not used here: 17x slower builds
+    if spec.type == "ivf_pq":  # FAISS's default polysemous training serves a search mode not used here (17x slower)
         faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     if not index.is_trained:
         rng = np.random.default_rng(seed)
@@ -105,7 +106,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, *, use_gpu: bool | None = 
     add_to(index, vectors)
     if on_gpu:
         index = faiss.index_gpu_to_cpu(index)
-    _set_search_params(index, spec)
+    set_search_params(index, spec)
     return index
 
 
@@ -114,7 +115,8 @@ def add_to(index, vectors: np.ndarray, chunk: int = 65_536) -> None:
         index.add(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
 
 
-def _set_search_params(index, spec: IndexSpec) -> None:
+def set_search_params(index, spec: IndexSpec) -> None:
+    """Set the search depth ``spec`` asks for (HNSW efSearch, IVF nprobe) on a built or read index."""
     import faiss
 
     if spec.type.startswith("ivf"):
@@ -129,9 +131,9 @@ def search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
 
     ``allowed`` (a bool per vector position: not removed, and matching the request's filter) is applied *inside* the
     search, so top-k stays full under selective filters: up to ``exact_max`` allowed vectors (and at most
-    EXACT_MAX_SHARE of the index: 5% on flat, 25% on HNSW) are scored exactly from the index's own storage (flat and HNSW keep the vectors);
-    otherwise FAISS searches with an ``IDSelectorBitmap`` and a search depth (HNSW efSearch, IVF nprobe) widened by
-    the inverse of the allowed share.
+    EXACT_MAX_SHARE of the index: 5% on flat, 25% on HNSW) are scored exactly from the index's own storage (flat
+    and HNSW keep the vectors); otherwise FAISS searches with an ``IDSelectorBitmap`` and a search depth (HNSW
+    efSearch, IVF nprobe) widened by the inverse of the allowed share.
     """
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     if allowed is None:
@@ -214,5 +216,5 @@ def read_index(path: str | Path, spec: dict[str, Any] | None = None):
 
     index = faiss.read_index(str(path))
     if spec is not None:
-        _set_search_params(index, IndexSpec(spec["type"], spec["params"]))
+        set_search_params(index, IndexSpec(spec["type"], spec["params"]))
     return index

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.synthetic_vectors import PageVectors, VectorProfile, neighbour_profile
 from ray_vdr.config import IndexConfig
 from ray_vdr.corpus.faiss_index import build_index, choose_spec, search
-from ray_vdr.corpus.synthetic_vectors import PageVectors, VectorProfile, neighbour_profile
 
 
 def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
