@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ray_vdr.config import VDRConfig
+from ray_vdr.config import TrainConfig, VDRConfig
 from ray_vdr.data.triplets import TripletSpec
 from ray_vdr.storage import copy_tree, is_file, read_bytes, read_json_files, write_bytes, write_table
 from ray_vdr.train.recipes import RECIPES
@@ -23,7 +23,7 @@ from ray_vdr.train.recipes import RECIPES
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["TrainResult", "plan_steps", "preflight", "run", "start_feeder"]
+__all__ = ["TrainResult", "plan_steps", "preflight", "run", "seeded_stream", "start_feeder"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,18 @@ def _check_hub_model(field: str, name: str) -> None:
         raise FileNotFoundError(f"{field}: {unreachable(f'the model {name!r}', e)}") from None
 
 
+def seeded_stream(train_ds: ray.data.Dataset, train: TrainConfig) -> ray.data.Dataset:
+    """The training stream in an order that depends on the data and ``train.seed`` only: its blocks in a seeded
+    random order (with ``train.shuffle_buffer``), and the order of the blocks entering that shuffle fixed too.
+
+    Ray Data hands blocks on in the order their tasks finish unless the dataset preserves order, so two runs with
+    the same seed trained on different batches from the first step (the demo's NDCG@10 at dim 64: 0.31 and 0.36;
+    docs/bench/notes/learning.md, 2026-12-04). Mutates the dataset's own DataContext (a read copies the global one).
+    """
+    train_ds.context.execution_options.preserve_order = True
+    return train_ds.randomize_block_order(seed=train.seed) if train.shuffle_buffer else train_ds
+
+
 def start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: int | None):
     """The actor that turns the validated stream into global batches (see ray_vdr.train.feeder)."""
     import ray
@@ -139,12 +151,10 @@ def start_feeder(cfg: VDRConfig, train_ds, world: int, max_steps: int, n_rows: i
         epochs = math.ceil(cfg.train.epochs or 1)
     image_columns = TripletSpec.from_config(cfg.data, split="train").output_columns[2:]
     actor = ray.remote(num_cpus=0, max_concurrency=world + 4)(BatchFeeder)
-    if cfg.train.shuffle_buffer:
-        train_ds = train_ds.randomize_block_order(seed=cfg.train.seed)
-    return actor.remote(train_ds, world_size=world, per_device=cfg.train.per_device_batch_size,
-                        image_columns=image_columns, epochs=epochs, dedup=cfg.train.duplicate_free_batches,
-                        fetch_steps=cfg.train.fetch_steps, shuffle_buffer=cfg.train.shuffle_buffer,
-                        seed=cfg.train.seed)
+    return actor.remote(seeded_stream(train_ds, cfg.train), world_size=world,
+                        per_device=cfg.train.per_device_batch_size, image_columns=image_columns, epochs=epochs,
+                        dedup=cfg.train.duplicate_free_batches, fetch_steps=cfg.train.fetch_steps,
+                        shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.train.seed)
 
 
 def _completed(cfg: VDRConfig, rejects_uri: str, start: float, metrics: dict[str, Any] | None = None) -> TrainResult:

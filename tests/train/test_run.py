@@ -37,6 +37,34 @@ def test_lr_schedule_follows_rows():
     assert lr_factor(1.0, 0.1) == 0.0 and lr_factor(1.7, 0.1) == 0.0 and lr_factor(0.5, 0.0) == 0.5
 
 
+def test_stream_order_depends_on_the_seed_not_on_which_read_task_ends_first(ray_local):
+    """The feeder reads rows in the same order whichever read task finishes first (the same seed used to train on
+    different batches run to run: docs/bench/notes/learning.md, 2026-12-04); another seed gives another order."""
+    import time
+
+    import ray.data
+
+    from ray_vdr.config import TrainConfig
+    from ray_vdr.train.run import seeded_stream
+
+    def order(slow_block: int, seed: int) -> list[int]:
+        def delay(batch):
+            if batch["id"][0] // 16 == slow_block:
+                time.sleep(0.5)  # this block's task finishes after the others
+            return batch
+
+        stream = seeded_stream(ray.data.range(64, override_num_blocks=4).map_batches(delay, batch_size=None),
+                               TrainConfig(seed=seed))
+        # read as the feeder reads it: a local shuffle buffer seeded per epoch
+        batches = stream.iter_batches(batch_size=8, local_shuffle_buffer_size=16, local_shuffle_seed=seed)
+        return [int(i) for batch in batches for i in batch["id"]]
+
+    first = order(slow_block=0, seed=12)
+    assert sorted(first) == list(range(64))
+    assert order(slow_block=3, seed=12) == first
+    assert order(slow_block=0, seed=13) != first
+
+
 def _config(synthetic, tiny_qwen, tmp_path, *overrides: str):
     syn, _ = synthetic
     return load_config(ROOT / "configs/demo.yaml", [
