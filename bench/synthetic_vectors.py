@@ -140,7 +140,8 @@ def neighbour_profile(data: np.ndarray, queries: np.ndarray, k: int = 10, lid_k:
         top_s = np.concatenate(top)
         dist = np.sqrt(np.maximum(2 - 2 * top_s, 1e-12))
         lid = -1.0 / np.mean(np.log(dist[:, :-1] / dist[:, -1:]), axis=1)
-        out |= {f"{name}_top1_cos": float(np.median(top_s[:, 0])), f"{name}_top{k}_cos": float(np.median(top_s[:, k - 1])),
+        out |= {f"{name}_top1_cos": float(np.median(top_s[:, 0])),
+                f"{name}_top{k}_cos": float(np.median(top_s[:, k - 1])),
                 f"{name}_median_cos": float(np.median(np.concatenate(median_cos))),
                 f"{name}_relative_contrast": float(np.median(np.concatenate(mean_d) / dist[:, k - 1])),
                 f"{name}_lid": float(np.median(lid))}
