@@ -10,7 +10,7 @@ Measured, on random normalised vectors (a size does not depend on the vectors) a
 - the id table a replica holds beside the index (ids.parquet, row i = vector i): key (64 hex), doc_id (~30 chars),
   source (~80), page (int32), shard (45), row (int32), file_hash (64 hex), content (64 hex), live (bool), metadata
   (JSON, ~80 chars): its Arrow ``nbytes`` and the resident memory gained reading it from Parquet; and the filter
-  columns ``ray_vdr.corpus.metadata.PositionFields`` builds from it (numpy object arrays), where that module exists;
+  columns ``ray_vdr.corpus.metadata.PositionFields`` builds from it (numpy object arrays);
 - a process with the Retriever's imports (``serving.deployments``, faiss, pyarrow): its resident memory.
 
 Per page means marginal: (figure at the largest n − figure at the smallest) ÷ the difference in n, so fixed parts (IVF
@@ -165,6 +165,7 @@ def main() -> int:
     p.add_argument("--headroom", type=float, default=0.25, help="share of a replica's memory kept free")
     args = p.parse_args()
     import faiss
+    import pyarrow.parquet as pq
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     dims = [int(d) for d in args.dims.split(",")]
@@ -219,25 +220,16 @@ def main() -> int:
                 ids["widths"] = {c: round(float(np.mean([len(v) for v in table.column(c).to_pylist()[:1000]])), 1)
                                  for c in table.column_names if table.schema.field(c).type == "string"}
             path = Path(tmp) / f"ids-{n}.parquet"
-            import pyarrow.parquet as pq
-
             pq.write_table(table, path)
             row = {"n": n, "nbytes": table.nbytes, **{k: v for k, v in loaded("ids", str(path)).items()
                                                       if k in ("grown", "peak")}}
-            try:
-                import ray_vdr.corpus.metadata  # noqa: F401
-
-                f = loaded("filters", str(path))
-                row.update(filters_grown=f["grown"], filters_peak=f["peak"])
-            except ImportError:
-                pass
+            f = loaded("filters", str(path))
+            row.update(filters_grown=f["grown"], filters_peak=f["peak"])
             ids["rows"].append(row)
             print(f"id table {n:,} rows: nbytes {table.nbytes / n:.1f} B/row, loaded from Parquet +{row['grown']:,} B "
-                  f"(peak +{row['peak']:,})" + (f", PositionFields +{row['filters_grown']:,} B"
-                                                  if "filters_grown" in row else ""), flush=True)
+                  f"(peak +{row['peak']:,}), PositionFields +{row['filters_grown']:,} B", flush=True)
             del table
-        ids["per_row"] = {k: round(marginal(ids["rows"], k), 1) for k in ("nbytes", "grown", "peak", "filters_grown")
-                          if k in ids["rows"][0]}
+        ids["per_row"] = {k: round(marginal(ids["rows"], k), 1) for k in ("nbytes", "grown", "peak", "filters_grown")}
         report["ids"] = ids
 
     report["computed"] = capacity(report, [float(m) for m in args.memory.split(",")], args.headroom,
@@ -250,10 +242,9 @@ def main() -> int:
     print(f"  id table: {ids['per_row']}")
     print("\nCOMPUTED (not measured) largest corpus per replica, " + report["computed"]["formula"])
     for r in report["computed"]["rows"]:
-        filters = r.get("one_generation_with_filters")
         print(f"  {r['type']:<8} {r['dim']:>5}-d{'*' if r['interpolated'] else ' '} {r['memory_gib']:>5.0f} GiB: "
-              f"one generation {r['one_generation']:>13,} pages, two generations {r['two_generations']:>13,}"
-              + (f", one generation with filter columns {filters:>13,}" if filters else ""))
+              f"one generation {r['one_generation']:>13,} pages, two generations {r['two_generations']:>13,}, one "
+              f"generation with filter columns {r['one_generation_with_filters']:>13,}")
     print("  (* per-page figures interpolated between the measured dimensions)")
     print(f"\ndone in {report['seconds']:.0f} s")
     common.write_json(args.json, report)
@@ -279,7 +270,6 @@ def capacity(report: dict, memory_gib: list[float], headroom: float, dims: list[
     ids = report["ids"]["per_row"]
     base = report["baseline"]["rss"]
     ids_steady, ids_peak = max(ids["nbytes"], ids["grown"]), max(ids["nbytes"], ids["grown"], ids["peak"])
-    filters = ids.get("filters_grown")
     rows = []
     for kind, by_dim in report["per_page"].items():
         for dim in dims:
@@ -291,9 +281,8 @@ def capacity(report: dict, memory_gib: list[float], headroom: float, dims: list[
                 row = {"type": kind, "dim": dim, "interpolated": interpolated, "memory_gib": gib,
                        "bytes_per_page": round(steady, 1),
                        "one_generation": int((usable - PAGE_CACHE) / peak),
-                       "two_generations": int((usable - 2 * PAGE_CACHE) / (steady + peak))}
-                if filters:
-                    row["one_generation_with_filters"] = int((usable - PAGE_CACHE) / (peak + filters))
+                       "two_generations": int((usable - 2 * PAGE_CACHE) / (steady + peak)),
+                       "one_generation_with_filters": int((usable - PAGE_CACHE) / (peak + ids["filters_grown"]))}
                 rows.append(row)
     return {"headroom": headroom, "baseline_bytes": base, "page_cache_bytes": PAGE_CACHE,
             "formula": f"memory x (1 - {headroom}) - the Retriever process ({base / 2**20:,.0f} MiB, measured) - "

@@ -98,6 +98,9 @@ def ray_head():
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp}",
+             # the job agent's own port (default 52365): another Ray on the machine holding it leaves no agent to
+             # submit jobs to ("No available agent to submit job")
+             f"--dashboard-agent-listen-port={_free_port()}",
              "--disable-usage-stats"],
             env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(f"http://127.0.0.1:{dashboard}", env, proc, log)

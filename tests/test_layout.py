@@ -65,8 +65,8 @@ def _imports(module: str, modules: Modules) -> list[tuple[str, list[str], int]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 if sub in modules:  # `from pkg import module`
@@ -195,8 +195,7 @@ def test_the_rules_catch_violations(tmp_path):
     files = {
         "ray_vdr/__init__.py": '"""The library package of the self-check."""',
         "ray_vdr/a.py": '"""x"""\nfrom ray_vdr import b\n\nb._hidden()\n',
-        "ray_vdr/b.py": '"""The module the self-check imports in a cycle."""\n\n\n'
-                        'def f():\n    from ray_vdr.a import g\n',
+        "ray_vdr/b.py": '"""The module the self-check imports in a cycle."""\ndef f():\n    from ray_vdr.a import g\n',
         "ray_vdr/c.py": '"""The module of the self-check that imports a test."""\nimport tests.helpers\n',
         "tests/__init__.py": "",
         "tests/helpers.py": "def _private():\n    pass\n" + "\n" * MAX_LINES,
