@@ -13,6 +13,11 @@ import pytest
 from bench import common
 from ray_vdr.client import EndpointClient
 
+TIMINGS = {**dict.fromkeys(("embed_ms", "search_ms", "rerank_ms", "embed_compute_ms", "search_compute_ms",
+                            "rerank_compute_ms", "embed_batch", "rerank_batch"), 0), "total_ms": 1.5}
+ANSWER = {"query": "q", "image_query": False, "top_k": 10, "generation": "g-1", "rerank_depth": 0, "results": [],
+          "timings": TIMINGS}  # a SearchResponse (ray_vdr.protocol) with no hits
+
 
 class StubEndpoint(BaseHTTPRequestHandler):
     """POST /<app>/search: 503 with Retry-After for the query "busy", else an empty answer with the ingress's timings;
@@ -24,8 +29,7 @@ class StubEndpoint(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.seen.append(self.path)
         busy = body["query"] == "busy"
-        raw = json.dumps({"detail": "over capacity"} if busy else
-                         {"results": [], "generation": "g-1", "timings": {"total_ms": 1.5}}).encode()
+        raw = json.dumps({"detail": "over capacity"} if busy else ANSWER).encode()
         self.send_response(503 if busy else 200)
         if busy:
             self.send_header("Retry-After", "3")
@@ -48,7 +52,7 @@ def stub():
 
 def test_a_search_reply_carries_its_status_timings_and_retry_after(stub):
     ok = common.timed_search(EndpointClient(stub + "/a/"), "revenue", rerank_depth=0)
-    assert ok.status == 200 and ok.timings == {"total_ms": 1.5} and ok.ms > 0 and ok.retry_after is None
+    assert ok.status == 200 and ok.timings == TIMINGS and ok.ms > 0 and ok.retry_after is None
     busy = common.timed_search(EndpointClient(stub + "/a/"), "busy", rerank_depth=0)
     assert (busy.status, busy.timings, busy.retry_after) == (503, {}, "3")
 
