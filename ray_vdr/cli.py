@@ -101,6 +101,8 @@ def cmd_embed(cfg: VDRConfig) -> int:
           f"pages {p.added} added, {p.removed} removed, {p.unchanged} unchanged")
     for r in s.documents_rejected:
         print(f"  rejected {r['source']}: {r['reason']}: {r['detail']}")
+    print(f"sources: {s.sources_read} of {s.source_files} read and hashed ({s.source_bytes_read:,} bytes), the others "
+          "unchanged in size and modification time")
     print(f"this run: {s.pages_embedded} pages embedded, {s.pages_rejected} rejected "
           f"(reasons in {result.output}/rejects), {s.pages_done_before} done by earlier runs, "
           f"{s.duplicates_removed} duplicates removed; {s.pages_per_second} pages/s over {s.stream_seconds}s")

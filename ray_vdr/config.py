@@ -330,8 +330,13 @@ class IndexConfig(_Strict):
     output: str = Field("./index", description="Folder or URI for page shards, rejects, the FAISS index and manifest.")
     mode: Literal["sync", "append"] = Field(
         "sync", description="'sync': the index mirrors its sources on every run: new and changed files are embedded, "
-        "the pages of changed and deleted files are removed, unchanged files are skipped unread (by content hash). "
+        "the pages of changed and deleted files are removed, unchanged files are skipped (by content hash). "
         "'append': pages are only ever added (a changed file's old pages stay searchable)."
+    )
+    rehash: bool = Field(
+        False, description="Read and hash every source on a sync. By default a source whose size and modification "
+        "time (on object stores: last-modified time) are those recorded at the last sync is not read: a sync costs "
+        "what changed. Set it where a file can change without either changing."
     )
     metadata: str | None = Field(
         None, description="A metadata table (Parquet, or JSONL) with a 'source' or 'doc_id' column and one column per "

@@ -274,7 +274,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     from ray_vdr.cluster import init_ray
     from ray_vdr.corpus.build import build_version, read_all_ids
     from ray_vdr.corpus.metadata import read_metadata_table
-    from ray_vdr.corpus.sync import compact, plan
+    from ray_vdr.corpus.sync import compact, plan, reuse_hashes
     from ray_vdr.corpus.versions import live_ids, next_version, publish, read_docs, retired_shards
     from ray_vdr.models.load import embedding_dimension, local_model
 
@@ -292,8 +292,12 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     _check_output(ix, binding)
     init_ray()
     current = read_manifest(ix.output)
-    listed = _hash_sources(files, ix)
-    the_plan = plan(listed, read_docs(ix.output, current), ix.mode, table)
+    current_docs = read_docs(ix.output, current)
+    listed = _hash_sources(files if ix.rehash else reuse_hashes(files, current_docs), ix)
+    read = [r for r in listed if r["hashed"]]
+    logger.info("%d of %d source files read and hashed (%s bytes); the others' size and modification time are "
+                "unchanged since the last sync", len(read), len(files), f"{sum(r['bytes_read'] for r in read):,}")
+    the_plan = plan(listed, current_docs, ix.mode, table)
     for r in the_plan.rejects:
         logger.warning("rejected %s: %s (%s)", r["source"], r["reason"], r["detail"])
     retired = retired_shards(current)
@@ -314,7 +318,8 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
         if current and current.version is not None else set()
     after = set(ids.filter(pc.field("live")).column("key").to_pylist())
     summary = EmbedSummary(
-        mode=ix.mode, source_files=len(files), documents=the_plan.documents,
+        mode=ix.mode, source_files=len(files), sources_read=len(read),
+        source_bytes_read=sum(r["bytes_read"] for r in read), documents=the_plan.documents,
         pages=PageCounts(added=len(after - before), removed=len(before - after), unchanged=len(after & before)),
         pages_embedded=totals["pages"], pages_rejected=totals["rejects"], pages_done_before=len(known),
         documents_rejected=the_plan.rejects[:100], duplicates_removed=removed, batches=totals["batches"],

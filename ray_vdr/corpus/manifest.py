@@ -69,6 +69,9 @@ class EmbedSummary(_Record):
 
     mode: str
     source_files: int
+    sources_read: int = Field(0, description="Source files read and hashed: new ones, and those whose size or "
+                              "modification time changed (all of them with index.rehash).")
+    source_bytes_read: int = 0
     documents: dict[str, int] = Field(description="added, updated, removed, unchanged, metadata_updated, rejected.")
     pages: PageCounts
     pages_embedded: int

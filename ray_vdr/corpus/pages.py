@@ -73,6 +73,7 @@ class SourceFile:
     sidecar: str | None = None  # an image's text file (<file>.txt next to it)
     meta_sidecar: str | None = None  # the document's metadata (<file>.json next to it)
     file_hash: str | None = None  # its content hash, when known (sync: from the hashing pass)
+    stamp: str | None = None  # "size:mtime_ns" as listed: a sync does not read a file whose stamp is unchanged
 
 
 def list_sources(sources: list[str]) -> list[SourceFile]:
@@ -88,12 +89,14 @@ def list_sources(sources: list[str]) -> list[SourceFile]:
             raise FileNotFoundError(f"index source {src!r} does not exist")
         prefix = src.split("://", 1)[0] + "://" if "://" in src else ""
         if info.type == pafs.FileType.File:
-            files, root = [path], posixpath.dirname(path)
-            files += [p for p in (path + SIDECAR_SUFFIX, path + META_SUFFIX)
-                      if fs.get_file_info(p).type == pafs.FileType.File]
+            infos, root = [info], posixpath.dirname(path)
+            infos += [i for i in fs.get_file_info([path + SIDECAR_SUFFIX, path + META_SUFFIX])
+                      if i.type == pafs.FileType.File]
         else:
-            files, root = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            infos, root = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                            if f.type == pafs.FileType.File and not posixpath.basename(f.path).startswith(".")], path
+        stamps = {i.path: _stamp(i) for i in infos}
+        files = list(stamps)
         present = set(files)
         texts = {f for f in files if f.endswith(SIDECAR_SUFFIX) and _kind(f[: -len(SIDECAR_SUFFIX)]) == "image"
                  and f[: -len(SIDECAR_SUFFIX)] in present}
@@ -101,8 +104,15 @@ def list_sources(sources: list[str]) -> list[SourceFile]:
         for f in sorted(present - texts - metas):
             text, meta = f + SIDECAR_SUFFIX, f + META_SUFFIX
             out.append(SourceFile(prefix + f, posixpath.relpath(f, root), _kind(f),
-                                  prefix + text if text in texts else None, prefix + meta if meta in metas else None))
+                                  prefix + text if text in texts else None, prefix + meta if meta in metas else None,
+                                  stamp=stamps[f]))
     return out
+
+
+def _stamp(info: pafs.FileInfo) -> str | None:
+    """What says a file changed without reading it: its size and modification time (an object store's last-modified
+    time: every write of an object sets it). None where the filesystem gives no time."""
+    return None if info.mtime_ns is None else f"{info.size}:{info.mtime_ns}"
 
 
 def _kind(path: str) -> str:

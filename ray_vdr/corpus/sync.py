@@ -1,12 +1,14 @@
 """Keeping an index in step with its sources: hashing them, planning what changed, deleting and compacting.
 
-``ray-vdr embed`` with ``index.mode: sync`` (the default) makes the index mirror its sources: each file is hashed
-(a Ray Data pass that reads bytes, never decodes), and compared by normalised URI with the current version's
-documents: new and changed files are embedded, the pages of changed and deleted files are removed, unchanged files
-are skipped, and a file whose metadata alone changed is updated without re-embedding. ``index.mode: append`` never
-removes anything. ``ray-vdr delete`` removes documents by doc_id, source or metadata filter; ``ray-vdr compact``
-drops removed pages for good (also run automatically when they pass ``index.compact_removed_share``). Every change
-is a new version, published atomically (:mod:`ray_vdr.corpus.versions`).
+``ray-vdr embed`` with ``index.mode: sync`` (the default) makes the index mirror its sources: each file whose size
+and modification time differ from those recorded at the last sync is hashed (a Ray Data pass that reads bytes, never
+decodes; the others are not read at all, so a sync costs what changed), and compared by normalised URI with the
+current version's documents: new and changed files are embedded, the pages of changed and deleted files are removed,
+unchanged files are skipped, and a file whose metadata alone changed is updated without re-embedding.
+``index.mode: append`` never removes anything. ``ray-vdr delete`` removes documents by doc_id, source or metadata
+filter; ``ray-vdr compact`` drops removed pages for good (also run automatically when they pass
+``index.compact_removed_share``). Every change is a new version, published atomically
+(:mod:`ray_vdr.corpus.versions`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -27,32 +29,47 @@ from ray_vdr.storage import fs_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Plan", "compact", "delete", "hash_file", "plan"]
+__all__ = ["Plan", "compact", "delete", "hash_file", "plan", "reuse_hashes"]
 
 CHUNK = 8 << 20
 
 
+def reuse_hashes(files: list[SourceFile], current_docs: pa.Table) -> list[SourceFile]:
+    """``files`` with the content hash of each one whose stamp (size, modification time) equals the one its document
+    was recorded with: those need not be read (pure)."""
+    known = {(s, st): h for s, st, h in zip(current_docs.column("source").to_pylist(),
+                                            current_docs.column("stamp").to_pylist(),
+                                            current_docs.column("file_hash").to_pylist(), strict=True) if st and h}
+    return [replace(f, file_hash=known[f.uri, f.stamp]) if f.stamp and (f.uri, f.stamp) in known else f
+            for f in files]
+
+
 def hash_file(row: dict[str, Any]) -> dict[str, Any]:
     """Ray Data stage: a source's content hash (equal to the page key of its bytes) and its sidecar metadata, read
-    but not parsed for pages."""
+    but not parsed for pages. A row that comes with its hash (:func:`reuse_hashes`) is not read (``hashed``
+    False); ``bytes_read`` counts what was."""
     from ray_vdr.corpus.metadata import MAX_SIDECAR_BYTES
 
-    fs, path = fs_path(row["uri"])
-    h, error = hashlib.sha256(), None
-    try:
-        with fs.open_input_stream(path) as fh:
-            while chunk := fh.read(CHUNK):
-                h.update(chunk)
-    except OSError as e:
-        error = f"{type(e).__name__}: {e}"
-    h.update(b"\0")
     sidecar = None
-    if row.get("meta_sidecar"):
+    if row.get("meta_sidecar"):  # small, and its own file: a metadata-only change is seen without the source
         mfs, mpath = fs_path(row["meta_sidecar"])
         with mfs.open_input_stream(mpath) as fh:
             data = fh.read(MAX_SIDECAR_BYTES + 1)
         sidecar = data.decode("latin-1")  # bytes, carried as text; decoded as UTF-8 by read_sidecar
-    return {**row, "file_hash": h.hexdigest() if error is None else None, "read_error": error, "sidecar_raw": sidecar}
+    if row.get("file_hash"):
+        return {**row, "read_error": None, "sidecar_raw": sidecar, "hashed": False, "bytes_read": 0}
+    fs, path = fs_path(row["uri"])
+    h, error, size = hashlib.sha256(), None, 0
+    try:
+        with fs.open_input_stream(path) as fh:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    h.update(b"\0")
+    return {**row, "file_hash": h.hexdigest() if error is None else None, "read_error": error, "sidecar_raw": sidecar,
+            "hashed": True, "bytes_read": size}
 
 
 @dataclass
@@ -82,7 +99,7 @@ def plan(listed: list[dict[str, Any]], current_docs: pa.Table, mode: str,
             counts["rejected"] += 1
             continue
         doc = {"source": f["uri"], "doc_id": f["doc_id"], "kind": f["kind"], "file_hash": f["file_hash"] or "",
-               "metadata": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
+               "metadata": json.dumps(meta, sort_keys=True, separators=(",", ":")), "stamp": f.get("stamp")}
         before = current.get(f["uri"], [])
         same = [d for d in before if d["file_hash"] == doc["file_hash"]]
         if f["file_hash"] is None:  # unreadable now: the embedding stage writes its reject
@@ -98,7 +115,7 @@ def plan(listed: list[dict[str, Any]], current_docs: pa.Table, mode: str,
             docs += before
         docs.append(doc)
         embed.append(SourceFile(f["uri"], f["doc_id"], f["kind"], f.get("sidecar"), f.get("meta_sidecar"),
-                                f["file_hash"]))
+                                f["file_hash"], f.get("stamp")))
     if mode == "append":
         docs += [d for src, ds in current.items() if src not in seen for d in ds]
     else:

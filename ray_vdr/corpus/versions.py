@@ -49,8 +49,9 @@ __all__ = [
 ]
 
 VERSIONS = "versions"
+# stamp: the source's size and modification time when it was hashed (null in versions written before stamps)
 DOCS_SCHEMA = pa.schema([("source", pa.string()), ("doc_id", pa.string()), ("kind", pa.string()),
-                         ("file_hash", pa.string()), ("metadata", pa.string())])
+                         ("file_hash", pa.string()), ("metadata", pa.string()), ("stamp", pa.string())])
 CHAOS_ENV = "RAY_VDR_CHAOS_PUBLISH"  # tests: SIGKILL the writer after the version's files, before the commit
 
 
@@ -75,7 +76,10 @@ def read_docs(output: str, manifest: IndexManifest | None) -> pa.Table:
     """The documents of a version (empty for none, or an index from before versions)."""
     if manifest is None or manifest.files.docs is None:
         return DOCS_SCHEMA.empty_table()
-    return read_table(f"{output}/{manifest.files.docs}")
+    docs = read_table(f"{output}/{manifest.files.docs}")
+    if "stamp" not in docs.column_names:  # written before stamps: every source is read once at the next sync
+        docs = docs.append_column("stamp", pa.nulls(docs.num_rows, pa.string()))
+    return docs
 
 
 def docs_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,63 @@ def _pages_of(index, doc_id: str) -> list[str]:
     return [r["key"] for r in ids if r["doc_id"] == doc_id and r["live"]]
 
 
+def test_a_sync_reads_only_sources_whose_size_or_time_changed(tmp_path, page_pngs, monkeypatch):
+    """The hashing stage (no Ray), through a filesystem that counts what is opened: a resync of an unchanged corpus
+    opens no source (the metadata sidecars alone), a touched file with the same bytes is read and keeps its hash, an
+    edited one is read and gets a new hash; index.rehash reads them all."""
+    import pyarrow.fs as pafs
+
+    from ray_vdr.corpus import sync
+    from ray_vdr.corpus.pages import list_sources
+    from ray_vdr.corpus.versions import docs_table
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    for i in range(3):
+        (src / f"p{i}.png").write_bytes(page_pngs[i])
+    (src / "p0.png.json").write_text('{"collection": "a"}')
+    opened: list[str] = []
+
+    class Counting:
+        def __init__(self):
+            self.local = pafs.LocalFileSystem()
+
+        def open_input_stream(self, path):
+            opened.append(Path(path).name)
+            return self.local.open_input_stream(path)
+
+    monkeypatch.setattr(sync, "fs_path", lambda uri: (Counting(), str(Path(uri).resolve())))
+
+    def synced(docs):
+        files = list_sources([str(src)])
+        listed = [sync.hash_file(asdict(f)) for f in sync.reuse_hashes(files, docs)]
+        plan = sync.plan(listed, docs, "sync")
+        return listed, plan, docs_table(plan.docs)
+
+    first, _, docs = synced(docs_table([]))
+    assert sorted(opened) == ["p0.png", "p0.png.json", "p1.png", "p2.png"] and all(r["hashed"] for r in first)
+    opened.clear()
+    again, plan, docs = synced(docs)
+    assert opened == ["p0.png.json"] and not any(r["hashed"] for r in again), "no source read"
+    assert [r["file_hash"] for r in again] == [r["file_hash"] for r in first] and plan.documents["unchanged"] == 3
+
+    opened.clear()
+    st = os.stat(src / "p1.png")
+    os.utime(src / "p1.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
+    (src / "p2.png").write_bytes(page_pngs[3])
+    third, plan, docs = synced(docs)
+    assert sorted(opened) == ["p0.png.json", "p1.png", "p2.png"]
+    assert [r["file_hash"] == f["file_hash"] for r, f in zip(third, first, strict=True)] == [True, True, False]
+    assert (plan.documents["unchanged"], plan.documents["updated"]) == (2, 1)
+    assert [f.doc_id for f in plan.embed] == ["p2.png"]
+    stamps = dict(zip(docs.column("doc_id").to_pylist(), docs.column("stamp").to_pylist(), strict=True))
+    assert stamps["p1.png"] == f"{st.st_size}:{st.st_mtime_ns + 10**9}", "the touched file's new time is recorded"
+    opened.clear()
+    files = list_sources([str(src)])  # index.rehash: the run hashes the listed files as they are
+    [sync.hash_file(asdict(f)) for f in files]
+    assert sorted(opened) == ["p0.png", "p0.png.json", "p1.png", "p2.png"]
+
+
 @pytest.mark.slow
 def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, page_pngs, tmp_path, capsys):
     from ray_vdr.cli import cmd_delete
@@ -62,6 +120,8 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     table.write_text(json.dumps({"doc_id": "c.pdf", "tenant": "t1", "collection": "hr"}) + "\n")
     v1 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))
     assert v1.summary.documents["added"] == 5 and v1.summary.pages.added == 8
+    assert v1.summary.sources_read == 5 and v1.summary.source_bytes_read == sum(
+        (docs / n).stat().st_size for n in ("a.pdf", "b.pdf", "c.pdf", "d.png", "scans.parquet"))
     bad_row = pq.read_table(out / "rejects").to_pylist()
     assert [(r["doc_id"], r["reason"]) for r in bad_row] == [("scan-3", "bad_metadata_type")], bad_row
     first = open_index(str(out))
@@ -69,7 +129,8 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     assert len(old_b) == 2 and len(old_c) == 1
     assert first.search(_stored(out)[old_c[0]][None], 1)[0][0]["metadata"] == {"tenant": "t1", "collection": "hr"}
 
-    # change b (3 new pages), delete c, add e, change a's metadata only, add two documents with bad sidecars
+    # change b (3 new pages), delete c, add e, change a's metadata only, add two documents with bad sidecars; touch d
+    # (a new modification time, the same bytes): it is read again, hashed and kept
     (docs / "b.pdf").write_bytes(images_pdf(p[6:9]))
     (docs / "c.pdf").unlink()
     (docs / "e.pdf").write_bytes(images_pdf(p[9:10]))
@@ -78,8 +139,10 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     (docs / "f.pdf.json").write_text('{"collection": "x",')
     (docs / "g.pdf").write_bytes(images_pdf(p[11:12]))
     (docs / "g.pdf.json").write_text('{"tenant": 5}')
+    os.utime(docs / "d.png", ns=(os.stat(docs / "d.png").st_atime_ns, os.stat(docs / "d.png").st_mtime_ns + 10**9))
     v2 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))
     s = v2.summary
+    assert s.sources_read == 5, "b, e, f, g and the touched d; not a (its metadata alone changed) nor scans.parquet"
     assert s.documents == {"added": 1, "updated": 1, "removed": 1, "unchanged": 2, "metadata_updated": 1,
                               "rejected": 2}
     assert s.pages.model_dump() == {"added": 4, "removed": 3, "unchanged": 5}
@@ -129,6 +192,10 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
         assert compacted.search(stored[key][None], 1)[0][0]["key"] == key
     v6 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))  # brings back b and e (still in the sources)
     assert v6.summary.documents["added"] == 2 and not any((out / "pages" / n).exists() for n in retired)
+    assert v6.summary.sources_read == 4, "the deleted b and e, the rejected f and g: a, d and scans are not read"
+    again = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}")).summary  # nothing changed
+    assert again.documents["unchanged"] == 5 and again.pages_embedded == 0
+    assert again.sources_read == 2, "only f and g, rejected for their metadata (no document remembers them)"
     assert not set(_stored(out)) & set(old_b + old_c), "removed pages are gone from storage"
 
     # append mode keeps a changed file's old pages
