@@ -21,8 +21,18 @@ ONE_STEP = ["train.max_steps=1", "train.per_device_batch_size=4", "train.mini_ba
             "data.eval=null", "synthetic=null", "model.builder=load"]
 
 
+_REFERENCES: dict[tuple, tuple[float, float, dict]] = {}  # by precision and rows: a strategy does not change it
+
+
 def _reference(cfg, rows: pa.Table) -> tuple[float, float, dict]:
     """Plain MNRL + Matryoshka, one process, the whole global batch, one step with the same arguments."""
+    key = (cfg.train.precision, tuple(rows.column("row_id").to_pylist()))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _train_reference(cfg, rows)
+    return _REFERENCES[key]
+
+
+def _train_reference(cfg, rows: pa.Table) -> tuple[float, float, dict]:
     import tempfile
 
     import datasets
