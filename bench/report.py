@@ -24,6 +24,7 @@ from bench.ann_recall import render as render_ann
 from bench.common import ROOT
 from bench.feeder_scale import render as render_feeder
 from bench.gpu import render as render_gpu
+from bench.sync_cost import render as render_sync_cost
 
 RESULTS = ROOT / "docs" / "bench" / "results"
 NOTES = ROOT / "docs" / "bench" / "notes"
@@ -268,6 +269,7 @@ BENCHES = {b.key: b for b in [
     Bench("querygen", "bench.querygen_throughput", {"cpu": []}, "3", render_querygen),
     Bench("filter-search", "bench.filter_search", {"cpu": []}, "4", render_filter_search),
     Bench("index-scale", "bench.index_scale", {"cpu": []}, "4", render_index_scale),
+    Bench("sync-cost", "bench.sync_cost", {"cpu": []}, "2", render_sync_cost),
     Bench("gpu", "bench.gpu", {"gpu": []}, "8", render_gpu),
 ]}
 
@@ -285,8 +287,8 @@ SECTIONS = [
     Section("API keys and metrics — `bench/serve_security.py`", "serve-security", ["serve-security"]),
     Section("Reranker — mining, training, two-stage evaluation", "rerank", ["rerank"]),
     Section("Training data from unlabeled documents — `bench/querygen_throughput.py`", "querygen", ["querygen"]),
-    Section("Living index: filtered search and scale — `bench/filter_search.py`, `bench/index_scale.py`",
-            "living-index", ["filter-search", "index-scale"]),
+    Section("Living index: filtered search, scale and sync cost — `bench/filter_search.py`, `bench/index_scale.py`, "
+            "`bench/sync_cost.py`", "living-index", ["filter-search", "index-scale", "sync-cost"]),
     Section("GPU — `bash bench/gpu.sh`", "gpu", ["gpu"]),
 ]
 
