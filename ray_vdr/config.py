@@ -345,7 +345,8 @@ class IndexConfig(_Strict):
     )
     compact_removed_share: float = Field(
         0.2, ge=0, le=1, description="Compact (rebuild the index over live pages, drop removed ones from the shards) "
-        "when removed pages pass this share of the index, after a sync or delete. `ray-vdr compact` forces it."
+        "when removed pages pass this share of the index, after a sync or delete (on a sharded index: of a shard, and "
+        "only that shard is rebuilt). `ray-vdr compact` forces it."
     )
     dim: PositiveInt | None = Field(
         None, description="Embedding dimension (Matryoshka truncation). None = output.truncate_dim, else the model's."
@@ -394,6 +395,16 @@ class IndexConfig(_Strict):
         "at 32, no higher beyond: 8-bit codes cap it)."
     )
     pq_bytes: PositiveInt | None = Field(None, description="IVF-PQ code size in bytes per vector. None = dim / 8.")
+    shards: PositiveInt | Literal["auto"] = Field(
+        1, description="Index shards: a document's pages all go to one shard (by a hash of its doc_id), each shard "
+        "is built by its own Ray task and served by its own Retriever deployment, so no process holds more than one "
+        "shard's vectors and a sync, delete or compaction rebuilds only the shards it touched. 1: one index, as "
+        "before. 'auto': pages / shard_target_pages, rounded up (kept while every shard stays under twice the target)."
+    )
+    shard_target_pages: PositiveInt = Field(
+        20_000_000, description="'shards: auto': pages per shard aimed at (20M at 1024-d is ~82 GB of float32 "
+        "vectors in a flat or HNSW shard, ~22 GB as IVF-SQ8; see the README's 'Scaling the index')."
+    )
 
 
 class ServeDeploymentConfig(_Strict):

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["copy_tree", "dedupe_parts", "fs_path", "is_file", "list_dirs", "list_parts", "part_name", "read_bytes",
-           "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_table"]
+           "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_table", "write_tables"]
 
 
 def fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -67,6 +67,19 @@ def write_table(table: pa.Table, uri: str) -> None:
     _publish(fs, path, lambda target: pq.write_table(table, target, filesystem=fs))
 
 
+def write_tables(tables: list[pa.Table], uri: str) -> None:
+    """One Parquet file of ``tables`` (one schema) in order, each in row groups of its own: a reader filtering on a
+    column constant within each (a shard number) reads only its groups."""
+    fs, path = fs_path(uri)
+
+    def write(target: str) -> None:
+        with pq.ParquetWriter(target, tables[0].schema, filesystem=fs) as writer:
+            for t in tables:
+                writer.write_table(t)
+
+    _publish(fs, path, write)
+
+
 def is_file(uri: str) -> bool:
     fs, path = fs_path(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
@@ -83,9 +96,9 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri)) if is_file(uri) else None
 
 
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+def read_table(uri: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
     fs, path = fs_path(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
 
 
 def part_name(ids: list[str]) -> str:

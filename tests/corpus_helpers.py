@@ -72,41 +72,71 @@ def write_corpus(root: Path, pngs: list[bytes], *, bad: bool = True) -> dict:
     return {"pages": good, "rejects": rejects, "inputs": good + sum(rejects.values())}
 
 
-def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16, seed: int = 0) -> Path:
+def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16, seed: int = 0, *, shards: int = 1,
+                         parts: int = 1, index: dict | None = None) -> Path:
     """Version 1 of an index over random page vectors (no model, no Ray): ``docs`` documents ``doc-<i>`` of
-    ``pages_per_doc`` pages each, in one shard, with metadata ``{"collection": "c<i % 2>"}``."""
-    import json
+    ``pages_per_doc`` pages each, in ``parts`` page parts (documents dealt round-robin), with metadata
+    ``{"collection": "c<i % 2>"}``; ``shards`` index shards (built in this process); ``index``: IndexConfig
+    overrides."""
 
     import numpy as np
 
     from ray_vdr.config import IndexConfig
     from ray_vdr.corpus.build import build_version
     from ray_vdr.corpus.manifest import IndexManifest
-    from ray_vdr.corpus.pages import page_key, scoped
+    from ray_vdr.corpus.shards import build_sharded
     from ray_vdr.corpus.versions import docs_table, live_ids, publish
     from ray_vdr.models.binding import EmbedderBinding
-    from ray_vdr.storage import part_name, write_table
 
     rng = np.random.default_rng(seed)
-    rows, doc_rows = [], []
+    tables, doc_rows = [[] for _ in range(parts)], []
     for d in range(docs):
-        source, file_hash = f"{out.parent}/docs/doc-{d}.pdf", page_key(f"file {d}")
-        doc_rows.append({"source": source, "doc_id": f"doc-{d}", "kind": "pdf", "file_hash": file_hash,
-                         "metadata": json.dumps({"collection": f"c{d % 2}"})})
-        for p in range(pages_per_doc):
-            key, content, _ = scoped(page_key(file_hash, str(p + 1)), source, file_hash)
-            v = rng.standard_normal(dim).astype(np.float32)
-            rows.append({"key": key, "content": content, "file_hash": file_hash, "doc_id": f"doc-{d}",
-                         "source": source, "page": p + 1, "row_metadata": None,
-                         "embedding": (v / np.linalg.norm(v)).tolist()})
+        doc, rows = page_rows(out, d, pages_per_doc, dim, rng)
+        doc_rows.append(doc)
+        tables[d % parts] += rows
+    names = [write_page_part(out, rows, dim) for rows in tables if rows]
+    cfg = IndexConfig.model_validate({**(index or {}), "shards": shards})
+    if shards > 1:
+        fields, ids = build_sharded(str(out), sorted(names), dim, cfg, None, 1, shards)
+    else:
+        fields, ids = build_version(str(out), sorted(names), dim, cfg.model_dump(), None, 1)
+    files = fields.pop("files")
+    docs_t = docs_table(doc_rows)
+    manifest = IndexManifest(model=EmbedderBinding(path="none", fingerprint="none"), dim=dim, **fields, version=1,
+                             files=files)
+    publish(str(out), manifest, docs_t, live_ids(ids, docs_t), None)
+    return out
+
+
+def page_rows(out: Path, d: int, pages: int, dim: int, rng) -> tuple[dict, list[dict]]:
+    """Document ``doc-<d>`` of an index under ``out`` (its docs row) and its pages' rows with random unit vectors."""
+    import json
+
+    import numpy as np
+
+    from ray_vdr.corpus.pages import page_key, scoped
+
+    source, file_hash = f"{out.parent}/docs/doc-{d}.pdf", page_key(f"file {d}")
+    doc = {"source": source, "doc_id": f"doc-{d}", "kind": "pdf", "file_hash": file_hash,
+           "metadata": json.dumps({"collection": f"c{d % 2}"})}
+    rows = []
+    for p in range(pages):
+        key, content, _ = scoped(page_key(file_hash, str(p + 1)), source, file_hash)
+        v = rng.standard_normal(dim).astype(np.float32)
+        rows.append({"key": key, "content": content, "file_hash": file_hash, "doc_id": f"doc-{d}",
+                     "source": source, "page": p + 1, "row_metadata": None,
+                     "embedding": (v / np.linalg.norm(v)).tolist()})
+    return doc, rows
+
+
+def write_page_part(out: Path, rows: list[dict], dim: int) -> str:
+    """Publish ``rows`` as a page part of the index under ``out``; returns its name."""
+    from ray_vdr.storage import part_name, write_table
+
     table = pa.Table.from_pylist(rows).cast(pa.schema([
         ("key", pa.string()), ("content", pa.string()), ("file_hash", pa.string()), ("doc_id", pa.string()),
         ("source", pa.string()), ("page", pa.int32()), ("row_metadata", pa.string()),
         ("embedding", pa.list_(pa.float32(), dim))]))
-    write_table(table, f"{out}/pages/{part_name(table.column('key').to_pylist())}")
-    names = [part_name(table.column("key").to_pylist())]
-    fields, ids = build_version(str(out), names, dim, IndexConfig().model_dump(), None, 1)
-    docs_t = docs_table(doc_rows)
-    manifest = IndexManifest(model=EmbedderBinding(path="none", fingerprint="none"), dim=dim, **fields, version=1)
-    publish(str(out), manifest, docs_t, live_ids(ids, docs_t), None)
-    return out
+    name = part_name(table.column("key").to_pylist())
+    write_table(table, f"{out}/pages/{name}")
+    return name

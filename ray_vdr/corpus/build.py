@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_vdr.corpus.faiss_index import INDEX_FILE, IndexSpec, add_to, build_index, choose_spec, read_index, write_index
@@ -22,7 +23,8 @@ from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.corpus.versions import VERSIONS
 from ray_vdr.storage import fs_path, part_name, read_bytes, read_table, write_bytes, write_table
 
-__all__ = ["ID_COLUMNS", "build_version", "compact_version", "read_all_ids"]
+__all__ = ["ID_COLUMNS", "build_version", "compact_version", "empty_ids", "read_all_ids", "read_index_file",
+           "write_index_file"]
 
 ID_COLUMNS = ["key", "doc_id", "source", "page", "file_hash", "content", "row_metadata"]
 
@@ -47,19 +49,34 @@ def _vectors(output: str, names: list[str]) -> tuple[pa.Table | None, np.ndarray
     return pa.concat_tables(ids), np.concatenate(vecs).astype(np.float32)
 
 
-def _write(index, output: str, version: int) -> tuple[str, int]:
-    rel = f"{VERSIONS}/v-{version:06d}/{INDEX_FILE}"
+def write_index_file(index, output: str, rel: str) -> int:
+    """Write a FAISS index to ``rel`` under the index folder; returns its size in bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         write_index(index, Path(tmp) / INDEX_FILE)
         data = (Path(tmp) / INDEX_FILE).read_bytes()
     write_bytes(data, f"{output}/{rel}")
-    return rel, len(data)
+    return len(data)
 
 
-def _load(output: str, manifest: IndexManifest):
+def read_index_file(output: str, rel: str, spec: dict[str, Any] | None = None):
+    """The FAISS index at ``rel`` under the index folder (read in place when local), with ``spec``'s search depth."""
+    fs, path = fs_path(f"{output}/{rel}")
+    if isinstance(fs, pafs.LocalFileSystem):  # read in place: no second copy of the index in memory
+        return read_index(path, spec)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{manifest.files.index}"))
-        return read_index(Path(tmp) / INDEX_FILE, manifest.index.model_dump())
+        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{rel}"))
+        return read_index(Path(tmp) / INDEX_FILE, spec)
+
+
+def empty_ids() -> pa.Table:
+    """An ids table of no rows (ID_COLUMNS, shard, row)."""
+    return pa.table({c: pa.array([], pa.int32() if c == "page" else pa.string()) for c in ID_COLUMNS}) \
+        .append_column("shard", pa.array([], pa.string())).append_column("row", pa.array([], pa.int32()))
+
+
+def _write(index, output: str, version: int) -> tuple[str, int]:
+    rel = f"{VERSIONS}/v-{version:06d}/{INDEX_FILE}"
+    return rel, write_index_file(index, output, rel)
 
 
 def build_version(output: str, names: list[str], dim: int, index_cfg: dict, current: IndexManifest | None,
@@ -83,7 +100,7 @@ def build_version(output: str, names: list[str], dim: int, index_cfg: dict, curr
         old_ids = read_all_ids(output, current).select([*ID_COLUMNS, "shard", "row"])
         ids = pa.concat_tables([old_ids, ids]) if ids is not None else old_ids
         if len(vectors):
-            index = _load(output, current)
+            index = read_index_file(output, current.files.index, current.index.model_dump())
             add_to(index, vectors)
             rel, size = _write(index, output, version)
         else:  # nothing new: this version shares the current one's index file
@@ -92,8 +109,7 @@ def build_version(output: str, names: list[str], dim: int, index_cfg: dict, curr
     else:
         ids, vectors = _vectors(output, names)
         if ids is None:
-            ids = pa.table({c: pa.array([], pa.int32() if c == "page" else pa.string()) for c in ID_COLUMNS}) \
-                .append_column("shard", pa.array([], pa.string())).append_column("row", pa.array([], pa.int32()))
+            ids = empty_ids()
         index = build_index(vectors, spec) if len(vectors) else None
         rel, size = _write(index, output, version) if index is not None else (None, 0)
         ntotal = int(index.ntotal) if index is not None else 0
@@ -103,29 +119,62 @@ def build_version(output: str, names: list[str], dim: int, index_cfg: dict, curr
     return fields, ids
 
 
-def compact_version(output: str, current: IndexManifest, index_cfg: dict, version: int
-                    ) -> tuple[dict[str, Any], pa.Table]:
-    """Drop the removed pages for good: rewrite every shard holding one with its live rows only (a new shard, named by
-    its keys like any other), and build the index anew over the live rows. The old shards are *retired*: the
-    previous version still uses them while the endpoint switches, and the version after this one deletes them."""
+def compact_version(output: str, current: IndexManifest, index_cfg: dict, version: int,
+                    shards: set[int] | None = None) -> tuple[dict[str, Any], pa.Table]:
+    """Drop the removed pages for good: rewrite every page part holding one with its live rows only (a new part,
+    named by its keys like any other), and build the index anew over the live rows. The old parts are *retired*: the
+    previous version still uses them while the endpoint switches, and the version after this one deletes them.
+    A sharded index rebuilds only the index shards ``shards`` (default: those holding a removed page)."""
     ids = read_all_ids(output, current)
     live = ids.column("live").to_numpy(zero_copy_only=False).astype(bool) if "live" in ids.column_names else \
         np.ones(ids.num_rows, bool)
-    dead_shards = set(ids.filter(pa.array(~live)).column("shard").to_pylist())
-    live_keys = set(ids.filter(pa.array(live)).column("key").to_pylist())
-    names, retired = [], set()
-    for name in current.shards:
-        if name not in dead_shards:
-            names.append(name)
+    if current.index_shards:
+        return _compact_shards(output, current, ids, live, index_cfg, version, shards)
+    dead = ids.filter(pa.array(~live))
+    names, retired, _ = _rewrite_parts(output, current.shards, set(dead.column("shard").to_pylist()),
+                                       set(dead.column("key").to_pylist()))
+    fields, new_ids = build_version(output, names, current.dim, index_cfg, None, version)
+    fields["retired_shards"] = sorted(retired)
+    fields["compacted"] = True
+    return fields, new_ids
+
+
+def _rewrite_parts(output: str, names: list[str], dirty: set[str], drop: set[str]
+                   ) -> tuple[list[str], set[str], dict[str, tuple[str, int]]]:
+    """Rewrite the parts ``dirty`` without the keys ``drop``: (the parts now, those retired, key → (part, row) of
+    every row that moved)."""
+    out, retired, moved = [], set(), {}
+    for name in names:
+        if name not in dirty:
+            out.append(name)
             continue
         t = read_table(f"{output}/pages/{name}")
-        keep = t.filter(pc.is_in(t.column("key"), pa.array(sorted(live_keys), pa.string())))
+        keep = t.filter(pc.invert(pc.is_in(t.column("key"), pa.array(sorted(drop), pa.string()))))
         retired.add(name)
         if keep.num_rows:
-            new = part_name(keep.column("key").to_pylist())
+            keys = keep.column("key").to_pylist()
+            new = part_name(keys)
             write_table(keep, f"{output}/pages/{new}")
-            names.append(new)
-    fields, new_ids = build_version(output, sorted(set(names)), current.dim, index_cfg, None, version)
+            out.append(new)
+            moved.update({k: (new, i) for i, k in enumerate(keys)})
+    return sorted(set(out)), retired, moved
+
+
+def _compact_shards(output: str, current: IndexManifest, ids: pa.Table, live: np.ndarray, index_cfg: dict,
+                    version: int, shards: set[int] | None) -> tuple[dict[str, Any], pa.Table]:
+    """Compaction of a sharded index: only the chosen shards' removed pages leave the parts, only those shards are
+    rebuilt (the others keep their files; the rows that moved to a rewritten part are pointed there)."""
+    from ray_vdr.config import IndexConfig
+    from ray_vdr.corpus.shards import SHARD_COLUMN, build_sharded
+
+    shard = ids.column(SHARD_COLUMN).to_numpy(zero_copy_only=False)
+    chosen = {int(s) for s in np.unique(shard[~live])} if shards is None else set(shards)
+    drop = pa.array(~live & np.isin(shard, sorted(chosen)))
+    dropped = ids.filter(drop)
+    names, retired, moved = _rewrite_parts(output, current.shards, set(dropped.column("shard").to_pylist()),
+                                           set(dropped.column("key").to_pylist()))
+    fields, new_ids = build_sharded(output, names, current.dim, IndexConfig.model_validate(index_cfg), current,
+                                    version, current.shard_count, added=[], rebuild=chosen, moved=moved)
     fields["retired_shards"] = sorted(retired)
     fields["compacted"] = True
     return fields, new_ids

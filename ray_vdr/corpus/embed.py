@@ -274,7 +274,8 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     from ray_vdr.cluster import init_ray
     from ray_vdr.corpus.build import build_version, read_all_ids
     from ray_vdr.corpus.metadata import read_metadata_table
-    from ray_vdr.corpus.sync import compact, plan, reuse_hashes
+    from ray_vdr.corpus.shards import build_sharded, planned_shards
+    from ray_vdr.corpus.sync import compact_if_needed, plan, reuse_hashes
     from ray_vdr.corpus.versions import live_ids, next_version, publish, read_docs, retired_shards
     from ray_vdr.models.load import embedding_dimension, local_model
 
@@ -310,8 +311,13 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
                            first=set(current.shards) if current else set())
     names = [n for n in shards(ix.output, PAGES) if n not in retired]
     version = next_version(current)
-    build = ray.remote(build_version).options(num_gpus=1 if cfg.scaling.use_gpu else 0)  # FAISS uses it if it can
-    fields, ids = ray.get(build.remote(ix.output, names, dim, ix.model_dump(), current, version))
+    gpus = 1 if cfg.scaling.use_gpu else 0  # FAISS uses it if it can
+    n_shards = planned_shards(ix, ix.output, names, current)
+    if n_shards > 1:  # a task per shard, each streaming its own pages' vectors
+        fields, ids = build_sharded(ix.output, names, dim, ix, current, version, n_shards, num_gpus=gpus)
+    else:
+        build = ray.remote(build_version).options(num_gpus=gpus)
+        fields, ids = ray.get(build.remote(ix.output, names, dim, ix.model_dump(), current, version))
     docs = docs_table(the_plan.docs)
     ids = live_ids(ids, docs)
     before = set(read_all_ids(ix.output, current).filter(pc.field("live")).column("key").to_pylist()) \
@@ -326,17 +332,16 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
         stream_seconds=round(totals["stream_seconds"], 2), embed_seconds=round(totals["embed_seconds"], 2),
         pages_per_second=round(totals["pages"] / totals["stream_seconds"], 2) if totals["stream_seconds"] else 0.0,
         steady_pages_per_second=round(totals["steady"], 2),
+        shards_changed=[r.shard for r in fields.get("index_shards", []) if r.action != "kept"],
     )
     built = fields.pop("files")  # the version's index file (None: no vectors at all)
     manifest = IndexManifest(**binding.model_dump(), **fields, version=version, operation=ix.mode,
-                             files={"index": built.get("index")},
+                             files={"index": built.get("index"), "quantizer": built.get("quantizer")},
                              thumbnail_side=ix.thumbnail_side, updated_at=now_iso(), sources=ix.sources,
                              created_at=current.created_at if current else now_iso(), last_run=summary)
     manifest = publish(ix.output, manifest, docs, ids, current)
-    if manifest.removed_pages and manifest.removed_pages / max(1, manifest.vectors) > ix.compact_removed_share:
-        logger.info("removed pages are %.0f%% of the index (> %.0f%%): compacting",
-                    100 * manifest.removed_pages / max(1, manifest.vectors), 100 * ix.compact_removed_share)
-        summary.compaction = compact(ix.output, ix.model_dump())
+    summary.compaction = compact_if_needed(ix.output, ix.model_dump(), ix.compact_removed_share)
+    if summary.compaction is not None:
         manifest = read_manifest(ix.output)
     summary = summary.model_copy(update={
         "version": manifest.version, "index_vectors": manifest.vectors, "live_pages": manifest.live,

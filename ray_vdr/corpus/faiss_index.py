@@ -24,7 +24,7 @@ from ray_vdr.corpus.manifest import INDEX_FILE
 logger = logging.getLogger(__name__)
 
 __all__ = ["INDEX_FILE", "IndexSpec", "add_to", "build_index", "choose_spec", "factory", "filter_path", "read_index",
-           "search", "set_search_params", "write_index"]
+           "search", "set_search_params", "trained_empty", "write_index"]
 
 # Above this share of allowed pages, a filtered search uses the index with a selector rather than exact scoring of
 # the allowed vectors (bench/filter_search.py, 200k x 128-d: on flat the full scan wins from ~5% on, 2.05 ms against
@@ -106,6 +106,27 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, *, use_gpu: bool | None = 
     add_to(index, vectors)
     if on_gpu:
         index = faiss.index_gpu_to_cpu(index)
+    set_search_params(index, spec)
+    return index
+
+
+def trained_empty(spec: IndexSpec, sample: np.ndarray, *, use_gpu: bool | None = None):
+    """An empty CPU index of ``spec`` trained on ``sample`` (IVF types: their coarse quantiser and codes, on GPU when
+    FAISS sees one; flat and HNSW need no training). Indexes filled from copies of it share the quantiser: a sharded
+    IVF index's scores and ``nprobe`` mean the same in every shard."""
+    import faiss
+
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    index = factory(spec, sample.shape[1])
+    if spec.type == "ivf_pq":
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    if not index.is_trained:
+        if (gpu_count() if use_gpu is None else use_gpu and gpu_count()) > 0:
+            gpu = faiss.index_cpu_to_all_gpus(index)
+            gpu.train(sample)
+            index = faiss.index_gpu_to_cpu(gpu)
+        else:
+            index.train(sample)
     set_search_params(index, spec)
     return index
 

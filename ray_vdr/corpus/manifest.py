@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray_vdr.models.binding import EmbedderBinding
 
 __all__ = ["CompactSummary", "CorpusBinding", "DeleteSummary", "EmbedSummary", "IndexFiles", "IndexKind",
-           "IndexManifest", "PageCounts"]
+           "IndexManifest", "IndexShard", "PageCounts"]
 
 INDEX_FILE, IDS_FILE = "index.faiss", "ids.parquet"
 
@@ -47,6 +47,24 @@ class IndexFiles(_Record):
     index: str | None = Field(None, description="The FAISS index (None: every source rejected, no vectors).")
     ids: str = Field(IDS_FILE, description="Row i = vector i: key, doc_id, source, page, shard, row, live, metadata.")
     docs: str | None = Field(None, description="The version's documents.")
+    quantizer: str | None = Field(None, description="A sharded IVF index: the coarse quantizer its shards share.")
+
+
+class IndexShard(_Record):
+    """One shard of a sharded index: its own FAISS index over the pages of the documents hashed to it; its positions
+    are ``offset`` … ``offset + vectors - 1`` of the version's ids (which hold the shards in order)."""
+
+    shard: int
+    index: str | None = Field(None, description="Its FAISS index, relative to the index folder (None: no vectors).")
+    vectors: int = 0
+    offset: int = 0
+    live_pages: int | None = None
+    index_bytes: int = 0
+    action: str = Field("built", description="What this version did to it: built, extended, rebuilt (its removed "
+                        "pages dropped), kept (its files are the previous version's).")
+    build_seconds: float = 0.0
+    peak_rss_bytes: int | None = Field(None, description="Peak resident memory of the task that built it.")
+    start_rss_bytes: int | None = Field(None, description="Resident memory of that task before it read a vector.")
 
 
 class PageCounts(_Record):
@@ -62,6 +80,7 @@ class CompactSummary(_Record):
     removed_pages_dropped: int
     vectors: int
     retired_shards: int
+    shards_rebuilt: list[int] = Field(default_factory=list, description="A sharded index: the shards rebuilt.")
 
 
 class EmbedSummary(_Record):
@@ -85,6 +104,8 @@ class EmbedSummary(_Record):
     pages_per_second: float = 0.0
     steady_pages_per_second: float = 0.0
     compaction: CompactSummary | None = None
+    shards_changed: list[int] = Field(default_factory=list, description="A sharded index: the shards this run built, "
+                                      "extended or rebuilt.")
     version: int | None = None
     index_vectors: int | None = None
     live_pages: int | None = None
@@ -101,6 +122,8 @@ class DeleteSummary(_Record):
     pages_removed: int
     matched: str = Field(description="What was asked for: doc_ids, sources, filter.")
     removed_doc_ids: list[str] = Field(default_factory=list, description="The first 100 removed documents.")
+    shards_changed: list[int] = Field(default_factory=list, description="A sharded index: the shards holding a "
+                                      "removed page (the others' files are the previous version's).")
     compaction: CompactSummary | None = None
 
 
@@ -121,6 +144,8 @@ class IndexManifest(CorpusBinding):
     build_seconds: float = 0.0
     compacted: bool = False
     retired_shards: list[str] = Field(default_factory=list, description="Shards the next version deletes.")
+    index_shards: list[IndexShard] = Field(default_factory=list, description="A sharded index: its shards, in "
+                                           "position order (empty: one FAISS index, files.index).")
     thumbnail_side: int = Field(256, description="Served thumbnails' longest side.")
     normalized: bool = True
     metric: str = "inner_product"
@@ -140,6 +165,11 @@ class IndexManifest(CorpusBinding):
     def removed_share(self) -> float:
         total = self.live + self.removed_pages
         return self.removed_pages / total if total else 0.0
+
+    @property
+    def shard_count(self) -> int:
+        """Shards of this version (1: an unsharded index)."""
+        return len(self.index_shards) or 1
 
     def binding(self) -> CorpusBinding:
         return CorpusBinding(model=self.model, dim=self.dim, dpi=self.dpi, keys=self.keys)

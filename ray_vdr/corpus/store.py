@@ -19,7 +19,6 @@ rather than fail. Readers only: :mod:`ray_vdr.corpus.embed` writes.
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,15 +28,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
-from ray_vdr.corpus.faiss_index import INDEX_FILE, read_index
 from ray_vdr.corpus.manifest import IDS_FILE, CorpusBinding, IndexManifest
-from ray_vdr.storage import fs_path, list_parts, read_bytes, read_json, read_table
+from ray_vdr.storage import list_parts, read_json, read_table
 
 __all__ = ["EMBEDDING_FILE", "IDS_FILE", "MANIFEST", "PAGES", "REJECTS", "IndexMismatch", "PageIndex", "PageStore",
-           "check_manifest", "known_keys", "open_index", "read_ids", "read_manifest", "read_shard",
-           "shards"]
+           "ShardedPageIndex", "check_manifest", "known_keys", "merge_hits", "open_index", "read_ids", "read_manifest",
+           "read_shard", "shards"]
 
 PAGES, REJECTS = "pages", "rejects"
 MANIFEST = "manifest.json"
@@ -123,6 +120,8 @@ class PageIndex:
     ids: pa.Table
     manifest: IndexManifest
     output: str
+    offset: int = 0  # a shard of a sharded index: its first position (positions in and out are the version's)
+    shard: int | None = None
 
     def __post_init__(self):
         from ray_vdr.corpus.versions import allowed_positions
@@ -163,6 +162,9 @@ class PageIndex:
 
     def visible(self, position: int, scope: list | None) -> bool:
         """Whether an API key with ``scope`` may see the page at ``position`` (live pages only)."""
+        position -= self.offset
+        if not 0 <= position < self.ids.num_rows:
+            return False
         return (self.live is None or bool(self.live[position])) and (
             not scope or bool(self._scope_mask(scope)[position]))
 
@@ -183,15 +185,56 @@ class PageIndex:
             for rank, (score, pos) in enumerate(found, start=1):
                 meta = self._meta[int(pos)].as_py() if self._meta is not None else None
                 hits.append({**{c: col[int(pos)].as_py() for c, col in cols.items()}, "score": float(score),
-                             "rank": rank, "position": int(pos), "metadata": json.loads(meta) if meta else {}})
+                             "rank": rank, "position": int(pos) + self.offset,
+                             "metadata": json.loads(meta) if meta else {}})
             out.append(hits)
         return out
 
 
+@dataclass
+class ShardedPageIndex:
+    """Every shard of a sharded index version in one process (evaluation, mining, benches; the endpoint gives each
+    shard its own Retriever): a search asks each shard and merges by score (:func:`merge_hits`)."""
+
+    shards: list[PageIndex]
+    ids: pa.Table
+    manifest: IndexManifest
+    output: str
+    offset: int = 0
+
+    def search(self, queries, k: int, clauses: list | None = None, scope: list | None = None
+               ) -> list[list[dict[str, Any]]]:
+        per = [s.search(queries, k, clauses, scope) for s in self.shards]
+        return [merge_hits([p[q] for p in per], k) for q in range(len(per[0]) if per else 0)]
+
+    def visible(self, position: int, scope: list | None) -> bool:
+        return any(s.visible(position, scope) for s in self.shards)
+
+
+def merge_hits(per_shard: list[list[dict[str, Any]]], k: int) -> list[dict[str, Any]]:
+    """One query's top ``k`` over its hits from each shard (each by score): by score, ties by shard then rank;
+    ranks renumbered."""
+    merged = sorted((h for hits in per_shard for h in hits), key=lambda h: -h["score"])[:k]
+    return [{**h, "rank": r} for r, h in enumerate(merged, start=1)]
+
+
+def _empty(manifest: IndexManifest, output: str, shard: int | None) -> PageIndex:
+    import faiss
+
+    from ray_vdr.corpus.build import empty_ids
+
+    ids = empty_ids().append_column("live", pa.array([], pa.bool_()))
+    return PageIndex(faiss.IndexFlatIP(manifest.dim), ids, manifest, output, shard=shard)
+
+
 def open_index(output: str, *, model_path: str | None = None, dim: int | None = None,
-               version: int | None = None) -> PageIndex:
+               version: int | None = None, shard: int | None = None) -> PageIndex | ShardedPageIndex:
     """Load the current version of the index under ``output`` (or ``version``); refuses it (IndexMismatch) when
-    ``model_path`` is not the model it was built with or ``dim`` is not its dimension."""
+    ``model_path`` is not the model it was built with or ``dim`` is not its dimension. ``shard``: that shard only
+    (its positions keep their place in the version: a shard's first is its offset); shard 0 of an unsharded index is
+    all of it, a shard the index does not have is empty. A sharded index opened whole holds every shard."""
+    from ray_vdr.corpus.build import read_index_file
+    from ray_vdr.corpus.shards import SHARD_COLUMN
     from ray_vdr.corpus.versions import read_version
 
     manifest = read_manifest(output) if version is None else read_version(output, version)
@@ -200,22 +243,32 @@ def open_index(output: str, *, model_path: str | None = None, dim: int | None = 
                                 f"({MANIFEST} missing{f' for version {version}' if version else ''}"
                                 "): run jobs/embed_corpus.py first")
     check_manifest(manifest, model_path=model_path, dim=dim, where=f"the index at {output}")
-    files = manifest.files
+    files, spec = manifest.files, manifest.index.model_dump()
+    if shard is not None and shard >= manifest.shard_count:
+        return _empty(manifest, output, shard)
+    if manifest.index_shards:
+        wanted = range(manifest.shard_count) if shard is None else [shard]
+        loaded = []
+        for s in wanted:
+            rec = manifest.index_shards[s]
+            ids = read_table(f"{output}/{files.ids}", filters=[(SHARD_COLUMN, "=", s)])
+            if rec.index is None:
+                loaded.append(PageIndex(_empty(manifest, output, s).index, ids, manifest, output, rec.offset, s))
+            else:
+                loaded.append(PageIndex(read_index_file(output, rec.index, spec), ids, manifest, output, rec.offset,
+                                        s))
+        pa.default_memory_pool().release_unused()
+        if shard is not None:
+            return loaded[0]
+        return ShardedPageIndex(loaded, read_table(f"{output}/{files.ids}"), manifest, output)
     ids = read_table(f"{output}/{files.ids}")
     if files.index is None:  # every source rejected: an empty index
         import faiss
 
-        return PageIndex(faiss.IndexFlatIP(manifest.dim), ids, manifest, output)
-    fs, path = fs_path(f"{output}/{files.index}")
-    spec = manifest.index.model_dump()
-    if isinstance(fs, pafs.LocalFileSystem):  # read in place: no second copy of the index in memory
-        index = read_index(path, spec)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{files.index}"))
-            index = read_index(Path(tmp) / INDEX_FILE, spec)
+        return PageIndex(faiss.IndexFlatIP(manifest.dim), ids, manifest, output, shard=shard)
+    index = read_index_file(output, files.index, spec)
     pa.default_memory_pool().release_unused()  # the ids' read buffers (measured: +195 MiB per 500k rows otherwise)
-    return PageIndex(index, ids, manifest, output)
+    return PageIndex(index, ids, manifest, output, shard=shard)
 
 
 THUMBNAIL_SIDE = 256  # served thumbnails' longest side for manifests that do not record one (IndexConfig's default)
@@ -226,8 +279,9 @@ class PageStore:
     with an LRU cache."""
 
     def __init__(self, output: str, ids: pa.Table, cache_bytes: int = 256 << 20,
-                 thumbnail_side: int = THUMBNAIL_SIDE):
+                 thumbnail_side: int = THUMBNAIL_SIDE, offset: int = 0):
         self.output, self.ids, self.thumbnail_side = output, ids, thumbnail_side
+        self.offset = offset  # a shard's pages: ``ids`` row i is position offset + i
         self._cache: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._cache_bytes, self._held = cache_bytes, 0
         self._lock = threading.Lock()
@@ -235,7 +289,7 @@ class PageStore:
     @classmethod
     def of(cls, index: PageIndex, cache_bytes: int = 256 << 20) -> PageStore:
         """The pages of a loaded index version, thumbnails at the side its manifest records."""
-        return cls(index.output, index.ids, cache_bytes, index.manifest.thumbnail_side)
+        return cls(index.output, index.ids, cache_bytes, index.manifest.thumbnail_side, index.offset)
 
     @classmethod
     def open(cls, output: str, cache_bytes: int = 256 << 20, version: int | None = None) -> PageStore:
@@ -257,9 +311,9 @@ class PageStore:
         by_shard: dict[str, list[int]] = {}
         for p in positions:
             if p not in found:
-                by_shard.setdefault(self.ids.column("shard")[p].as_py(), []).append(p)
+                by_shard.setdefault(self.ids.column("shard")[p - self.offset].as_py(), []).append(p)
         for shard, wanted in by_shard.items():
-            rows = [self.ids.column("row")[p].as_py() for p in wanted]
+            rows = [self.ids.column("row")[p - self.offset].as_py() for p in wanted]
             values = read_shard(self.output, PAGES, shard, [column]).column(column).take(pa.array(rows)).to_pylist()
             if column == "thumbnail" and None in values:
                 values = self._thumbnails(shard, rows, values)
@@ -301,5 +355,5 @@ class PageStore:
             return None
         if page is None:
             pages = self.ids.column("page").take(pa.array(hits)).to_pylist()
-            return hits[int(np.argmin(pages))]
-        return hits[0]
+            return hits[int(np.argmin(pages))] + self.offset
+        return hits[0] + self.offset

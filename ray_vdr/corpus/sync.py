@@ -29,7 +29,7 @@ from ray_vdr.storage import fs_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Plan", "compact", "delete", "hash_file", "plan", "reuse_hashes"]
+__all__ = ["Plan", "compact", "compact_if_needed", "delete", "hash_file", "plan", "reuse_hashes"]
 
 CHUNK = 8 << 20
 
@@ -169,13 +169,16 @@ def delete(output: str, *, doc_ids: list[str] = (), sources: list[str] = (), fil
         raise LookupError(f"nothing to delete: no document of the index at {output} matches {what}")
     new_docs = docs_table([r for r, h in zip(rows, hit, strict=True) if not h])
     ids = live_ids(read_all_ids(output, current), new_docs)
-    manifest = publish(output, current.model_copy(update={"version": next_version(current), "operation": "delete"}),
-                       new_docs, ids, current)
+    kept = [r.model_copy(update={"action": "kept", "build_seconds": 0.0}) for r in current.index_shards]
+    manifest = publish(output, current.model_copy(update={"version": next_version(current), "operation": "delete",
+                                                          "index_shards": kept}), new_docs, ids, current)
+    changed = [r.shard for r, was in zip(manifest.index_shards, current.index_shards, strict=True)
+               if r.live_pages != was.live_pages]
     summary = DeleteSummary(version=manifest.version, documents_removed=len(removed),
                             pages_removed=current.live - manifest.live, matched=what,
-                            removed_doc_ids=sorted({r["doc_id"] for r in removed})[:100])
-    if compact_share is not None and manifest.removed_share > compact_share:
-        summary.compaction = compact(output, index_cfg or {})
+                            removed_doc_ids=sorted({r["doc_id"] for r in removed})[:100], shards_changed=changed)
+    if compact_share is not None:
+        summary.compaction = compact_if_needed(output, index_cfg or {}, compact_share)
     return summary
 
 
@@ -194,19 +197,42 @@ def _versioned(output: str) -> IndexManifest:
     return current
 
 
-def compact(output: str, index_cfg: dict) -> CompactSummary:
-    """Rebuild the index over the live pages only (removed ones are then gone from the shards and the index too)."""
+def compact_if_needed(output: str, index_cfg: dict, share: float) -> CompactSummary | None:
+    """Compact when removed pages pass ``share`` of the index (of a sharded index: only the shards past it)."""
+    current = _versioned(output)
+    if current.index_shards:
+        over = {r.shard for r in current.index_shards
+                if r.vectors and (r.vectors - (r.live_pages if r.live_pages is not None else r.vectors)) / r.vectors
+                > share}
+        if not over:
+            return None
+        logger.info("removed pages pass %.0f%% of shards %s: rebuilding them", 100 * share, sorted(over))
+        return compact(output, index_cfg, shards=over)
+    if not current.removed_pages or current.removed_share <= share:
+        return None
+    logger.info("removed pages are %.0f%% of the index (> %.0f%%): compacting", 100 * current.removed_share,
+                100 * share)
+    return compact(output, index_cfg)
+
+
+def compact(output: str, index_cfg: dict, shards: set[int] | None = None) -> CompactSummary:
+    """Rebuild the index over the live pages only (removed ones are then gone from the page parts and the index too);
+    a sharded index rebuilds the ``shards`` given (default: every shard holding a removed page) and keeps the others'
+    files."""
     from ray_vdr.corpus.build import compact_version
 
     current = _versioned(output)
     version = next_version(current)
-    fields, ids = compact_version(output, current, index_cfg, version)
+    fields, ids = compact_version(output, current, index_cfg, version, shards)
     docs = read_docs(output, current)
     files = IndexFiles(ids=current.files.ids, docs=current.files.docs, **fields.pop("files"))
     manifest = publish(output, IndexManifest.model_validate({
         **current.model_dump(), **fields, "files": files.model_dump(), "version": version, "operation": "compact"}),
         docs, live_ids(ids, docs), current)
-    logger.info("compacted %s: %d removed pages dropped, %d vectors", output, current.removed_pages,
-                manifest.vectors)
-    return CompactSummary(version=manifest.version, removed_pages_dropped=current.removed_pages,
-                          vectors=manifest.vectors, retired_shards=len(manifest.retired_shards))
+    rebuilt = [r.shard for r in manifest.index_shards if r.action == "rebuilt"]
+    logger.info("compacted %s: %d removed pages dropped, %d vectors%s", output,
+                current.removed_pages - manifest.removed_pages, manifest.vectors,
+                f"; shards rebuilt: {rebuilt}" if manifest.index_shards else "")
+    return CompactSummary(version=manifest.version, removed_pages_dropped=current.removed_pages
+                          - manifest.removed_pages, vectors=manifest.vectors,
+                          retired_shards=len(manifest.retired_shards), shards_rebuilt=rebuilt)

@@ -30,7 +30,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_vdr.corpus.manifest import IndexManifest
-from ray_vdr.storage import fs_path, list_dirs, now_iso, read_json, read_table, remove_tree, write_bytes, write_table
+from ray_vdr.storage import (
+    fs_path,
+    list_dirs,
+    now_iso,
+    read_json,
+    read_table,
+    remove_tree,
+    write_bytes,
+    write_table,
+    write_tables,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +129,19 @@ def publish(output: str, manifest: IndexManifest, docs: pa.Table, ids: pa.Table,
     folder = version_dir(output, n)
     rel = f"{VERSIONS}/v-{n:06d}"
     write_table(docs, f"{folder}/docs.parquet")
-    write_table(ids, f"{folder}/ids.parquet")
-    live = int(pc.sum(ids.column("live")).as_py() or 0) if ids.num_rows else 0
+    update: dict[str, Any] = {}
+    if manifest.index_shards:  # row groups per shard: a shard's replica reads its own rows only
+        parts = [ids.slice(r.offset, r.vectors) for r in manifest.index_shards]
+        update["index_shards"] = [r.model_copy(update={"live_pages": _live(t)})
+                                  for r, t in zip(manifest.index_shards, parts, strict=True)]
+        write_tables(parts, f"{folder}/ids.parquet")
+    else:
+        write_table(ids, f"{folder}/ids.parquet")
+    live = _live(ids)
     files = manifest.files.model_copy(update={"ids": f"{rel}/ids.parquet", "docs": f"{rel}/docs.parquet"})
     manifest = manifest.model_copy(update={
         "updated_at": now_iso(), "previous_version": base.version if base else None, "files": files,
-        "documents": docs.num_rows, "live_pages": live, "removed_pages": ids.num_rows - live})
+        "documents": docs.num_rows, "live_pages": live, "removed_pages": ids.num_rows - live, **update})
     data = manifest.model_dump_json(indent=2).encode()
     write_bytes(data, f"{folder}/manifest.json")
     if os.environ.get(CHAOS_ENV) == "before_commit":
@@ -141,10 +158,16 @@ def publish(output: str, manifest: IndexManifest, docs: pa.Table, ids: pa.Table,
     return manifest
 
 
+def _live(ids: pa.Table) -> int:
+    return int(pc.sum(ids.column("live")).as_py() or 0) if ids.num_rows else 0
+
+
 def _collect(output: str, new: IndexManifest, previous: IndexManifest | None) -> None:
     """Delete what neither the new version nor the previous one (still served during the switch) uses: older
     version folders, and the shards the previous version retired (its predecessor was their last user)."""
-    keep = {posixpath.dirname(f) for m in (new, previous) if m for f in m.files.model_dump().values() if f}
+    used = [f for m in (new, previous) if m for f in [*m.files.model_dump().values(), *(r.index for r in
+                                                                                   m.index_shards)] if f]
+    keep = {posixpath.dirname(f) for f in used}  # a shard kept since an older version keeps that version's folder
     oldest = (previous.version if previous else None) or new.version
     for name in list_dirs(f"{output}/{VERSIONS}"):
         if name.startswith("v-") and int(name[2:]) < oldest and f"{VERSIONS}/{name}" not in keep:
