@@ -21,7 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["copy_tree", "dedupe_parts", "fs_path", "is_file", "list_dirs", "list_parts", "part_name", "read_bytes",
-           "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_table", "write_tables"]
+           "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_file", "write_table",
+           "write_tables"]
 
 
 def fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -65,6 +66,13 @@ def write_bytes(data: bytes, uri: str) -> None:
 def write_table(table: pa.Table, uri: str) -> None:
     fs, path = fs_path(uri)
     _publish(fs, path, lambda target: pq.write_table(table, target, filesystem=fs))
+
+
+def write_file(local: str | Path, uri: str) -> None:
+    """Publish a local file at ``uri``, streamed (never whole in memory)."""
+    fs, path = fs_path(uri)
+    _publish(fs, path, lambda target: pafs.copy_files(str(local), target, source_filesystem=pafs.LocalFileSystem(),
+                                                      destination_filesystem=fs))
 
 
 def write_tables(tables: list[pa.Table], uri: str) -> None:

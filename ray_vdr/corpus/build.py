@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from ray_vdr.corpus.faiss_index import INDEX_FILE, IndexSpec, add_to, build_index, choose_spec, read_index, write_index
 from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.corpus.versions import VERSIONS
-from ray_vdr.storage import fs_path, part_name, read_bytes, read_table, write_bytes, write_table
+from ray_vdr.storage import fs_path, part_name, read_bytes, read_table, write_file, write_table
 
 __all__ = ["ID_COLUMNS", "build_version", "compact_version", "empty_ids", "read_all_ids", "read_index_file",
            "write_index_file"]
@@ -53,9 +53,8 @@ def write_index_file(index, output: str, rel: str) -> int:
     """Write a FAISS index to ``rel`` under the index folder; returns its size in bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         write_index(index, Path(tmp) / INDEX_FILE)
-        data = (Path(tmp) / INDEX_FILE).read_bytes()
-    write_bytes(data, f"{output}/{rel}")
-    return len(data)
+        write_file(Path(tmp) / INDEX_FILE, f"{output}/{rel}")  # streamed: no copy of the index in memory
+        return (Path(tmp) / INDEX_FILE).stat().st_size
 
 
 def read_index_file(output: str, rel: str, spec: dict[str, Any] | None = None):

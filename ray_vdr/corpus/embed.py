@@ -266,6 +266,13 @@ def _embed_stream(cfg: VDRConfig, files: list[SourceFile], info: EmbedderBinding
     return totals
 
 
+def _shards_changed(new: IndexManifest, old: IndexManifest | None) -> list[int]:
+    """The shards a version built, extended or rebuilt, or whose live pages changed (a removed document's)."""
+    before = {r.shard: r.live_pages for r in old.index_shards} if old is not None and \
+        len(old.index_shards) == len(new.index_shards) else {}
+    return [r.shard for r in new.index_shards if r.action != "kept" or before.get(r.shard) != r.live_pages]
+
+
 def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     """Sync (or append) ``cfg.index.sources`` into ``cfg.index.output``: embed new and changed files, remove the pages
     of changed and deleted ones (sync), build or extend the FAISS index, and publish a new version."""
@@ -332,7 +339,6 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
         stream_seconds=round(totals["stream_seconds"], 2), embed_seconds=round(totals["embed_seconds"], 2),
         pages_per_second=round(totals["pages"] / totals["stream_seconds"], 2) if totals["stream_seconds"] else 0.0,
         steady_pages_per_second=round(totals["steady"], 2),
-        shards_changed=[r.shard for r in fields.get("index_shards", []) if r.action != "kept"],
     )
     built = fields.pop("files")  # the version's index file (None: no vectors at all)
     manifest = IndexManifest(**binding.model_dump(), **fields, version=version, operation=ix.mode,
@@ -340,6 +346,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
                              thumbnail_side=ix.thumbnail_side, updated_at=now_iso(), sources=ix.sources,
                              created_at=current.created_at if current else now_iso(), last_run=summary)
     manifest = publish(ix.output, manifest, docs, ids, current)
+    summary.shards_changed = _shards_changed(manifest, current)
     summary.compaction = compact_if_needed(ix.output, ix.model_dump(), ix.compact_removed_share)
     if summary.compaction is not None:
         manifest = read_manifest(ix.output)

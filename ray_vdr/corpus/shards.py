@@ -35,7 +35,7 @@ from ray_vdr.corpus.build import ID_COLUMNS, empty_ids, read_all_ids, read_index
 from ray_vdr.corpus.faiss_index import IndexSpec, add_to, choose_spec, factory, set_search_params, trained_empty
 from ray_vdr.corpus.manifest import IndexManifest, IndexShard
 from ray_vdr.corpus.versions import VERSIONS
-from ray_vdr.storage import fs_path, read_table
+from ray_vdr.storage import fs_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,36 +71,73 @@ def planned_shards(cfg, output: str, names: list[str], current: IndexManifest | 
 
 
 def _rss() -> tuple[int, int]:
-    """(resident, peak resident) bytes of this process."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    """(resident, peak resident) bytes of this process: VmRSS and VmHWM (getrusage's maximum would carry the parent's
+    over a fork and exec)."""
     try:
-        with open("/proc/self/statm") as fh:
-            now = int(fh.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        now = peak
-    return now, peak
+        with open("/proc/self/status") as fh:
+            status = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS", "VmHWM")))
+        return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError):  # not Linux
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak, peak
 
 
-def _scan(output: str, parts: list[str], n: int, s: int, keys: set[str] | None):
-    """(ids, vectors) of the rows of shard ``s`` (and among ``keys``) in each part, one part at a time."""
+def _read_part(output: str, name: str, columns: list[str]) -> pa.Table:
+    """Columns of one page part, read on this thread (no read-ahead buffers beyond the part)."""
+    fs, path = fs_path(f"{output}/pages/{name}")
+    return pq.ParquetFile(path, filesystem=fs).read(columns=columns, use_threads=False)
+
+
+def _select(output: str, parts: list[str], n: int, s: int, keys: set[str] | None) -> list[tuple[str, np.ndarray]]:
+    """(part, rows) of shard ``s``'s rows (among ``keys``) in each part: two small columns read per part."""
+    out = []
     for name in parts:
-        uri = f"{output}/pages/{name}"
-        head = read_table(uri, ["doc_id", "key"])
+        head = _read_part(output, name, ["doc_id", "key"])
         mask = shard_of(head.column("doc_id").to_pylist(), n) == s
         if keys is not None:
             mask &= np.fromiter((k in keys for k in head.column("key").to_pylist()), bool, head.num_rows)
-        if not mask.any():
-            continue
-        rows = np.flatnonzero(mask)
-        t = read_table(uri, [*ID_COLUMNS, "embedding"]).take(pa.array(rows))
+        if mask.any():
+            out.append((name, np.flatnonzero(mask)))
+    return out
+
+
+def _scan(output: str, selected: list[tuple[str, np.ndarray]]):
+    """(ids, vectors) of the selected rows, one part at a time."""
+    for name, rows in selected:
+        t = _read_part(output, name, [*ID_COLUMNS, "embedding"]).take(pa.array(rows))
         emb = t.column("embedding").combine_chunks()
         vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), emb.type.list_size)
         ids = (t.drop_columns(["embedding"]).append_column("shard", pa.array([name] * len(rows)))
                .append_column("row", pa.array(rows, pa.int32())))
         yield ids, vectors.astype(np.float32, copy=False)
+        del t, emb, vectors
+        pa.default_memory_pool().release_unused()  # the part's read buffers: the allocator would keep them cached
+
+
+def _reserve(index, adding: int) -> None:
+    """Size a flat store (flat, HNSW's vectors) for ``adding`` more vectors at once: growing it add by add doubles
+    its buffer, holding up to 3x the shard while it copies."""
+    import faiss
+
+    flat = index.storage if isinstance(index, faiss.IndexHNSW) else index
+    if isinstance(flat, faiss.IndexFlatCodes) and adding:
+        codes, size = flat.codes, flat.codes.size()
+        codes.resize(size + adding * flat.code_size)  # std::vector keeps the capacity when it shrinks back
+        codes.resize(size)
+
+
+def _warm(output: str, parts: list[str]) -> int:
+    """Load what a scan uses (FAISS, Parquet, compute kernels: tens of MiB of libraries) on one row of a part; the
+    resident memory after it is the baseline a task's peak is measured from."""
+    import faiss  # noqa: F401
+
+    first = _read_part(output, parts[0], [*ID_COLUMNS, "embedding"]) if parts else None
+    if first is not None and first.num_rows:
+        first.take(pa.array([0]))
+    del first
+    return _rss()[0]
 
 
 def build_shard(output: str, parts: list[str], n: int, s: int, spec: dict[str, Any], dim: int, version: int, *,
@@ -111,7 +148,7 @@ def build_shard(output: str, parts: list[str], n: int, s: int, spec: dict[str, A
     into version ``version``'s folder; returns its record's fields (with this process's peak memory) and the ids of
     the rows it added, in position order. Runs as a Ray task, one process per task."""
     t0 = time.perf_counter()
-    start_rss = _rss()[0]
+    start_rss = _warm(output, parts)
     kind = IndexSpec(spec["type"], spec["params"])
     if base is not None:
         index = read_index_file(output, base, spec)
@@ -121,7 +158,9 @@ def build_shard(output: str, parts: list[str], n: int, s: int, spec: dict[str, A
         index = factory(kind, dim)
         set_search_params(index, kind)
     added = []
-    for ids, vectors in _scan(output, parts, n, s, set(keys) if keys is not None else None):
+    selected = _select(output, parts, n, s, set(keys) if keys is not None else None)
+    _reserve(index, sum(len(rows) for _, rows in selected))
+    for ids, vectors in _scan(output, selected):
         add_to(index, vectors)
         added.append(ids)
     rel, size = None, 0
@@ -143,7 +182,7 @@ def train_quantizer(output: str, parts: list[str], spec: dict[str, Any], version
     rng = np.random.default_rng(seed)
     sample, held = [], 0
     for i in rng.permutation(len(parts)):
-        t = read_table(f"{output}/pages/{parts[i]}", ["embedding"])
+        t = _read_part(output, parts[i], ["embedding"])
         if not t.num_rows:
             continue
         emb = t.column("embedding").combine_chunks()
@@ -166,7 +205,7 @@ def _run(fn, calls: list[tuple[tuple, dict]], num_gpus: float) -> list:
         ray = None
     if ray is None or not ray.is_initialized():
         return [fn(*a, **kw) for a, kw in calls]
-    task = ray.remote(fn).options(num_gpus=num_gpus, max_calls=1)
+    task = ray.remote(max_calls=1)(fn).options(num_gpus=num_gpus)
     return ray.get([task.remote(*a, **kw) for a, kw in calls])
 
 
@@ -199,7 +238,7 @@ def build_sharded(output: str, names: list[str], dim: int, cfg, current: IndexMa
         shard_col = every.column(SHARD_COLUMN)
         for s in range(n):
             old_ids[s] = every.filter(pc.equal(shard_col, s))
-        touched = {int(x) for p in new_parts for x in shard_of(read_table(f"{output}/pages/{p}", ["doc_id"])
+        touched = {int(x) for p in new_parts for x in shard_of(_read_part(output, p, ["doc_id"])
                                                                .column("doc_id").to_pylist(), n)}
         for s in range(n):
             rec = old.index_shards[s]

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -262,3 +263,98 @@ def test_page_embeddings_do_not_depend_on_the_batch(tiny_qwen, page_pngs):
         assert np.abs(batched - alone).max() < 1e-5, size
     reordered = enc(pages[::-1])[::-1]
     assert np.abs(reordered - alone).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_sharded_embedding_job_rebuilds_only_the_shards_a_sync_touches(ray_local, tiny_qwen, page_pngs, tmp_path):
+    """index.shards=3 on real files (images, a PDF, Parquet): a task per shard, documents whole in their shard, the
+    planted page found; a sync that adds one file and deletes another changes only those documents' shards."""
+    from ray_vdr.corpus.embed import run
+    from ray_vdr.corpus.shards import SHARD_COLUMN, shard_of
+    from ray_vdr.corpus.store import PageStore, open_index
+
+    corpus, out = tmp_path / "corpus", tmp_path / "index"
+    corpus.mkdir()
+    expected = write_corpus(corpus, page_pngs[:16], bad=False)
+    added = corpus / "scans" / "late.png"
+    first = run(_cfg(tiny_qwen, corpus, out, "index.shards=3"))
+    m = first.manifest
+    assert len(m.index_shards) == 3 and m.vectors == expected["pages"] and first.summary.shards_changed == [0, 1, 2]
+    assert all(r.peak_rss_bytes and r.start_rss_bytes for r in m.index_shards), "each task reports its memory"
+    index = open_index(str(out))
+    for r in index.ids.to_pylist():
+        assert r[SHARD_COLUMN] == shard_of([r["doc_id"]], 3)[0]
+    report = index.ids.filter(pc.equal(index.ids.column("doc_id"), "report.pdf")).to_pylist()
+    assert len(report) == 4 and len({r[SHARD_COLUMN] for r in report}) == 1, "a PDF's pages stay together"
+    store = PageStore.of(index)
+    top = index.search(np.array(store.get([store.position("report.pdf", 3)], "embedding"), np.float32), 1)[0][0]
+    assert (top["doc_id"], top["page"]) == ("report.pdf", 3)
+
+    gone = sorted((corpus / "scans").glob("page-*.png"))[0]
+    gone_id, added_id = gone.relative_to(corpus).as_posix(), "scans/late.png"
+    gone.unlink()
+    added.write_bytes(page_pngs[20])
+    second = run(_cfg(tiny_qwen, corpus, out, "index.shards=3"))
+    s = second.summary
+    homes = {int(x) for x in shard_of([gone_id, added_id], 3)}
+    assert s.pages.added == 1 and s.pages.removed == 1
+    changed = set(s.shards_changed) | set(s.compaction.shards_rebuilt if s.compaction else [])
+    assert changed == homes, (s.shards_changed, s.compaction, homes)
+    kept = [r for r in second.manifest.index_shards if r.shard not in homes]
+    assert all(r.action == "kept" and r.index == m.index_shards[r.shard].index for r in kept)
+    doc_ids = set(open_index(str(out)).ids.filter(pc.field("live")).column("doc_id").to_pylist())
+    assert added_id in doc_ids and gone_id not in doc_ids
+
+
+@pytest.mark.slow
+def test_no_process_holds_more_than_one_shard_of_vectors(ray_local, tmp_path):
+    """12 shards of 48,000 page vectors at 1536-d (281 MiB), in parts of 6 MiB: each shard's task, in a process of its
+    own, peaks at most its shard's vectors + 48 MiB above its baseline (libraries loaded, one part read; the rest is
+    part reads and the allocator's cache), below half of all vectors; the driver (its own process) holds the ids and
+    the tasks' answers only: below an eighth of all vectors."""
+    import json
+
+    import pyarrow as pa
+
+    from ray_vdr.storage import part_name, write_table
+
+    n, dim, per_part, shards = 48_000, 1536, 1_000, 12
+    rng = np.random.default_rng(0)
+    names = []
+    for start in range(0, n, per_part):
+        v = rng.standard_normal((per_part, dim), dtype=np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        keys = [f"k{start + i:08d}" for i in range(per_part)]
+        docs = [f"doc-{(start + i) // 5}" for i in range(per_part)]
+        t = pa.table({"key": keys, "content": keys, "file_hash": docs, "doc_id": docs,
+                      "source": [f"{d}.pdf" for d in docs], "page": pa.array([i % 5 + 1 for i in range(per_part)],
+                                                                             pa.int32()),
+                      "row_metadata": pa.nulls(per_part, pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), dim)})
+        names.append(part_name(keys))
+        write_table(t, f"{tmp_path}/pages/{names[-1]}")
+    code = f"""
+import json, sys, ray, pyarrow.parquet as pq
+from ray_vdr.config import IndexConfig
+from ray_vdr.corpus.shards import build_sharded, _rss
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+import faiss, pyarrow as pa  # what the build loads, and a table back from a task: the baseline, as the tasks'
+pq.read_table(sys.argv[2] + "/pages/" + {sorted(names)[0]!r})
+ray.get(ray.remote(lambda: pa.table({{"x": list(range(100_000))}})).remote())
+start = _rss()[0]
+fields, ids = build_sharded(sys.argv[2], {sorted(names)!r}, {dim}, IndexConfig(index_type="flat"), None, 1, {shards})
+print(json.dumps({{"driver": _rss()[1] - start, "rows": ids.num_rows,
+                  "shards": [r.model_dump() for r in fields["index_shards"]]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code, ray_local.get_runtime_context().gcs_address, str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    total = n * dim * 4
+    assert got["rows"] == n and sum(r["vectors"] for r in got["shards"]) == n
+    for r in got["shards"]:
+        grew, own = r["peak_rss_bytes"] - r["start_rss_bytes"], r["vectors"] * dim * 4
+        print(f"shard {r['shard']}: {r['vectors']} vectors ({own / 2**20:.1f} MiB), task peak +{grew / 2**20:.1f} MiB")
+        assert grew <= own + (48 << 20) and grew < total / 2
+    print(f"driver peak +{got['driver'] / 2**20:.1f} MiB; all vectors {total / 2**20:.1f} MiB")
+    assert got["driver"] < total / 8
