@@ -486,6 +486,20 @@ class RetrieverDeploymentConfig(ServeDeploymentConfig):
     max_batch_size: PositiveInt = Field(32, description="Queries per FAISS search call.")
     max_ongoing_requests: PositiveInt = Field(128, description="Requests a replica takes at once (caps the batch).")
     target_ongoing_requests: float = Field(32, gt=0, description="Autoscaling target per replica.")
+    shards: PositiveInt | None = Field(
+        None, description="Retriever groups, one per index shard (each with these replicas). None: the shard count of "
+        "the live index when the endpoint is deployed (1 for an unsharded index). An index with more shards than "
+        "this is refused by the retrievers (health names it): redeploy."
+    )
+    shard_resources: list[dict[str, float]] = Field(
+        default_factory=list, description="Ray custom resources per shard group, the i-th for shard i (cycled), to "
+        "place each group on its own nodes: e.g. [{index_a: 1}, {index_b: 1}] with nodes started with "
+        "--resources '{\"index_a\": 4}' and '{\"index_b\": 4}'. Empty: anywhere."
+    )
+    shard_timeout_s: float = Field(
+        10.0, gt=0, description="A shard whose replicas do not answer within this is missing from the answer: 503 "
+        "naming it, or a partial answer with allow_partial."
+    )
 
 
 class RerankDeploymentConfig(ServeDeploymentConfig):

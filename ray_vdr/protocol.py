@@ -52,6 +52,10 @@ class SearchRequest(BaseModel):
         "inside the vector search, so top_k stays full. An unknown field or a wrong type is a 422 naming it.",
         examples=[{"collection": "finance", "year": {"gte": 2021}}],
     )
+    allow_partial: bool = Field(
+        False, description="A sharded index: answer from the shards that can when one cannot (the answer says "
+        "\"partial\": true and names the missing shards). Default: a 503 naming the shard."
+    )
 
 
 class SearchHit(BaseModel):
@@ -92,6 +96,8 @@ class SearchResponse(BaseModel):
     generation: str = Field(..., description="The generation (index and model, @ version) that answered.")
     rerank_depth: int = Field(..., description="Candidates the reranker scored (0: not reranked).")
     results: list[SearchHit]
+    partial: bool = Field(False, description="Only with allow_partial: some index shards did not answer.")
+    missing_shards: list[int] = Field(default_factory=list, description="The index shards that did not answer.")
     timings: Timings
     request_id: SkipJsonSchema[str | None] = Field(None, exclude=True, description="The answer's x-request-id header "
                                                    "(the client sets it; never in the body).")
@@ -131,6 +137,8 @@ class StageStatus(BaseModel):
     generation: str | None = Field(None, description="The generation it serves first.")
     generations: dict[str, str] = Field(default_factory=dict, description="Each generation's state.")
     index: IndexStatus | None = Field(None, description="The retriever's live index.")
+    shard: int | None = Field(None, description="A sharded endpoint's retriever: the index shard it serves.")
+    node: str | None = Field(None, description="The Ray node of the replica that answered.")
 
 
 class HealthResponse(BaseModel):

@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ray_vdr.config import ServeConfig, ServeDeploymentConfig
 from ray_vdr.corpus.live import generation_config, serving_generations
-from ray_vdr.corpus.store import read_manifest
+from ray_vdr.corpus.store import merge_hits, read_manifest
 from ray_vdr.protocol import (
     DeleteRequest,
     DeleteResponse,
@@ -99,10 +99,10 @@ async def _limit_and_count(request: Request, call_next):
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, embedder: DeploymentHandle, retriever: DeploymentHandle, reranker: DeploymentHandle | None,
-                 cfg: dict[str, Any]):
+    def __init__(self, embedder: DeploymentHandle, retrievers: list[DeploymentHandle],
+                 reranker: DeploymentHandle | None, cfg: dict[str, Any]):
         self.cfg = ServeConfig.model_validate(cfg)
-        self.embedder, self.retriever, self.reranker = embedder, retriever, reranker
+        self.embedder, self.retrievers, self.reranker = embedder, retrievers, reranker
         api.state.max_body_bytes = self.cfg.limits.max_body_bytes
         api.state.retry_after_s = self.cfg.limits.retry_after_s
         self.metrics = api.state.metrics = EndpointMetrics(self.cfg.metrics)
@@ -121,7 +121,8 @@ class Ingress:
                 return await call(gid)
             except Exception as e:
                 cause = _error_cause(e)
-                if isinstance(cause, core.NotReady) and n + 1 < len(order):
+                if isinstance(cause, core.NotReady) and not isinstance(cause, core.ShardUnavailable) \
+                        and n + 1 < len(order):
                     continue
                 if cause is not e and isinstance(cause, (core.NotReady, core.RequestError)):
                     raise cause from None
@@ -141,7 +142,7 @@ class Ingress:
     @api.get("/healthz", summary="Ready when the embedder, the index (and the reranker) are loaded",
              responses={503: {"model": HealthResponse, "description": "Not ready yet (with Retry-After)"}})
     async def healthz(self, response: Response) -> HealthResponse:
-        stages = {"embedder": self.embedder, "retriever": self.retriever}
+        stages = {"embedder": self.embedder, **self._retriever_stages()}
         if self.reranker is not None:
             stages["reranker"] = self.reranker
         report: dict[str, StageStatus] = {}
@@ -161,14 +162,66 @@ class Ingress:
     async def search(self, body: SearchRequest, authorization: str | None = Header(None)) -> SearchResponse:
         who = self.keys.check(authorization, "search")  # AuthError: 401/403 (_denied)
         query = core.parse_request(body, self.cfg.limits, rerank_available=self.reranker is not None)
-        return await self._answer(lambda gid: self._search(gid, query, who.scope()), "search")
+        return await self._answer(lambda gid: self._search(gid, query, who.scope(), body.allow_partial), "search")
 
-    async def _search(self, gid: str, query: core.Query, scope: list | None = None) -> SearchResponse:
+    def _retriever_stages(self) -> dict[str, DeploymentHandle]:
+        if len(self.retrievers) == 1:
+            return {"retriever": self.retrievers[0]}
+        return {f"retriever-{i}": h for i, h in enumerate(self.retrievers)}
+
+    async def _shard_search(self, gid: str, vector, k: int, clauses: list | None, scope: list | None,
+                            allow_partial: bool) -> tuple[Batched, list[int]]:
+        """Every shard's top ``k`` in generation ``gid``, in parallel, merged by score; and the shards missing (only
+        with ``allow_partial``). A shard still loading ``gid`` sends the whole request to the previous generation
+        (NotReady); a shard with no live replica answering within ``retriever.shard_timeout_s``, or loading in the
+        last generation too, is a ShardUnavailable naming it (503), or missing from a partial answer."""
+        if len(self.retrievers) == 1:
+            return await self.retrievers[0].search.remote(gid, vector, k, clauses, scope), []
+        timeout = self.cfg.retriever.shard_timeout_s
+
+        async def one(handle: DeploymentHandle) -> Batched:
+            return await handle.search.remote(gid, vector, k, clauses, scope)
+
+        answers = await asyncio.gather(*(asyncio.wait_for(one(h), timeout) for h in self.retrievers),
+                                       return_exceptions=True)
+        found, loading, gone = [], [], []
+        for i, answer in enumerate(answers):
+            cause = _error_cause(answer) if isinstance(answer, BaseException) else None
+            if cause is None:
+                found.append(answer)
+            elif isinstance(cause, core.RequestError):
+                raise cause
+            elif isinstance(cause, core.NotReady):
+                loading.append((i, str(cause)))
+            else:
+                gone.append((i, f"no replica answered within {timeout}s" if isinstance(cause, TimeoutError)
+                             else f"{type(cause).__name__}: {cause}"[:200]))
+        missing = sorted(i for i, _ in loading + gone)
+        if loading and not gone and gid != self.gens.order[-1]:
+            raise core.NotReady(f"index shards {missing} have not loaded {gid}")  # the previous generation answers
+        if missing and not allow_partial:
+            n = len(self.retrievers)
+            why = "; ".join(f"shard {i}: {reason}" for i, reason in sorted(loading + gone))
+            raise core.ShardUnavailable(f"index shard{'s' if len(missing) > 1 else ''} "
+                                        f"{', '.join(map(str, missing))} of {n} unavailable ({why}); "
+                                        "ask with allow_partial for the other shards' results", missing)
+        hits = merge_hits([a.value for a in found], k)
+        return Batched(hits, max((a.seconds for a in found), default=0.0),
+                       max((a.batch for a in found), default=0)), missing
+
+    async def _lookup(self, gid: str, doc_id: str, page: int | None, scope: list | None
+                      ) -> tuple[DeploymentHandle, int] | None:
+        """The retriever holding a live page the caller may see, and its position (a document is in one shard)."""
+        found = await asyncio.gather(*(h.lookup.remote(gid, doc_id, page, scope) for h in self.retrievers))
+        return next(((h, p) for h, p in zip(self.retrievers, found, strict=True) if p is not None), None)
+
+    async def _search(self, gid: str, query: core.Query, scope: list | None = None,
+                      allow_partial: bool = False) -> SearchResponse:
         t0 = time.perf_counter()
         embedded: Batched = await self.embedder.embed.remote(gid, query.item)
         t1 = time.perf_counter()
         depth = max(query.top_k, query.rerank_depth)
-        searched: Batched = await self.retriever.search.remote(gid, embedded.value, depth, query.clauses, scope)
+        searched, missing = await self._shard_search(gid, embedded.value, depth, query.clauses, scope, allow_partial)
         hits = searched.value
         t2 = time.perf_counter()
         reranked = Batched(None, 0.0, 0)
@@ -187,6 +240,7 @@ class Ingress:
         return SearchResponse(
             query=query.text, image_query=query.image is not None, top_k=query.top_k, generation=gid,
             rerank_depth=query.rerank_depth if scores is not None else 0, results=results,
+            partial=bool(missing), missing_shards=missing,
             timings=Timings(**{f"{stage}_ms": v for stage, v in ms.items()}, embed_compute_ms=embedded.seconds * 1000,
                             search_compute_ms=searched.seconds * 1000, rerank_compute_ms=reranked.seconds * 1000,
                             embed_batch=embedded.batch, rerank_batch=reranked.batch))
@@ -224,11 +278,11 @@ class Ingress:
             resolved = []
             for n, d in enumerate(docs):
                 if isinstance(d, rerank_api.PageRef):
-                    position = await self.retriever.lookup.remote(gid, d.doc_id, d.page, who.scope())
-                    if position is None:
+                    found = await self._lookup(gid, d.doc_id, d.page, who.scope())
+                    if found is None:
                         raise core.RequestError(404, f"documents[{n}]: no page {d.page} of doc_id {d.doc_id!r} in "
                                                 "the index")
-                    d = position
+                    d = found[1]
                 resolved.append(d)
             t1 = time.perf_counter()
             scores = await self.reranker.score_documents.remote(gid, query, resolved)
@@ -262,7 +316,8 @@ class Ingress:
         self.gens.refresh()
         wanted, deadline = self.gens.order[0], time.monotonic() + self.cfg.limits.request_timeout_s
         while time.monotonic() < deadline:
-            states = [await h.status.remote() for h in (self.embedder, self.retriever, self.reranker) if h is not None]
+            states = [await h.status.remote() for h in (self.embedder, *self.retrievers, self.reranker)
+                      if h is not None]
             if all(st.generations.get(wanted) == "ready" or (
                     wanted.split("@")[0] in st.generations and st.state == "ready") for st in states):
                 break
@@ -282,12 +337,13 @@ class Ingress:
         who = self.keys.check(authorization, "pages")  # AuthError: 401/403 (_denied)
 
         async def fetch(gid: str) -> bytes | PageInfo | None:
-            position = await self.retriever.lookup.remote(gid, doc_id, page, who.scope())
-            if position is None:
+            found = await self._lookup(gid, doc_id, page, who.scope())
+            if found is None:
                 return None
+            retriever, position = found
             if size == "info":
-                return await self.retriever.info.remote(gid, position)
-            return await self.retriever.page.remote(gid, position, "thumbnail" if size == "thumbnail" else "image")
+                return await retriever.info.remote(gid, position)
+            return await retriever.page.remote(gid, position, "thumbnail" if size == "thumbnail" else "image")
 
         data = await self._in_generation(fetch)
         if data is None:
@@ -357,10 +413,21 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     data = cfg.model_dump(mode="json")
     embedder = QueryEmbedder.options(**_options(cfg.embedder, model_gpus["embedder"], retry)).bind(
         data, cfg.embedder.num_cpus, model_gpus["embedder"])
-    retriever = Retriever.options(**_options(cfg.retriever, cfg.retriever.num_gpus or 0.0, retry)).bind(data)
+    shards = cfg.retriever.shards or (manifest.shard_count if manifest is not None else 1)
+    if shards == 1:
+        retrievers = [Retriever.options(**_options(cfg.retriever, cfg.retriever.num_gpus or 0.0, retry)).bind(data)]
+    else:  # a Retriever group per shard, each placeable on its own nodes
+        retrievers = []
+        for i in range(shards):
+            opts = _options(cfg.retriever, cfg.retriever.num_gpus or 0.0, retry)
+            if cfg.retriever.shard_resources:
+                opts["ray_actor_options"]["resources"] = cfg.retriever.shard_resources[i % len(
+                    cfg.retriever.shard_resources)]
+            retrievers.append(Retriever.options(name=f"Retriever-shard-{i}", **opts).bind(data, i, shards))
+        logger.info("index of %d shards: a Retriever group per shard", shards)
     reranker = None
     if cfg.reranker is not None:
         reranker = Reranker.options(**_options(cfg.rerank, model_gpus["rerank"], retry)).bind(
             data, cfg.rerank.num_cpus, model_gpus["rerank"])
     return Ingress.options(**_options(cfg.ingress, cfg.ingress.num_gpus or 0.0, retry)).bind(
-        embedder, retriever, reranker, data)
+        embedder, retrievers, reranker, data)

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NotReady", "RequestError", "RerankScorer", "check_binding", "decode_image_query", "query_encoder",
+__all__ = ["NotReady", "RequestError", "RerankScorer", "ShardUnavailable", "check_binding", "decode_image_query",
+           "query_encoder",
            "merge_results", "parse_request"]
 
 
@@ -52,6 +53,18 @@ class RequestError(ValueError):
 class NotReady(RuntimeError):
     """A stage still loading (or waiting for its index), raised by the stages; the ingress tries the previous
     generation, else answers 503 with Retry-After."""
+
+
+class ShardUnavailable(NotReady):
+    """Index shards that did not answer: no live replica within ``retriever.shard_timeout_s``, or not loaded in any
+    generation the ingress may use. 503 naming them (no other generation is tried: one answer, one generation)."""
+
+    def __init__(self, message: str, missing: list[int]):
+        super().__init__(message)
+        self.missing = missing
+
+    def __reduce__(self):
+        return ShardUnavailable, (str(self), self.missing)
 
 
 @dataclass

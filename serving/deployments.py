@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -201,20 +202,34 @@ class QueryEmbedder(Stage):
 
 @serve.deployment
 class Retriever(Stage):
+    """The FAISS index of each generation, or on a sharded endpoint one shard of it (``shard`` of ``shards``: its
+    hits and page positions are the version's, so the ingress merges the shards' answers by score)."""
+
     what = "index"
     stage = "search"
     section = "retriever"
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], shard: int | None = None, shards: int = 1):
+        self.shard, self.shards, self._first_version = shard, shards, None
+        if shard is not None:
+            self.what = f"index shard {shard}"
         super().__init__(cfg)
         if self.metrics.enabled:
             threading.Thread(target=self._report_generation, name="generation-metrics", daemon=True).start()
 
     def load(self, gen: Generation, say: Callable[[str], None]) -> tuple[Any, PageStore]:
-        """The index alone (the model is the QueryEmbedder's to check and load), and its page store."""
+        """The index alone (the model is the QueryEmbedder's to check and load), and its page store; on a sharded
+        endpoint this replica's shard of it."""
         wait_for_manifest(gen.index, self.cfg.index_poll_s, say)
-        say(f"loading the FAISS index (version {gen.version})")
-        index = open_index(gen.index, dim=gen.dim, version=gen.version)
+        where = f" shard {self.shard} of {self.shards}" if self.shard is not None else ""
+        say(f"loading the FAISS index{where} (version {gen.version})")
+        self._first_version = self._first_version or gen.version
+        if gen.version and self._first_version and gen.version > self._first_version:
+            _chaos_slow_shard(self.shard)
+        index = open_index(gen.index, dim=gen.dim, version=gen.version, shard=self.shard)
+        if self.shard is not None and index.manifest.shard_count > self.shards:
+            raise ValueError(f"the index at {gen.index} has {index.manifest.shard_count} shards but this endpoint "
+                             f"serves {self.shards}: redeploy it (serve.retriever.shards)")
         return index, PageStore.of(index)
 
     def _report_generation(self) -> None:
@@ -231,7 +246,10 @@ class Retriever(Stage):
             time.sleep(1.0)
 
     def status(self) -> StageStatus:
+        import ray
+
         status = super().status()
+        status.shard, status.node = self.shard, ray.get_runtime_context().get_node_id()
         if status.state == "ready":
             m = self.gens.get(status.generation)[0].manifest
             status.index = IndexStatus(vectors=m.vectors, dim=m.dim, type=m.index.type, model=m.model.path,
@@ -272,13 +290,24 @@ class Retriever(Stage):
 
     async def info(self, gid: str, position: int) -> PageInfo:
         """A page's doc_id, page, source and metadata."""
-        ids = self.gens.get(gid)[0].ids
-        row = {c: ids.column(c)[position].as_py() for c in ("doc_id", "page", "source", "metadata")
+        index = self.gens.get(gid)[0]
+        ids, row = index.ids, position - index.offset
+        row = {c: ids.column(c)[row].as_py() for c in ("doc_id", "page", "source", "metadata")
                if c in ids.column_names}
         return PageInfo(**{**row, "metadata": json.loads(row["metadata"]) if row.get("metadata") else {}})
 
     async def page(self, gid: str, position: int, column: str) -> bytes:
         return (await asyncio.to_thread(self.gens.get(gid)[1].get, [position], column))[0]
+
+
+CHAOS_SHARD_ENV = "RAY_VDR_CHAOS_SLOW_SHARD"  # tests: "<shard>:<seconds>": that shard loads each newer version late
+
+
+def _chaos_slow_shard(shard: int | None) -> None:
+    spec = os.environ.get(CHAOS_SHARD_ENV)
+    if spec and shard is not None and int(spec.split(":")[0]) == shard:
+        logger.warning("chaos: index shard %d loads its next version %s s late", shard, spec.split(":")[1])
+        time.sleep(float(spec.split(":")[1]))
 
 
 @serve.deployment

@@ -14,9 +14,10 @@ METRICS_ON_ENV = {"RAY_enable_open_telemetry": "1", "RAY_enable_metrics_collecti
 
 
 @contextlib.contextmanager
-def local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | None = None) -> Iterator:
+def local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | None = None,
+              resources: dict[str, float] | None = None) -> Iterator:
     """``metrics_export_port``: where Ray's metrics agent exports Prometheus metrics, reported every second rather
-    than every ten (a test scrapes them)."""
+    than every ten (a test scrapes them); ``resources``: the node's custom resources."""
     import ray
 
     from ray_vdr.cluster import LOCAL_CLUSTER_ENV
@@ -33,7 +34,7 @@ def local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | None = N
             os.environ[key] = value
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir),
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, **metrics)
+                 resources=resources, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, **metrics)
     finally:  # the raylet and its workers keep what they inherited; later clusters get the suite's defaults
         for key, value in saved.items():
             if value is None:

@@ -94,7 +94,9 @@ def metrics_url() -> str:
 def ray_local(tmp_path_factory, metrics_url):
     """One private Ray cluster for the whole serving package (the endpoint outlives a module)."""
     port = int(metrics_url.rsplit(":", 1)[1].split("/")[0])
-    with local_ray(tmp_path_factory.mktemp("ray"), RAY_CPUS, metrics_export_port=port) as ray:
+    # index_a: where test_shards.py places an index shard (its other shards go to a worker node it starts)
+    with local_ray(tmp_path_factory.mktemp("ray"), RAY_CPUS, metrics_export_port=port,
+                   resources={"index_a": 10}) as ray:
         yield ray
 
 
