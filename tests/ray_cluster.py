@@ -46,3 +46,19 @@ def local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | None = N
         yield ray
     finally:
         ray.shutdown()
+
+
+def stop_ray_start(proc) -> None:
+    """Stop a ``ray start --block`` process this test started (in its own session), by its PID: SIGTERM stops the
+    processes it started, and only those; SIGKILL to its process group if it hangs. Never ``ray stop``."""
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -24,7 +24,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_vdr.config import load_config
+from tests.ray_cluster import stop_ray_start
 from tests.run_checks import check_exactly_once_and_in_sync
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,12 +114,7 @@ def ray_head():
             time.sleep(2)
         yield head
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started, and only those
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session), nothing else
-            proc.wait(timeout=30)
+        stop_ray_start(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -117,6 +117,22 @@ def corpus_index(ray_local, tiny_qwen, page_pngs, tmp_path_factory):
     return out
 
 
+def tenant_index(root: Path, pngs: list[bytes], tiny_qwen, *overrides: str) -> Path:
+    """``pngs`` as page files under ``root``/corpus, alternately of tenant team-a and team-b (sidecars), embedded by
+    the real job into ``root``/index (dim 32; ``overrides``: more config overrides); returns the index folder."""
+    from ray_vdr.corpus.embed import run
+
+    corpus, out = root / "corpus", root / "index"
+    corpus.mkdir()
+    for i, png in enumerate(pngs):
+        (corpus / f"{'ab'[i % 2]}-{i}.png").write_bytes(png)
+        (corpus / f"{'ab'[i % 2]}-{i}.png.json").write_text(json.dumps({"tenant": f"team-{'ab'[i % 2]}"}))
+    run(load_config(ROOT / "configs/demo.yaml", [
+        f"index.model={tiny_qwen}", f"index.sources=[{corpus}]", f"index.output={out}", "index.batch_size=8",
+        "index.dim=32", "synthetic=null", "index.cpus_per_actor=0.5", "index.decode_cpus=0.25", *overrides]))
+    return out
+
+
 @pytest.fixture(scope="package")
 def inproc(corpus_index, tiny_qwen, tiny_reranker):
     """The reference, written without the endpoint's code: Sentence Transformers' own encode_query (query prompt,

@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from ray_vdr.client import EndpointClient, EndpointError
-from ray_vdr.config import load_config
 from serving.auth import AuthError, KeyRing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,19 +61,12 @@ def secure(endpoint, ray_local, tiny_qwen, tiny_reranker, page_pngs, tmp_path_fa
     """The second application: 8 pages, 4 of tenant team-a and 4 of team-b (sidecars), keys from a file."""
     from ray import serve
 
-    from ray_vdr.corpus.embed import run
     from ray_vdr.endpoint import endpoint_url
     from serving.app import build_app
+    from tests.serving.conftest import tenant_index
 
     root = tmp_path_factory.mktemp("tenants")
-    corpus, out = root / "corpus", root / "index"
-    corpus.mkdir()
-    for i, png in enumerate(page_pngs[:8]):
-        (corpus / f"{'ab'[i % 2]}-{i}.png").write_bytes(png)
-        (corpus / f"{'ab'[i % 2]}-{i}.png.json").write_text(json.dumps({"tenant": f"team-{'ab'[i % 2]}"}))
-    run(load_config(ROOT / "configs/demo.yaml", [
-        f"index.model={tiny_qwen}", f"index.sources=[{corpus}]", f"index.output={out}", "index.batch_size=8",
-        "index.dim=32", "synthetic=null", "index.cpus_per_actor=0.5", "index.decode_cpus=0.25"]))
+    out = tenant_index(root, page_pngs[:8], tiny_qwen)
     keys = root / "keys.json"
     keys.write_text(json.dumps([
         {"name": "team-a", "key": KEYS["team-a"], "scopes": ["search", "pages", "rerank"], "tenants": ["team-a"]},

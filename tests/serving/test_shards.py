@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,9 +22,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from ray_vdr.config import load_config
+from tests.ray_cluster import stop_ray_start
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 KEYS = {"all": "all-key-0123456789abcdef", "team-a": "a-key-0123456789abcdef", "team-b": "b-key-0123456789abcdef"}
 SLOW_SHARD_S = 4  # shard 1 loads each newer version this late (the worker node's RAY_VDR_CHAOS_SLOW_SHARD)
@@ -54,17 +52,7 @@ def worker_node(ray_local):
         node = next(n["NodeID"] for n in ray_local.nodes() if n["Alive"] and "index_b" in n["Resources"])
         yield proc, node
     finally:
-        stop_node(proc)
-
-
-def stop_node(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started, and only those
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session), nothing else
-            proc.wait(timeout=30)
+        stop_ray_start(proc)
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +60,12 @@ def sharded(endpoint, worker_node, ray_local, tiny_qwen, page_pngs, tmp_path_fac
     """12 pages (6 of team-a, 6 of team-b) in a 3-shard index, served as the application "sharded"."""
     from ray import serve
 
-    from ray_vdr.corpus.embed import run
     from ray_vdr.endpoint import endpoint_url
     from serving.app import build_app
+    from tests.serving.conftest import tenant_index
 
     root = tmp_path_factory.mktemp("sharded")
-    corpus, out = root / "corpus", root / "index"
-    corpus.mkdir()
-    for i, png in enumerate(page_pngs[:12]):
-        (corpus / f"{'ab'[i % 2]}-{i}.png").write_bytes(png)
-        (corpus / f"{'ab'[i % 2]}-{i}.png.json").write_text(json.dumps({"tenant": f"team-{'ab'[i % 2]}"}))
-    run(load_config(ROOT / "configs/demo.yaml", [
-        f"index.model={tiny_qwen}", f"index.sources=[{corpus}]", f"index.output={out}", "index.batch_size=8",
-        "index.dim=32", "synthetic=null", "index.cpus_per_actor=0.5", "index.decode_cpus=0.25", "index.shards=3"]))
+    out = tenant_index(root, page_pngs[:12], tiny_qwen, "index.shards=3")
     keys = root / "keys.json"
     keys.write_text(json.dumps([
         {"name": "all", "key": KEYS["all"], "scopes": ["search", "pages", "embed"]},
@@ -178,7 +159,7 @@ def test_one_generation_per_answer_and_a_lost_shard_is_named(sharded, worker_nod
         time.sleep(0.2)
     assert seen[-1] != old_gen and seen.count(old_gen) >= 5, f"the previous version, while shard 1 loaded: {seen}"
 
-    stop_node(proc)
+    stop_ray_start(proc)
     t0 = time.time()
     lost = _search(url, "all", query="q", top_k=5)
     assert lost.status_code == 503 and "index shards 1, 2 of 3 unavailable" in lost.json()["detail"], lost.text
