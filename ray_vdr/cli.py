@@ -106,6 +106,9 @@ def cmd_embed(cfg: VDRConfig) -> int:
     print(f"this run: {s.pages_embedded} pages embedded, {s.pages_rejected} rejected "
           f"(reasons in {result.output}/rejects), {s.pages_done_before} done by earlier runs, "
           f"{s.duplicates_removed} duplicates removed; {s.pages_per_second} pages/s over {s.stream_seconds}s")
+    if m.index_shards:
+        each = ", ".join(f"{r.shard}: {r.live_pages} live, {r.action}" for r in m.index_shards)
+        print(f"shards: {len(m.index_shards)} ({each}); changed by this run: {s.shards_changed or 'none'}")
     if s.compaction is not None:
         print(f"compacted: {s.compaction.model_dump_json()}")
     print(f"summary: {s.model_dump_json(exclude_none=True)}")
@@ -129,6 +132,10 @@ def cmd_delete(cfg: VDRConfig, doc_ids: list[str], sources: list[str], filter_js
         return 1
     print(f"deleted {s.documents_removed} documents ({s.pages_removed} pages) matching {s.matched}: "
           f"index {cfg.index.output} is now version {s.version}")
+    if s.shards_changed:
+        rebuilt = s.compaction.shards_rebuilt if s.compaction else []
+        print(f"shards changed: {s.shards_changed}; rebuilt (removed pages dropped): {rebuilt or 'none'}; the other "
+              "shards keep their files")
     if cfg.index.mode == "sync":
         print("note: with index.mode sync, the next `ray-vdr embed` adds them back if their files are still in "
               "index.sources")
@@ -141,7 +148,7 @@ def cmd_compact(cfg: VDRConfig) -> int:
 
     s = compact(cfg.index.output, cfg.index.model_dump())
     print(f"compacted {cfg.index.output}: {s.removed_pages_dropped} removed pages dropped, {s.vectors} vectors, "
-          f"version {s.version}")
+          f"version {s.version}" + (f"; shards rebuilt: {s.shards_rebuilt}" if s.shards_rebuilt else ""))
     return 0
 
 

@@ -84,6 +84,10 @@ def pod_problems(objects: list[dict[str, Any]], uses_gpu: bool) -> list[str]:
             if name == "head":
                 if gpus or group.get("rayStartParams", {}).get("num-gpus") != "0":
                     problems.append(f"{where}: the head must be CPU-only with rayStartParams num-gpus '0'")
+            elif group.get("rayStartParams", {}).get("num-gpus") == "0":  # a CPU group by choice (index shards)
+                if gpus or tolerates:
+                    problems.append(f"{where}: a worker group with num-gpus '0' must neither request nor tolerate "
+                                    f"{GPU}")
             elif uses_gpu and (gpus < 1 or GPU not in res.get("requests", {}) or not tolerates):
                 problems.append(f"{where}: a GPU worker group must request and limit {GPU} >= 1 and tolerate "
                                 f"{GPU_TOLERATION}")
@@ -316,6 +320,7 @@ def service_problems(objects: list[dict[str, Any]], uses_gpu: bool) -> list[str]
                                 f"{theirs.get(key, '<unset>')!r} (not a documented difference)")
         problems += [f"{where}: {p}" for p in _key_problems(cfg, spec)]
         problems += [f"{where}: {p}" for p in _endpoint_problems(cfg, jobs, capacity(spec), uses_gpu)]
+        problems += [f"{where}: {p}" for p in _shard_placement_problems(cfg, spec)]
         problems += [f"{where}: {p}" for p in _promotion_problems(
             cfg, jobs.get("ray-vdr-promote"), service["metadata"]["name"], config["http_options"]["port"],
             app.get("route_prefix", "/"))]
@@ -372,6 +377,28 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _shard_placement_problems(cfg: ServeConfig, spec: dict[str, Any]) -> list[str]:
+    """Every Ray resource a shard group asks for is offered by a worker group, enough for its replicas (a shard
+    group no pod offers would never get a replica: every search a 503)."""
+    offered: dict[str, float] = {}
+    for group in spec.get("workerGroupSpecs", []):
+        text = (group.get("rayStartParams") or {}).get("resources")
+        if text:
+            try:
+                found = json.loads(json.loads(text)) if text.startswith('"') else json.loads(text)
+            except json.JSONDecodeError as e:
+                return [f"worker group {group['groupName']}: rayStartParams.resources is not JSON: {e}"]
+            for name, amount in found.items():
+                offered[name] = offered.get(name, 0.0) + amount * group.get("maxReplicas", group.get("replicas", 0))
+    wanted: dict[str, float] = {}
+    shards = cfg.retriever.shards or 1
+    for i in range(shards if cfg.retriever.shard_resources else 0):
+        for name, amount in cfg.retriever.shard_resources[i % len(cfg.retriever.shard_resources)].items():
+            wanted[name] = wanted.get(name, 0.0) + amount * cfg.retriever.max_replicas
+    return [f"retriever.shard_resources asks for {amount} {name} at max_replicas; the worker groups offer "
+            f"{offered.get(name, 0.0)}" for name, amount in sorted(wanted.items()) if amount > offered.get(name, 0.0)]
+
+
 def _endpoint_problems(cfg: ServeConfig, jobs: dict[str, VDRConfig], cap: dict[str, float],
                        uses_gpu: bool) -> list[str]:
     problems = []
@@ -392,8 +419,14 @@ def _endpoint_problems(cfg: ServeConfig, jobs: dict[str, VDRConfig], cap: dict[s
         problems.append("set num_gpus of the model deployments: build_app picks 0 when no GPU worker is up yet")
     # build_app's defaults: the model deployments take 1 GPU each on a cluster with GPUs, the others none
     gpus = sum(d.max_replicas * (d.num_gpus if d.num_gpus is not None else float(uses_gpu)) for d in models)
-    gpus += sum(d.max_replicas * (d.num_gpus or 0.0) for d in (cfg.retriever, cfg.ingress))
-    cpus = sum(d.max_replicas * d.num_cpus for d in (*models, cfg.retriever, cfg.ingress))
+    shards = cfg.retriever.shards or (embed.index.shards if embed and embed.index.shards != "auto" else 1)
+    if embed is not None and cfg.retriever.shards and embed.index.shards not in ("auto", cfg.retriever.shards):
+        problems.append(f"retriever.shards {cfg.retriever.shards} is not the embed-corpus job's index.shards "
+                        f"{embed.index.shards}: the retrievers would refuse the index")
+    gpus += sum(d.max_replicas * (d.num_gpus or 0.0) for d in (cfg.ingress,))
+    gpus += shards * cfg.retriever.max_replicas * (cfg.retriever.num_gpus or 0.0)
+    cpus = sum(d.max_replicas * d.num_cpus for d in (*models, cfg.ingress))
+    cpus += shards * cfg.retriever.max_replicas * cfg.retriever.num_cpus  # a Retriever group per shard
     if gpus > cap["gpus"] or cpus > cap["cpus"]:
         problems.append(f"at max_replicas the deployments need {gpus} GPUs and {cpus} CPUs; the cluster has {cap}")
     return problems

@@ -27,7 +27,7 @@ CRD_DIR = Path(os.environ.get("RAY_VDR_KUBERAY_CRDS") or ROOT / "tests" / "data"
 SHARED_CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
 
 # Every kustomization and whether its clusters have GPUs (a new overlay must be added here to be validated).
-USES_GPU = {"base": True, "overlays/multi-gpu": True, "overlays/dev-cpu": False}
+USES_GPU = {"base": True, "overlays/multi-gpu": True, "overlays/dev-cpu": False, "overlays/sharded-index": True}
 PIPELINE = ("train_embedder", "embed_corpus", "mine_negatives", "train_reranker", "evaluate")
 # The pipeline's steps in order; training data from one's own documents (before it) and model promotion (after a new
 # training run).
@@ -43,6 +43,7 @@ OBJECT_STORE_FRACTION = 0.3  # Ray's default object store size: 30% of the node'
 SERVE_ARGS_MAY_DIFFER = re.compile(
     r"(index|model|reranker|live|index_poll_s)"
     r"|(embedder|retriever|rerank|ingress)\.(min_replicas|max_replicas|num_cpus|num_gpus)"
+    r"|retriever\.(shards|shard_resources|shard_timeout_s)"  # a sharded index's endpoint (overlays/sharded-index)
 )
 
 

@@ -221,3 +221,15 @@ def test_a_patch_that_matches_nothing_is_caught(tmp_path):
     assert render(folder) == rendered("base")  # kustomize itself does not mind
     assert idle_patches(folder) == ["patches[0] (target {'kind': 'RayJob', 'name': 'ray-vdr-train-embeder'}) "
                                     "changes nothing"]
+
+
+def test_shard_groups_must_be_placeable_and_agree_with_the_index():
+    """overlays/sharded-index: a shard group whose Ray resource no worker group offers would never get a replica, and
+    a retriever count other than the index's shards would be refused by the retrievers."""
+    objects = rendered("overlays/sharded-index")
+    assert service_problems(objects, True) == []
+    _serve_args([{"op": "replace", "path": "/retriever/shard_resources/1", "value": {"index_c": 1}}])(objects)
+    assert "4.0 index_c at max_replicas; the worker groups offer 0.0" in "\n".join(service_problems(objects, True))
+    objects = rendered("overlays/sharded-index")
+    _serve_args([{"op": "replace", "path": "/retriever/shards", "value": 3}])(objects)
+    assert "index.shards 4" in "\n".join(service_problems(objects, True))

@@ -35,13 +35,14 @@ def _bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def worker_node(ray_local):
-    """A second Ray node on this machine, joined to the package's cluster: 1 CPU, resource index_b."""
+    """A second Ray node on this machine, joined to the package's cluster: no CPUs (the embedder and the ingress stay
+    on the head), resource index_b (the shards placed there need no CPU)."""
     temp = Path(tempfile.mkdtemp(prefix="rvw-"))
     log = temp / "node.log"
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_VDR_CHAOS_SLOW_SHARD": f"1:{SLOW_SHARD_S}"}
     with log.open("w") as fh:
         proc = subprocess.Popen([str(BIN / "ray"), "start", f"--address={ray_local.get_runtime_context().gcs_address}",
-                                 "--block", "--num-cpus=1", '--resources={"index_b": 10}', "--disable-usage-stats"],
+                                 "--block", "--num-cpus=0", '--resources={"index_b": 10}', "--disable-usage-stats"],
                                 env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -73,7 +74,7 @@ def sharded(endpoint, worker_node, ray_local, tiny_qwen, page_pngs, tmp_path_fac
         {"name": "team-b", "key": KEYS["team-b"], "scopes": ["search", "pages"], "tenants": ["team-b"]}]))
     cfg = serve_cfg(out, urlparse(endpoint).port, app_name="sharded", route_prefix="/sharded",
                     auth={"keys_file": str(keys)}, index_poll_s=0.5,
-                    retriever={"num_cpus": 0.05, "shard_timeout_s": 3,
+                    retriever={"num_cpus": 0, "shard_timeout_s": 3,
                                "shard_resources": [{"index_a": 1}, {"index_b": 1}, {"index_b": 1}]})
     serve.run(build_app(cfg), name="sharded", route_prefix="/sharded", blocking=False)
     url, deadline = endpoint_url(cfg), time.time() + 240
