@@ -24,6 +24,7 @@ from bench.ann_recall import render as render_ann
 from bench.common import ROOT
 from bench.feeder_scale import render as render_feeder
 from bench.gpu import render as render_gpu
+from bench.shard_scale import render as render_shard_scale
 from bench.sync_cost import render as render_sync_cost
 
 RESULTS = ROOT / "docs" / "bench" / "results"
@@ -270,6 +271,7 @@ BENCHES = {b.key: b for b in [
     Bench("filter-search", "bench.filter_search", {"cpu": []}, "4", render_filter_search),
     Bench("index-scale", "bench.index_scale", {"cpu": []}, "4", render_index_scale),
     Bench("sync-cost", "bench.sync_cost", {"cpu": []}, "2", render_sync_cost),
+    Bench("shard-scale", "bench.shard_scale", {"cpu": []}, "10", render_shard_scale),
     Bench("gpu", "bench.gpu", {"gpu": []}, "8", render_gpu),
 ]}
 
@@ -289,6 +291,7 @@ SECTIONS = [
     Section("Training data from unlabeled documents — `bench/querygen_throughput.py`", "querygen", ["querygen"]),
     Section("Living index: filtered search, scale and sync cost — `bench/filter_search.py`, `bench/index_scale.py`, "
             "`bench/sync_cost.py`", "living-index", ["filter-search", "index-scale", "sync-cost"]),
+    Section("Scaling the index out: shards across nodes — `bench/shard_scale.py`", "shard-scale", ["shard-scale"]),
     Section("GPU — `bash bench/gpu.sh`", "gpu", ["gpu"]),
 ]
 

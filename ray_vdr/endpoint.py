@@ -64,12 +64,17 @@ def _fit(cfg: ServeConfig) -> str | None:
     """Why the deployments' replicas do not fit the cluster as it is (its CPUs now), or None when they do."""
     import ray
 
+    from ray_vdr.corpus.store import read_manifest
+
     deployments = {"embedder": cfg.embedder, "retriever": cfg.retriever, "ingress": cfg.ingress}
     if cfg.reranker is not None:
         deployments["rerank"] = cfg.rerank
-    need = sum(d.min_replicas * d.num_cpus for d in deployments.values())
+    manifest = read_manifest(cfg.index) if cfg.index else None
+    shards = cfg.retriever.shards or (manifest.shard_count if manifest is not None else 1)  # a Retriever group each
+    need = sum(d.min_replicas * d.num_cpus * (shards if n == "retriever" else 1) for n, d in deployments.items())
     have = float(ray.cluster_resources().get("CPU", 0.0))
     if need <= have + 1e-9:
         return None
     parts = ", ".join(f"serve.{n}: {d.min_replicas} x {d.num_cpus}" for n, d in deployments.items())
+    parts += f"; the retriever once per each of {shards} index shards" if shards > 1 else ""
     return f"the deployments need {need:g} CPUs at min_replicas ({parts}); the cluster has {have:g}"
