@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ray_vdr.config import ServeConfig, ServeDeploymentConfig
 from ray_vdr.corpus.live import generation_config, serving_generations
-from ray_vdr.corpus.store import merge_hits, read_manifest
+from ray_vdr.corpus.store import read_manifest
 from ray_vdr.protocol import (
     DeleteRequest,
     DeleteResponse,
@@ -51,7 +51,7 @@ from ray_vdr.protocol import (
     StageStatus,
     Timings,
 )
-from serving import core, errors, openai_api, rerank_api
+from serving import core, errors, fanout, openai_api, rerank_api
 from serving.auth import KeyRing
 from serving.deployments import Batched, QueryEmbedder, Reranker, Retriever
 from serving.generations import Generations
@@ -68,11 +68,6 @@ api = FastAPI(
     version="0.1.0",
 )
 errors.install(api)  # every error in its route's API shape, each kind mapped to its status in one handler
-
-
-def _error_cause(e: BaseException) -> BaseException:
-    """The exception a deployment raised (Ray wraps it in RayTaskError, which may or may not subclass it)."""
-    return getattr(e, "cause", None) or e
 
 
 @api.middleware("http")
@@ -120,7 +115,7 @@ class Ingress:
             try:
                 return await call(gid)
             except Exception as e:
-                cause = _error_cause(e)
+                cause = fanout.error_cause(e)
                 if isinstance(cause, core.NotReady) and not isinstance(cause, core.ShardUnavailable) \
                         and n + 1 < len(order):
                     continue
@@ -171,49 +166,12 @@ class Ingress:
 
     async def _shard_search(self, gid: str, vector, k: int, clauses: list | None, scope: list | None,
                             allow_partial: bool) -> tuple[Batched, list[int]]:
-        """Every shard's top ``k`` in generation ``gid``, in parallel, merged by score; and the shards missing (only
-        with ``allow_partial``). A shard still loading ``gid`` sends the whole request to the previous generation
-        (NotReady); a shard with no live replica answering within ``retriever.shard_timeout_s``, or loading in the
-        last generation too, is a ShardUnavailable naming it (503), or missing from a partial answer."""
-        if len(self.retrievers) == 1:
-            return await self.retrievers[0].search.remote(gid, vector, k, clauses, scope), []
-        timeout = self.cfg.retriever.shard_timeout_s
-
-        async def one(handle: DeploymentHandle) -> Batched:
-            return await handle.search.remote(gid, vector, k, clauses, scope)
-
-        answers = await asyncio.gather(*(asyncio.wait_for(one(h), timeout) for h in self.retrievers),
-                                       return_exceptions=True)
-        found, loading, gone = [], [], []
-        for i, answer in enumerate(answers):
-            cause = _error_cause(answer) if isinstance(answer, BaseException) else None
-            if cause is None:
-                found.append(answer)
-            elif isinstance(cause, core.RequestError):
-                raise cause
-            elif isinstance(cause, core.NotReady):
-                loading.append((i, str(cause)))
-            else:
-                gone.append((i, f"no replica answered within {timeout}s" if isinstance(cause, TimeoutError)
-                             else f"{type(cause).__name__}: {cause}"[:200]))
-        missing = sorted(i for i, _ in loading + gone)
-        if loading and not gone and gid != self.gens.order[-1]:
-            raise core.NotReady(f"index shards {missing} have not loaded {gid}")  # the previous generation answers
-        if missing and not allow_partial:
-            n = len(self.retrievers)
-            why = "; ".join(f"shard {i}: {reason}" for i, reason in sorted(loading + gone))
-            raise core.ShardUnavailable(f"index shard{'s' if len(missing) > 1 else ''} "
-                                        f"{', '.join(map(str, missing))} of {n} unavailable ({why}); "
-                                        "ask with allow_partial for the other shards' results", missing)
-        hits = merge_hits([a.value for a in found], k)
-        return Batched(hits, max((a.seconds for a in found), default=0.0),
-                       max((a.batch for a in found), default=0)), missing
+        return await fanout.search(self.retrievers, gid, vector, k, clauses, scope, allow_partial=allow_partial,
+                                   timeout=self.cfg.retriever.shard_timeout_s, last=gid == self.gens.order[-1])
 
     async def _lookup(self, gid: str, doc_id: str, page: int | None, scope: list | None
                       ) -> tuple[DeploymentHandle, int] | None:
-        """The retriever holding a live page the caller may see, and its position (a document is in one shard)."""
-        found = await asyncio.gather(*(h.lookup.remote(gid, doc_id, page, scope) for h in self.retrievers))
-        return next(((h, p) for h, p in zip(self.retrievers, found, strict=True) if p is not None), None)
+        return await fanout.lookup(self.retrievers, gid, doc_id, page, scope)
 
     async def _search(self, gid: str, query: core.Query, scope: list | None = None,
                       allow_partial: bool = False) -> SearchResponse:

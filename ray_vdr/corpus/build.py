@@ -24,7 +24,7 @@ from ray_vdr.corpus.versions import VERSIONS
 from ray_vdr.storage import fs_path, part_name, read_bytes, read_table, write_file, write_table
 
 __all__ = ["ID_COLUMNS", "build_version", "compact_version", "empty_ids", "read_all_ids", "read_index_file",
-           "write_index_file"]
+           "rewrite_parts", "write_index_file"]
 
 ID_COLUMNS = ["key", "doc_id", "source", "page", "file_hash", "content", "row_metadata"]
 
@@ -118,19 +118,17 @@ def build_version(output: str, names: list[str], dim: int, index_cfg: dict, curr
     return fields, ids
 
 
-def compact_version(output: str, current: IndexManifest, index_cfg: dict, version: int,
-                    shards: set[int] | None = None) -> tuple[dict[str, Any], pa.Table]:
+def compact_version(output: str, current: IndexManifest, index_cfg: dict, version: int
+                    ) -> tuple[dict[str, Any], pa.Table]:
     """Drop the removed pages for good: rewrite every page part holding one with its live rows only (a new part,
     named by its keys like any other), and build the index anew over the live rows. The old parts are *retired*: the
     previous version still uses them while the endpoint switches, and the version after this one deletes them.
-    A sharded index rebuilds only the index shards ``shards`` (default: those holding a removed page)."""
+    (A sharded index: :func:`ray_vdr.corpus.shards.compact_shards`.)"""
     ids = read_all_ids(output, current)
     live = ids.column("live").to_numpy(zero_copy_only=False).astype(bool) if "live" in ids.column_names else \
         np.ones(ids.num_rows, bool)
-    if current.index_shards:
-        return _compact_shards(output, current, ids, live, index_cfg, version, shards)
     dead = ids.filter(pa.array(~live))
-    names, retired, _ = _rewrite_parts(output, current.shards, set(dead.column("shard").to_pylist()),
+    names, retired, _ = rewrite_parts(output, current.shards, set(dead.column("shard").to_pylist()),
                                        set(dead.column("key").to_pylist()))
     fields, new_ids = build_version(output, names, current.dim, index_cfg, None, version)
     fields["retired_shards"] = sorted(retired)
@@ -138,7 +136,7 @@ def compact_version(output: str, current: IndexManifest, index_cfg: dict, versio
     return fields, new_ids
 
 
-def _rewrite_parts(output: str, names: list[str], dirty: set[str], drop: set[str]
+def rewrite_parts(output: str, names: list[str], dirty: set[str], drop: set[str]
                    ) -> tuple[list[str], set[str], dict[str, tuple[str, int]]]:
     """Rewrite the parts ``dirty`` without the keys ``drop``: (the parts now, those retired, key → (part, row) of
     every row that moved)."""
@@ -157,23 +155,3 @@ def _rewrite_parts(output: str, names: list[str], dirty: set[str], drop: set[str
             out.append(new)
             moved.update({k: (new, i) for i, k in enumerate(keys)})
     return sorted(set(out)), retired, moved
-
-
-def _compact_shards(output: str, current: IndexManifest, ids: pa.Table, live: np.ndarray, index_cfg: dict,
-                    version: int, shards: set[int] | None) -> tuple[dict[str, Any], pa.Table]:
-    """Compaction of a sharded index: only the chosen shards' removed pages leave the parts, only those shards are
-    rebuilt (the others keep their files; the rows that moved to a rewritten part are pointed there)."""
-    from ray_vdr.config import IndexConfig
-    from ray_vdr.corpus.shards import SHARD_COLUMN, build_sharded
-
-    shard = ids.column(SHARD_COLUMN).to_numpy(zero_copy_only=False)
-    chosen = {int(s) for s in np.unique(shard[~live])} if shards is None else set(shards)
-    drop = pa.array(~live & np.isin(shard, sorted(chosen)))
-    dropped = ids.filter(drop)
-    names, retired, moved = _rewrite_parts(output, current.shards, set(dropped.column("shard").to_pylist()),
-                                           set(dropped.column("key").to_pylist()))
-    fields, new_ids = build_sharded(output, names, current.dim, IndexConfig.model_validate(index_cfg), current,
-                                    version, current.shard_count, added=[], rebuild=chosen, moved=moved)
-    fields["retired_shards"] = sorted(retired)
-    fields["compacted"] = True
-    return fields, new_ids

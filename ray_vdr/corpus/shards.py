@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ray_vdr.corpus.build import ID_COLUMNS, empty_ids, read_all_ids, read_index_file, write_index_file
+from ray_vdr.corpus.build import ID_COLUMNS, empty_ids, read_all_ids, read_index_file, rewrite_parts, write_index_file
 from ray_vdr.corpus.faiss_index import IndexSpec, add_to, choose_spec, factory, set_search_params, trained_empty
 from ray_vdr.corpus.manifest import IndexManifest, IndexShard
 from ray_vdr.corpus.versions import VERSIONS
@@ -39,7 +39,8 @@ from ray_vdr.storage import fs_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHARD_COLUMN", "build_shard", "build_sharded", "planned_shards", "shard_of", "train_quantizer"]
+__all__ = ["SHARD_COLUMN", "build_shard", "build_sharded", "compact_shards", "planned_shards", "shard_of",
+           "train_quantizer"]
 
 SHARD_COLUMN = "index_shard"
 TRAIN_SIZE = 262_144  # vectors an IVF quantiser is trained on (as an unsharded build)
@@ -294,3 +295,24 @@ def _move(ids: pa.Table, moved: dict[str, tuple[str, int]]) -> pa.Table:
     at = ids.column_names.index("shard")
     ids = ids.set_column(at, "shard", pa.array(parts, pa.string()))
     return ids.set_column(ids.column_names.index("row"), "row", pa.array(rows, pa.int32()))
+
+
+def compact_shards(output: str, current: IndexManifest, index_cfg: dict, version: int,
+                   shards: set[int] | None = None) -> tuple[dict[str, Any], pa.Table]:
+    """Compaction of a sharded index: the removed pages of ``shards`` (default: every shard holding one) leave the
+    page parts and those shards are rebuilt over their live pages; the others keep their files (their rows that moved
+    to a rewritten part are pointed there). Returns the manifest fields and the ids, as a build does."""
+    from ray_vdr.config import IndexConfig
+
+    ids = read_all_ids(output, current)
+    live = ids.column("live").to_numpy(zero_copy_only=False).astype(bool)
+    shard = ids.column(SHARD_COLUMN).to_numpy(zero_copy_only=False)
+    chosen = {int(s) for s in np.unique(shard[~live])} if shards is None else set(shards)
+    dropped = ids.filter(pa.array(~live & np.isin(shard, sorted(chosen))))
+    names, retired, moved = rewrite_parts(output, current.shards, set(dropped.column("shard").to_pylist()),
+                                          set(dropped.column("key").to_pylist()))
+    fields, new_ids = build_sharded(output, names, current.dim, IndexConfig.model_validate(index_cfg), current,
+                                    version, current.shard_count, added=[], rebuild=chosen, moved=moved)
+    fields["retired_shards"] = sorted(retired)
+    fields["compacted"] = True
+    return fields, new_ids

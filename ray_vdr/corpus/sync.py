@@ -220,10 +220,14 @@ def compact(output: str, index_cfg: dict, shards: set[int] | None = None) -> Com
     a sharded index rebuilds the ``shards`` given (default: every shard holding a removed page) and keeps the others'
     files."""
     from ray_vdr.corpus.build import compact_version
+    from ray_vdr.corpus.shards import compact_shards
 
     current = _versioned(output)
     version = next_version(current)
-    fields, ids = compact_version(output, current, index_cfg, version, shards)
+    if current.index_shards:
+        fields, ids = compact_shards(output, current, index_cfg, version, shards)
+    else:
+        fields, ids = compact_version(output, current, index_cfg, version)
     docs = read_docs(output, current)
     files = IndexFiles(ids=current.files.ids, docs=current.files.docs, **fields.pop("files"))
     manifest = publish(output, IndexManifest.model_validate({

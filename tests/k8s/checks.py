@@ -21,7 +21,6 @@ from tests.k8s.manifests import (
     GPU_TOLERATION,
     JOBS,
     NEEDED_OVERRIDES,
-    OBJECT_STORE_FRACTION,
     REMOTE,
     ROOT,
     SERVE_ARGS_MAY_DIFFER,
@@ -34,6 +33,8 @@ from tests.k8s.manifests import (
     quantity,
     ray_container,
     ray_version,
+    shard_placement_problems,
+    shm_problems,
 )
 
 
@@ -93,28 +94,12 @@ def pod_problems(objects: list[dict[str, Any]], uses_gpu: bool) -> list[str]:
                                 f"{GPU_TOLERATION}")
             elif not uses_gpu and (gpus or tolerates):
                 problems.append(f"{where}: a CPU-only cluster must neither request nor tolerate {GPU}")
-            problems += _shm_problems(where, group, pod, container)
+            problems += shm_problems(where, group, pod, container)
         if uses_gpu and not capacity(spec)["gpus"]:
             problems.append(f"{label}: no GPU worker group")
     if not uses_gpu and GPU in json.dumps(objects):
         problems.append(f"{GPU} appears in a CPU-only kustomization")
     return problems
-
-
-def _shm_problems(where: str, group: dict[str, Any], pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
-    """/dev/shm must be a memory-backed emptyDir that can hold Ray's object store and still fit the pod's memory."""
-    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    empty_dir = volumes.get(mounts.get("/dev/shm"), {}).get("emptyDir")
-    if not empty_dir or empty_dir.get("medium") != "Memory" or "sizeLimit" not in empty_dir:
-        return [f"{where}: /dev/shm must be an emptyDir with medium Memory and a sizeLimit"]
-    memory = quantity(container["resources"]["limits"]["memory"])
-    shm = quantity(empty_dir["sizeLimit"])
-    store = quantity(group.get("rayStartParams", {}).get("object-store-memory", OBJECT_STORE_FRACTION * memory))
-    if not store <= shm < memory:
-        return [f"{where}: /dev/shm {empty_dir['sizeLimit']} must hold the object store ({store / 2**30:.1f}Gi) "
-                f"and stay below the memory limit"]
-    return []
 
 
 def parse_entrypoint(entrypoint: str) -> tuple[str, argparse.Namespace]:
@@ -320,7 +305,7 @@ def service_problems(objects: list[dict[str, Any]], uses_gpu: bool) -> list[str]
                                 f"{theirs.get(key, '<unset>')!r} (not a documented difference)")
         problems += [f"{where}: {p}" for p in _key_problems(cfg, spec)]
         problems += [f"{where}: {p}" for p in _endpoint_problems(cfg, jobs, capacity(spec), uses_gpu)]
-        problems += [f"{where}: {p}" for p in _shard_placement_problems(cfg, spec)]
+        problems += [f"{where}: {p}" for p in shard_placement_problems(cfg, spec)]
         problems += [f"{where}: {p}" for p in _promotion_problems(
             cfg, jobs.get("ray-vdr-promote"), service["metadata"]["name"], config["http_options"]["port"],
             app.get("route_prefix", "/"))]
@@ -375,28 +360,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + key] = value
     return out
-
-
-def _shard_placement_problems(cfg: ServeConfig, spec: dict[str, Any]) -> list[str]:
-    """Every Ray resource a shard group asks for is offered by a worker group, enough for its replicas (a shard
-    group no pod offers would never get a replica: every search a 503)."""
-    offered: dict[str, float] = {}
-    for group in spec.get("workerGroupSpecs", []):
-        text = (group.get("rayStartParams") or {}).get("resources")
-        if text:
-            try:
-                found = json.loads(json.loads(text)) if text.startswith('"') else json.loads(text)
-            except json.JSONDecodeError as e:
-                return [f"worker group {group['groupName']}: rayStartParams.resources is not JSON: {e}"]
-            for name, amount in found.items():
-                offered[name] = offered.get(name, 0.0) + amount * group.get("maxReplicas", group.get("replicas", 0))
-    wanted: dict[str, float] = {}
-    shards = cfg.retriever.shards or 1
-    for i in range(shards if cfg.retriever.shard_resources else 0):
-        for name, amount in cfg.retriever.shard_resources[i % len(cfg.retriever.shard_resources)].items():
-            wanted[name] = wanted.get(name, 0.0) + amount * cfg.retriever.max_replicas
-    return [f"retriever.shard_resources asks for {amount} {name} at max_replicas; the worker groups offer "
-            f"{offered.get(name, 0.0)}" for name, amount in sorted(wanted.items()) if amount > offered.get(name, 0.0)]
 
 
 def _endpoint_problems(cfg: ServeConfig, jobs: dict[str, VDRConfig], cap: dict[str, float],

@@ -345,3 +345,41 @@ def dashboard_metrics(board: dict[str, Any]) -> set[str]:
     exprs = [e for es in dashboard_queries(board).values() for e in es]
     exprs += [v.get("query", "") for v in board.get("templating", {}).get("list", []) if v.get("type") == "query"]
     return {m for e in exprs for m in METRIC_NAME.findall(e)}
+
+
+def shard_placement_problems(cfg, spec: dict[str, Any]) -> list[str]:
+    """Every Ray resource a shard group asks for is offered by a worker group, enough for its replicas (a shard
+    group no pod offers would never get a replica: every search a 503)."""
+    offered: dict[str, float] = {}
+    for group in spec.get("workerGroupSpecs", []):
+        text = (group.get("rayStartParams") or {}).get("resources")
+        if text:
+            try:
+                found = json.loads(json.loads(text)) if text.startswith('"') else json.loads(text)
+            except json.JSONDecodeError as e:
+                return [f"worker group {group['groupName']}: rayStartParams.resources is not JSON: {e}"]
+            for name, amount in found.items():
+                offered[name] = offered.get(name, 0.0) + amount * group.get("maxReplicas", group.get("replicas", 0))
+    wanted: dict[str, float] = {}
+    shards = cfg.retriever.shards or 1
+    for i in range(shards if cfg.retriever.shard_resources else 0):
+        for name, amount in cfg.retriever.shard_resources[i % len(cfg.retriever.shard_resources)].items():
+            wanted[name] = wanted.get(name, 0.0) + amount * cfg.retriever.max_replicas
+    return [f"retriever.shard_resources asks for {amount} {name} at max_replicas; the worker groups offer "
+            f"{offered.get(name, 0.0)}" for name, amount in sorted(wanted.items()) if amount > offered.get(name, 0.0)]
+
+
+def shm_problems(where: str, group: dict[str, Any], pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """/dev/shm must be a memory-backed emptyDir that can hold Ray's object store and still fit the pod's memory."""
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    empty_dir = volumes.get(mounts.get("/dev/shm"), {}).get("emptyDir")
+    if not empty_dir or empty_dir.get("medium") != "Memory" or "sizeLimit" not in empty_dir:
+        return [f"{where}: /dev/shm must be an emptyDir with medium Memory and a sizeLimit"]
+    memory = quantity(container["resources"]["limits"]["memory"])
+    shm = quantity(empty_dir["sizeLimit"])
+    store = quantity(group.get("rayStartParams", {}).get("object-store-memory", OBJECT_STORE_FRACTION * memory))
+    if not store <= shm < memory:
+        return [f"{where}: /dev/shm {empty_dir['sizeLimit']} must hold the object store ({store / 2**30:.1f}Gi) "
+                f"and stay below the memory limit"]
+    return []
