@@ -42,6 +42,7 @@ GIB = 2 ** 30
 
 BUILD = r"""
 import json, sys, time
+import pyarrow as pa
 import ray
 from ray_vdr.config import IndexConfig
 from ray_vdr.corpus.build import build_version
@@ -72,8 +73,9 @@ seconds = time.perf_counter() - began
 files = fields.pop("files")
 docs = docs_table([])
 manifest = IndexManifest(model=EmbedderBinding.model_validate(binding), dim=dim, **fields, version=1, files=files)
-ids = ids.append_column("live", __import__("pyarrow").array([True] * ids.num_rows))
-publish(out, manifest, docs, ids.append_column("metadata", __import__("pyarrow").nulls(ids.num_rows, "string")), None)
+ids = ids.append_column("live", pa.array([True] * ids.num_rows))
+ids = ids.append_column("metadata", pa.nulls(ids.num_rows, "string"))
+publish(out, manifest, docs, ids, None)
 print(json.dumps({"seconds": round(seconds, 1), "driver_peak_bytes": _rss()[1] - start, "task_peak_bytes": tasks,
                   "index_type": fields["index"]["type"], "index_bytes": fields["index_bytes"]}))
 """

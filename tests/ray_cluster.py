@@ -50,7 +50,7 @@ def local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | None = N
 
 def stop_ray_start(proc) -> None:
     """Stop a ``ray start --block`` process this test started (in its own session), by its PID: SIGTERM stops the
-    processes it started, and only those; SIGKILL to its process group if it hangs. Never ``ray stop``."""
+    processes it started, and only those; SIGKILL to its process group if it hangs (never anything by name)."""
     import signal
     import subprocess
 

@@ -260,7 +260,7 @@ def open_index(output: str, *, model_path: str | None = None, dim: int | None = 
         pa.default_memory_pool().release_unused()
         if shard is not None:
             return loaded[0]
-        return ShardedPageIndex(loaded, read_table(f"{output}/{files.ids}"), manifest, output)
+        return ShardedPageIndex(loaded, pa.concat_tables([s.ids for s in loaded]), manifest, output)  # in order
     ids = read_table(f"{output}/{files.ids}")
     if files.index is None:  # every source rejected: an empty index
         import faiss
