@@ -34,6 +34,8 @@ if [[ " ${args[*]} " != *" --dry-run "* ]] && command -v nvidia-smi >/dev/null; 
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 
-export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# transformers >= 5.25 loads models with hub kernels by default (use_kernels=None -> True): that needs the `kernels`
+# package and the hub, which the GPU machine lacks; the figures are SDPA's, as the docs state
+export HF_HUB_OFFLINE=1 USE_HUB_KERNELS=0 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # bench/gpu.py keeps its steps inside --budget (460 s by default); this only stops a run that hangs outside them
 timeout --kill-after=10 480 "$python" -m bench.gpu "${args[@]}"

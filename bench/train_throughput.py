@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -179,15 +180,35 @@ def probe_memory(args) -> dict:
 def _forward_flops(model, row: dict, image_cols: list[str]) -> int:
     """FLOPs of one forward pass over a training row (the query and its pages) as torch's FlopCounterMode counts
     them: matmuls, convolutions and the CUDA attention kernels (it has no entry for SDPA's CPU kernel, so attention is
-    left out on CPU). bench/gpu.py turns it into model-FLOPs utilisation."""
+    left out on CPU). bench/gpu.py turns it into model-FLOPs utilisation. Where the counter's SDPA formula refuses
+    grouped-query attention (torch 2.11: "query/key/value shapes are incompatible", Qwen3-VL's text attention on
+    CUDA), the row is counted again with eager attention, whose matmuls (keys and values repeated per query head) are
+    the same FLOPs."""
+    try:
+        return _count_flops(model, row, image_cols)
+    except AssertionError as e:
+        print(f"FLOP counter: {e}; counting with eager attention", file=sys.stderr)
+        return _count_flops(model, row, image_cols, attention="eager")
+
+
+def _count_flops(model, row: dict, image_cols: list[str], attention: str | None = None) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    total = 0
-    for encode, item in [(model.encode_query, row["query"]), *((model.encode_document, row[c]) for c in image_cols)]:
-        with FlopCounterMode(display=False) as counter:
-            encode([item])
-        total += counter.get_total_flops()
-    return total
+    backbone = model[0].auto_model
+    previous = backbone.config._attn_implementation
+    if attention is not None:
+        backbone.set_attn_implementation(attention)
+    try:
+        total = 0
+        for encode, item in [(model.encode_query, row["query"]),
+                             *((model.encode_document, row[c]) for c in image_cols)]:
+            with FlopCounterMode(display=False) as counter:
+                encode([item])
+            total += counter.get_total_flops()
+        return total
+    finally:
+        if attention is not None:
+            backbone.set_attn_implementation(previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

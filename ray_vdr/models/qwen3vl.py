@@ -281,4 +281,25 @@ def save_qwen3vl_backbone(hf_dir: Path, shape: Qwen3VLShape, architecture: str, 
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
     model.save_pretrained(hf_dir)
     processor.save_pretrained(hf_dir)
+    _add_video_processor(Path(hf_dir), shape)
     return tokenizer
+
+
+def _add_video_processor(hf_dir: Path, shape: Qwen3VLShape) -> None:
+    """Give the saved processor the video part the public Qwen3-VL folders have (built here without torchvision, the
+    image-only processor saves none): where torchvision exists (CUDA images) the stock processor loads the folder
+    and needs it. Its values are upstream's defaults with this shape's patch sizes; videos are never embedded."""
+    import json
+
+    path = hf_dir / "processor_config.json"
+    config = json.loads(path.read_text())
+    image = config.get("image_processor", {})
+    config.setdefault("video_processor", {
+        "video_processor_type": "Qwen3VLVideoProcessor", "do_convert_rgb": True, "do_normalize": True,
+        "do_rescale": True, "do_resize": True, "do_sample_frames": True, "fps": 2, "min_frames": 4,
+        "max_frames": 768, "image_mean": image.get("image_mean", [0.5, 0.5, 0.5]),
+        "image_std": image.get("image_std", [0.5, 0.5, 0.5]), "merge_size": shape.spatial_merge_size,
+        "patch_size": shape.patch_size, "temporal_patch_size": image.get("temporal_patch_size", 2), "resample": 3,
+        "rescale_factor": 1 / 255, "return_metadata": False,
+        "size": {"longest_edge": 25165824, "shortest_edge": 4096}})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
