@@ -7,10 +7,12 @@ Measured, on random normalised vectors (a size does not depend on the vectors) a
   dim/8 bytes a vector; IVF lists ~4·sqrt(n)): its serialized size (``faiss.serialize_index``), and the resident
   memory a fresh process gains loading it the way a Retriever replica does (``open_index``: the file's bytes → a
   temporary file → ``read_index``), after loading and at the peak;
-- the id table a replica holds beside the index (ids.parquet, row i = vector i): key (64 hex), doc_id (~30 chars),
-  source (~80), page (int32), shard (45), row (int32), file_hash (64 hex), content (64 hex), live (bool), metadata
-  (JSON, ~80 chars): its Arrow ``nbytes`` and the resident memory gained reading it from Parquet; and the filter
-  columns ``ray_vdr.corpus.metadata.PositionFields`` builds from it (numpy object arrays);
+- the id table beside the index (ids.parquet, row i = vector i; 10 pages per document): key (64 hex), doc_id (~30
+  chars), source (~80), page (int32), shard (45), row (int32), file_hash (64 hex), content (64 hex), live (bool),
+  metadata (JSON, ~80 chars): its Arrow ``nbytes``; the resident memory gained reading it whole from Parquet (replicas
+  before the slim replica) and mapping it as a replica does now (``ray_vdr.corpus.mapped.mapped_ids``: an Arrow IPC
+  file on local disk, memory-mapped, plus the live mask); and the filter columns
+  ``ray_vdr.corpus.metadata.PositionFields`` builds from the mapped table (dictionary-encoded codes, numbers, dates);
 - a process with the Retriever's imports (``serving.deployments``, faiss, pyarrow): its resident memory.
 
 Per page means marginal: (figure at the largest n − figure at the smallest) ÷ the difference in n, so fixed parts (IVF
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
+from ray_vdr.storage import write_tables
 
 GIB = 2 ** 30
 TYPES = ("flat", "hnsw", "ivf_sq8", "ivf_pq")
@@ -53,7 +56,7 @@ from pathlib import Path
 
 def mem():
     s = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", s).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+    return {k: int(re.search(rf"{k}:\s+(\d+)", s).group(1)) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 what, path = sys.argv[1], sys.argv[2]
 import faiss, numpy, pyarrow  # noqa: F401
@@ -65,19 +68,29 @@ gc.collect()
 before = mem()
 if what == "index":  # as ray_vdr.corpus.store.open_index: a local index is read in place
     obj = read_index(path)
-elif what == "ids":  # and the ids' read buffers are released after loading
+elif what == "ids":  # read whole into memory (replicas before the slim replica)
     obj = read_table(path)
     pyarrow.default_memory_pool().release_unused()
-elif what == "filters":
+elif what == "mapped":  # as open_index: memory-mapped, plus the live mask a replica computes
+    from ray_vdr.corpus.mapped import mapped_ids
+    from ray_vdr.corpus.versions import allowed_positions
+    obj = mapped_ids(path)
+    live = allowed_positions(obj)
+    pyarrow.default_memory_pool().release_unused()
+elif what == "filters":  # the filter columns a replica builds on the first filter, from the mapped table
+    from ray_vdr.corpus.mapped import mapped_ids
     from ray_vdr.corpus.metadata import PositionFields
-    t = read_table(path, ["doc_id", "source", "metadata"])
+    t = mapped_ids(path)
     gc.collect()
     before = mem()
-    obj = PositionFields(t.column("doc_id").to_pylist(), t.column("source").to_pylist(),
-                         t.column("metadata").to_pylist())
+    obj = PositionFields(t.column("doc_id"), t.column("source"), t.column("metadata"))
+    pyarrow.default_memory_pool().release_unused()
 gc.collect()
 after = mem()
-print(json.dumps({"rss": after["VmRSS"], "before": before["VmRSS"], "grown": after["VmRSS"] - before["VmRSS"],
+# grown: the process's own memory (anonymous); file: pages of mapped files it touched (the page cache's, which the
+# kernel reclaims under pressure: a memory-mapped id table's columns a search read)
+print(json.dumps({"rss": after["VmRSS"], "before": before["VmRSS"], "grown": after["RssAnon"] - before["RssAnon"],
+                  "file": after["RssFile"] - before["RssFile"],
                   "peak": max(after["VmHWM"], after["VmRSS"]) - before["VmRSS"]}))
 """
 
@@ -121,8 +134,9 @@ def build(kind: str, x: np.ndarray, *, shortcut: bool = True):
     return index, spec
 
 
-def id_table(n: int, seed: int = 0):
-    """The id table of ``n`` pages at realistic column widths."""
+def id_table(n: int, seed: int = 0, pages_per_doc: int = 10):
+    """The id table of ``n`` pages at realistic column widths, ``pages_per_doc`` pages per document (a document's
+    pages share its doc_id, source and metadata)."""
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
@@ -131,20 +145,21 @@ def id_table(n: int, seed: int = 0):
         return [r.tobytes().hex() for r in rng.integers(0, 256, (n, nbytes), dtype=np.uint8)]
 
     tag = hexes(5)
-    doc = [f"report-{i:09d}-{t[:9]}.pdf" for i, t in enumerate(tag)]
+    doc = [f"report-{i // pages_per_doc:09d}-{tag[i - i % pages_per_doc][:9]}.pdf" for i in range(n)]
     collections = ["finance", "legal", "hr-policies", "engineering", "sales"]
     return pa.table({
         "key": hexes(32),
         "doc_id": doc,
-        "source": [f"s3://acme-documents/collections/{collections[i % 5]}/2021/q3/{d}" for i, d in enumerate(doc)],
+        "source": [f"s3://acme-documents/collections/{collections[i // pages_per_doc % 5]}/2021/q3/{d}"
+                   for i, d in enumerate(doc)],
         "page": pa.array(rng.integers(0, 40, n), pa.int32()),
         "shard": [f"pages/part-{i // 4096:05d}-{t}{t[:10]}.parquet" for i, t in enumerate(tag)],
         "row": pa.array(np.arange(n) % 4096, pa.int32()),
         "file_hash": hexes(32),
         "content": hexes(32),
         "live": pa.array(rng.random(n) > 0.05),
-        "metadata": [json.dumps({"collection": collections[i % 5], "tenant": f"acme-corp-{i % 9}",
-                                 "year": 2000 + i % 25, "lang": "en"}) for i in range(n)],
+        "metadata": [json.dumps({"collection": collections[d % 5], "tenant": f"acme-corp-{d % 9}",
+                                 "year": 2000 + d % 25, "lang": "en"}) for d in (i // pages_per_doc for i in range(n))],
     })
 
 
@@ -165,7 +180,6 @@ def main() -> int:
     p.add_argument("--headroom", type=float, default=0.25, help="share of a replica's memory kept free")
     args = p.parse_args()
     import faiss
-    import pyarrow.parquet as pq
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     dims = [int(d) for d in args.dims.split(",")]
@@ -220,16 +234,21 @@ def main() -> int:
                 ids["widths"] = {c: round(float(np.mean([len(v) for v in table.column(c).to_pylist()[:1000]])), 1)
                                  for c in table.column_names if table.schema.field(c).type == "string"}
             path = Path(tmp) / f"ids-{n}.parquet"
-            pq.write_table(table, path)
+            write_tables([table], str(path))  # in row groups, as a version publishes them
             row = {"n": n, "nbytes": table.nbytes, **{k: v for k, v in loaded("ids", str(path)).items()
                                                       if k in ("grown", "peak")}}
-            f = loaded("filters", str(path))
-            row.update(filters_grown=f["grown"], filters_peak=f["peak"])
+            mapped, f = loaded("mapped", str(path)), loaded("filters", str(path))
+            row.update(mapped_grown=mapped["grown"], mapped_peak=mapped["peak"], filters_grown=f["grown"],
+                       filters_peak=f["peak"], filters_file=f["file"])
             ids["rows"].append(row)
-            print(f"id table {n:,} rows: nbytes {table.nbytes / n:.1f} B/row, loaded from Parquet +{row['grown']:,} B "
-                  f"(peak +{row['peak']:,}), PositionFields +{row['filters_grown']:,} B", flush=True)
+            print(f"id table {n:,} rows: nbytes {table.nbytes / n:.1f} B/row, read into memory +{row['grown']:,} B "
+                  f"(peak +{row['peak']:,}); memory-mapped + live mask +{row['mapped_grown']:,} B (peak "
+                  f"+{row['mapped_peak']:,}); PositionFields +{row['filters_grown']:,} B (+{row['filters_file']:,} B of "
+                  "mapped file pages read)", flush=True)
             del table
-        ids["per_row"] = {k: round(marginal(ids["rows"], k), 1) for k in ("nbytes", "grown", "peak", "filters_grown")}
+        ids["per_row"] = {k: round(marginal(ids["rows"], k), 1) for k in ("nbytes", "grown", "peak", "mapped_grown",
+                                                                          "mapped_peak", "filters_grown",
+                                                                          "filters_file")}
         report["ids"] = ids
 
     report["computed"] = capacity(report, [float(m) for m in args.memory.split(",")], args.headroom,
@@ -269,7 +288,8 @@ def capacity(report: dict, memory_gib: list[float], headroom: float, dims: list[
     """The largest corpus one replica holds, COMPUTED from the measured per-page and fixed figures."""
     ids = report["ids"]["per_row"]
     base = report["baseline"]["rss"]
-    ids_steady, ids_peak = max(ids["nbytes"], ids["grown"]), max(ids["nbytes"], ids["grown"], ids["peak"])
+    # a replica maps its ids (ray_vdr.corpus.mapped): it holds the live mask, and a row group while loading
+    ids_steady, ids_peak = ids["mapped_grown"], max(ids["mapped_grown"], ids["mapped_peak"])
     rows = []
     for kind, by_dim in report["per_page"].items():
         for dim in dims:

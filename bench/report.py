@@ -24,6 +24,7 @@ from bench.ann_recall import render as render_ann
 from bench.common import ROOT
 from bench.feeder_scale import render as render_feeder
 from bench.gpu import render as render_gpu
+from bench.quantization import render as render_quantization
 from bench.shard_scale import render as render_shard_scale
 from bench.sync_cost import render as render_sync_cost
 
@@ -221,9 +222,14 @@ def render_index_scale(r: dict) -> list[str]:
     rows = ids["rows"]
     out += ["", f"Id table ({', '.join(f'{c} ~{w:.0f}' for c, w in ids['widths'].items())} chars; page, row int32; "
                 f"live bool), {rows[0]['n']:,} → {rows[-1]['n']:,} rows: Arrow nbytes {pr['nbytes']:,.0f} B/row; "
-                f"read from Parquet, RSS {pr['grown']:,.0f} B/row (peak {pr['peak']:,.0f})"
-            + (f"; PositionFields filter columns built from it {pr['filters_grown']:,.0f} B/row" if "filters_grown"
-               in pr else "") + "."]
+                f"read whole from Parquet (replicas before the slim replica), RSS {pr['grown']:,.0f} B/row (peak "
+                f"{pr['peak']:,.0f})"
+            + (f"; **memory-mapped as a replica does now, with its live mask: {pr['mapped_grown']:,.1f} B/row** "
+               f"of its own memory (peak {pr['mapped_peak']:,.1f})" if "mapped_grown" in pr else "")
+            + (f"; PositionFields filter columns built from it {pr['filters_grown']:,.1f} B/row" if "filters_grown"
+               in pr else "")
+            + (f" (and {pr['filters_file']:,.0f} B/row of the mapped file's pages read while building them: page "
+               "cache, reclaimable)" if "filters_file" in pr else "") + "."]
     for kind, c in r["checks"].items():
         out.append(f"Build shortcut check, {kind} ({c['what']}) at {c['n']:,} x {c['dim']}-d: {c['as_built']:,} vs "
                    f"{c['shortcut']:,} bytes serialized ({'same' if c['same'] else 'DIFFERENT'}).")
@@ -272,6 +278,7 @@ BENCHES = {b.key: b for b in [
     Bench("index-scale", "bench.index_scale", {"cpu": []}, "4", render_index_scale),
     Bench("sync-cost", "bench.sync_cost", {"cpu": []}, "2", render_sync_cost),
     Bench("shard-scale", "bench.shard_scale", {"cpu": []}, "10", render_shard_scale),
+    Bench("quantization", "bench.quantization", {"cpu": []}, "12", render_quantization),
     Bench("gpu", "bench.gpu", {"gpu": []}, "8", render_gpu),
 ]}
 
@@ -292,6 +299,7 @@ SECTIONS = [
     Section("Living index: filtered search, scale and sync cost — `bench/filter_search.py`, `bench/index_scale.py`, "
             "`bench/sync_cost.py`", "living-index", ["filter-search", "index-scale", "sync-cost"]),
     Section("Scaling the index out: shards across nodes — `bench/shard_scale.py`", "shard-scale", ["shard-scale"]),
+    Section("Vectors in fewer bits, rescored — `bench/quantization.py`", "quantization", ["quantization"]),
     Section("GPU — `bash bench/gpu.sh`", "gpu", ["gpu"]),
 ]
 

@@ -149,27 +149,48 @@ def search_ms(index, q: np.ndarray) -> tuple[list[float], np.ndarray]:
     return ms, np.array(found)
 
 
+TIERS = [("flat", "none"), ("hnsw", "none"), ("ivf_sq8", "none"), ("ivf_pq", "none"), ("flat", "int8"),
+         ("hnsw", "int8"), ("flat", "binary"), ("hnsw", "binary")]
+
+
 def computed(node_gib: float) -> dict:
-    """Nodes for 100M and 1B pages, COMPUTED from index_scale's measured bytes per page."""
+    """Nodes for 100M and 1B pages, COMPUTED from the measured bytes per page: bench/index_scale.py's (index types,
+    the slim replica's ids and filter columns) and bench/quantization.py's (int8 and binary codes, default rescore)."""
     from bench.index_scale import at_dim
 
     measured = json.loads((ROOT / "docs/bench/results/index-scale-cpu.json").read_text())
     ids = measured["ids"]["per_row"]
-    id_bytes = max(ids["nbytes"], ids["grown"])
+    id_bytes = (ids["mapped_grown"] + ids["filters_grown"]) if "mapped_grown" in ids else max(ids["nbytes"],
+                                                                                               ids["grown"])
+    quantized: dict = {}
+    qfile = ROOT / "docs/bench/results/quantization-cpu.json"
+    if qfile.exists():
+        for x in json.loads(qfile.read_text())["rows"]:
+            if x["quantization"] != "none" and x["rescore"] == {"int8": 4, "binary": 20}[x["quantization"]]:
+                b = x["resident_bytes_per_page"]
+                quantized.setdefault((x["index_type"], x["quantization"]), {})[str(x["dim"])] = \
+                    {"serialized": b, "rss": b}
     rows = []
     usable = node_gib * GIB * 0.8
     for pages in (100_000_000, 1_000_000_000):
         for dim in (1024, 256):
-            for kind in ("flat", "hnsw", "ivf_sq8", "ivf_pq"):
-                v, interpolated = at_dim(measured["per_page"][kind], dim)
+            for kind, quant in TIERS:
+                by_dim = measured["per_page"][kind] if quant == "none" else quantized.get((kind, quant))
+                if not by_dim:
+                    continue
+                v, interpolated = at_dim(by_dim, dim)
                 per_page = max(v["serialized"], v["rss"]) + id_bytes
                 nodes = math.ceil(2 * pages * per_page / usable)  # two versions while a new one loads
-                rows.append({"pages": pages, "dim": dim, "type": kind, "interpolated": interpolated,
-                             "bytes_per_page": round(per_page, 1), "total_gib": round(pages * per_page / GIB, 1),
-                             "nodes": nodes, "shards": nodes, "pages_per_shard": math.ceil(pages / nodes)})
+                disk = 4 * dim * math.ceil(pages / nodes) if quant != "none" else 0  # float vectors, rescoring
+                rows.append({"pages": pages, "dim": dim, "type": kind, "quantization": quant,
+                             "interpolated": interpolated, "bytes_per_page": round(per_page, 1),
+                             "total_gib": round(pages * per_page / GIB, 1), "nodes": nodes, "shards": nodes,
+                             "pages_per_shard": math.ceil(pages / nodes), "disk_gib_per_node": round(disk / GIB, 1)})
     return {"node_gib": node_gib, "headroom": 0.2, "id_bytes_per_page": id_bytes, "rows": rows,
             "formula": "nodes = ceil(2 x pages x (index + ids bytes per page) / (node memory x 0.8)); one shard "
-                       "group (1 replica) per node; 2 x: the served version and the one loading beside it"}
+                       "group (1 replica) per node; 2 x: the served version and the one loading beside it; ids: the "
+                       "slim replica's mapped ids and filter columns; int8 and binary at their default rescore, their "
+                       "float vectors on each node's local disk"}
 
 
 def main() -> None:
@@ -273,6 +294,7 @@ def _binding(model: Path) -> dict:
 def render(r: dict) -> list[str]:
     """The results as docs/benchmarks.md shows them (bench/report.py)."""
     a, b, s = r["args"], r["build"], r["search"]
+    comp = computed(r["computed"]["node_gib"])
     mib = 2 ** 20
     out = [f"{a['vectors']:,} page-like vectors at {a['dim']}-d, one index against {a['shards']} shards (index type "
            f"{b['one']['index_type']}, `auto`), on a local Ray cluster of 2 CPUs.", "",
@@ -293,12 +315,13 @@ def render(r: dict) -> list[str]:
             f"{r['fan_out_ms']['sharded']} (goal ≤ one + 5: {'met' if r['fan_out_goal_met'] else 'NOT met'}) |",
             f"| Retriever replicas resident, bytes per page | {r['resident']['one']['bytes_per_page']:,} | "
             f"{r['resident']['sharded']['bytes_per_page']:,} |", "",
-            f"Computed (not measured) from bench/index_scale.py's bytes per page: {r['computed']['formula']}; "
-            f"{r['computed']['node_gib']:.0f} GiB nodes.", "",
-            "| pages | dim | index | bytes/page (index + ids) | total GiB | nodes = shards |",
-            "|---|---|---|---|---|---|"]
+            f"Computed (not measured; at render time, from the latest bench/index_scale.py and bench/quantization.py "
+            f"results): {comp['formula']}; {comp['node_gib']:.0f} GiB nodes; ids {comp['id_bytes_per_page']:,} B/page.",
+            "", "| pages | dim | index | quantization | bytes/page (index + ids) | total GiB | nodes = shards | "
+            "local disk per node (GiB) |", "|---|---|---|---|---|---|---|---|"]
     out += [f"| {x['pages']:,} | {x['dim']}{' (interpolated)' if x['interpolated'] else ''} | {x['type']} | "
-            f"{x['bytes_per_page']:,} | {x['total_gib']:,} | {x['nodes']:,} |" for x in r["computed"]["rows"]]
+            f"{x.get('quantization', 'none')} | {x['bytes_per_page']:,} | {x['total_gib']:,} | {x['nodes']:,} | "
+            f"{x.get('disk_gib_per_node', 0):,} |" for x in comp["rows"]]
     return out
 
 

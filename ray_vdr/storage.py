@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["copy_tree", "dedupe_parts", "fs_path", "is_file", "list_dirs", "list_parts", "part_name", "read_bytes",
-           "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_file", "write_table",
+           "read_file", "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_file", "write_table",
            "write_tables"]
 
 
@@ -75,15 +75,23 @@ def write_file(local: str | Path, uri: str) -> None:
                                                       destination_filesystem=fs))
 
 
-def write_tables(tables: list[pa.Table], uri: str) -> None:
-    """One Parquet file of ``tables`` (one schema) in order, each in row groups of its own: a reader filtering on a
-    column constant within each (a shard number) reads only its groups."""
+def read_file(uri: str, local: str | Path) -> None:
+    """Copy the file at ``uri`` to the local path ``local``, streamed (never whole in memory)."""
+    fs, path = fs_path(uri)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def write_tables(tables: list[pa.Table], uri: str, row_group_rows: int = 65_536) -> None:
+    """One Parquet file of ``tables`` (one schema) in order, each in row groups of its own of at most
+    ``row_group_rows``: a reader filtering on a column constant within each (a shard number) reads only its groups,
+    and a reader going group by group holds one at a time."""
     fs, path = fs_path(uri)
 
     def write(target: str) -> None:
         with pq.ParquetWriter(target, tables[0].schema, filesystem=fs) as writer:
             for t in tables:
-                writer.write_table(t)
+                writer.write_table(t, row_group_size=row_group_rows)
 
     _publish(fs, path, write)
 

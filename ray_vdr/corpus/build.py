@@ -18,10 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ray_vdr.corpus.faiss_index import INDEX_FILE, IndexSpec, add_to, build_index, choose_spec, read_index, write_index
+from ray_vdr.corpus.faiss_index import (INDEX_FILE, IndexSpec, add_to, build_index, choose_spec, read_index, same_codes,
+                                        write_index)
 from ray_vdr.corpus.manifest import IndexManifest
+from ray_vdr.corpus.mapped import cached_copy
+from ray_vdr.corpus.quantized import THRESHOLDS_SUFFIX, VECTORS_SUFFIX
 from ray_vdr.corpus.versions import VERSIONS
-from ray_vdr.storage import fs_path, part_name, read_bytes, read_table, write_file, write_table
+from ray_vdr.storage import fs_path, part_name, read_file, read_table, write_file, write_table
 
 __all__ = ["ID_COLUMNS", "build_version", "compact_version", "empty_ids", "read_all_ids", "read_index_file",
            "rewrite_parts", "write_index_file"]
@@ -50,21 +53,30 @@ def _vectors(output: str, names: list[str]) -> tuple[pa.Table | None, np.ndarray
 
 
 def write_index_file(index, output: str, rel: str) -> int:
-    """Write a FAISS index to ``rel`` under the index folder; returns its size in bytes."""
+    """Write a FAISS index to ``rel`` under the index folder (a quantized one: its codes there, its vectors and
+    thresholds beside them); returns the size in bytes of what a reader holds in memory (the codes)."""
     with tempfile.TemporaryDirectory() as tmp:
-        write_index(index, Path(tmp) / INDEX_FILE)
-        write_file(Path(tmp) / INDEX_FILE, f"{output}/{rel}")  # streamed: no copy of the index in memory
-        return (Path(tmp) / INDEX_FILE).stat().st_size
+        files = write_index(index, Path(tmp) / INDEX_FILE)
+        for f in files:  # streamed: no copy of the index in memory
+            write_file(f, f"{output}/{rel}{f.name[len(INDEX_FILE):]}")
+        return files[0].stat().st_size
 
 
 def read_index_file(output: str, rel: str, spec: dict[str, Any] | None = None):
-    """The FAISS index at ``rel`` under the index folder (read in place when local), with ``spec``'s search depth."""
+    """The FAISS index at ``rel`` under the index folder (read in place when local), with ``spec``'s search depth.
+    From object storage, a quantized index's vectors file is copied once into the local cache
+    (:func:`ray_vdr.corpus.mapped.cached_copy`) and memory-mapped from there."""
     fs, path = fs_path(f"{output}/{rel}")
     if isinstance(fs, pafs.LocalFileSystem):  # read in place: no second copy of the index in memory
         return read_index(path, spec)
+    quant = (spec or {}).get("params", {}).get("quantization")
+    vectors = cached_copy(f"{output}/{rel}{VECTORS_SUFFIX}", VECTORS_SUFFIX) if quant is not None else None
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / INDEX_FILE).write_bytes(read_bytes(f"{output}/{rel}"))
-        return read_index(Path(tmp) / INDEX_FILE, spec)
+        local = Path(tmp) / INDEX_FILE
+        read_file(f"{output}/{rel}", local)
+        if quant == "binary":
+            read_file(f"{output}/{rel}{THRESHOLDS_SUFFIX}", f"{local}{THRESHOLDS_SUFFIX}")
+        return read_index(local, spec, vectors)
 
 
 def empty_ids() -> pa.Table:
@@ -91,7 +103,7 @@ def build_version(output: str, names: list[str], dim: int, index_cfg: dict, curr
     total = sum(pq.ParquetFile(fs_path(f"{output}/pages/{n}")[1], filesystem=fs).metadata.num_rows for n in names)
     spec = choose_spec(total, dim, cfg)
     extend = (current is not None and current.version is not None and current.files.index is not None
-              and current.index.type == spec.type and set(current.shards) <= set(names))
+              and same_codes(current.index.model_dump(), spec) and set(current.shards) <= set(names))
     if extend:
         spec = IndexSpec(current.index.type, current.index.params)
         new = [n for n in names if n not in set(current.shards)]

@@ -24,10 +24,11 @@ import datetime as dt
 import json
 import math
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 __all__ = ["BUILTIN_FIELDS", "RESERVED", "FilterError", "MetadataError", "PositionFields", "field_type",
            "parse_filter", "read_metadata_table", "read_sidecar", "validate_metadata"]
@@ -176,34 +177,40 @@ def parse_filter(raw: Any, max_clauses: int = 16, max_values: int = 1_000) -> li
 
 
 class PositionFields:
-    """Metadata of every vector position of an index, column by column, for filters: per field a type and a numpy
-    array (NaN / NaT / None where a page lacks the field)."""
+    """Metadata of every vector position of an index, column by column, for filters: per field a type and a compact
+    column: numbers and dates as float64 / datetime64 arrays (NaN / NaT where a page lacks the field); strings and
+    booleans, doc_id and source dictionary-encoded (:class:`_Coded`: a code per position in the narrowest integer
+    type, -1 where a page lacks the field, and the distinct values once). Built from Arrow columns without a Python
+    object per position: each distinct metadata JSON is parsed once (a document's pages share theirs)."""
 
-    def __init__(self, doc_ids: Iterable[str], sources: Iterable[str], metadata: Iterable[str | None]):
-        docs, srcs = list(doc_ids), list(sources)
-        n = len(docs)
-        parsed = [json.loads(m) if m else {} for m in metadata]
-        self.n = n
+    def __init__(self, doc_ids, sources, metadata):
+        doc_ids, sources, metadata = (_arrow(c) for c in (doc_ids, sources, metadata))
+        self.n = len(doc_ids)
         self.types: dict[str, str] = {"doc_id": "string", "source": "string"}
-        self.columns: dict[str, np.ndarray] = {"doc_id": np.array(docs, dtype=object),
-                                               "source": np.array(srcs, dtype=object)}
+        self.columns: dict[str, np.ndarray | _Coded] = {"doc_id": _Coded.of(doc_ids), "source": _Coded.of(sources)}
+        codes, dictionary = _encoded(metadata)
+        distinct = [json.loads(m) if m else {} for m in dictionary.to_pylist()]
+        at = np.where(codes < 0, len(distinct), codes)  # no metadata: past the distinct values, at an empty slot
         values: dict[str, list] = {}
-        for i, meta in enumerate(parsed):
-            for k, v in meta.items():
+        for i, parsed in enumerate(distinct):
+            for k, v in parsed.items():
                 if k not in values:
-                    values[k] = [None] * n
+                    values[k] = [None] * (len(distinct) + 1)
                     self.types[k] = field_type(v)
                 values[k][i] = v
         for k, col in values.items():
             t = self.types[k]
             if t == "number":
-                self.columns[k] = np.array([v if isinstance(v, int | float) and not isinstance(v, bool) else np.nan
-                                            for v in col], dtype=np.float64)
+                per = np.array([v if isinstance(v, int | float) and not isinstance(v, bool) else np.nan for v in col],
+                               dtype=np.float64)
             elif t == "date":
-                self.columns[k] = np.array([_date(v) if isinstance(v, str) and DATE.match(v) else np.datetime64("NaT")
-                                            for v in col], dtype="datetime64[s]")
+                per = np.array([_date(v) if isinstance(v, str) and DATE.match(v) else np.datetime64("NaT")
+                                for v in col], dtype="datetime64[s]")
             else:  # string or bool: compared by equality
-                self.columns[k] = np.array(col, dtype=object)
+                coded = _Coded.of_values(col)
+                self.columns[k] = _Coded(coded.codes[at], coded.values)
+                continue
+            self.columns[k] = per[at]
 
     def mask(self, clauses: list[tuple[str, str, Any]]) -> np.ndarray:
         """Positions that satisfy every clause; FilterError naming the field for an unknown field or a wrong type."""
@@ -216,11 +223,10 @@ class PositionFields:
             vals = [self._value(name, t, v) for v in (value if op == "in" else [value])]
             if op in ("gt", "gte", "lt", "lte") and t not in ("number", "date"):
                 raise FilterError(f"filter field {name!r} is a {t}: {op} needs a number or a date field")
-            if op == "eq":
-                m = col == vals[0]
-            elif op == "in":
-                m = np.isin(col, np.array(vals, dtype=col.dtype)) if t in ("number", "date") else \
-                    np.fromiter((x in set(vals) for x in col), bool, self.n)
+            if isinstance(col, _Coded):
+                m = col.isin(vals)
+            elif op in ("eq", "in"):
+                m = np.isin(col, np.array(vals, dtype=col.dtype))
             else:
                 m = {"gt": np.greater, "gte": np.greater_equal, "lt": np.less, "lte": np.less_equal}[op](col, vals[0])
             out &= np.asarray(m, dtype=bool)
@@ -231,11 +237,18 @@ class PositionFields:
         the index does not have matches nothing (a scoped key sees no unscoped page)."""
         out = np.ones(self.n, dtype=bool)
         for name, values in scope:
-            if name not in self.columns:
+            col = self.columns.get(name)
+            if col is None:
                 return np.zeros(self.n, dtype=bool)
-            allowed = set(values)
-            out &= np.fromiter((x in allowed for x in self.columns[name]), bool, self.n)
+            if isinstance(col, _Coded):
+                out &= col.isin(list(values))
+            else:  # a number or date field: no string value equals one of its values
+                out &= np.zeros(self.n, dtype=bool)
         return out
+
+    def nbytes(self) -> int:
+        """Bytes the columns hold (codes, numbers, dates; the distinct values of each coded column)."""
+        return sum(c.nbytes() if isinstance(c, _Coded) else c.nbytes for c in self.columns.values())
 
     @staticmethod
     def _value(name: str, t: str, v: Any) -> Any:
@@ -254,3 +267,66 @@ class PositionFields:
         if not isinstance(v, str):
             raise FilterError(f"filter field {name!r} is a string, not {type(v).__name__} {v!r}")
         return v
+
+
+def _arrow(column) -> pa.ChunkedArray:
+    """A column as a chunked Arrow array (from an Arrow array, a chunked array, or a list), not copied."""
+    if isinstance(column, pa.ChunkedArray):
+        return column
+    return pa.chunked_array([column if isinstance(column, pa.Array) else pa.array(list(column), pa.string())])
+
+
+def _encoded(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """(a code per position, -1 for null, in the narrowest integer type; the distinct values): dictionary-encoded
+    chunk by chunk into one array (Arrow's encoding shares one dictionary across the chunks; no column copy)."""
+    enc = pc.dictionary_encode(column)
+    dictionary = enc.chunks[-1].dictionary if enc.num_chunks else pa.array([], column.type)
+    codes = np.empty(len(column), _narrow(np.zeros(0, np.int64), len(dictionary)).dtype)
+    at = 0
+    for chunk in enc.chunks:
+        codes[at:at + len(chunk)] = pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)
+        at += len(chunk)
+    return codes, dictionary
+
+
+def _narrow(codes: np.ndarray, distinct: int) -> np.ndarray:
+    """``codes`` (-1 = missing) in the narrowest signed integer type that holds ``distinct`` values."""
+    for dtype in (np.int8, np.int16, np.int32):
+        if distinct < np.iinfo(dtype).max:
+            return codes.astype(dtype)
+    return codes.astype(np.int64)
+
+
+class _Coded:
+    """A dictionary-encoded column: a code per position (-1: no value) and the distinct values (an Arrow array for
+    doc_id and source, a list for metadata fields, whose values may mix types)."""
+
+    def __init__(self, codes: np.ndarray, values: pa.Array | list):
+        self.codes, self.values = codes, values
+        self._lookup = None if isinstance(values, pa.Array) else {(type(v), v): i for i, v in enumerate(values)}
+
+    @classmethod
+    def of(cls, strings: pa.ChunkedArray) -> _Coded:
+        return cls(*_encoded(strings))
+
+    @classmethod
+    def of_values(cls, values: list) -> _Coded:
+        """Codes of a list of Python values (None: no value)."""
+        distinct: dict[tuple, int] = {}
+        codes = np.array([-1 if v is None else distinct.setdefault((type(v), v), len(distinct)) for v in values],
+                         np.int64)
+        return cls(_narrow(codes, len(distinct)), [v for _, v in distinct])
+
+    def isin(self, wanted: list) -> np.ndarray:
+        if self._lookup is None:
+            at = pc.index_in(pa.array([w for w in wanted if isinstance(w, str)], pa.string()), self.values)
+            found = [c for c in at.to_pylist() if c is not None]
+        else:
+            found = [self._lookup[(type(w), w)] for w in wanted if (type(w), w) in self._lookup]
+        if not found:
+            return np.zeros(len(self.codes), dtype=bool)
+        return np.isin(self.codes, np.array(found, self.codes.dtype))
+
+    def nbytes(self) -> int:
+        held = self.values.nbytes if isinstance(self.values, pa.Array) else sum(len(str(v)) for v in self.values)
+        return int(self.codes.nbytes + held)

@@ -4,7 +4,8 @@ build runs its shard tasks on Ray when Ray is up, else one after another in this
 A document's pages all go to one shard, by a hash of its doc_id. A shard's task streams its pages' vectors from the
 page parts one part at a time, so no process holds more than one shard's vectors (the driver holds none: it reads
 the doc_id column of new parts, and the ids). IVF types train one coarse quantiser on a sample of the parts first
-and every shard starts from a copy of it, so scores and ``nprobe`` mean the same in every shard.
+and every shard starts from a copy of it, so scores and ``nprobe`` mean the same in every shard (quantized indexes
+likewise share their 8-bit ranges or binary thresholds).
 
 A version of a sharded index keeps one ids table (row i = position i; the shards in order, ``index_shard`` naming
 each row's shard, written in row groups per shard so a shard's replica reads its own rows only) and per shard a FAISS
@@ -32,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_vdr.corpus.build import ID_COLUMNS, empty_ids, read_all_ids, read_index_file, rewrite_parts, write_index_file
-from ray_vdr.corpus.faiss_index import IndexSpec, add_to, choose_spec, factory, set_search_params, trained_empty
+from ray_vdr.corpus.faiss_index import (IndexSpec, add_to, choose_spec, factory, same_codes, set_search_params,
+                                        trained_empty)
 from ray_vdr.corpus.manifest import IndexManifest, IndexShard
 from ray_vdr.corpus.versions import VERSIONS
 from ray_vdr.storage import fs_path
@@ -227,7 +229,7 @@ def build_sharded(output: str, names: list[str], dim: int, cfg, current: IndexMa
     total = _rows(output, names)
     spec = choose_spec(total, dim, cfg)
     old = current if (current is not None and current.version is not None and len(current.index_shards) == n
-                      and current.index.type == spec.type) else None
+                      and same_codes(current.index.model_dump(), spec)) else None
     quantizer = None
     jobs: dict[int, tuple[list[str], dict[str, Any]]] = {}
     old_ids: dict[int, pa.Table] = {}
@@ -250,7 +252,7 @@ def build_sharded(output: str, names: list[str], dim: int, cfg, current: IndexMa
             elif s in touched:
                 jobs[s] = (new_parts, {"base": rec.index, "quantizer": quantizer, "action": "extended"})
     else:
-        if spec.type.startswith("ivf") and total:
+        if (spec.type.startswith("ivf") or "quantization" in spec.params) and total:  # a shared trained start
             quantizer = _run(train_quantizer, [((output, names, spec.as_dict(), version), {})], num_gpus)[0]
         jobs = {s: (names, {"quantizer": quantizer, "action": "built"}) for s in range(n)}
     calls = [((output, parts, n, s, spec.as_dict(), dim, version),

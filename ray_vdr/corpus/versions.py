@@ -135,8 +135,8 @@ def publish(output: str, manifest: IndexManifest, docs: pa.Table, ids: pa.Table,
         update["index_shards"] = [r.model_copy(update={"live_pages": _live(t)})
                                   for r, t in zip(manifest.index_shards, parts, strict=True)]
         write_tables(parts, f"{folder}/ids.parquet")
-    else:
-        write_table(ids, f"{folder}/ids.parquet")
+    else:  # in row groups: a replica maps it one group at a time (ray_vdr.corpus.mapped)
+        write_tables([ids], f"{folder}/ids.parquet")
     live = _live(ids)
     files = manifest.files.model_copy(update={"ids": f"{rel}/ids.parquet", "docs": f"{rel}/docs.parquet"})
     manifest = manifest.model_copy(update={
