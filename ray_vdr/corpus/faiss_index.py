@@ -239,9 +239,11 @@ def _rescored(index: QuantizedIndex, q: np.ndarray, k: int, allowed: np.ndarray 
     n = index.ntotal if allowed is None else int(np.count_nonzero(allowed))
     if n == 0 or index.ntotal == 0:
         return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
-    if allowed is not None and _exact(index, n, exact_max):
+    if allowed is not None and _exact(index, n, exact_max):  # the allowed rows read once for every query
         ids = np.flatnonzero(allowed)
-        return index.rescored(q, np.broadcast_to(ids, (len(q), len(ids))), min(k, n))
+        scores = q @ index.vectors()[ids].T
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :min(k, n)]
+        return np.take_along_axis(scores, top, axis=1), ids[top]
     depth = min(n, k * index.rescore)
     params = None if allowed is None else _selector_params(index.codes, allowed, n / index.ntotal, depth)
     _, candidates = index.codes.search(index.encode(q), depth, params=params)

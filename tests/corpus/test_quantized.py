@@ -76,6 +76,11 @@ def test_quantized_codes_in_memory_rescored_from_float_vectors(tmp_path, quantiz
     docs = ["doc-1", "doc-7", "doc-22"]
     picked = index.search(q[:4], 10, clauses=[("doc_id", "in", docs)])
     assert all(len(r) == 10 and {h["doc_id"] for h in r} <= set(docs) for r in picked)
+    one = index.search(q[:2], 3, clauses=[("doc_id", "eq", "doc-3")])  # 5 of 200: scored exactly, floats only
+    for row, qv in zip(one, q[:2], strict=True):
+        assert len(row) == 3 and {h["doc_id"] for h in row} == {"doc-3"}
+        assert np.allclose([h["score"] for h in row], vectors[[h["position"] for h in row]] @ qv, atol=1e-6)
+        assert [h["score"] for h in row] == sorted((h["score"] for h in row), reverse=True)
     scoped = index.search(q, 10, scope=[("collection", ["c1"])])
     assert all(len(r) == 10 and all(h["metadata"]["collection"] == "c1" for h in r) for r in scoped)
 
