@@ -243,8 +243,8 @@ def main() -> int:
             ids["rows"].append(row)
             print(f"id table {n:,} rows: nbytes {table.nbytes / n:.1f} B/row, read into memory +{row['grown']:,} B "
                   f"(peak +{row['peak']:,}); memory-mapped + live mask +{row['mapped_grown']:,} B (peak "
-                  f"+{row['mapped_peak']:,}); PositionFields +{row['filters_grown']:,} B (+{row['filters_file']:,} B of "
-                  "mapped file pages read)", flush=True)
+                  f"+{row['mapped_peak']:,}); PositionFields +{row['filters_grown']:,} B "
+                  f"(+{row['filters_file']:,} B of mapped file pages read)", flush=True)
             del table
         ids["per_row"] = {k: round(marginal(ids["rows"], k), 1) for k in ("nbytes", "grown", "peak", "mapped_grown",
                                                                           "mapped_peak", "filters_grown",

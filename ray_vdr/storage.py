@@ -21,8 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["copy_tree", "dedupe_parts", "fs_path", "is_file", "list_dirs", "list_parts", "part_name", "read_bytes",
-           "read_file", "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_file", "write_table",
-           "write_tables"]
+           "read_file", "read_json", "read_json_files", "read_table", "remove_tree", "write_bytes", "write_file",
+           "write_table", "write_tables"]
 
 
 def fs_path(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -18,8 +18,16 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ray_vdr.corpus.faiss_index import (INDEX_FILE, IndexSpec, add_to, build_index, choose_spec, read_index, same_codes,
-                                        write_index)
+from ray_vdr.corpus.faiss_index import (
+    INDEX_FILE,
+    IndexSpec,
+    add_to,
+    build_index,
+    choose_spec,
+    read_index,
+    same_codes,
+    write_index,
+)
 from ray_vdr.corpus.manifest import IndexManifest
 from ray_vdr.corpus.mapped import cached_copy
 from ray_vdr.corpus.quantized import THRESHOLDS_SUFFIX, VECTORS_SUFFIX

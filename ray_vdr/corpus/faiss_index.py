@@ -3,10 +3,11 @@
 Vectors are L2-normalised, so inner product is cosine similarity. The index type follows the corpus size unless
 set: exact search (``IndexFlatIP``) for small corpora, HNSW for large ones, IVF with 8-bit scalar quantisation
 (IVF-SQ8) for very large ones. ``index.quantization`` (int8, binary) keeps codes in memory and rescores the
-candidates with full-precision vectors read from a memory-mapped file (:mod:`ray_vdr.corpus.quantized`). IVF-PQ is an override for corpora that must fit in the least memory: its recall@10 is
-far below 0.95 on page-like vectors (bench/ann_recall.py). Building runs on GPU when FAISS sees GPUs (flat and IVF
-types; HNSW is CPU-only in FAISS) and the index is always stored as a CPU index. The index folder around it
-(shards, ids, manifest) is :mod:`ray_vdr.corpus.store`.
+candidates with full-precision vectors read from a memory-mapped file (:mod:`ray_vdr.corpus.quantized`). IVF-PQ is
+an override for corpora that must fit in the least memory: its recall@10 is far below 0.95 on page-like vectors
+(bench/ann_recall.py). Building runs on GPU when FAISS sees GPUs (flat and IVF types; HNSW is CPU-only in FAISS) and
+the index is always stored as a CPU index. The index folder around it (shards, ids, manifest) is
+:mod:`ray_vdr.corpus.store`.
 """
 
 from __future__ import annotations
@@ -270,7 +271,6 @@ def filter_path(index, n_allowed: int, exact_max: int = 65_536, k: int = 10) -> 
 
 def _exact(index, n_allowed: int, exact_max: int) -> bool:
     """Whether a mask allowing ``n_allowed`` positions is scored exactly over the allowed vectors."""
-    import faiss
 
     kind = "hnsw" if hasattr(index, "hnsw") else "flat"
     return (n_allowed <= exact_max and n_allowed / max(index.ntotal, 1) <= EXACT_MAX_SHARE[kind]

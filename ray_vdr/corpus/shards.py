@@ -33,8 +33,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_vdr.corpus.build import ID_COLUMNS, empty_ids, read_all_ids, read_index_file, rewrite_parts, write_index_file
-from ray_vdr.corpus.faiss_index import (IndexSpec, add_to, choose_spec, factory, same_codes, set_search_params,
-                                        trained_empty)
+from ray_vdr.corpus.faiss_index import (
+    IndexSpec,
+    add_to,
+    choose_spec,
+    factory,
+    same_codes,
+    set_search_params,
+    trained_empty,
+)
 from ray_vdr.corpus.manifest import IndexManifest, IndexShard
 from ray_vdr.corpus.versions import VERSIONS
 from ray_vdr.storage import fs_path
