@@ -94,7 +94,9 @@ def cmd_embed(cfg: VDRConfig) -> int:
     result = run(cfg)
     s, m = result.summary, result.manifest
     d, p = s.documents, s.pages
-    print(f"index: {result.output} version {s.version} ({s.index_type}, {s.live_pages} live pages of "
+    q = m.index.params.get("quantization")
+    codes = f" with {q} codes, rescore {m.index.params['rescore']}x" if q else ""
+    print(f"index: {result.output} version {s.version} ({s.index_type}{codes}, {s.live_pages} live pages of "
           f"{s.index_vectors} vectors, {s.index_bytes} bytes, dim {m.dim}, model {m.model.path})")
     print(f"{s.mode}: documents {d['added']} added, {d['updated']} updated, {d['removed']} removed, "
           f"{d['unchanged']} unchanged, {d['metadata_updated']} metadata-only updates, {d['rejected']} rejected; "

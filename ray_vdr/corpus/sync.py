@@ -216,14 +216,19 @@ def compact_if_needed(output: str, index_cfg: dict, share: float) -> CompactSumm
 
 
 def compact(output: str, index_cfg: dict, shards: set[int] | None = None) -> CompactSummary:
-    """Rebuild the index over the live pages only (removed ones are then gone from the page parts and the index too);
-    a sharded index rebuilds the ``shards`` given (default: every shard holding a removed page) and keeps the others'
-    files."""
+    """Rebuild the index over the live pages only (removed ones are then gone from the page parts and the index too),
+    with the index's own type and quantization (``index_cfg`` gives the rest); a sharded index rebuilds the
+    ``shards`` given (default: every shard holding a removed page) and keeps the others' files."""
     from ray_vdr.corpus.build import compact_version
     from ray_vdr.corpus.shards import compact_shards
 
     current = _versioned(output)
     version = next_version(current)
+    # compaction drops removed pages and changes nothing else: the index keeps its type and codes whatever the
+    # caller's config says (a `ray-vdr delete` with a config that never named them would rebuild every shard)
+    p = current.index.params
+    index_cfg = {**index_cfg, "index_type": current.index.type, "quantization": p.get("quantization", "none"),
+                 "rescore": p.get("rescore")}
     if current.index_shards:
         fields, ids = compact_shards(output, current, index_cfg, version, shards)
     else:

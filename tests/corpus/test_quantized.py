@@ -112,9 +112,16 @@ def test_quantized_codes_in_memory_rescored_from_float_vectors(tmp_path, quantiz
     # a deleted document is gone; compaction rebuilds over the live pages and answers as exact search
     delete(str(out), doc_ids=["doc-7"])
     assert "doc-7" not in {h["doc_id"] for r in open_index(str(out)).search(q, 50) for h in r}
-    assert compact_if_needed(str(out), cfg.model_dump(), share=0.01) is not None
+    before = open_index(str(out)).manifest
+    # compaction with a config that names no quantization (as `ray-vdr delete -c <another config>`) keeps the codes
+    c = compact_if_needed(str(out), IndexConfig(shards=shards).model_dump(), share=0.01)
+    assert c is not None
     compacted = open_index(str(out))
-    assert compacted.manifest.vectors == 198
+    assert compacted.manifest.vectors == 198 and compacted.manifest.index.params["quantization"] == quantization
+    if shards > 1:
+        assert len(c.shards_rebuilt) == 1, "only the shard that held doc-7"
+        kept = [r for r in compacted.manifest.index_shards if r.action == "kept"]
+        assert len(kept) == 2 and all(r.index == before.index_shards[r.shard].index for r in kept)
     assert [[h["key"] for h in r] for r in compacted.search(q, 10)] == _exact(compacted, q, 10)
 
 
