@@ -46,6 +46,45 @@ def test_ranking_metrics_and_rerank_order():
     assert rerank_order(["a", "b"], [], 0) == ["a", "b"]
 
 
+@pytest.mark.parametrize("graded", [True, False])
+def test_metrics_equal_pytrec_eval_on_graded_and_binary_qrels_with_ties(graded):
+    """NDCG@k, Recall@k, MAP@k and MRR as pytrec_eval (trec_eval, which MTEB scores with) computes them, on runs
+    ranked by trec_order: 40 queries over 60 documents, gains 0-3 (or 0/1), scores rounded so that ties abound,
+    judged documents missing from the run, and a query without relevant documents."""
+    import pytrec_eval
+
+    from ray_vdr.eval.metrics import mean_metrics, trec_order
+
+    rng = np.random.default_rng(5)
+    docs = [f"d{i:02d}" for i in range(60)]
+    qrels, run = {}, {}
+    for q in range(40):
+        judged = rng.choice(60, 12, replace=False)
+        gains = rng.integers(0, 4 if graded else 2, 12)
+        qrels[f"q{q}"] = {docs[j]: int(g) for j, g in zip(judged, gains, strict=True)}
+        retrieved = rng.choice(60, 30, replace=False)  # some judged documents are never retrieved
+        run[f"q{q}"] = {docs[j]: float(np.round(rng.random(), 1)) for j in retrieved}
+    qrels["q0"] = dict.fromkeys(qrels["q0"], 0)  # judged, none relevant
+    measures = {"ndcg_cut_5", "ndcg_cut_10", "recall_10", "map_cut_10", "recip_rank"}
+    want = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    rows = []
+    for q in qrels:
+        ranked = trec_order(run[q])
+        got = ranking_metrics(ranked, qrels[q], ks=(5, 10), measures=("ndcg", "recall", "map"))
+        assert got["ndcg@5"] == pytest.approx(want[q]["ndcg_cut_5"], abs=1e-9), q
+        assert got["ndcg@10"] == pytest.approx(want[q]["ndcg_cut_10"], abs=1e-9), q
+        assert got["recall@10"] == pytest.approx(want[q]["recall_10"], abs=1e-9), q
+        assert got["map@10"] == pytest.approx(want[q]["map_cut_10"], abs=1e-9), q
+        assert ranking_metrics(ranked, qrels[q], ks=(len(ranked),), measures=("mrr",))[f"mrr@{len(ranked)}"] == \
+            pytest.approx(want[q]["recip_rank"], abs=1e-9), q
+        rows.append(got)
+    assert mean_metrics(rows)["ndcg@10"] == pytest.approx(np.mean([want[q]["ndcg_cut_10"] for q in qrels]), abs=1e-9)
+    if graded:  # the gains matter: scoring the same runs as binary gives other NDCGs
+        binary = [ranking_metrics(trec_order(run[q]), {d for d, g in qrels[q].items() if g > 0}, ks=(10,))["ndcg@10"]
+                  for q in qrels]
+        assert not np.allclose(binary, [want[q]["ndcg_cut_10"] for q in qrels])
+
+
 def test_retrieval_metrics_equal_the_information_retrieval_evaluator(eval_rows, embedder, tiny_qwen):
     """Training's Matryoshka evaluation (one encoding pass, every dim) and two-stage evaluation's embed-only ranking
     give what InformationRetrievalEvaluator computes on the same model and eval split, dim by dim."""
