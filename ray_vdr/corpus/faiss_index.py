@@ -210,14 +210,14 @@ def search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     ``allowed`` (a bool per vector position: not removed, and matching the request's filter) is applied *inside* the
     search, so top-k stays full under selective filters: up to ``exact_max`` allowed vectors (and at most
     EXACT_MAX_SHARE of the index: 5% on flat, 25% on HNSW) are scored exactly from the index's own storage (flat
-    and HNSW keep the vectors); otherwise FAISS searches with an ``IDSelectorBitmap`` and a search depth (HNSW
-    efSearch, IVF nprobe) widened by the inverse of the allowed share.
+    and HNSW keep the vectors, a quantized index its float vectors file); otherwise FAISS searches with an
+    ``IDSelectorBitmap`` and a search depth (HNSW efSearch, IVF nprobe) widened by the inverse of the allowed share.
+    A quantized index rescores ``rescore`` x k candidates from its codes with the float vectors.
     """
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    if isinstance(index, QuantizedIndex):
-        return _rescored(index, q, k, allowed, exact_max)
+    quantized = isinstance(index, QuantizedIndex)
     if allowed is None:
-        return index.search(q, min(k, max(1, index.ntotal)))
+        return _rescored(index, q, k) if quantized else index.search(q, min(k, max(1, index.ntotal)))
     n = int(np.count_nonzero(allowed))
     if n == 0:
         return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
@@ -226,29 +226,22 @@ def search(index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     # the index's own search with a selector is as exact (flat) or far faster (HNSW), measured in bench/filter_search
     if _exact(index, n, exact_max):
         ids = np.flatnonzero(allowed)
-        scores = q @ index.reconstruct_batch(ids.astype(np.int64)).T
+        stored = index.vectors()[ids] if quantized else index.reconstruct_batch(ids.astype(np.int64))
+        scores = q @ stored.T
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, top, axis=1), ids[top]
+    if quantized:
+        return _rescored(index, q, k, _selector_params(index.codes, allowed, share, k * index.rescore))
     return index.search(q, k, params=_selector_params(index, allowed, share, k))
 
 
-def _rescored(index: QuantizedIndex, q: np.ndarray, k: int, allowed: np.ndarray | None, exact_max: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """A quantized index's search: ``rescore`` x k candidates from the codes (with the filter inside, as for the
-    others), their top k by the exact inner product with the float vectors; a small allowed subset is scored exactly
-    from the float vectors alone."""
-    n = index.ntotal if allowed is None else int(np.count_nonzero(allowed))
-    if n == 0 or index.ntotal == 0:
+def _rescored(index: QuantizedIndex, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+    """A quantized index's search: ``rescore`` x k candidates from the codes (``params``: the filter's selector),
+    their top k by the exact inner product with the float vectors."""
+    if not index.ntotal:
         return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
-    if allowed is not None and _exact(index, n, exact_max):  # the allowed rows read once for every query
-        ids = np.flatnonzero(allowed)
-        scores = q @ index.vectors()[ids].T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :min(k, n)]
-        return np.take_along_axis(scores, top, axis=1), ids[top]
-    depth = min(n, k * index.rescore)
-    params = None if allowed is None else _selector_params(index.codes, allowed, n / index.ntotal, depth)
-    _, candidates = index.codes.search(index.encode(q), depth, params=params)
-    return index.rescored(q, candidates, min(k, n))
+    _, candidates = index.codes.search(index.encode(q), min(index.ntotal, k * index.rescore), params=params)
+    return index.rescored(q, candidates, min(k, index.ntotal))
 
 
 def filter_path(index, n_allowed: int, exact_max: int = 65_536, k: int = 10) -> tuple[str, str]:

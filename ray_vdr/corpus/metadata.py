@@ -281,7 +281,7 @@ def _encoded(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     chunk by chunk into one array (Arrow's encoding shares one dictionary across the chunks; no column copy)."""
     enc = pc.dictionary_encode(column)
     dictionary = enc.chunks[-1].dictionary if enc.num_chunks else pa.array([], column.type)
-    codes = np.empty(len(column), _narrow(np.zeros(0, np.int64), len(dictionary)).dtype)
+    codes = np.empty(len(column), _code_dtype(len(dictionary)))
     at = 0
     for chunk in enc.chunks:
         codes[at:at + len(chunk)] = pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)
@@ -289,12 +289,9 @@ def _encoded(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     return codes, dictionary
 
 
-def _narrow(codes: np.ndarray, distinct: int) -> np.ndarray:
-    """``codes`` (-1 = missing) in the narrowest signed integer type that holds ``distinct`` values."""
-    for dtype in (np.int8, np.int16, np.int32):
-        if distinct < np.iinfo(dtype).max:
-            return codes.astype(dtype)
-    return codes.astype(np.int64)
+def _code_dtype(distinct: int) -> type:
+    """The narrowest signed integer type holding codes of ``distinct`` values and -1 (missing)."""
+    return next((t for t in (np.int8, np.int16, np.int32) if distinct < np.iinfo(t).max), np.int64)
 
 
 class _Coded:
@@ -315,7 +312,7 @@ class _Coded:
         distinct: dict[tuple, int] = {}
         codes = np.array([-1 if v is None else distinct.setdefault((type(v), v), len(distinct)) for v in values],
                          np.int64)
-        return cls(_narrow(codes, len(distinct)), [v for _, v in distinct])
+        return cls(codes.astype(_code_dtype(len(distinct))), [v for _, v in distinct])
 
     def isin(self, wanted: list) -> np.ndarray:
         if self._lookup is None:
