@@ -898,6 +898,62 @@ class PromoteConfig(_Strict):
     eval_cpus: float = Field(1.0, gt=0, description="CPUs of the evaluation task (on a GPU when scaling.use_gpu).")
 
 
+class BenchmarkModel(_Strict):
+    """One model row of a benchmark: an embedder, and the reranker of its second stage."""
+
+    embedder: str = Field(description="A Sentence Transformers embedder: folder, URI or hub id (encoded under the "
+                          "model section's prompts, pixel bounds and trust_remote_code).")
+    reranker: str | None = Field(None, description="A CrossEncoder reranker of its top candidates. None = embed only.")
+    name: str | None = Field(None, description="Its label in the tables. None = the embedder's folder name.")
+
+
+class BenchmarkConfig(_Strict):
+    """Public benchmarks (jobs/benchmark.py): ViDoRe / MTEB-layout retrieval tasks scored as their leaderboards
+    score them (graded NDCG), for each model, Matryoshka dimension and rerank depth."""
+
+    tasks: list[str] = Field(
+        default_factory=list, description="Suites (vidore-v1, vidore-v2, vidore-v3), hub dataset ids (vidore/...) "
+        "read from data_dir, or folders/URIs of datasets in the BEIR layout (corpus/, queries/, qrels/) or ViDoRe "
+        "V1's single-table layout."
+    )
+    data_dir: str | None = Field(
+        None, description="Folder or URI holding hub datasets downloaded ahead of time, one folder per hub id "
+        "(<data_dir>/vidore/esg_reports_v2). Nothing is downloaded by the benchmark."
+    )
+    split: str = Field("test", description="The split scored.")
+    models: list[BenchmarkModel] = Field(
+        default_factory=list, description="The models compared side by side. Empty = the base model "
+        "(model.name_or_path) and the embedder this config's training saved, with its trained reranker."
+    )
+    dims: list[PositiveInt] | None = Field(
+        None, description="Matryoshka dimensions scored. None = train.matryoshka_dims up to each model's dimension."
+    )
+    rerank_depths: list[PositiveInt] = Field(
+        default_factory=lambda: [10], description="First-stage candidates the reranker reorders (per dimension)."
+    )
+    max_queries: PositiveInt | None = Field(None, description="Score only each task's first N judged queries.")
+    batch_size: PositiveInt = Field(16, description="Queries per embedding forward; pairs per reranker forward.")
+    cache: str | None = Field(
+        None, description="Folder or URI of the corpus embeddings, one index per dataset and model, reused by "
+        "reruns and later benchmarks. None = <run storage>/benchmark-cache."
+    )
+    output: str | None = Field(
+        None, description="Folder or URI for benchmark.md, benchmark.json, benchmark.png and per-task results "
+        "(a rerun skips tasks already scored with the same settings). None = <run storage>/<run name>/benchmark."
+    )
+    references: bool = Field(True, description="Print the published reference rows (quoted) beside the results.")
+    cpus: float = Field(1.0, gt=0, description="CPUs of each scoring task (on a GPU when scaling.use_gpu).")
+
+    @model_validator(mode="after")
+    def _unique(self) -> BenchmarkConfig:
+        if sorted(set(self.rerank_depths)) != self.rerank_depths:
+            raise ValueError(f"rerank_depths must be unique and ascending, got {self.rerank_depths}")
+        names = [m.name for m in self.models if m.name]
+        if len(names) != len(set(names)):
+            raise ValueError(f"benchmark.models: names must be unique, got {names}")
+        return self
+
+
 class SyntheticConfig(_Strict):
     output_dir: str = Field("./data/synthetic", description="Folder for the generated train/eval Parquet and JSONL.")
     train_queries: PositiveInt = Field(200, description="Training rows (query, page, hard negative).")
@@ -947,6 +1003,9 @@ class VDRConfig(_Strict):
     reranker: RerankerConfig = Field(default_factory=RerankerConfig, description="The multimodal reranker.")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="Two-stage evaluation.")
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Model promotion on the live endpoint.")
+    benchmark: BenchmarkConfig = Field(
+        default_factory=BenchmarkConfig, description="Public benchmarks (ViDoRe / MTEB layouts)."
+    )
     queries: QueriesConfig = Field(
         default_factory=QueriesConfig, description="Training data made from unlabeled documents."
     )

@@ -37,6 +37,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "train-reranker": ("reranker", "mine", "data", "scaling", "run"),
     "evaluate": ("evaluate", "model", "reranker", "data", "output", "scaling", "run"),
     "serve": ("serve", "index", "reranker", "data", "run"),
+    "benchmark": ("benchmark", "model", "reranker", "index", "train", "scaling", "run"),
     "promote": ("promote", "serve", "index", "model", "output", "data", "scaling", "run"),
 }
 

@@ -207,7 +207,10 @@ def _storage_problems(script: str, cfg: VDRConfig) -> list[str]:
     """Pods share no filesystem: everything one job writes for another must be in a bucket."""
     uris = {"run.storage_path": cfg.run.storage_path, "index.output": cfg.index.output,
             "mine.output": cfg.mine.output, "evaluate.output": cfg.evaluate.output, "serve.index": cfg.serve.index,
-            "serve.live": cfg.serve.live, "promote.model": cfg.promote.model, "promote.output": cfg.promote.output}
+            "serve.live": cfg.serve.live, "promote.model": cfg.promote.model, "promote.output": cfg.promote.output,
+            "benchmark.output": cfg.benchmark.output, "benchmark.cache": cfg.benchmark.cache}
+    if script == "benchmark":
+        uris["benchmark.data_dir"] = cfg.benchmark.data_dir
     uris |= {f"index.sources[{i}]": s for i, s in enumerate(cfg.index.sources)}
     if script == "make_training_data":  # the other jobs never read the queries section
         uris |= {f"queries.sources[{i}]": s for i, s in enumerate(cfg.queries.sources)}

@@ -31,10 +31,11 @@ USES_GPU = {"base": True, "overlays/multi-gpu": True, "overlays/dev-cpu": False,
 PIPELINE = ("train_embedder", "embed_corpus", "mine_negatives", "train_reranker", "evaluate")
 # The pipeline's steps in order; training data from one's own documents (before it) and model promotion (after a new
 # training run).
-JOBS = ("make_training_data", *PIPELINE, "promote")
+JOBS = ("make_training_data", *PIPELINE, "promote", "benchmark")
 # Overrides each job's entrypoint must set, so that bucket names and the endpoint's address live in k8s/ only.
 NEEDED_OVERRIDES = {"embed_corpus": {"index.sources"}, "promote": {"serve.index", "serve.live", "promote.endpoint"},
-                    "make_training_data": {"queries.sources", "queries.output"}}
+                    "make_training_data": {"queries.sources", "queries.output"},
+                    "benchmark": {"benchmark.tasks", "benchmark.data_dir"}}
 GPU = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 REMOTE = ("s3://", "gs://")
