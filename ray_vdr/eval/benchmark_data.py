@@ -9,7 +9,8 @@ Two layouts, as the ViDoRe datasets on the Hugging Face hub publish them:
   page image of the split, and a query's page is relevant to it (rows without a query are corpus pages only).
 
 A task is found by path (a folder or object-store URI holding the layout), or by hub id (``vidore/…``), read from
-``benchmark.data_dir/<hub id>`` where it was downloaded ahead of time; nothing here downloads. A suite name expands
+``benchmark.data_dir/<hub id>`` where it was downloaded ahead of time (else from this machine's Hugging Face cache);
+nothing here downloads. A suite name expands
 to its tasks. The files are located here; the queries and qrels (text and numbers) are read by the scoring task,
 and the corpus is embedded by the corpus job (:mod:`ray_vdr.corpus.embed`).
 """
@@ -228,12 +229,27 @@ def _exists(path: str) -> bool:
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
+def _hf_cache(hub_id: str) -> str | None:
+    """The dataset's snapshot in this machine's Hugging Face cache (``hf download`` without ``--local-dir``), if
+    there is one; nothing is downloaded."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(hub_id, repo_type="dataset", local_files_only=True)
+    except Exception:  # not cached (LocalEntryNotFoundError), or no huggingface_hub
+        return None
+
+
 def _hub_task(hub_id: str, name: str, data_dir: str | None, split: str, metric: str, suite: str | None,
               layout: Layout | None) -> BenchmarkTask:
-    if data_dir is None:
-        raise MissingDataset(f"benchmark dataset {hub_id!r}: benchmark.data_dir is not set; "
-                             f"{_fetch_hint(hub_id, None)}")
-    uri = f"{data_dir.rstrip('/')}/{hub_id}"
+    """A hub dataset from ``data_dir/<hub id>``, else from the local Hugging Face cache (a single machine's run: other
+    nodes do not see it)."""
+    uri = f"{data_dir.rstrip('/')}/{hub_id}" if data_dir else None
+    if uri is None or fs_path(uri)[0].get_file_info(fs_path(uri)[1]).type != pafs.FileType.Directory:
+        uri = _hf_cache(hub_id) or uri
+    if uri is None:
+        raise MissingDataset(f"benchmark dataset {hub_id!r}: benchmark.data_dir is not set and the Hugging Face cache "
+                             f"has no copy; {_fetch_hint(hub_id, None)}")
     fs, path = fs_path(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise MissingDataset(f"benchmark dataset {hub_id!r} is not in {uri}; {_fetch_hint(hub_id, data_dir)}")
