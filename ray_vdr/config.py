@@ -52,6 +52,20 @@ class _Strict(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters (PEFT) on the model's transformer: only they train (plus heads outside the transformer, such as
+    a reranker's Dense layer); the saved model has them merged into its weights, and ``adapter/`` holds them alone."""
+
+    rank: PositiveInt = Field(16, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (scale = alpha / rank). None = 2·rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Names of the linear layers that get adapters (Qwen3-VL's attention and MLP projections, in the "
+        "vision tower too where the names match).",
+    )
+
+
 class ModelConfig(_Strict):
     name_or_path: str = Field(
         "Qwen/Qwen3-VL-Embedding-2B",
@@ -102,6 +116,9 @@ class ModelConfig(_Strict):
     )
     max_seq_length: PositiveInt | None = Field(None, description="Token limit per input. None keeps the model's own.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters instead of the full weights (null = full weights)."
+    )
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:

@@ -91,9 +91,16 @@ def _embedder_check(cfg: VDRConfig) -> None:
 
 
 def _build(cfg: VDRConfig, device: str, reranker: bool = False):
+    """The model to train; with ``model.lora``, its LoRA adapters added (seeded by ``train.seed``: equal on every
+    rank)."""
     from ray_vdr.models.load import build_model
 
-    return build_model(cfg.model, device=device, reranker=reranker)
+    model = build_model(cfg.model, device=device, reranker=reranker)
+    if cfg.model.lora is not None:
+        from ray_vdr.models.lora import add_lora
+
+        add_lora(model, cfg.model.lora, cfg.train.seed)
+    return model
 
 
 def _embedder_trainer() -> type:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -24,6 +25,9 @@ from ray_vdr.config import VDRConfig
 
 __all__ = ["StreamingCrossEncoderTrainer", "StreamingTrainer", "ThroughputMeter", "lr_factor", "peak_memory_bytes",
            "steps_of", "training_arguments"]
+
+
+TRAINABLE_FILE = "trainable.safetensors"  # a LoRA checkpoint's adapters (and heads), by parameter name
 
 
 class _Streaming:
@@ -74,6 +78,33 @@ class _Streaming:
     def get_train_dataloader(self) -> DataLoader:
         return DataLoader(self.batch_stream, batch_size=None, collate_fn=self.data_collator,
                           num_workers=0, pin_memory=self.args.dataloader_pin_memory)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """A LoRA run's checkpoint also holds its trainable parameters by name (the adapters, and any head outside
+        the transformer): what a resume restores onto the freshly built model. DeepSpeed's own checkpoint holds
+        them already."""
+        super()._save(output_dir, state_dict)
+        from ray_vdr.models.lora import has_lora
+
+        if has_lora(self.model) and not self.is_deepspeed_enabled:
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
+                      os.path.join(output_dir or self.args.output_dir, TRAINABLE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, *args, **kwargs) -> None:
+        path = os.path.join(resume_from_checkpoint, TRAINABLE_FILE)
+        if not os.path.isfile(path):
+            return super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
+        from safetensors.torch import load_file
+
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        state = load_file(path, device=str(next(self.model.parameters()).device))
+        if set(state) != trainable:
+            raise ValueError(f"checkpoint {resume_from_checkpoint}: its trainable parameters do not match this "
+                             f"model's (model.lora changed?): {sorted(set(state) ^ trainable)[:4]}")
+        self.model.load_state_dict(state, strict=False)
+        return None
 
 
 class StreamingTrainer(_Streaming, SentenceTransformerTrainer):

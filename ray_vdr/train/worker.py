@@ -133,7 +133,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank != 0 and _sharded_weights(cfg):
             # saving runs a forward (the model card's usage example), and under ZeRO-3 every forward is collective:
             # the other ranks save a throwaway copy in step with rank 0
-            recipe.before_save(model, cfg)
+            _before_save(recipe, model, cfg, None)
             model.save(str(Path(tmp) / "discard"))
         if rank == 0:
             out = Path(tmp) / "model"
@@ -144,7 +144,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     p.data = p.data.clone()
             if evaluation:
                 metrics.update(evaluation.summary(base, after))
-            recipe.before_save(model, cfg)
+            _before_save(recipe, model, cfg, out)
             model.save(str(out))
             if evaluation:
                 evaluation.write_reports(out, base, after)
@@ -271,6 +271,18 @@ def _one_process_without_ddp(cfg: VDRConfig, world: int, cuda: bool) -> None:
     Without LOCAL_RANK, accelerate sees a single process. DeepSpeed keeps it (it runs its engine on the group)."""
     if world == 1 and not cuda and cfg.train.strategy != "deepspeed":
         os.environ.pop("LOCAL_RANK", None)
+
+
+def _before_save(recipe, model, cfg: VDRConfig, out: Path | None) -> None:
+    """What every rank does before the final save, in step: a LoRA run's adapters written alone (``out/adapter``,
+    rank 0) and merged into the weights (the saved model is a plain one), then the recipe's own step."""
+    from ray_vdr.models.lora import has_lora, merge_lora, save_adapter
+
+    if has_lora(model):
+        if out is not None:
+            save_adapter(model, out / "adapter", cfg.model.lora)
+        merge_lora(model)
+    recipe.before_save(model, cfg)
 
 
 def _sharded_weights(cfg: VDRConfig) -> bool:
