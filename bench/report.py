@@ -295,6 +295,7 @@ SECTIONS = [
     Section("Serving overhead per hop — `bench/serve_overhead.py`", "serve-overhead", ["serve-overhead"]),
     Section("API keys and metrics — `bench/serve_security.py`", "serve-security", ["serve-security"]),
     Section("Reranker — mining, training, two-stage evaluation", "rerank", ["rerank"]),
+    Section("Leaderboard benchmarks — `ray-vdr benchmark`", "leaderboards"),
     Section("Training data from unlabeled documents — `bench/querygen_throughput.py`", "querygen", ["querygen"]),
     Section("Living index: filtered search, scale and sync cost — `bench/filter_search.py`, `bench/index_scale.py`, "
             "`bench/sync_cost.py`", "living-index", ["filter-search", "index-scale", "sync-cost"]),

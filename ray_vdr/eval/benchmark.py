@@ -211,6 +211,9 @@ def _score_remote(cfg_json: dict, model: dict, binding: dict, task: dict, index:
     queries = read_queries(task, bc.max_queries)
     pages = _live_pages(index)
     ids, rows, counts = corpus_rows(task, pages)
+    if not ids:
+        raise ValueError(f"benchmark task {task.name}: no page of its corpus could be embedded (every one rejected: "
+                         f"{index}/rejects)")
     vectors = np.asarray(pages.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
                          dtype=np.float32).reshape(pages.num_rows, -1)
     encoder = IndexEncoder(EmbedderBinding.model_validate(binding), Runtime(cfg.model.dtype,
