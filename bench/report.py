@@ -24,6 +24,7 @@ from bench.ann_recall import render as render_ann
 from bench.common import ROOT
 from bench.feeder_scale import render as render_feeder
 from bench.gpu import render as render_gpu
+from bench.multivector_first_stage import render as render_multivector
 from bench.quantization import render as render_quantization
 from bench.shard_scale import render as render_shard_scale
 from bench.sync_cost import render as render_sync_cost
@@ -279,6 +280,7 @@ BENCHES = {b.key: b for b in [
     Bench("sync-cost", "bench.sync_cost", {"cpu": []}, "2", render_sync_cost),
     Bench("shard-scale", "bench.shard_scale", {"cpu": []}, "10", render_shard_scale),
     Bench("quantization", "bench.quantization", {"cpu": []}, "12", render_quantization),
+    Bench("multivector", "bench.multivector_first_stage", {"cpu": []}, "4", render_multivector),
     Bench("gpu", "bench.gpu", {"gpu": []}, "8", render_gpu),
 ]}
 
@@ -301,6 +303,8 @@ SECTIONS = [
             "`bench/sync_cost.py`", "living-index", ["filter-search", "index-scale", "sync-cost"]),
     Section("Scaling the index out: shards across nodes — `bench/shard_scale.py`", "shard-scale", ["shard-scale"]),
     Section("Vectors in fewer bits, rescored — `bench/quantization.py`", "quantization", ["quantization"]),
+    Section("Multi-vector first stage: MUVERA vs token ANN vs exhaustive MaxSim — `bench/multivector_first_stage.py`",
+            "multivector", ["multivector"]),
     Section("GPU — `bash bench/gpu.sh`", "gpu", ["gpu"]),
 ]
 
