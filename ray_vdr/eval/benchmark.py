@@ -38,7 +38,7 @@ from ray_vdr.storage import is_file, read_json, write_bytes
 logger = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
-FIRST_STAGE = 100  # candidates ranked per query (trec_eval's measures here stop at 10; MTEB keeps 100 and more)
+FIRST_STAGE = 100  # candidates ranked per query, or the deepest rerank (the measures here stop at 10)
 
 
 def setting_name(dim: int, depth: int | None = None) -> str:
@@ -93,7 +93,8 @@ def score_task(queries: QuerySet, q_full: np.ndarray, pages: np.ndarray, ids: li
     qids = list(queries.queries)
     settings, languages = {}, {}
     for dim in dims:
-        ranked = first_stage(_normalized(q_full[:, :dim]), _normalized(pages[:, :dim])[rows], ids)
+        ranked = first_stage(_normalized(q_full[:, :dim]), _normalized(pages[:, :dim])[rows], ids,
+                             max([FIRST_STAGE, *depths]))
         variants = {setting_name(dim): ranked}
         if rerank is not None:
             for depth in depths:
