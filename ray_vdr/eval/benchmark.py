@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from ray_vdr.config import BenchmarkModel, VDRConfig
 from ray_vdr.eval.benchmark_data import BenchmarkTask, QuerySet, read_queries, resolve_tasks
+from ray_vdr.eval.matryoshka import truncated
 from ray_vdr.eval.metrics import mean_metrics, ranking_metrics, rerank_order, trec_order
 from ray_vdr.models.binding import EmbedderBinding
 from ray_vdr.storage import is_file, read_json, write_bytes
@@ -47,10 +48,6 @@ def setting_name(dim: int, depth: int | None = None) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # scoring (no Ray)
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def first_stage(q: np.ndarray, c: np.ndarray, ids: list[str], depth: int = FIRST_STAGE) -> list[list[str]]:
@@ -93,7 +90,7 @@ def score_task(queries: QuerySet, q_full: np.ndarray, pages: np.ndarray, ids: li
     qids = list(queries.queries)
     settings, languages = {}, {}
     for dim in dims:
-        ranked = first_stage(_normalized(q_full[:, :dim]), _normalized(pages[:, :dim])[rows], ids,
+        ranked = first_stage(truncated(q_full, dim), truncated(pages, dim)[rows], ids,
                              max([FIRST_STAGE, *depths]))
         variants = {setting_name(dim): ranked}
         if rerank is not None:

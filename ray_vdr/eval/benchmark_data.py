@@ -118,30 +118,26 @@ def _schema(files: list[str]) -> list[str]:
 
 
 def _columns(layout: Layout, files: dict[str, list[str]], where: str) -> dict[str, str | None]:
-    """Which column holds what, by the names the datasets use; a missing one raises MissingDataset."""
-    def pick(config: str, role: str, options: tuple[str, ...]) -> str:
-        names = _schema(files[config])
-        found = next((c for c in options if c in names), None)
+    """Which column holds what, by the names the datasets use (each config's schema read once); a missing one raises
+    MissingDataset."""
+    names = {config: _schema(paths) for config, paths in files.items()}
+
+    def pick(config: str, options: tuple[str, ...]) -> str:
+        found = next((c for c in options if c in names[config]), None)
         if found is None:
-            raise MissingDataset(f"{where}: the {config} files have none of the columns {list(options)} (has {names})")
+            raise MissingDataset(f"{where}: the {config} files have none of the columns {list(options)} "
+                                 f"(has {names[config]})")
         return found
 
     if layout == "single":
-        names = _schema(files["data"])
-        for need in ("query", "image"):
-            if need not in names:
-                raise MissingDataset(f"{where}: single-table layout without a {need!r} column (has {names})")
-        return {"corpus": "image_filename" if "image_filename" in names else None}
-    cols = {"corpus": pick("corpus", "id", ID_COLUMNS["corpus"]), "query_id": pick("queries", "id",
-                                                                                   ID_COLUMNS["queries"]),
-            "query": pick("queries", "text", ID_COLUMNS["text"]),
-            "qrels_query": pick("qrels", "query", ID_COLUMNS["queries"][:2]),
-            "qrels_corpus": pick("qrels", "corpus", ID_COLUMNS["corpus"][:2]), "score": pick("qrels", "score",
-                                                                                             ("score",))}
-    if "image" not in _schema(files["corpus"]):
-        raise MissingDataset(f"{where}: the corpus files have no 'image' column")
-    cols["language"] = "language" if "language" in _schema(files["queries"]) else None
-    return cols
+        pick("data", ("query",))
+        pick("data", ("image",))
+        return {"corpus": "image_filename" if "image_filename" in names["data"] else None}
+    pick("corpus", ("image",))
+    return {"corpus": pick("corpus", ID_COLUMNS["corpus"]), "query_id": pick("queries", ID_COLUMNS["queries"]),
+            "query": pick("queries", ID_COLUMNS["text"]), "qrels_query": pick("qrels", ID_COLUMNS["queries"][:2]),
+            "qrels_corpus": pick("qrels", ID_COLUMNS["corpus"][:2]), "score": pick("qrels", ("score",)),
+            "language": "language" if "language" in names["queries"] else None}
 
 
 def _split_files(fs: pafs.FileSystem, root: str, prefix: str, config: str, split: str) -> list[str]:

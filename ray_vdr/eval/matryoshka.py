@@ -71,7 +71,9 @@ def eval_set_from_table(table: pa.Table) -> EvalSet:
     return EvalSet(queries, corpus, relevant)
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
+def truncated(x: np.ndarray, dim: int) -> np.ndarray:
+    """Rows cut to their first ``dim`` components and L2-normalised: a Matryoshka dimension of full-size vectors."""
+    x = x[:, :dim]
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -96,7 +98,7 @@ class MatryoshkaRetrievalEvaluator:
         q = np.asarray(model.encode_query([es.queries[i] for i in qids], **kwargs), dtype=np.float32)
         c = np.asarray(model.encode_document([es.corpus[i] for i in cids], **kwargs), dtype=np.float32)
         for d in self.dims:
-            order = rank(_normalized(q[:, :d]) @ _normalized(c[:, :d]).T)
+            order = rank(truncated(q, d) @ truncated(c, d).T)
             rows = [ranking_metrics([cids[j] for j in row[:10]], es.relevant[qid], ks=(1, 5, 10))
                     for row, qid in zip(order, qids, strict=True)]
             means = mean_metrics(rows)
