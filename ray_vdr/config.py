@@ -119,6 +119,16 @@ class ModelConfig(_Strict):
     lora: LoraConfig | None = Field(
         None, description="Train LoRA adapters instead of the full weights (null = full weights)."
     )
+    kind: Literal["single_vector", "multi_vector"] = Field(
+        "single_vector",
+        description="Embedders: 'single_vector' = one vector per query or page (cosine); 'multi_vector' = one vector "
+        "per token or image patch, scored by MaxSim (Sentence Transformers' MultiVectorEncoder, ColPali style). A "
+        "single-vector model becomes a multi-vector one with a new token head (token_dim).",
+    )
+    token_dim: PositiveInt = Field(
+        128, description="multi_vector: the token vectors' dimension, when a token head is added to a single-vector "
+        "model (ColBERT/ColPali use 128). A multi-vector model keeps its own."
+    )
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:

@@ -37,7 +37,7 @@ import pytest
 
 from ray_vdr.config import load_config
 from tests.ray_cluster import stop_ray_start
-from tests.run_checks import check_exactly_once_and_in_sync
+from tests.run_checks import check_exactly_once_and_in_sync, own_page_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 # the module's first job test runs the data, training, embedding and evaluation jobs: ~6 min on the development
@@ -246,26 +246,6 @@ def own_docs_jobs(ray_head, tmp_path_factory):
     return load_config(ROOT / "configs/demo-own-docs.yaml", demo.stage_overrides(stages[-1], overrides)), logs
 
 
-def _own_page_ranks(cfg, model_uri: str, dim: int):
-    """The rank of each held-out question's own page among all 200 held-out pages (1 = first), as the evaluator
-    encodes them: a full-ranking measure, far less noisy than NDCG@10, which only the top 10 move."""
-    import numpy as np
-
-    from ray_vdr.data.triplets import TripletSpec, validate_batch
-    from ray_vdr.eval.matryoshka import eval_set_from_table
-    from ray_vdr.models.load import build_model
-
-    table = pq.read_table(Path(cfg.synthetic.output_dir) / "heldout" / "eval")
-    es = eval_set_from_table(validate_batch(table, TripletSpec.from_config(cfg.data, split="eval"))[0])
-    model = build_model(cfg.model.model_copy(update={"name_or_path": model_uri, "builder": "load"}), device="cpu")
-    qids, cids = list(es.queries), list(es.corpus)
-    q = model.encode_query([es.queries[i] for i in qids], batch_size=16, convert_to_numpy=True)[:, :dim]
-    c = model.encode_document([es.corpus[i] for i in cids], batch_size=16, convert_to_numpy=True)[:, :dim]
-    scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (c / np.linalg.norm(c, axis=1, keepdims=True)).T
-    own = np.array([cids.index(next(iter(es.relevant[qid]))) for qid in qids])
-    return (scores > scores[np.arange(len(qids)), own][:, None]).sum(axis=1) + 1
-
-
 def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_docs_jobs):
     """The own-documents loop learns. Unlabeled synthetic PDFs (100 companies' reports, 500 pages) became training
     data with the text generator and the consistency filter (a random base embedder: top 400 of 500), and the tiny
@@ -298,7 +278,9 @@ def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_doc
     report = json.loads((Path(result.model_uri) / "eval.json").read_text())
     assert report["eval_queries"] == 200 and report["eval_corpus"] == 200
     dim = max(cfg.train.matryoshka_dims)
-    base, finetuned = _own_page_ranks(cfg, cfg.model.name_or_path, dim), _own_page_ranks(cfg, result.model_uri, dim)
+    split = Path(cfg.synthetic.output_dir) / "heldout" / "eval"
+    base, finetuned = own_page_ranks(cfg, cfg.model.name_or_path, split, dim), own_page_ranks(cfg, result.model_uri,
+                                                                                              split, dim)
     print(f"own page's mean rank at dim {dim}: {base.mean():.1f} -> {finetuned.mean():.1f}\n{result.eval_table}")
     assert base.mean() >= 88 and finetuned.mean() <= 88, (base.mean(), finetuned.mean(), result.eval_table)
     gains = [after["ndcg@10"] - report["base"][d]["ndcg@10"] for d, after in report["finetuned"].items()]

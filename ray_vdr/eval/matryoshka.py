@@ -82,7 +82,8 @@ class MatryoshkaRetrievalEvaluator:
     {dim: {"ndcg@10": …, "mrr@10": …, "recall@1": …, "recall@5": …, "recall@10": …}}.
 
     Queries are encoded with ``encode_query`` and pages with ``encode_document`` (the model's prompts), as the index
-    and the endpoint encode them.
+    and the endpoint encode them. A multi-vector model (MultiVectorEncoder) is scored by MaxSim over its token vectors,
+    each cut to the dimension.
     """
 
     def __init__(self, eval_set: EvalSet, dims: list[int], *, batch_size: int = 16):
@@ -94,11 +95,19 @@ class MatryoshkaRetrievalEvaluator:
     def __call__(self, model: SentenceTransformer) -> dict[int, dict[str, float]]:
         es = self.eval_set
         qids, cids = list(es.queries), list(es.corpus)
-        kwargs = {"batch_size": self.batch_size, "convert_to_numpy": True, "show_progress_bar": False}
-        q = np.asarray(model.encode_query([es.queries[i] for i in qids], **kwargs), dtype=np.float32)
-        c = np.asarray(model.encode_document([es.corpus[i] for i in cids], **kwargs), dtype=np.float32)
+        multi = getattr(model, "model_type", None) == "MultiVectorEncoder"
+        kwargs = {"batch_size": self.batch_size, "show_progress_bar": False}
+        if not multi:
+            kwargs["convert_to_numpy"] = True
+        q = model.encode_query([es.queries[i] for i in qids], **kwargs)
+        c = model.encode_document([es.corpus[i] for i in cids], **kwargs)
         for d in self.dims:
-            order = rank(truncated(q, d) @ truncated(c, d).T)
+            if multi:  # token vectors, scored by MaxSim
+                from ray_vdr.models.multivector import maxsim_scores
+
+                order = rank(maxsim_scores(q, c, d))
+            else:
+                order = rank(truncated(np.asarray(q, np.float32), d) @ truncated(np.asarray(c, np.float32), d).T)
             rows = [ranking_metrics([cids[j] for j in row[:10]], es.relevant[qid], ks=(1, 5, 10))
                     for row, qid in zip(order, qids, strict=True)]
             means = mean_metrics(rows)

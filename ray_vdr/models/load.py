@@ -136,8 +136,9 @@ def set_pixel_bounds(model: SentenceTransformer, min_pixels: int | None, max_pix
 
 
 def build_model(cfg: ModelConfig, device: str | None = None, *, reranker: bool = False):
-    """Load (or build, then load) the model described by ``cfg`` on ``device``: a SentenceTransformer embedder, or
-    with ``reranker`` a CrossEncoder."""
+    """Load (or build, then load) the model described by ``cfg`` on ``device``: a SentenceTransformer embedder (a
+    MultiVectorEncoder with ``model.kind: multi_vector``, ray_vdr.models.multivector), or with ``reranker`` a
+    CrossEncoder."""
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
     from ray_vdr.models.processor import install_image_only_processor
@@ -154,8 +155,21 @@ def build_model(cfg: ModelConfig, device: str | None = None, *, reranker: bool =
         "attn_implementation": resolve_attn_implementation(cfg.attn_implementation, device),
     }
     logger.info("loading %s on %s (%s, %s)", path, device, model_kwargs["dtype"], model_kwargs["attn_implementation"])
-    cls = CrossEncoder if reranker else SentenceTransformer
-    model = cls(path, device=device, model_kwargs=model_kwargs, trust_remote_code=cfg.trust_remote_code)
+    if cfg.kind == "multi_vector":
+        if reranker:
+            raise ValueError("model.kind 'multi_vector' is for embedders; a reranker scores (query, page) pairs")
+        from ray_vdr.models.multivector import build_multi_vector
+
+        model = build_multi_vector(path, device, model_kwargs, token_dim=cfg.token_dim,
+                                   trust_remote_code=cfg.trust_remote_code)
+    else:
+        from ray_vdr.models.multivector import is_multi_vector
+
+        if is_multi_vector(path):
+            raise ValueError(f"{cfg.name_or_path} is a multi-vector model (MultiVectorEncoder): set model.kind "
+                             "'multi_vector' to train it; indexing and serving hold single-vector models only")
+        cls = CrossEncoder if reranker else SentenceTransformer
+        model = cls(path, device=device, model_kwargs=model_kwargs, trust_remote_code=cfg.trust_remote_code)
     set_pixel_bounds(model, cfg.min_pixels, cfg.max_pixels)
     if reranker:
         if cfg.max_seq_length is not None:

@@ -1,10 +1,12 @@
-"""The two training recipes, as plain records of functions: the embedder and the reranker.
+"""The training recipes, as plain records of functions: the embedder (single- or multi-vector) and the reranker.
 
 Both run through the same machinery (ray_vdr.train.run and .worker: streaming, duplicate-free global batches,
 checkpoints and resume, DeepSpeed, the per-rank audit trail). A :class:`Recipe` holds what differs:
 
 - **embedder**: a SentenceTransformer, :func:`build_loss` — (Cached)MultipleNegativesRankingLoss inside
   MatryoshkaLoss — and retrieval evaluation at every Matryoshka dim;
+- **multi_vector** (``model.kind: multi_vector``): a MultiVectorEncoder (one vector per token or image patch, MaxSim),
+  Sentence Transformers' multi-vector (Cached)MNRL inside its MatryoshkaLoss, and the same retrieval evaluation;
 - **reranker**: a CrossEncoder, BinaryCrossEntropyLoss over (query, page, 1/0) pairs made from each triplet
   (:func:`rerank_pairs`), and the positive's rank among its hard negatives.
 """
@@ -22,8 +24,8 @@ import pyarrow as pa
 
 from ray_vdr.config import TrainConfig, VDRConfig
 
-__all__ = ["EMBEDDER", "RECIPES", "RERANKER", "Evaluation", "Recipe", "build_loss", "rerank_metrics", "rerank_pairs",
-           "rerank_samples"]
+__all__ = ["EMBEDDER", "MULTI_VECTOR", "RECIPES", "RERANKER", "Evaluation", "Recipe", "build_loss",
+           "build_multi_vector_loss", "rerank_metrics", "rerank_pairs", "rerank_samples"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,61 @@ def build_loss(model, train: TrainConfig, *, gather: bool):
 def _embedder_check(cfg: VDRConfig) -> None:
     if cfg.train.loss == "bce":
         raise ValueError("train.loss 'bce' trains rerankers (jobs/train_reranker.py), not the embedder")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The multi-vector embedder (model.kind: multi_vector)
+
+
+def build_multi_vector_loss(model, train: TrainConfig, *, gather: bool):
+    """Sentence Transformers' multi-vector (Cached)MultipleNegativesRankingLoss — MaxSim scores, in-batch negatives
+    across ranks — inside its MatryoshkaLoss over the token vectors' dims."""
+    from sentence_transformers.multi_vector_encoder.losses import (
+        CachedMultiVectorMultipleNegativesRankingLoss,
+        MultiVectorMatryoshkaLoss,
+        MultiVectorMultipleNegativesRankingLoss,
+    )
+    from sentence_transformers.multi_vector_encoder.scoring import colbert_scores, mean_colbert_scores
+
+    # the scoring function given, not read from the model in each step: under DDP the loss holds the wrapped model,
+    # which has no ``similarity``
+    scores = mean_colbert_scores if model.similarity_fn_name == "meanmaxsim" else colbert_scores
+    if train.loss == "cached_mnrl":
+        loss = CachedMultiVectorMultipleNegativesRankingLoss(model, similarity_fct=scores,
+                                                             mini_batch_size=train.mini_batch_size,
+                                                             gather_across_devices=gather)
+    else:
+        loss = MultiVectorMultipleNegativesRankingLoss(model, similarity_fct=scores, gather_across_devices=gather)
+    if train.matryoshka_dims:
+        dim = model.get_embedding_dimension()
+        if dim is not None and train.matryoshka_dims[0] > dim:
+            raise ValueError(f"train.matryoshka_dims starts at {train.matryoshka_dims[0]} but the model's token "
+                             f"vectors have {dim} (model.token_dim)")
+        loss = MultiVectorMatryoshkaLoss(model, loss, matryoshka_dims=train.matryoshka_dims)
+    return loss
+
+
+def _multi_vector_check(cfg: VDRConfig) -> None:
+    _embedder_check(cfg)
+    if cfg.train.strategy == "deepspeed" and cfg.train.loss == "cached_mnrl":
+        raise ValueError("model.kind 'multi_vector' with train.loss 'cached_mnrl' trains under train.strategy 'ddp' "
+                         "(its cached loss replays mini-batches inside one backward pass, which DeepSpeed ZeRO-2/3 "
+                         "refuse); use strategy 'ddp', or loss 'mnrl' under DeepSpeed")
+    if cfg.train.matryoshka_dims and cfg.train.matryoshka_dims[0] > cfg.model.token_dim:
+        raise ValueError(f"train.matryoshka_dims starts at {cfg.train.matryoshka_dims[0]}, above model.token_dim "
+                         f"{cfg.model.token_dim}")
+
+
+def _multi_vector_trainer() -> type:
+    from ray_vdr.train.trainer import StreamingMultiVectorTrainer
+
+    return StreamingMultiVectorTrainer
+
+
+def _multi_vector_args() -> type:
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainingArguments
+
+    return MultiVectorEncoderTrainingArguments
 
 
 def _build(cfg: VDRConfig, device: str, reranker: bool = False):
@@ -270,6 +327,10 @@ def _embedder_loss(model, cfg: VDRConfig, world: int):
     return build_loss(model, cfg.train, gather=world > 1)
 
 
+def _multi_vector_loss(model, cfg: VDRConfig, world: int):
+    return build_multi_vector_loss(model, cfg.train, gather=world > 1)
+
+
 def _reranker_build(cfg: VDRConfig, device: str):
     return _build(cfg, device, reranker=True)
 
@@ -277,7 +338,11 @@ def _reranker_build(cfg: VDRConfig, device: str):
 EMBEDDER = Recipe(name="embedder", check=_embedder_check, build=_build, loss=_embedder_loss,
                   trainer=_embedder_trainer, args_cls=lambda: None, schema=_embedder_schema, transform=None,
                   prompts=_embedder_prompts, evaluation=_retrieval_evaluation, before_save=_truncate)
+MULTI_VECTOR = Recipe(name="multi_vector", check=_multi_vector_check, build=_build, loss=_multi_vector_loss,
+                      trainer=_multi_vector_trainer, args_cls=_multi_vector_args, schema=_embedder_schema,
+                      transform=None, prompts=_embedder_prompts, evaluation=_retrieval_evaluation,
+                      before_save=_truncate)
 RERANKER = Recipe(name="reranker", check=_reranker_check, build=_reranker_build, loss=_reranker_loss,
                   trainer=_reranker_trainer, args_cls=_reranker_args, schema=_reranker_schema, transform=rerank_pairs,
                   prompts=_reranker_prompts, evaluation=_rerank_evaluation, before_save=_nothing)
-RECIPES: dict[str, Recipe] = {r.name: r for r in (EMBEDDER, RERANKER)}
+RECIPES: dict[str, Recipe] = {r.name: r for r in (EMBEDDER, MULTI_VECTOR, RERANKER)}

@@ -210,6 +210,8 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
     from ray_vdr.train.worker import FINAL_FILE, train_loop
 
     start = time.time()
+    if task == "embedder" and cfg.model.kind == "multi_vector":
+        task = "multi_vector"
     RECIPES[task].check(cfg)
     preflight(cfg)
     rejects_uri = (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/")

@@ -17,14 +17,15 @@ import time
 from collections.abc import Callable, Iterable
 
 from sentence_transformers.cross_encoder import CrossEncoderTrainer
+from sentence_transformers.multi_vector_encoder import MultiVectorEncoderTrainer
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 from ray_vdr.config import VDRConfig
 
-__all__ = ["StreamingCrossEncoderTrainer", "StreamingTrainer", "ThroughputMeter", "lr_factor", "peak_memory_bytes",
-           "steps_of", "training_arguments"]
+__all__ = ["StreamingCrossEncoderTrainer", "StreamingMultiVectorTrainer", "StreamingTrainer", "ThroughputMeter",
+           "lr_factor", "peak_memory_bytes", "steps_of", "training_arguments"]
 
 
 TRAINABLE_FILE = "trainable.safetensors"  # a LoRA checkpoint's adapters (and heads), by parameter name
@@ -113,6 +114,14 @@ class StreamingTrainer(_Streaming, SentenceTransformerTrainer):
 
 class StreamingCrossEncoderTrainer(_Streaming, CrossEncoderTrainer):
     """The reranker's trainer, fed by the feeder."""
+
+
+class StreamingMultiVectorTrainer(_Streaming, MultiVectorEncoderTrainer):
+    """The multi-vector embedder's trainer, fed by the feeder. Its cached loss embeds the collated pages itself (the
+    per-mini-batch page collation is the single-vector cached loss's)."""
+
+    def __init__(self, *args, collate_per_mini_batch: bool = True, **kwargs):
+        super().__init__(*args, collate_per_mini_batch=False, **kwargs)
 
 
 def _precision(cfg: VDRConfig, cuda: bool) -> tuple[bool, bool]:
