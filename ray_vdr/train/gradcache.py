@@ -17,6 +17,10 @@ to sum over its dims) and needs no change to DeepSpeed or Sentence Transformers.
 across ranks (``gather_across_devices``) are complete after step 2, whose all_gather backward sums the
 embedding gradients from every rank.
 
+The multi-vector cached loss (Sentence Transformers' CachedMultiVectorMultipleNegativesRankingLoss, also inside
+MultiVectorMatryoshkaLoss) has the same three steps with token vectors and their scoring masks, and takes the same
+path.
+
 Every rank must make the same number of forward and backward calls (ZeRO-2/3 communicate in each), so mini-batches
 are cut by count (``mini_batch_size``), never by token budget.
 
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 from PIL import Image
 from sentence_transformers.base.losses.gradcache import RandContext
+from sentence_transformers.multi_vector_encoder.losses import CachedMultiVectorMultipleNegativesRankingLoss
 from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 
 __all__ = ["DeferredPages", "PageCachedMNRL", "cached_loss_of", "deepspeed_cached_step", "defer_page_collation"]
@@ -135,7 +140,8 @@ def cached_loss_of(loss: Any) -> Any | None:
     """The gradient-caching loss inside ``loss`` (itself, or the one a MatryoshkaLoss wraps), else None."""
     from sentence_transformers.base.losses.gradcache import uses_gradient_cache
 
-    inner = getattr(loss, "loss", None) if type(loss).__name__ == "MatryoshkaLoss" else loss
+    wraps = type(loss).__name__ in ("MatryoshkaLoss", "MultiVectorMatryoshkaLoss")
+    inner = getattr(loss, "loss", None) if wraps else loss
     return inner if inner is not None and uses_gradient_cache(inner) else None
 
 
@@ -151,20 +157,29 @@ def deepspeed_cached_step(engine, cached_loss, features: list[dict[str, Any]], l
         raise ValueError("mini_batch_num_tokens gives ranks different numbers of mini-batches, which deadlocks "
                          "DeepSpeed ZeRO-2/3: use mini_batch_size")
 
+    # A multi-vector cached loss embeds token vectors with their scoring masks, and routes each column by its task
+    # (query first, then documents), which its own forward stamps on the features.
+    multi = isinstance(cached_loss, CachedMultiVectorMultipleNegativesRankingLoss)
+    if multi:
+        features = [{**f, "task": f.get("task", "query" if i == 0 else "document")} for i, f in enumerate(features)]
+
     # (1) embeddings of every mini-batch, no graph; keep each forward's RNG state for the replay. The loss cuts the
     # mini-batches itself (by mini_batch_size, the same way on both passes), so the count comes from this pass.
     reps: list[list[torch.Tensor]] = []
+    masks: list[list[torch.Tensor]] = []
     states: list[list[Any]] = []
     for feature in features:
-        column, column_states = [], []
-        for emb, state in cached_loss.embed_minibatch_iter(feature, with_grad=False, copy_random_state=True):
+        column, column_masks, column_states = [], [], []
+        for emb, *mask, state in cached_loss.embed_minibatch_iter(feature, with_grad=False, copy_random_state=True):
             column.append(emb.detach().requires_grad_())
+            column_masks.extend(mask)
             column_states.append(state)
         reps.append(column)
+        masks.append(column_masks)
         states.append(column_states)
 
     # (2) the loss over the whole (gathered) batch, back-propagated to the embeddings only: the cache
-    loss = cached_loss.calculate_loss(reps, labels, with_backward=True)
+    loss = cached_loss.calculate_loss(reps, masks if multi else labels, with_backward=True)
     cache = [[emb.grad for emb in column] for column in reps]
     if any(g is None for column in cache for g in column):
         raise ValueError("the loss did not use every input column; remove unused columns from the data")
@@ -176,7 +191,7 @@ def deepspeed_cached_step(engine, cached_loss, features: list[dict[str, Any]], l
                                                   random_states=column_states)
         for grad in column_grads:
             remaining -= 1
-            emb, _ = next(replay)
+            emb = next(replay)[0]
             engine.set_gradient_accumulation_boundary(boundary and remaining == 0)
             surrogate = torch.dot(emb.flatten().float(), grad.flatten().float()) * scale
             engine.backward(surrogate, scale_wrt_gas=False)

@@ -126,10 +126,6 @@ def build_multi_vector_loss(model, train: TrainConfig, *, gather: bool):
 
 def _multi_vector_check(cfg: VDRConfig) -> None:
     _embedder_check(cfg)
-    if cfg.train.strategy == "deepspeed" and cfg.train.loss == "cached_mnrl":
-        raise ValueError("model.kind 'multi_vector' with train.loss 'cached_mnrl' trains under train.strategy 'ddp' "
-                         "(its cached loss replays mini-batches inside one backward pass, which DeepSpeed ZeRO-2/3 "
-                         "refuse); use strategy 'ddp', or loss 'mnrl' under DeepSpeed")
     if cfg.train.matryoshka_dims and cfg.train.matryoshka_dims[0] > cfg.model.token_dim:
         raise ValueError(f"train.matryoshka_dims starts at {cfg.train.matryoshka_dims[0]}, above model.token_dim "
                          f"{cfg.model.token_dim}")

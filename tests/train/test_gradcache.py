@@ -2,7 +2,8 @@
 MatryoshkaLoss, in-batch negatives gathered across 2 gloo workers) under DDP and DeepSpeed ZeRO-1/2/3 must give
 the loss, gradient norm and updated parameters of a single process training plain MNRL + Matryoshka on the same
 global batch (fp32). The bf16 runs (bf16 weights, fp32 gradient accumulation; CPU bf16 stands in for the GPU) are
-held to the same reference at bf16 tolerances."""
+held to the same reference at bf16 tolerances. The multi-vector embedder (its cached loss in its MatryoshkaLoss,
+MaxSim over token vectors) is held to its plain loss in the same way."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ _REFERENCES: dict[tuple, tuple[float, float, dict]] = {}  # by precision and row
 
 def _reference(cfg, rows: pa.Table) -> tuple[float, float, dict]:
     """Plain MNRL + Matryoshka, one process, the whole global batch, one step with the same arguments."""
-    key = (cfg.train.precision, tuple(rows.column("row_id").to_pylist()), str(cfg.model.lora))
+    key = (cfg.train.precision, tuple(rows.column("row_id").to_pylist()), str(cfg.model.lora), cfg.model.kind)
     if key not in _REFERENCES:
         _REFERENCES[key] = _train_reference(cfg, rows)
     return _REFERENCES[key]
@@ -42,6 +43,7 @@ def _train_reference(cfg, rows: pa.Table) -> tuple[float, float, dict]:
     from ray_vdr.train.recipes import build_loss
     from ray_vdr.train.trainer import training_arguments
 
+    multi = cfg.model.kind == "multi_vector"
     model = build_model(cfg.model, device="cpu")
     if cfg.model.lora is not None:
         from ray_vdr.models.lora import add_lora, merge_lora
@@ -56,8 +58,21 @@ def _train_reference(cfg, rows: pa.Table) -> tuple[float, float, dict]:
     prompts = {"query": model.prompts.get("query")} | {c: model.prompts.get("document") for c in cols}
     args = training_arguments(plain, 1, tempfile.mkdtemp(), False, {k: v for k, v in prompts.items() if v})
     args.per_device_train_batch_size = rows.num_rows
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(
-        data, features=features), loss=build_loss(model, plain.train, gather=False))
+    if multi:
+        from sentence_transformers.multi_vector_encoder import (
+            MultiVectorEncoderTrainer,
+            MultiVectorEncoderTrainingArguments,
+        )
+
+        from ray_vdr.train.recipes import build_multi_vector_loss
+
+        args = training_arguments(plain, 1, tempfile.mkdtemp(), False, {k: v for k, v in prompts.items() if v},
+                                  args_cls=MultiVectorEncoderTrainingArguments)
+        args.per_device_train_batch_size = rows.num_rows
+    trainer_cls = MultiVectorEncoderTrainer if multi else SentenceTransformerTrainer
+    loss_fn = build_multi_vector_loss if multi else build_loss
+    trainer = trainer_cls(model=model, args=args, train_dataset=datasets.Dataset.from_dict(
+        data, features=features), loss=loss_fn(model, plain.train, gather=False))
     out = trainer.train()
     grad_norm = next(float(h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h)
     adapters = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
@@ -70,11 +85,15 @@ def _train_reference(cfg, rows: pa.Table) -> tuple[float, float, dict]:
 # fp32: DDP and ZeRO-2 (bucketed reduction, the stage that fails upstream). bf16 (DeepSpeed's BF16_Optimizer): ZeRO-1
 # and ZeRO-3 (sharded weights). Each case costs ~50 s of suite time; ZeRO-1 fp32 also trains in tests/eval/test_mine.py
 # and the worker-failure test.
-@pytest.mark.parametrize("strategy,precision", [("ddp", "fp32"), ("zero2", "fp32"), ("zero1", "bf16"),
-                                                ("zero3", "bf16")])
-def test_cached_loss_equals_plain_reference(ray_local, synthetic, tiny_qwen, tmp_path, strategy, precision):
+# Multi-vector (MultiVectorEncoder, its cached loss in its MatryoshkaLoss, MaxSim): ZeRO-3 fp32; DDP and ZeRO-2 passed
+# the same test (2026-12-06) and are left out for the suite's time.
+@pytest.mark.parametrize("strategy,precision,config", [
+    ("ddp", "fp32", "demo"), ("zero2", "fp32", "demo"), ("zero1", "bf16", "demo"), ("zero3", "bf16", "demo"),
+    ("zero3", "fp32", "demo-colvdr")])
+def test_cached_loss_equals_plain_reference(ray_local, synthetic, tiny_qwen, tmp_path, strategy, precision, config):
     import torch
     from sentence_transformers import SentenceTransformer
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
 
     from ray_vdr.config import DataConfig
     from ray_vdr.data.triplets import TripletSpec, validate_batch
@@ -83,9 +102,9 @@ def test_cached_loss_equals_plain_reference(ray_local, synthetic, tiny_qwen, tmp
     syn, _ = synthetic
     extra = ["train.strategy=ddp"] if strategy == "ddp" else ["train.strategy=deepspeed",
                                                                f"train.zero_stage={strategy[-1]}"]
-    cfg = load_config(ROOT / "configs/demo.yaml", [
+    cfg = load_config(ROOT / f"configs/{config}.yaml", [
         f"model.name_or_path={tiny_qwen}", f"data.train.uri={syn.output_dir}/train", f"run.storage_path={tmp_path}",
-        *ONE_STEP, *extra, f"train.precision={precision}"])
+        *ONE_STEP, *extra, f"train.precision={precision}", "run.name=demo"])
     result = run(cfg)
     assert result.metrics["step"] == 1
     assert result.metrics["peak_memory_bytes"] > 100 * 2**20  # a worker holding torch and the model
@@ -101,7 +120,8 @@ def test_cached_loss_equals_plain_reference(ray_local, synthetic, tiny_qwen, tmp
 
     loss, grad_norm, params = _reference(cfg, rows)
     params = {k: v for k, v in params.items() if k != "adapters"}
-    trained = SentenceTransformer(result.model_uri, device="cpu").state_dict()
+    model_cls = MultiVectorEncoder if cfg.model.kind == "multi_vector" else SentenceTransformer
+    trained = model_cls(result.model_uri, device="cpu").state_dict()
     lr = cfg.train.lr
     if precision == "bf16":
         # bf16 forwards: the loss within 0.2 %, the gradient norm within 2 % (measured: 0.05 % and 0.5 %). The
