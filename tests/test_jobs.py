@@ -7,11 +7,13 @@ synthetic data, embedder training (2 Ray Train workers), embedding of the eval c
 only the head it started, by PID. Mining and reranker training jobs run in process in tests/eval/test_mine.py.
 
 Learning proofs:
-1. The tiny Qwen3-VL embedder trained by the job must retrieve the held-out eval pages far better than before.
-   Measured on the CPU machine (2026-11-22, demo config, six runs): NDCG@10 at dim 64 went 0.007 → 0.12-0.39; the
-   outcome varies from run to run (streaming order, 40 eval queries) and from machine to machine. Ranking the 200
-   pages at random scores 0.023 on average (standard deviation 0.017 over 40 queries), and a broken loss, sharding
-   or collator stays there, so the bars below sit ~3.4 standard deviations above random and below every run seen.
+1. The tiny Qwen3-VL embedder trained by the job (the demo config for 2 epochs, not its 3: the suite's time) must
+   retrieve the held-out eval pages far better than before. Measured on the CPU machine (2026-12-06, 2 epochs, two
+   seeds): the mean rank of a question's own page among the 200 was 20.7 and 23.5 after training, NDCG@10 at dim 64
+   went 0.007 → 0.109 and 0.159 (3 epochs, 2026-11-22, six runs: 0.12-0.39); the outcome varies from run to run
+   (streaming order, 40 eval queries). Ranking at random gives a mean rank of 100.5 (standard deviation ~9 over 40
+   questions) and NDCG@10 0.023 (standard deviation 0.017); a broken loss, sharding or collator stays there. The
+   mean-rank bar sits ~4.5 standard deviations below random and far above both runs; NDCG@10 must rise at every dim.
 2. A reranker built on that embedder (Dense head) and trained with the reranker task's pieces must fit its training
    pairs (the loss falls below the label prior).
 3. The own-documents loop (configs/demo-own-docs.yaml): training data made from unlabeled PDFs must teach the
@@ -127,6 +129,7 @@ def demo_jobs(ray_head, tmp_path_factory):
     overrides = [f"synthetic.output_dir={tmp}/data", f"data.train.uri={tmp}/data/train",
                  f"data.eval.uri={tmp}/data/eval", f"model.name_or_path={tmp}/model", f"run.storage_path={tmp}/runs",
                  "run.name=demo-job"]
+    overrides.append("train.epochs=2")  # the suite's time (module doc)
     cfg = load_config(ROOT / "configs/demo.yaml", overrides)
     wanted = ["make-data", "train", "embed-corpus", "evaluate"]
     stages = [s for s in demo.plan(cfg, "demo-job", serve=False) if s.name in wanted]
@@ -159,10 +162,12 @@ def test_jobs_train_embed_and_evaluate(demo_jobs):
     result = run(cfg)  # finished: read back from storage, nothing trained again
     m = result.metrics
     assert m["world_size"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU", m
-    assert m["ndcg@10"] >= 0.08 and m["ndcg@10"] >= m["ndcg@10_base"] + 0.06, result.eval_table
+    ranks = own_page_ranks(cfg, result.model_uri, Path(cfg.data.eval.uri), 64)
+    print(f"own page's mean rank at dim 64 after training: {ranks.mean():.1f}\n{result.eval_table}")
+    assert ranks.mean() <= 60, (ranks.mean(), result.eval_table)
     report = json.loads((Path(result.model_uri) / "eval.json").read_text())
-    for dim, after in report["finetuned"].items():  # lowest seen: dim 16, 0.0075 -> 0.101
-        assert after["ndcg@10"] >= report["base"][dim]["ndcg@10"] + 0.05, (dim, result.eval_table)
+    for dim, after in report["finetuned"].items():  # lowest seen (2 epochs): dim 16, 0.0075 -> 0.104
+        assert after["ndcg@10"] >= report["base"][dim]["ndcg@10"] + 0.04, (dim, result.eval_table)
     check_exactly_once_and_in_sync(result, Path(cfg.run.uri()), cfg.synthetic.train_queries, int(cfg.train.epochs))
     install_image_only_processor()  # this machine has no torchvision (ray_vdr/models/processor.py)
     model = SentenceTransformer(result.model_uri, device="cpu")
@@ -225,9 +230,10 @@ def test_reranker_learns_on_the_trained_embedder(demo_jobs, tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"reranker BCE by quarter: {losses}")
     # Measured (2026-11-22) on four embedders trained by this demo config (NDCG@10 0.21-0.39): BCE by quarter from
-    # 0.526-0.556 down to 0.393-0.432; the label prior is 0.562. At lr 1e-3 the same runs could collapse to the
-    # prior (constant scores). A broken head, loss or prompt stays at the prior.
-    assert losses[-1] <= 0.50 and losses[-1] <= losses[0] - 0.05, losses
+    # 0.526-0.556 down to 0.393-0.432; on the two trained for 2 epochs as this module does (2026-12-06, NDCG@10
+    # 0.109 and 0.159): 0.512 → 0.421 and 0.555 → 0.481. The label prior is 0.562. At lr 1e-3 the same runs could
+    # collapse to the prior (constant scores). A broken head, loss or prompt stays at the prior.
+    assert losses[-1] <= 0.52 and losses[-1] <= losses[0] - 0.05, losses
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +243,7 @@ def own_docs_jobs(ray_head, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("own-docs")
     overrides = [f"synthetic.output_dir={tmp}/data", f"model.name_or_path={tmp}/model", f"run.storage_path={tmp}/runs",
-                 "run.name=own-docs-job"]
+                 "run.name=own-docs-job", "train.epochs=2"]  # 2, not the config's 3: the suite's time (test doc)
     cfg = load_config(ROOT / "configs/demo-own-docs.yaml", overrides)
     stages = [s for s in demo.plan(cfg, "own-docs-job", serve=False) if s.name != "embed-documents"]
     assert [s.name for s in stages] == ["make-data", "make-training-data", "train"]
@@ -254,7 +260,9 @@ def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_doc
 
     Measured (this config, dim 64): the mean rank of a question's own page among the 200 went 101.0 (random: 100.5,
     standard deviation 4.1 over 200 questions) → 38.9-70.4 in six trainings (2026-11-29) and 38.8-64.8 in four
-    seeds on one data set (2026-12-04); NDCG@10 0.024 → 0.049-0.100, and once (CI, 2026-12-04) only 0.036: NDCG@10
+    seeds on one data set (2026-12-04) at the config's 3 epochs; at the 2 this test trains (the suite's time), 57.7
+    and 62.9 in two seeds (2026-12-06, 817 training rows); NDCG@10 0.024 → 0.049-0.100 (3 epochs), 0.042 and 0.067
+    (2 epochs), and once (CI, 2026-12-04) only 0.036: NDCG@10
     over 200 questions moves with the few that reach the top 10 (random: 0.023, standard deviation ~0.008), and with
     the order the rows stream in. A broken generator, filter or split stays at random: the mean-rank bar sits ~3
     standard deviations below random and far above every run seen; NDCG@10 must rise (on average over the dimensions:
