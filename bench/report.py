@@ -25,6 +25,7 @@ from bench.common import ROOT
 from bench.feeder_scale import render as render_feeder
 from bench.gpu import render as render_gpu
 from bench.multivector_first_stage import render as render_multivector
+from bench.multivector_training import render as render_multivector_training
 from bench.quantization import render as render_quantization
 from bench.shard_scale import render as render_shard_scale
 from bench.sync_cost import render as render_sync_cost
@@ -281,6 +282,7 @@ BENCHES = {b.key: b for b in [
     Bench("shard-scale", "bench.shard_scale", {"cpu": []}, "10", render_shard_scale),
     Bench("quantization", "bench.quantization", {"cpu": []}, "12", render_quantization),
     Bench("multivector", "bench.multivector_first_stage", {"cpu": []}, "4", render_multivector),
+    Bench("multivector-training", "bench.multivector_training", {"cpu": []}, "5", render_multivector_training),
     Bench("gpu", "bench.gpu", {"gpu": []}, "8", render_gpu),
 ]}
 
@@ -303,8 +305,9 @@ SECTIONS = [
             "`bench/sync_cost.py`", "living-index", ["filter-search", "index-scale", "sync-cost"]),
     Section("Scaling the index out: shards across nodes — `bench/shard_scale.py`", "shard-scale", ["shard-scale"]),
     Section("Vectors in fewer bits, rescored — `bench/quantization.py`", "quantization", ["quantization"]),
-    Section("Multi-vector first stage: MUVERA vs token ANN vs exhaustive MaxSim — `bench/multivector_first_stage.py`",
-            "multivector", ["multivector"]),
+    Section("Multi-vector: single vs multi-vector training, and the first stage (MUVERA vs token ANN vs exhaustive "
+            "MaxSim) — `bench/multivector_training.py`, `bench/multivector_first_stage.py`",
+            "multivector", ["multivector-training", "multivector"]),
     Section("GPU — `bash bench/gpu.sh`", "gpu", ["gpu"]),
 ]
 
