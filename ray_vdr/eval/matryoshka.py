@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ray_vdr.eval.metrics import mean_metrics, rank, ranking_metrics
+from ray_vdr.models.multivector import is_multi_vector_model, maxsim_scores
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -95,7 +96,7 @@ class MatryoshkaRetrievalEvaluator:
     def __call__(self, model: SentenceTransformer) -> dict[int, dict[str, float]]:
         es = self.eval_set
         qids, cids = list(es.queries), list(es.corpus)
-        multi = getattr(model, "model_type", None) == "MultiVectorEncoder"
+        multi = is_multi_vector_model(model)
         kwargs = {"batch_size": self.batch_size, "show_progress_bar": False}
         if not multi:
             kwargs["convert_to_numpy"] = True
@@ -103,8 +104,6 @@ class MatryoshkaRetrievalEvaluator:
         c = model.encode_document([es.corpus[i] for i in cids], **kwargs)
         for d in self.dims:
             if multi:  # token vectors, scored by MaxSim
-                from ray_vdr.models.multivector import maxsim_scores
-
                 order = rank(maxsim_scores(q, c, d))
             else:
                 order = rank(truncated(np.asarray(q, np.float32), d) @ truncated(np.asarray(c, np.float32), d).T)

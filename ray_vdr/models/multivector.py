@@ -24,13 +24,18 @@ import numpy as np
 if TYPE_CHECKING:
     from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
 
-__all__ = ["build_multi_vector", "is_multi_vector", "maxsim_scores", "truncated_tokens"]
+__all__ = ["build_multi_vector", "is_multi_vector", "is_multi_vector_model", "maxsim_scores", "truncated_tokens"]
 
 
 def is_multi_vector(path: str | Path) -> bool:
     """Whether the Sentence Transformers folder at ``path`` holds a MultiVectorEncoder."""
     config = Path(path) / "config_sentence_transformers.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "MultiVectorEncoder"
+
+
+def is_multi_vector_model(model) -> bool:
+    """Whether ``model`` (loaded) is a MultiVectorEncoder: token vectors scored by MaxSim."""
+    return getattr(model, "model_type", None) == "MultiVectorEncoder"
 
 
 def build_multi_vector(path: str, device: str, model_kwargs: dict, *, token_dim: int,

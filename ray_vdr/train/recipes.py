@@ -23,9 +23,10 @@ from typing import Any
 import pyarrow as pa
 
 from ray_vdr.config import TrainConfig, VDRConfig
+from ray_vdr.models.multivector import is_multi_vector_model
 
-__all__ = ["EMBEDDER", "MULTI_VECTOR", "RECIPES", "RERANKER", "Evaluation", "Recipe", "build_loss",
-           "build_multi_vector_loss", "rerank_metrics", "rerank_pairs", "rerank_samples"]
+__all__ = ["EMBEDDER", "MULTI_VECTOR", "RECIPES", "RERANKER", "Evaluation", "Recipe", "build_loss", "rerank_metrics",
+           "rerank_pairs", "rerank_samples"]
 
 
 @dataclass(frozen=True)
@@ -70,20 +71,37 @@ class Recipe:
 
 
 def build_loss(model, train: TrainConfig, *, gather: bool):
-    """(Cached)MultipleNegativesRankingLoss, optionally inside MatryoshkaLoss. In-batch negatives span all ranks."""
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+    """(Cached)MultipleNegativesRankingLoss, optionally inside MatryoshkaLoss. In-batch negatives span all ranks.
+    A MultiVectorEncoder gets Sentence Transformers' multi-vector versions of both (MaxSim scores; the Matryoshka
+    dims cut its token vectors)."""
+    if is_multi_vector_model(model):
+        from sentence_transformers.multi_vector_encoder.losses import (
+            CachedMultiVectorMultipleNegativesRankingLoss as Cached,
+        )
+        from sentence_transformers.multi_vector_encoder.losses import MultiVectorMatryoshkaLoss as Matryoshka
+        from sentence_transformers.multi_vector_encoder.losses import MultiVectorMultipleNegativesRankingLoss as Plain
+        from sentence_transformers.multi_vector_encoder.scoring import colbert_scores, mean_colbert_scores
 
-    from ray_vdr.train.gradcache import PageCachedMNRL
-
-    if train.loss == "cached_mnrl":  # pages collated per mini-batch where the trainer defers them (gradcache.py)
-        loss = PageCachedMNRL(model, mini_batch_size=train.mini_batch_size, gather_across_devices=gather)
+        # the scoring function given, not read from the model at each step: under DDP the loss holds the wrapped
+        # model, which has no ``similarity``
+        scores = mean_colbert_scores if model.similarity_fn_name == "meanmaxsim" else colbert_scores
+        kwargs = {"similarity_fct": scores, "gather_across_devices": gather}
     else:
-        loss = MultipleNegativesRankingLoss(model, gather_across_devices=gather)
+        from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as Matryoshka
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Plain
+
+        from ray_vdr.train.gradcache import PageCachedMNRL as Cached  # pages collated per mini-batch (gradcache.py)
+
+        kwargs = {"gather_across_devices": gather}
+    if train.loss == "cached_mnrl":
+        loss = Cached(model, mini_batch_size=train.mini_batch_size, **kwargs)
+    else:
+        loss = Plain(model, **kwargs)
     if train.matryoshka_dims:
         dim = model.get_embedding_dimension()
         if dim is not None and train.matryoshka_dims[0] > dim:
             raise ValueError(f"train.matryoshka_dims starts at {train.matryoshka_dims[0]} but the model outputs {dim}")
-        loss = MatryoshkaLoss(model, loss, matryoshka_dims=train.matryoshka_dims)
+        loss = Matryoshka(model, loss, matryoshka_dims=train.matryoshka_dims)
     return loss
 
 
@@ -94,34 +112,6 @@ def _embedder_check(cfg: VDRConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The multi-vector embedder (model.kind: multi_vector)
-
-
-def build_multi_vector_loss(model, train: TrainConfig, *, gather: bool):
-    """Sentence Transformers' multi-vector (Cached)MultipleNegativesRankingLoss — MaxSim scores, in-batch negatives
-    across ranks — inside its MatryoshkaLoss over the token vectors' dims."""
-    from sentence_transformers.multi_vector_encoder.losses import (
-        CachedMultiVectorMultipleNegativesRankingLoss,
-        MultiVectorMatryoshkaLoss,
-        MultiVectorMultipleNegativesRankingLoss,
-    )
-    from sentence_transformers.multi_vector_encoder.scoring import colbert_scores, mean_colbert_scores
-
-    # the scoring function given, not read from the model in each step: under DDP the loss holds the wrapped model,
-    # which has no ``similarity``
-    scores = mean_colbert_scores if model.similarity_fn_name == "meanmaxsim" else colbert_scores
-    if train.loss == "cached_mnrl":
-        loss = CachedMultiVectorMultipleNegativesRankingLoss(model, similarity_fct=scores,
-                                                             mini_batch_size=train.mini_batch_size,
-                                                             gather_across_devices=gather)
-    else:
-        loss = MultiVectorMultipleNegativesRankingLoss(model, similarity_fct=scores, gather_across_devices=gather)
-    if train.matryoshka_dims:
-        dim = model.get_embedding_dimension()
-        if dim is not None and train.matryoshka_dims[0] > dim:
-            raise ValueError(f"train.matryoshka_dims starts at {train.matryoshka_dims[0]} but the model's token "
-                             f"vectors have {dim} (model.token_dim)")
-        loss = MultiVectorMatryoshkaLoss(model, loss, matryoshka_dims=train.matryoshka_dims)
-    return loss
 
 
 def _multi_vector_check(cfg: VDRConfig) -> None:
@@ -323,10 +313,6 @@ def _embedder_loss(model, cfg: VDRConfig, world: int):
     return build_loss(model, cfg.train, gather=world > 1)
 
 
-def _multi_vector_loss(model, cfg: VDRConfig, world: int):
-    return build_multi_vector_loss(model, cfg.train, gather=world > 1)
-
-
 def _reranker_build(cfg: VDRConfig, device: str):
     return _build(cfg, device, reranker=True)
 
@@ -334,7 +320,7 @@ def _reranker_build(cfg: VDRConfig, device: str):
 EMBEDDER = Recipe(name="embedder", check=_embedder_check, build=_build, loss=_embedder_loss,
                   trainer=_embedder_trainer, args_cls=lambda: None, schema=_embedder_schema, transform=None,
                   prompts=_embedder_prompts, evaluation=_retrieval_evaluation, before_save=_truncate)
-MULTI_VECTOR = Recipe(name="multi_vector", check=_multi_vector_check, build=_build, loss=_multi_vector_loss,
+MULTI_VECTOR = Recipe(name="multi_vector", check=_multi_vector_check, build=_build, loss=_embedder_loss,
                       trainer=_multi_vector_trainer, args_cls=_multi_vector_args, schema=_embedder_schema,
                       transform=None, prompts=_embedder_prompts, evaluation=_retrieval_evaluation,
                       before_save=_truncate)

@@ -64,15 +64,12 @@ def _train_reference(cfg, rows: pa.Table) -> tuple[float, float, dict]:
             MultiVectorEncoderTrainingArguments,
         )
 
-        from ray_vdr.train.recipes import build_multi_vector_loss
-
         args = training_arguments(plain, 1, tempfile.mkdtemp(), False, {k: v for k, v in prompts.items() if v},
                                   args_cls=MultiVectorEncoderTrainingArguments)
         args.per_device_train_batch_size = rows.num_rows
     trainer_cls = MultiVectorEncoderTrainer if multi else SentenceTransformerTrainer
-    loss_fn = build_multi_vector_loss if multi else build_loss
     trainer = trainer_cls(model=model, args=args, train_dataset=datasets.Dataset.from_dict(
-        data, features=features), loss=loss_fn(model, plain.train, gather=False))
+        data, features=features), loss=build_loss(model, plain.train, gather=False))
     out = trainer.train()
     grad_norm = next(float(h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h)
     adapters = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
