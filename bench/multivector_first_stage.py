@@ -16,7 +16,8 @@ Methods, each followed by exact MaxSim rescoring of its k' candidate pages (with
 searched one query at a time on one thread (FAISS and BLAS), query encoding included:
 
 - ``exhaustive``: MaxSim against every page (the reference; at pooling 3, the ceiling pooling leaves);
-- ``fde``: MUVERA fixed dimensional encodings (arXiv:2405.19504): per repetition, a SimHash of ``k_sim`` hyperplanes
+- ``fde``: MUVERA fixed dimensional encodings (arXiv:2405.19504; the multi-vector index's first stage,
+  :class:`ray_vdr.corpus.late.FDE`): per repetition, a SimHash of ``k_sim`` hyperplanes
   splits the space into 2^k_sim partitions; a query sums its tokens per partition, a page averages them (an empty
   partition takes the page token nearest to it in Hamming distance), each partition's vector is projected to
   ``d_proj`` by a random +-1 matrix; repetitions concatenated (optionally a final count-sketch projection).
@@ -44,6 +45,7 @@ from importlib import metadata
 import numpy as np
 
 from bench.common import K, p50_p99, parser, search_threads, timed, write_json
+from ray_vdr.corpus.late import FDE
 
 GOAL = 0.95  # recall@10 a default must reach
 GEN = {"common": 0.6, "topics_per_sqrt_n": 2.0, "layouts": 8, "background": 0.25, "doc_pages": 8, "doc_spread": 0.8,
@@ -134,65 +136,6 @@ def exhaustive_all(q: np.ndarray, x: np.ndarray, batch: int = 8) -> np.ndarray:
              for lo in range(0, len(x), chunk)]
         out.append(top(np.concatenate(s, 1), K))
     return np.concatenate(out)
-
-
-class FDE:
-    """MUVERA fixed dimensional encodings: ``reps`` SimHash partitionings of 2^``k_sim`` parts, ``d_proj`` per part
-    (+-1 projection; the identity at d_proj = dim), and an optional final count-sketch projection to ``final``."""
-
-    def __init__(self, dim: int, k_sim: int, d_proj: int, reps: int, final: int = 0, seed: int = 0):
-        if d_proj > dim:
-            raise ValueError(f"d_proj {d_proj} > dim {dim}")
-        rng = np.random.default_rng([seed, 1])
-        self.k_sim, self.d_proj, self.reps, self.parts = k_sim, d_proj, reps, 2 ** k_sim
-        self.hyper = rng.standard_normal((dim, reps * k_sim)).astype(np.float32)
-        self.proj = (np.tile(np.eye(dim, dtype=np.float32), reps) if d_proj == dim else
-                     (rng.choice([-1, 1], (dim, reps * d_proj)) / np.sqrt(d_proj)).astype(np.float32))
-        self.popcount = np.array([bin(i).count("1") for i in range(self.parts)], np.int8)
-        self.dim = final or reps * self.parts * d_proj
-        if final:
-            bucket = rng.integers(0, final, reps * self.parts * d_proj)
-            self.order = np.argsort(bucket, kind="stable")
-            self.buckets, self.starts = np.unique(bucket[self.order], return_index=True)
-            self.sign = rng.choice([-1, 1], len(bucket)).astype(np.float32)[self.order]
-        self.final = final
-
-    @property
-    def name(self) -> str:
-        return f"fde k{self.k_sim} p{self.d_proj} r{self.reps}" + (f" f{self.final}" if self.final else "")
-
-    def encode(self, x: np.ndarray, doc: bool) -> np.ndarray:
-        """FDEs of pages (``doc``: average per part, empty parts filled) or queries (sum per part): (n, self.dim)."""
-        n, t, d = x.shape
-        r, b, dp = self.reps, self.parts, self.d_proj
-        flat = x.reshape(-1, d)
-        cid = (((flat @ self.hyper) > 0).reshape(-1, r, self.k_sim) @ (1 << np.arange(self.k_sim))).astype(np.int64)
-        p = (flat @ self.proj).reshape(-1, r, dp)
-        key = ((np.arange(n).repeat(t)[:, None] * r + np.arange(r)) * b + cid).ravel()
-        order = np.argsort(key, kind="stable")
-        keys, starts, counts = np.unique(key[order], return_index=True, return_counts=True)
-        out = np.zeros((n * r * b, dp), np.float32)
-        out[keys] = np.add.reduceat(p.reshape(-1, dp)[order], starts, axis=0)
-        if doc:
-            out[keys] /= counts[:, None]
-            out = out.reshape(n, r, b, dp)
-            empty = np.ones(n * r * b, bool)
-            empty[keys] = False
-            empty = empty.reshape(n, r, b)
-            cid, p = cid.reshape(n, t, r), p.reshape(n, t, r, dp)
-            for rep in np.flatnonzero(empty.any((0, 2))):
-                nearest = self.popcount[cid[:, :, rep, None] ^ np.arange(b)].argmin(1)  # (n, b): the token nearest
-                fill = p[np.arange(n)[:, None], nearest, rep]  # in Hamming distance to each part
-                out[:, rep][empty[:, rep]] = fill[empty[:, rep]]
-        out = out.reshape(n, -1)
-        if self.final:
-            final = np.zeros((n, self.final), np.float32)
-            final[:, self.buckets] = np.add.reduceat(out[:, self.order] * self.sign, self.starts, axis=1)
-            out = final
-        return out
-
-    def encode_pages(self, x: np.ndarray, chunk: int = 128) -> np.ndarray:
-        return np.concatenate([self.encode(x[lo:lo + chunk], doc=True) for lo in range(0, len(x), chunk)])
 
 
 def fde_index(fde: FDE, x: np.ndarray, kind: str):

@@ -127,13 +127,16 @@ class EndpointClient:
         return answer
 
     def embed(self, inputs: str | bytes | list[str | bytes], *, dimensions: int | None = None,
-              input_type: Literal["query", "document"] = "query") -> list[list[float]]:
+              input_type: Literal["query", "document"] = "query",
+              token_vectors: bool = False) -> list[list[float]] | list[list[list[float]]]:
         """``POST /v1/embeddings``: one vector per text or image (bytes), with the query or the document prompt, at
-        ``dimensions`` (one of the model's Matryoshka dims; default: the index's)."""
+        ``dimensions`` (one of the model's Matryoshka dims; default: the index's); ``token_vectors`` (a multi-vector
+        embedder): each input's token vectors."""
         items = inputs if isinstance(inputs, list) else [inputs]
         body = EmbeddingsRequest(input=[{"type": "image_url", "image_url": {"url": _data_url(x)}}
                                         if isinstance(x, bytes) else x for x in items],
-                                 dimensions=dimensions, input_type=input_type, encoding_format="float")
+                                 dimensions=dimensions, input_type=input_type, encoding_format="float",
+                                 token_vectors=token_vectors)
         answer, _ = self._answer(EmbeddingsResponse, "POST", "v1/embeddings", body)
         return [d.embedding for d in sorted(answer.data, key=lambda d: d.index)]  # type: ignore[misc]
 

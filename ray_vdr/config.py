@@ -22,6 +22,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ImageLimits",
+    "LateIndexConfig",
     "MineConfig",
     "ModelConfig",
     "OutputConfig",
@@ -340,6 +341,28 @@ class OutputConfig(_Strict):
     )
 
 
+class LateIndexConfig(_Strict):
+    """A multi-vector (late-interaction) index: used when the embedder is a multi-vector model (model.kind
+    multi_vector, or a saved MultiVectorEncoder as index.model). Pages keep their token vectors for exact MaxSim; a
+    MUVERA fixed dimensional encoding per page is the vector of the usual FAISS index (the first stage), so shards,
+    quantization, versions, deletes, filters and key scopes work as for one vector per page."""
+
+    pooling: float = Field(1.0, ge=1.0, le=32.0, description="Hierarchical token pooling at index time (Sentence "
+                           "Transformers' HierarchicalTokenPooling): keep about 1/pooling of a page's tokens. 1: none.")
+    storage: Literal["fp16", "int8", "binary"] = Field(
+        "fp16", description="Stored token vectors: fp16 (2 bytes a dimension), int8 (1, plus a scale per token) or "
+        "binary (the signs: 1 bit; scored against the float query).")
+    k_sim: int = Field(5, ge=1, le=10, description="FDE: SimHash hyperplanes per repetition (2^k_sim partitions).")
+    d_proj: PositiveInt = Field(16, description="FDE: each partition projected to this many dimensions (at most the "
+                                "token dimension).")
+    reps: PositiveInt = Field(20, le=100, description="FDE: repetitions, concatenated: the FDE has "
+                              "reps x 2^k_sim x d_proj dimensions (10,240 at the defaults).")
+    seed: int = Field(0, description="FDE: seed of its random hyperplanes and projections.")
+    candidates: PositiveInt = Field(200, le=10_000, description="Pages the first stage hands to exact MaxSim "
+                                    "rescoring per query (at least top_k). The defaults reached recall@10 0.955 of "
+                                    "exhaustive MaxSim (python -m bench.multivector_first_stage).")
+
+
 class IndexConfig(_Strict):
     """The corpus embedding job (jobs/embed_corpus.py): pages → embeddings (Parquet) → FAISS index."""
 
@@ -440,6 +463,8 @@ class IndexConfig(_Strict):
         "shard's vectors and a sync, delete or compaction rebuilds only the shards it touched. 1: one index, as "
         "before. 'auto': pages / shard_target_pages, rounded up (kept while every shard stays under twice the target)."
     )
+    late: LateIndexConfig = Field(default_factory=LateIndexConfig, description="Multi-vector indexes only: token "
+                                  "pooling and storage, and the first stage (ray-vdr config --show index).")
     shard_target_pages: PositiveInt = Field(
         20_000_000, description="'shards: auto': pages per shard aimed at (20M at 1024-d is ~82 GB of float32 "
         "vectors in a flat or HNSW shard, ~22 GB as IVF-SQ8; see the README's 'Scaling the index')."

@@ -64,7 +64,7 @@ class SearchHit(BaseModel):
     rank: int = Field(..., description="The final rank, from 1.")
     doc_id: str = Field(..., description="The document (its file name or id).")
     page: int = Field(..., description="The page in the document, from 1.")
-    score: float = Field(..., description="The first stage's score (cosine similarity).")
+    score: float = Field(..., description="The first stage's score (cosine similarity; a multi-vector index: MaxSim).")
     first_stage_rank: int = Field(..., description="The rank the first stage gave it, from 1.")
     rerank_score: float | None = Field(None, description="The reranker's score; null when it was not reranked.")
     rerank_rank: int | None = Field(None, description="The rank among the reranked candidates; null when not reranked.")
@@ -188,12 +188,18 @@ class EmbeddingsRequest(BaseModel):
     dimensions: int | None = Field(None, description="One of the embedder's Matryoshka dims (default: the index's).")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32.")
     input_type: Literal["query", "document"] = Field("query", description="The prompt to encode with.")
+    token_vectors: bool = Field(False, description="A multi-vector (late-interaction) embedder: each input's token "
+                                "vectors, as its index scores them (required with such an embedder, refused with "
+                                "another). ``embedding`` is then a list of vectors, or base64 of the (tokens x dim) "
+                                "little-endian float32 matrix; ``tokens`` says how many.")
 
 
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str = Field(..., description="The vector, or base64 of its little-endian float32.")
+    embedding: list[float] | list[list[float]] | str = Field(
+        ..., description="The vector, or base64 of its little-endian float32; token vectors: one list per token.")
+    tokens: int | None = Field(None, description="Token vectors only: how many (the rows of ``embedding``).")
 
 
 class Usage(BaseModel):

@@ -211,9 +211,9 @@ class Ingress:
 
         async def run(gid: str) -> EmbeddingsResponse:
             t0 = time.perf_counter()
-            full, index_dim = await self.embedder.dims.remote(gid)
+            full, index_dim, multi_vector = await self.embedder.dims.remote(gid)
             dims = openai_api.allowed_dims(self.cfg.embedding_dims, full, index_dim)
-            items, dim = openai_api.parse_embeddings(body, self.cfg.limits, dims, index_dim)
+            items, dim = openai_api.parse_embeddings(body, self.cfg.limits, dims, index_dim, multi_vector)
             t1 = time.perf_counter()
             vectors, tokens = await self.embedder.vectors.remote(gid, items, dim, body.input_type == "document")
             t2 = time.perf_counter()

@@ -186,7 +186,8 @@ class QueryEmbedder(Stage):
         # in a thread: the loop keeps gathering the next batch
         return list(await asyncio.to_thread(encoder.encode_queries, [r.item for r in requests]))
 
-    async def vectors(self, gid: str, items: list, dim: int | None, document: bool) -> tuple[np.ndarray, int]:
+    async def vectors(self, gid: str, items: list, dim: int | None, document: bool
+                      ) -> tuple[np.ndarray | list[np.ndarray], int]:
         """``POST /v1/embeddings``: the items' vectors at ``dim`` with the query or document prompt, and their text
         tokens (not batched with searches: one request is already a batch)."""
         encoder: IndexEncoder = self.gens.get(gid)
@@ -194,10 +195,10 @@ class QueryEmbedder(Stage):
         vectors = await asyncio.to_thread(encoder.encode_pages if document else encoder.encode_queries, items, dim)
         return vectors, encoder.count_tokens(texts)
 
-    async def dims(self, gid: str) -> tuple[int, int]:
-        """(the model's full dimension, the index's) of generation ``gid``."""
+    async def dims(self, gid: str) -> tuple[int, int, bool]:
+        """(the model's full dimension, the index's, whether it gives token vectors) of generation ``gid``."""
         encoder: IndexEncoder = self.gens.get(gid)
-        return encoder.full_dim, encoder.dim
+        return encoder.full_dim, encoder.dim, encoder.multi_vector
 
 
 @serve.deployment
@@ -268,15 +269,14 @@ class Retriever(Stage):
         return json.dumps([request.clauses, request.scope], sort_keys=True)
 
     async def run_batch(self, loaded: tuple[Any, PageStore], requests: list[SearchCall]) -> list[list[dict]]:
-        """The group's queries in one FAISS call, at its largest k."""
-        import numpy as np
-
+        """The group's queries in one FAISS call, at its largest k (a multi-vector index: one FDE search, then each
+        query's candidates rescored by MaxSim)."""
         from ray_vdr.corpus.metadata import FilterError
 
         index, _ = loaded
         first = requests[0]
         try:
-            hits = await asyncio.to_thread(index.search, np.stack([r.vector for r in requests]),
+            hits = await asyncio.to_thread(index.search, [r.vector for r in requests],
                                            max(r.k for r in requests), first.clauses, first.scope)
         except FilterError as e:
             raise core.RequestError(422, str(e)) from None

@@ -6,8 +6,10 @@ What the ``openai`` client sends (``OpenAI(base_url=…/v1).embeddings.create(mo
      "dimensions": 256, "encoding_format": "float" | "base64", "input_type": "query" | "document"}
 
 ``input_type`` is this endpoint's extra field (``extra_body`` in the client): the query prompt (default) or the
-document prompt. ``dimensions`` must be one of the embedder's Matryoshka dims (``serve.embedding_dims``, by default
-the model's dimension and its halvings down to 64, and the index's). Images are base64 data URLs (never fetched).
+document prompt. ``token_vectors`` (also ``extra_body``) asks a multi-vector embedder for each input's token vectors:
+``embedding`` is then a list of vectors (base64: the tokens x dim float32 matrix) and ``tokens`` their number.
+``dimensions`` must be one of the embedder's Matryoshka dims (``serve.embedding_dims``, by default the model's
+dimension and its halvings down to 64, and the index's). Images are base64 data URLs (never fetched).
 Errors come in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, which the client raises as
 ``BadRequestError``. The request and response models are :mod:`ray_vdr.protocol`'s (the one wire format).
 """
@@ -32,7 +34,7 @@ MAX_INPUTS = 256
 def error_param(message: str) -> str | None:
     """The request field an error message starts with (OpenAI's ``param``)."""
     head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
-    return head if head in ("input", "dimensions", "encoding_format", "input_type", "model") else None
+    return head if head in ("input", "dimensions", "encoding_format", "input_type", "model", "token_vectors") else None
 
 
 def allowed_dims(configured: list[int] | None, full_dim: int, index_dim: int) -> list[int]:
@@ -75,8 +77,14 @@ def _item(x: Any, n: int, limits: ServeLimits) -> str | Image.Image:
 
 
 def parse_embeddings(req: EmbeddingsRequest, limits: ServeLimits, dims: list[int],
-                     index_dim: int) -> tuple[list[str | Image.Image], int]:
+                     index_dim: int, multi_vector: bool = False) -> tuple[list[str | Image.Image], int]:
     """The items to encode and the dimension; RequestError(400) naming the field otherwise."""
+    if multi_vector and not req.token_vectors:
+        raise RequestError(400, "token_vectors: this endpoint's embedder is multi-vector (a vector per token, scored "
+                           "by MaxSim): ask for its token vectors with token_vectors: true (extra_body in the openai "
+                           "client)")
+    if req.token_vectors and not multi_vector:
+        raise RequestError(400, "token_vectors: this endpoint's embedder gives one vector per input, not token vectors")
     raw = req.input if isinstance(req.input, list) else [req.input]
     if not raw:
         raise RequestError(400, "input is empty")
@@ -91,11 +99,13 @@ def parse_embeddings(req: EmbeddingsRequest, limits: ServeLimits, dims: list[int
     return items, dim
 
 
-def embeddings_response(vectors: np.ndarray, encoding: str, model: str, tokens: int) -> EmbeddingsResponse:
-    def one(v: np.ndarray) -> list[float] | str:
-        if encoding == "base64":
-            return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode()
-        return v.astype(np.float32).tolist()
+def embeddings_response(vectors: np.ndarray | list[np.ndarray], encoding: str, model: str,
+                        tokens: int) -> EmbeddingsResponse:
+    """The vectors (rows) or each input's token vectors (2-d arrays) in OpenAI's shape."""
+    def one(i: int, v: np.ndarray) -> Embedding:
+        value = (base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode() if encoding == "base64"
+                 else v.astype(np.float32).tolist())
+        return Embedding(index=i, embedding=value, tokens=len(v) if v.ndim == 2 else None)
 
-    return EmbeddingsResponse(model=model, data=[Embedding(index=i, embedding=one(v)) for i, v in enumerate(vectors)],
+    return EmbeddingsResponse(model=model, data=[one(i, v) for i, v in enumerate(vectors)],
                               usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

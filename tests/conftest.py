@@ -60,6 +60,19 @@ def tiny_remote_code(tiny_qwen, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_colqwen(tiny_qwen, tmp_path_factory):
+    """The tiny Qwen3-VL as a saved multi-vector embedder (MultiVectorEncoder: its transformer, a seeded 32-d token
+    head, random weights), as a multi-vector training run saves one."""
+    from ray_vdr.config import ModelConfig
+    from ray_vdr.models.load import build_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-colqwen3vl"
+    build_model(ModelConfig(name_or_path=str(tiny_qwen), kind="multi_vector", token_dim=32, dtype="float32",
+                            attn_implementation="sdpa"), "cpu").save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_reranker(tmp_path_factory):
     """A tiny Qwen3-VL reranker folder (CrossEncoder, real module stack, random weights), built once per session."""
     from ray_vdr.models.builders import build_qwen3vl_reranker

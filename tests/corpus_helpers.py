@@ -73,11 +73,12 @@ def write_corpus(root: Path, pngs: list[bytes], *, bad: bool = True) -> dict:
 
 
 def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16, seed: int = 0, *, shards: int = 1,
-                         parts: int = 1, index: dict | None = None) -> Path:
+                         parts: int = 1, index: dict | None = None, late=None) -> Path:
     """Version 1 of an index over random page vectors (no model, no Ray): ``docs`` documents ``doc-<i>`` of
     ``pages_per_doc`` pages each, in ``parts`` page parts (documents dealt round-robin), with metadata
     ``{"collection": "c<i % 2>"}``; ``shards`` index shards (built in this process); ``index``: IndexConfig
-    overrides."""
+    overrides. ``late`` (a LateIndexSpec): a multi-vector index, each page 12 random ``late.token_dim``-d token
+    vectors (stored as it says; the page's vector is their FDE)."""
 
     import numpy as np
 
@@ -91,9 +92,11 @@ def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16
     rng = np.random.default_rng(seed)
     tables, doc_rows = [[] for _ in range(parts)], []
     for d in range(docs):
-        doc, rows = page_rows(out, d, pages_per_doc, dim, rng)
+        doc, rows = page_rows(out, d, pages_per_doc, dim, rng, late)
         doc_rows.append(doc)
         tables[d % parts] += rows
+    if late is not None:
+        dim = late.fde_dim
     names = [write_page_part(out, rows, dim) for rows in tables if rows]
     cfg = IndexConfig.model_validate({**(index or {}), "shards": shards})
     if shards > 1:
@@ -102,14 +105,15 @@ def tiny_versioned_index(out: Path, docs: int, pages_per_doc: int, dim: int = 16
         fields, ids = build_version(str(out), sorted(names), dim, cfg.model_dump(), None, 1)
     files = fields.pop("files")
     docs_t = docs_table(doc_rows)
-    manifest = IndexManifest(model=EmbedderBinding(path="none", fingerprint="none"), dim=dim, **fields, version=1,
-                             files=files)
+    manifest = IndexManifest(model=EmbedderBinding(path="none", fingerprint="none", multi_vector=late is not None),
+                             dim=late.token_dim if late else dim, late=late, **fields, version=1, files=files)
     publish(str(out), manifest, docs_t, live_ids(ids, docs_t), None)
     return out
 
 
-def page_rows(out: Path, d: int, pages: int, dim: int, rng) -> tuple[dict, list[dict]]:
-    """Document ``doc-<d>`` of an index under ``out`` (its docs row) and its pages' rows with random unit vectors."""
+def page_rows(out: Path, d: int, pages: int, dim: int, rng, late=None) -> tuple[dict, list[dict]]:
+    """Document ``doc-<d>`` of an index under ``out`` (its docs row) and its pages' rows with random unit vectors
+    (``late``: 12 random unit token vectors each, packed in ``tokens``, their FDE the ``embedding``)."""
     import json
 
     import numpy as np
@@ -123,9 +127,15 @@ def page_rows(out: Path, d: int, pages: int, dim: int, rng) -> tuple[dict, list[
     for p in range(pages):
         key, content, _ = scoped(page_key(file_hash, str(p + 1)), source, file_hash)
         v = rng.standard_normal(dim).astype(np.float32)
-        rows.append({"key": key, "content": content, "file_hash": file_hash, "doc_id": f"doc-{d}",
-                     "source": source, "page": p + 1, "row_metadata": None,
-                     "embedding": (v / np.linalg.norm(v)).tolist()})
+        row = {"key": key, "content": content, "file_hash": file_hash, "doc_id": f"doc-{d}", "source": source,
+               "page": p + 1, "row_metadata": None, "embedding": (v / np.linalg.norm(v)).tolist()}
+        if late is not None:
+            from ray_vdr.corpus.late import fde_of, pack_tokens, unit_rows
+
+            tokens = unit_rows(rng.standard_normal((12, late.token_dim)))
+            row["tokens"] = pack_tokens(tokens, late.storage)
+            row["embedding"] = fde_of(late).encode_each([tokens], doc=True)[0].tolist()
+        rows.append(row)
     return doc, rows
 
 
@@ -136,7 +146,7 @@ def write_page_part(out: Path, rows: list[dict], dim: int) -> str:
     table = pa.Table.from_pylist(rows).cast(pa.schema([
         ("key", pa.string()), ("content", pa.string()), ("file_hash", pa.string()), ("doc_id", pa.string()),
         ("source", pa.string()), ("page", pa.int32()), ("row_metadata", pa.string()),
-        ("embedding", pa.list_(pa.float32(), dim))]))
+        ("embedding", pa.list_(pa.float32(), dim))] + ([("tokens", pa.large_binary())] if "tokens" in rows[0] else [])))
     name = part_name(table.column("key").to_pylist())
     write_table(table, f"{out}/pages/{name}")
     return name

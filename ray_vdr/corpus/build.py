@@ -150,7 +150,7 @@ def compact_version(output: str, current: IndexManifest, index_cfg: dict, versio
     dead = ids.filter(pa.array(~live))
     names, retired, _ = rewrite_parts(output, current.shards, set(dead.column("shard").to_pylist()),
                                        set(dead.column("key").to_pylist()))
-    fields, new_ids = build_version(output, names, current.dim, index_cfg, None, version)
+    fields, new_ids = build_version(output, names, current.vector_dim, index_cfg, None, version)
     fields["retired_shards"] = sorted(retired)
     fields["compacted"] = True
     return fields, new_ids

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from ray_vdr.cluster import chaos_strike
 from ray_vdr.config import ImageLimits, VDRConfig
-from ray_vdr.corpus.manifest import CorpusBinding, EmbedSummary, IndexManifest, PageCounts
+from ray_vdr.corpus.manifest import CorpusBinding, EmbedSummary, IndexManifest, LateIndexSpec, PageCounts
 from ray_vdr.corpus.pages import PAGE_SCHEMA, SourceFile, expand_file, list_sources
 from ray_vdr.corpus.store import (
     EMBEDDING_FILE,
@@ -67,14 +67,17 @@ class IndexResult:
 # the Ray Data stages
 
 
-def page_table(rows: pa.Table, embeddings, dim: int) -> pa.Table:
+def page_table(rows: pa.Table, embeddings, dim: int, tokens: list[bytes] | None = None) -> pa.Table:
+    """A page shard: the pages' rows and their ``embedding`` (a multi-vector index: the FDE, and the packed token
+    vectors in ``tokens``)."""
     import numpy as np
 
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     emb = pa.FixedSizeListArray.from_arrays(flat, dim)
     cols = ["key", "content", "file_hash", "doc_id", "source", "page", "width", "height", "image", "thumbnail", "text",
             "row_metadata"]
-    return rows.select(cols).append_column("embedding", emb)
+    table = rows.select(cols).append_column("embedding", emb)
+    return table if tokens is None else table.append_column("tokens", pa.array(tokens, pa.large_binary()))
 
 
 def _expand(row: dict[str, Any], *, dpi: int, limits: dict, image_column: str,
@@ -112,15 +115,20 @@ class PageEmbedder:
     """
 
     def __init__(self, binding: dict, model_cfg: dict, dim: int, output: str, use_gpu: bool, cpus: float = 1.0,
-                 chaos: dict | None = None):
+                 chaos: dict | None = None, late: dict | None = None):
         from ray_vdr.cluster import worker_device, worker_logging
         from ray_vdr.models.encoder import IndexEncoder
         from ray_vdr.models.load import Runtime
 
         worker_logging()
         runtime = Runtime(model_cfg["dtype"], model_cfg["attn_implementation"], worker_device(use_gpu, cpus))
+        from ray_vdr.corpus.late import fde_of
+
         self.encoder = IndexEncoder(EmbedderBinding.model_validate(binding), runtime, dim)
-        self.dim, self.output, self.chaos, self.batches = dim, output, chaos or {}, 0
+        self.late = LateIndexSpec.model_validate(late) if late else None
+        self.fde = fde_of(self.late) if self.late else None
+        self.dim = self.late.fde_dim if self.late else dim  # the stored vectors' (FAISS's) dimension
+        self.output, self.chaos, self.batches = output, chaos or {}, 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -133,14 +141,14 @@ class PageEmbedder:
         if pages.num_rows:
             images = decoded_pages(pages)
             try:
-                vectors = self._encode(images)
+                vectors, tokens = self._encode(images)
             except Exception as e:  # one bad page must not fail the batch: find it
                 logger.warning("batch failed to embed (%s); embedding its %d pages one by one", e, len(images))
-                pages, vectors, failed = self._one_by_one(pages, images)
+                pages, vectors, tokens, failed = self._one_by_one(pages, images)
                 if failed is not None:
                     rejected.append(failed)
             if pages.num_rows:
-                embedded = page_table(pages, vectors, self.dim)
+                embedded = page_table(pages, vectors, self.dim, tokens)
         name = part_name(batch.column("key").to_pylist())
         if embedded is not None:
             write_table(embedded, f"{self.output}/{PAGES}/{name}")
@@ -152,16 +160,24 @@ class PageEmbedder:
                          "rejects": [sum(t.num_rows for t in rejected)],
                          "seconds": [time.perf_counter() - start]})
 
-    def _encode(self, images):
-        return self.encoder.encode_pages(images)
+    def _encode(self, images) -> tuple[Any, list[bytes] | None]:
+        """The pages' vectors and, for a multi-vector index, their packed token vectors (the vectors: their FDEs)."""
+        if self.late is None:
+            return self.encoder.encode_pages(images), None
+        from ray_vdr.corpus.late import pack_tokens
+
+        tokens = self.encoder.encode_pages(images, pooling=self.late.pooling)
+        return self.fde.encode_each(tokens, doc=True), [pack_tokens(t, self.late.storage) for t in tokens]
 
     def _one_by_one(self, pages: pa.Table, images):
         import numpy as np
 
-        keep, vectors, failed = [], [], []
+        keep, vectors, tokens, failed = [], [], [], []
         for i, img in enumerate(images):
             try:
-                vectors.append(self._encode([img])[0])
+                vector, token = self._encode([img])
+                vectors.append(vector[0])
+                tokens.extend(token or [])
                 keep.append(i)
             except Exception as e:
                 row = pages.slice(i, 1).select(REJECT_COLUMNS[:5])
@@ -169,7 +185,7 @@ class PageEmbedder:
                               .append_column("detail", pa.array([f"{type(e).__name__}: {e}"[:500]])))
         out = pages.take(keep)
         return out, np.stack(vectors) if vectors else np.zeros((0, self.dim), np.float32), (
-            pa.concat_tables(failed) if failed else None)
+            tokens if self.late else None), (pa.concat_tables(failed) if failed else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,12 +223,21 @@ def _check_output(ix, binding: CorpusBinding) -> None:
     earlier = CorpusBinding.model_validate(data)
     check_manifest(earlier, fingerprint=binding.model.fingerprint, dim=binding.dim,
                    where=f"the corpus at {ix.output}")
+    if earlier.late != binding.late:
+        raise IndexMismatch(f"the corpus at {ix.output} stores {_late_text(earlier.late)}, but this run would "
+                            f"store {_late_text(binding.late)}: keep its index.late settings or embed into a new "
+                            "index.output")
     if earlier.dpi != ix.dpi:
         raise IndexMismatch(f"the corpus at {ix.output} was rasterised at {earlier.dpi} dpi, not "
                             f"{ix.dpi}: keep index.dpi={earlier.dpi} or embed into a new index.output")
     if earlier.keys != KEY_SCHEME:
         raise IndexMismatch(f"the corpus at {ix.output} was built by an older ray-vdr (page keys not scoped to "
                             "their source, no versions): embed into a new index.output")
+
+
+def _late_text(late: LateIndexSpec | None) -> str:
+    return "one vector per page" if late is None else \
+        f"token vectors ({late.model_dump_json(exclude={'candidates'})})"
 
 
 def _hash_sources(files: list[SourceFile], ix) -> list[dict[str, Any]]:
@@ -227,7 +252,7 @@ def _hash_sources(files: list[SourceFile], ix) -> list[dict[str, Any]]:
     return sorted(ds.map(hash_file, num_cpus=ix.decode_cpus).iter_rows(), key=lambda r: r["uri"])
 
 
-def _embed_stream(cfg: VDRConfig, files: list[SourceFile], info: EmbedderBinding, dim: int, known: set[str],
+def _embed_stream(cfg: VDRConfig, files: list[SourceFile], binding: CorpusBinding, known: set[str],
                   chaos: dict | None) -> dict[str, Any]:
     import ray
 
@@ -245,9 +270,11 @@ def _embed_stream(cfg: VDRConfig, files: list[SourceFile], info: EmbedderBinding
     ds = ds.map_batches(PageEmbedder, batch_size=ix.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=ix.actors),
                         num_cpus=ix.cpus_per_actor, num_gpus=1 if use_gpu else 0,
-                        fn_constructor_kwargs={"binding": info.model_dump(),
-                                               "model_cfg": cfg.model.model_dump(), "dim": dim, "output": ix.output,
-                                               "use_gpu": use_gpu, "cpus": ix.cpus_per_actor, "chaos": chaos})
+                        fn_constructor_kwargs={"binding": binding.model.model_dump(),
+                                               "model_cfg": cfg.model.model_dump(), "dim": binding.dim,
+                                               "output": ix.output, "use_gpu": use_gpu, "cpus": ix.cpus_per_actor,
+                                               "chaos": chaos,
+                                               "late": binding.late.model_dump() if binding.late else None})
     t0 = time.perf_counter()
     first: tuple[float, int] | None = None  # after the first batch: start-up (model loading) excluded
     now = t0
@@ -296,7 +323,8 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     info = index_binding(cfg, uri)
     full_dim = embedding_dimension(local_model(uri))
     dim = min(ix.dim or cfg.output.truncate_dim or info.truncate_dim or full_dim, full_dim)
-    binding = CorpusBinding(model=info, dim=dim, dpi=ix.dpi, keys=KEY_SCHEME)
+    late = LateIndexSpec(token_dim=dim, **ix.late.model_dump()) if info.multi_vector else None
+    binding = CorpusBinding(model=info, dim=dim, dpi=ix.dpi, keys=KEY_SCHEME, late=late)
     _check_output(ix, binding)
     init_ray()
     current = read_manifest(ix.output)
@@ -312,7 +340,7 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     known = known_keys(ix.output, skip=retired)
     logger.info("%s %d source files into %s with %s (dim %d): %s; embedding %d files", ix.mode, len(files),
                 ix.output, uri, dim, the_plan.documents, len(the_plan.embed))
-    totals = _embed_stream(cfg, the_plan.embed, info, dim, known, chaos)
+    totals = _embed_stream(cfg, the_plan.embed, binding, known, chaos)
     # normally a no-op: a batch retried after a failure and cut differently
     removed = dedupe_parts([f"{ix.output}/{PAGES}", f"{ix.output}/{REJECTS}"], "key",
                            first=set(current.shards) if current else set())
@@ -321,10 +349,11 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     gpus = 1 if cfg.scaling.use_gpu else 0  # FAISS uses it if it can
     n_shards = planned_shards(ix, ix.output, names, current)
     if n_shards > 1:  # a task per shard, each streaming its own pages' vectors
-        fields, ids = build_sharded(ix.output, names, dim, ix, current, version, n_shards, num_gpus=gpus)
+        fields, ids = build_sharded(ix.output, names, binding.vector_dim, ix, current, version, n_shards,
+                                    num_gpus=gpus)
     else:
         build = ray.remote(build_version).options(num_gpus=gpus)
-        fields, ids = ray.get(build.remote(ix.output, names, dim, ix.model_dump(), current, version))
+        fields, ids = ray.get(build.remote(ix.output, names, binding.vector_dim, ix.model_dump(), current, version))
     docs = docs_table(the_plan.docs)
     ids = live_ids(ids, docs)
     before = set(read_all_ids(ix.output, current).filter(pc.field("live")).column("key").to_pylist()) \

@@ -12,12 +12,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_vdr.config import LateIndexConfig
 from ray_vdr.models.binding import EmbedderBinding
 
 __all__ = ["CompactSummary", "CorpusBinding", "DeleteSummary", "EmbedSummary", "IndexFiles", "IndexKind",
-           "IndexManifest", "IndexShard", "PageCounts"]
+           "IndexManifest", "IndexShard", "LateIndexSpec", "PageCounts"]
 
 INDEX_FILE, IDS_FILE = "index.faiss", "ids.parquet"
+
+
+class LateIndexSpec(LateIndexConfig):
+    """How a multi-vector index stores and finds pages (recorded in its binding: every run and reader must agree):
+    ``index.late`` and the stored token vectors' dimension."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_dim: int = Field(description="Dimension of the stored token vectors (the model's, or its truncation).")
+
+    @property
+    def fde_dim(self) -> int:
+        return self.reps * 2 ** self.k_sim * min(self.d_proj, self.token_dim)
 
 
 class _Record(BaseModel):
@@ -32,6 +46,13 @@ class CorpusBinding(_Record):
     dim: int = Field(description="Embedding dimension of the stored vectors.")
     dpi: int = Field(200, description="PDF pages are rasterised at this dpi.")
     keys: str | None = Field(None, description="The page key scheme (None: an index from before versions).")
+    late: LateIndexSpec | None = Field(None, description="A multi-vector index: its token storage and first stage "
+                                       "(None: one vector per page). ``dim`` is then its token vectors' dimension.")
+
+    @property
+    def vector_dim(self) -> int:
+        """Dimension of the FAISS index's vectors: ``dim``, or a multi-vector index's FDE dimension."""
+        return self.late.fde_dim if self.late else self.dim
 
 
 class IndexKind(_Record):
@@ -172,4 +193,4 @@ class IndexManifest(CorpusBinding):
         return len(self.index_shards) or 1
 
     def binding(self) -> CorpusBinding:
-        return CorpusBinding(model=self.model, dim=self.dim, dpi=self.dpi, keys=self.keys)
+        return CorpusBinding(model=self.model, dim=self.dim, dpi=self.dpi, keys=self.keys, late=self.late)

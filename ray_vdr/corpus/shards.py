@@ -320,7 +320,7 @@ def compact_shards(output: str, current: IndexManifest, index_cfg: dict, version
     dropped = ids.filter(pa.array(~live & np.isin(shard, sorted(chosen))))
     names, retired, moved = rewrite_parts(output, current.shards, set(dropped.column("shard").to_pylist()),
                                           set(dropped.column("key").to_pylist()))
-    fields, new_ids = build_sharded(output, names, current.dim, IndexConfig.model_validate(index_cfg), current,
+    fields, new_ids = build_sharded(output, names, current.vector_dim, IndexConfig.model_validate(index_cfg), current,
                                     version, current.shard_count, added=[], rebuild=chosen, moved=moved)
     fields["retired_shards"] = sorted(retired)
     fields["compacted"] = True

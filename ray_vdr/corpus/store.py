@@ -125,10 +125,18 @@ class PageIndex:
     output: str
     offset: int = 0  # a shard of a sharded index: its first position (positions in and out are the version's)
     shard: int | None = None
+    tokens: Any = None  # a multi-vector index: the pages' token vectors (ray_vdr.corpus.late.TokenStore)
 
     def __post_init__(self):
         from ray_vdr.corpus.versions import allowed_positions
 
+        self._fde = None
+        if self.manifest.late is not None:
+            from ray_vdr.corpus.late import TokenStore, fde_of, read_tokens
+
+            self._fde = fde_of(self.manifest.late)
+        if self._fde is not None and self.tokens is None:
+            self.tokens = TokenStore(read_tokens(self.output, self.ids), self.manifest.late)
         self.live = allowed_positions(self.ids)  # None: nothing removed
         self._fields = None
         self._scopes: dict[tuple, np.ndarray] = {}
@@ -174,16 +182,27 @@ class PageIndex:
     def search(self, queries, k: int, clauses: list | None = None, scope: list | None = None
                ) -> list[list[dict[str, Any]]]:
         """Top-``k`` live pages per query vector (matching ``clauses`` and ``scope``): key, doc_id, source, page,
-        score, rank (1-based), position, file_hash, content, metadata."""
+        score, rank (1-based), position, file_hash, content, metadata. A multi-vector index takes each query's token
+        vectors (a list of (tokens, dim) arrays): its FDE finds ``late.candidates`` pages, exact MaxSim ranks them."""
 
         from ray_vdr.corpus.faiss_index import search
 
-        scores, positions = search(self.index, queries, k, self.allowed(clauses, scope))
+        allowed = self.allowed(clauses, scope)
+        if self.tokens is not None:
+            from ray_vdr.corpus.late import rescored
+
+            first = max(k, self.manifest.late.candidates)
+            _, positions = search(self.index, self._fde.encode_each(queries, doc=False), first, allowed)
+            pairs = rescored(queries, positions, self.tokens, k)
+        else:
+            scores, positions = search(self.index, np.stack(queries) if isinstance(queries, list) else queries, k,
+                                       allowed)
+            pairs = [[(s, p) for s, p in zip(row_scores, row_pos, strict=True) if p >= 0]
+                     for row_scores, row_pos in zip(scores, positions, strict=True)]
         cols = {c: self.ids.column(c) for c in ("key", "doc_id", "source", "page", "file_hash", "content")
                 if c in self.ids.column_names}
         out = []
-        for row_scores, row_pos in zip(scores, positions, strict=True):
-            found = [(s, p) for s, p in zip(row_scores, row_pos, strict=True) if p >= 0]
+        for found in pairs:
             hits = []
             for rank, (score, pos) in enumerate(found, start=1):
                 meta = self._meta[int(pos)].as_py() if self._meta is not None else None
@@ -227,7 +246,7 @@ def _empty(manifest: IndexManifest, output: str, shard: int | None) -> PageIndex
     from ray_vdr.corpus.build import empty_ids
 
     ids = empty_ids().append_column("live", pa.array([], pa.bool_()))
-    return PageIndex(faiss.IndexFlatIP(manifest.dim), ids, manifest, output, shard=shard)
+    return PageIndex(faiss.IndexFlatIP(manifest.vector_dim), ids, manifest, output, shard=shard)
 
 
 def open_index(output: str, *, model_path: str | None = None, dim: int | None = None,
@@ -268,7 +287,7 @@ def open_index(output: str, *, model_path: str | None = None, dim: int | None = 
     if files.index is None:  # every source rejected: an empty index
         import faiss
 
-        return PageIndex(faiss.IndexFlatIP(manifest.dim), ids, manifest, output, shard=shard)
+        return PageIndex(faiss.IndexFlatIP(manifest.vector_dim), ids, manifest, output, shard=shard)
     index = read_index_file(output, files.index, spec)
     return PageIndex(index, ids, manifest, output, shard=shard)
 

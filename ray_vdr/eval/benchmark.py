@@ -315,6 +315,10 @@ def run(cfg: VDRConfig) -> dict[str, Any]:
     total = len(tasks) * len(models)
     for model in models:
         binding = index_binding(cfg, model.embedder)
+        if binding.multi_vector:
+            raise ValueError(f"benchmark: {model.embedder} is a multi-vector embedder; the "
+                             "benchmark scores single-vector embedders only for now (ray-vdr evaluate scores a "
+                             "multi-vector one by MaxSim)")
         full = embedding_dimension(local_model(model.embedder))
         dims = _dims(cfg, full)
         for task in tasks:

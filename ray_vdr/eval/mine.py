@@ -293,6 +293,9 @@ def resolve(cfg: VDRConfig) -> tuple[str, str, str]:
     manifest = read_manifest(index)
     if manifest is None:
         raise FileNotFoundError(f"no corpus index at {index}: build it first (jobs/embed_corpus.py) or set mine.index")
+    if manifest.late is not None:
+        raise ValueError(f"the index at {index} is multi-vector (token vectors, MaxSim): mining negatives from it is "
+                         "not supported yet; mine from a single-vector index of the same pages (mine.index)")
     model = cfg.mine.model or manifest.model.path
     return index, model, cfg.mine.output or cfg.run.uri("mined")
 

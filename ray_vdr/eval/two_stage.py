@@ -66,7 +66,13 @@ def two_stage_metrics(encoder: IndexEncoder, reranker, eval_set: EvalSet, *, dim
     cids = list(eval_set.corpus)
     q = encoder.encode_queries([eval_set.queries[i] for i in qids], dim, batch_size)
     c = encoder.encode_pages([eval_set.corpus[i] for i in cids], dim, batch_size)
-    first_stage = [[cids[j] for j in row] for row in rank(q @ c.T)]
+    if encoder.multi_vector:  # token vectors: MaxSim
+        from ray_vdr.models.multivector import maxsim_scores
+
+        sims = maxsim_scores(q, c, dim or encoder.dim)
+    else:
+        sims = q @ c.T
+    first_stage = [[cids[j] for j in row] for row in rank(sims)]
     results = {EMBED_ONLY: _mean([ranking_metrics(r, eval_set.relevant[qid]) for r, qid in
                                   zip(first_stage, qids, strict=True)])}
     if reranker is None or not depths:

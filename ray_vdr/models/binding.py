@@ -34,6 +34,8 @@ class EmbedderBinding(BaseModel):
     query_prompt: str | None = Field(None, description="The prompt queries are encoded with.")
     pixel_bounds: PixelBounds = Field(default_factory=PixelBounds, description="The processor's pixel budget.")
     max_seq_length: int | None = Field(None, description="Token limit per input; None: the model's own.")
+    multi_vector: bool = Field(False, description="A multi-vector (late-interaction) model: a token vector per "
+                               "input token or image patch, scored by MaxSim (a saved MultiVectorEncoder).")
     trust_remote_code: bool = Field(
         False, description="The model needs its repository's own code (custom modules) to load; every loader of this "
         "binding passes it on.")

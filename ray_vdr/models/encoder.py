@@ -24,36 +24,62 @@ __all__ = ["IndexEncoder"]
 
 class IndexEncoder:
     """An index's embedder: ``encode_queries`` with the query prompt, ``encode_pages`` with the document prompt, both
-    truncated to ``dim`` (default: the index's, given here) and L2-normalised, as float32 rows."""
+    truncated to ``dim`` (default: the index's, given here) and L2-normalised, as float32 rows.
+
+    A multi-vector embedder (``binding.multi_vector``) returns each item's token vectors instead: a list of float32
+    (tokens, dim) arrays, each token cut to ``dim`` and L2-normalised; pages optionally token-pooled (``pooling``)."""
 
     def __init__(self, binding: EmbedderBinding, runtime: Runtime | None = None, dim: int | None = None):
         self.binding = binding
         self.model = load_embedder(binding, runtime)
         self.dim = dim or binding.truncate_dim or self.full_dim
+        self.multi_vector = binding.multi_vector
 
     @property
     def full_dim(self) -> int:
         return self.model.get_embedding_dimension()
 
     def encode_queries(self, items: list[str | Image.Image], dim: int | None = None,
-                       batch_size: int | None = None) -> np.ndarray:
-        """Query vectors (texts, or images for an image query), one row per item."""
+                       batch_size: int | None = None) -> np.ndarray | list[np.ndarray]:
+        """Query vectors (texts, or images for an image query), one row per item (token vectors: one array each)."""
         return self._encode(self.model.encode_query, items, dim, batch_size)
 
     def encode_pages(self, items: list[Image.Image | str], dim: int | None = None,
-                     batch_size: int | None = None) -> np.ndarray:
-        """Page (document) vectors, one row per item."""
-        return self._encode(self.model.encode_document, items, dim, batch_size)
+                     batch_size: int | None = None, pooling: float = 1.0) -> np.ndarray | list[np.ndarray]:
+        """Page (document) vectors, one row per item (token vectors: one array each, pooled by ``pooling``)."""
+        extra = {}
+        if self.multi_vector and pooling > 1:
+            from sentence_transformers.multi_vector_encoder.modules.token_pooling import HierarchicalTokenPooling
 
-    def _encode(self, fn: Any, items: list, dim: int | None, batch_size: int | None) -> np.ndarray:
+            extra["token_pooling"] = HierarchicalTokenPooling(pool_factor=pooling)
+        return self._encode(self.model.encode_document, items, dim, batch_size, **extra)
+
+    def _encode(self, fn: Any, items: list, dim: int | None, batch_size: int | None,
+                **extra: Any) -> np.ndarray | list[np.ndarray]:
         """Texts and images in separate calls (one modality per forward), rows back in the items' order."""
         dim = dim or self.dim
+        if self.multi_vector:
+            return self._encode_tokens(fn, items, dim, batch_size, **extra)
         out = np.zeros((len(items), dim), dtype=np.float32)
         for want_text in (True, False):
             idx = [i for i, x in enumerate(items) if isinstance(x, str) == want_text]
             if idx:
                 out[idx] = fn([items[i] for i in idx], batch_size=batch_size or len(idx), truncate_dim=dim,
                               normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        return out
+
+    def _encode_tokens(self, fn: Any, items: list, dim: int, batch_size: int | None,
+                       **extra: Any) -> list[np.ndarray]:
+        from ray_vdr.models.multivector import truncated_tokens
+
+        out: list[np.ndarray] = [np.zeros((0, dim), np.float32)] * len(items)
+        for want_text in (True, False):
+            idx = [i for i, x in enumerate(items) if isinstance(x, str) == want_text]
+            if idx:
+                tokens = fn([items[i] for i in idx], batch_size=batch_size or len(idx), show_progress_bar=False,
+                            convert_to_numpy=True, **extra)
+                for i, t in zip(idx, truncated_tokens(tokens, dim), strict=True):
+                    out[i] = t.numpy()
         return out
 
     def count_tokens(self, texts: list[str]) -> int:

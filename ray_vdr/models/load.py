@@ -167,7 +167,7 @@ def build_model(cfg: ModelConfig, device: str | None = None, *, reranker: bool =
 
         if is_multi_vector(path):
             raise ValueError(f"{cfg.name_or_path} is a multi-vector model (MultiVectorEncoder): set model.kind "
-                             "'multi_vector' to train it; indexing and serving hold single-vector models only")
+                             "'multi_vector' to load it")
         cls = CrossEncoder if reranker else SentenceTransformer
         model = cls(path, device=device, model_kwargs=model_kwargs, trust_remote_code=cfg.trust_remote_code)
     set_pixel_bounds(model, cfg.min_pixels, cfg.max_pixels)
@@ -303,6 +303,8 @@ def embedder_binding(cfg: ModelConfig, uri: str) -> EmbedderBinding:
     encodes against an index encodes through :class:`ray_vdr.models.encoder.IndexEncoder` from it, so queries are
     encoded exactly as the index's pages were, and an evaluation computes it from the same config as the job would.
     """
+    from ray_vdr.models.multivector import is_multi_vector
+
     local = Path(local_model(uri))
     st_cfg = local / "config_sentence_transformers.json"
     st = json.loads(st_cfg.read_text()) if st_cfg.is_file() else {}
@@ -316,7 +318,7 @@ def embedder_binding(cfg: ModelConfig, uri: str) -> EmbedderBinding:
                            normalized=any(m.get("type", "").endswith("Normalize") for m in modules),
                            document_prompt=prompts.get("document"), query_prompt=prompts.get("query"),
                            pixel_bounds=PixelBounds(**_pixel_bounds(cfg, local)), max_seq_length=cfg.max_seq_length,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, multi_vector=is_multi_vector(local))
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,8 @@ def load_embedder(binding: EmbedderBinding, runtime: Runtime | None = None) -> S
                       attn_implementation=runtime.attn_implementation, min_pixels=bounds.min_pixels,
                       max_pixels=bounds.max_pixels, query_prompt=binding.query_prompt,
                       document_prompt=binding.document_prompt, max_seq_length=binding.max_seq_length,
-                      trust_remote_code=binding.trust_remote_code)
+                      trust_remote_code=binding.trust_remote_code,
+                      kind="multi_vector" if binding.multi_vector else "single_vector")
     return build_model(cfg, device=runtime.device)
 
 

@@ -22,16 +22,35 @@ from tests.corpus_helpers import images_pdf
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# a multi-vector index, as small as the tiny model's 32-d tokens make sense: pooled pages (half their tokens), int8
+# token vectors, a 256-d FDE first stage handing every page to MaxSim (so a page's own tokens must find it first)
+LATE = ["index.late.pooling=2", "index.late.storage=int8", "index.late.k_sim=3", "index.late.d_proj=8",
+        "index.late.reps=4"]
+
+
 def _cfg(tiny_qwen, corpus, out, *extra):
     return load_config(ROOT / "configs/demo.yaml", [
         f"index.model={tiny_qwen}", f"index.sources=[{corpus}]", f"index.output={out}", "index.batch_size=4",
-        "index.dim=32", "synthetic=null", "index.compact_removed_share=1.0", *extra])
+        "index.dim=32", "synthetic=null", "index.compact_removed_share=1.0", *LATE, *extra])
 
 
 def _stored(out: Path) -> dict[str, np.ndarray]:
-    """Every stored page vector by key (live or not: shards keep removed pages until compaction)."""
-    t = pq.read_table(out / "pages", columns=["key", "embedding"])
-    return dict(zip(t.column("key").to_pylist(), t.column("embedding").to_numpy(zero_copy_only=False), strict=True))
+    """Every stored page's vector by key (live or not: shards keep removed pages until compaction); a multi-vector
+    index: its token vectors, as the index scores them."""
+    from ray_vdr.corpus.late import unpack_tokens
+    from ray_vdr.corpus.manifest import CorpusBinding
+    from ray_vdr.corpus.store import EMBEDDING_FILE
+
+    late = CorpusBinding.model_validate_json((out / EMBEDDING_FILE).read_text()).late
+    t = pq.read_table(out / "pages", columns=["key", "embedding"] + (["tokens"] if late else []))
+    vectors = t.column("embedding").to_numpy(zero_copy_only=False) if late is None else [
+        unpack_tokens(b, late.token_dim, late.storage) for b in t.column("tokens").to_pylist()]
+    return dict(zip(t.column("key").to_pylist(), vectors, strict=True))
+
+
+def _q(*vectors) -> np.ndarray | list[np.ndarray]:
+    """Queries for ``search``: vectors stacked, or (multi-vector) a list of token matrices."""
+    return list(vectors) if vectors[0].ndim == 2 else np.stack(vectors)
 
 
 def _pages_of(index, doc_id: str) -> list[str]:
@@ -97,12 +116,15 @@ def test_a_sync_reads_only_sources_whose_size_or_time_changed(tmp_path, page_png
 
 
 @pytest.mark.slow
-def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, page_pngs, tmp_path, capsys):
+@pytest.mark.parametrize("model", ["tiny_qwen", "tiny_colqwen"], ids=["single_vector", "multi_vector"])
+def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, model, page_pngs, tmp_path, capsys, request):
+    """Parametrised over a single-vector and a multi-vector (token vectors, FDE first stage, MaxSim) index."""
     from ray_vdr.cli import cmd_delete
     from ray_vdr.corpus.embed import run
     from ray_vdr.corpus.store import PageStore, open_index
     from ray_vdr.corpus.sync import compact, delete
 
+    tiny_qwen = request.getfixturevalue(model)
     docs, out = tmp_path / "docs", tmp_path / "index"
     docs.mkdir()
     p = page_pngs
@@ -125,9 +147,12 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     bad_row = pq.read_table(out / "rejects").to_pylist()
     assert [(r["doc_id"], r["reason"]) for r in bad_row] == [("scan-3", "bad_metadata_type")], bad_row
     first = open_index(str(out))
+    if model == "tiny_colqwen":  # token vectors stored pooled and int8, an FDE per page in the FAISS index
+        assert v1.manifest.late.pooling == 2 and v1.manifest.vector_dim == first.index.d == 256
+        assert all(0 < len(t) <= 25 for t in _stored(out).values()), "48 tokens a page, pooled to about half"
     old_b, old_c = _pages_of(first, "b.pdf"), _pages_of(first, "c.pdf")
     assert len(old_b) == 2 and len(old_c) == 1
-    assert first.search(_stored(out)[old_c[0]][None], 1)[0][0]["metadata"] == {"tenant": "t1", "collection": "hr"}
+    assert first.search(_q(_stored(out)[old_c[0]]), 1)[0][0]["metadata"] == {"tenant": "t1", "collection": "hr"}
 
     # change b (3 new pages), delete c, add e, change a's metadata only, add two documents with bad sidecars; touch d
     # (a new modification time, the same bytes): it is read again, hashed and kept
@@ -155,18 +180,20 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     assert len(live) == len(set(live)) == 9 and v2.manifest.version == 2
     assert not {r["doc_id"] for r in index.ids.to_pylist() if r["live"]} & {"c.pdf", "f.pdf", "g.pdf"}
     for gone in old_b + old_c:  # a removed page's own vector does not find it, at any depth
-        hits = index.search(stored[gone][None], 50)[0]
+        hits = index.search(_q(stored[gone]), 50)[0]
         assert gone not in {h["key"] for h in hits} and len(hits) == 9
     for key in live:
-        assert index.search(stored[key][None], 1)[0][0]["key"] == key
+        assert index.search(_q(stored[key]), 1)[0][0]["key"] == key
     assert PageStore(str(out), index.ids).position("c.pdf", None) is None, "/pages does not serve a removed page"
 
     # metadata is returned and filterable; the filter applies inside the search (top-k full)
-    hits = index.search(stored[live[0]][None], 10, [("collection", "eq", "finance-2")])[0]
+    hits = index.search(_q(stored[live[0]]), 10, [("collection", "eq", "finance-2")])[0]
     assert len(hits) == 2 and {h["doc_id"] for h in hits} == {"a.pdf"}
     assert hits[0]["metadata"] == {"collection": "finance-2", "year": 2021}
-    assert {h["doc_id"] for h in index.search(stored[live[0]][None], 10, [("year", "gte", 2021)])[0]} == {"a.pdf"}
-    rows = index.search(stored[live[0]][None], 10, [("collection", "eq", "scans")])[0]
+    assert {h["doc_id"] for h in index.search(_q(stored[live[0]]), 10, [("year", "gte", 2021)])[0]} == {"a.pdf"}
+    scoped = index.search(_q(stored[live[0]]), 10, scope=[("collection", ["finance-2", "scans"])])[0]
+    assert {h["doc_id"] for h in scoped} == {"a.pdf", "scan-1", "scan-2"}, "an API key's scope"
+    rows = index.search(_q(stored[live[0]]), 10, [("collection", "eq", "scans")])[0]
     assert sorted((h["doc_id"], h["metadata"]["year"]) for h in rows) == [("scan-1", 2019), ("scan-2", 2020)]
 
     # deletes: by doc_id, by filter; one that matches nothing says so
@@ -176,7 +203,7 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
     assert "nothing to delete" in capsys.readouterr().err
     after = open_index(str(out))
     assert after.manifest.version == 4 and after.manifest.live_pages == 5
-    assert {h["doc_id"] for row in after.search(np.stack(list(stored.values())), 20) for h in row} == {
+    assert {h["doc_id"] for row in after.search(_q(*stored.values()), 20) for h in row} == {
         "a.pdf", "d.png", "scan-1", "scan-2"}
 
     # compaction drops removed pages from the index and the shards, and the retired shards go with the next version
@@ -189,7 +216,7 @@ def test_sync_mirrors_changing_sources_and_deletes_stick(ray_local, tiny_qwen, p
                  for k in pq.read_table(out / "pages" / n, columns=["key"]).column("key").to_pylist()]
     assert sorted(in_shards) == sorted(compacted.ids.column("key").to_pylist())
     for key in [r["key"] for r in compacted.ids.to_pylist()]:
-        assert compacted.search(stored[key][None], 1)[0][0]["key"] == key
+        assert compacted.search(_q(stored[key]), 1)[0][0]["key"] == key
     v6 = run(_cfg(tiny_qwen, docs, out, f"index.metadata={table}"))  # brings back b and e (still in the sources)
     assert v6.summary.documents["added"] == 2 and not any((out / "pages" / n).exists() for n in retired)
     assert v6.summary.sources_read == 4, "the deleted b and e, the rejected f and g: a, d and scans are not read"
