@@ -282,7 +282,7 @@ BENCHES = {b.key: b for b in [
     Bench("shard-scale", "bench.shard_scale", {"cpu": []}, "10", render_shard_scale),
     Bench("quantization", "bench.quantization", {"cpu": []}, "12", render_quantization),
     Bench("multivector", "bench.multivector_first_stage", {"cpu": []}, "4", render_multivector),
-    Bench("multivector-training", "bench.multivector_training", {"cpu": []}, "5", render_multivector_training),
+    Bench("multivector-training", "bench.multivector_training", {"cpu": []}, "7", render_multivector_training),
     Bench("gpu", "bench.gpu", {"gpu": []}, "8", render_gpu),
 ]}
 

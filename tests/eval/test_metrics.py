@@ -107,6 +107,28 @@ def test_retrieval_metrics_equal_the_information_retrieval_evaluator(eval_rows, 
             assert got[metric] == pytest.approx(theirs[f"p_cosine_{metric}"], abs=1e-6), (dim, metric)
 
 
+def test_multi_vector_two_stage_metrics_equal_the_multi_vector_evaluator(eval_rows, tiny_colqwen):
+    """Two-stage evaluation of a multi-vector embedder (MaxSim over token vectors, as its index scores) gives what
+    Sentence Transformers' MultiVectorInformationRetrievalEvaluator computes on the same model and eval split."""
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+    from sentence_transformers.multi_vector_encoder.evaluation import MultiVectorInformationRetrievalEvaluator
+
+    from ray_vdr.config import ModelConfig
+    from ray_vdr.eval.two_stage import EMBED_ONLY, two_stage_metrics
+    from ray_vdr.models.encoder import IndexEncoder
+    from ray_vdr.models.load import embedder_binding
+
+    eval_set = eval_set_from_table(eval_rows)
+    encoder = IndexEncoder(embedder_binding(ModelConfig(), str(tiny_colqwen)))
+    assert encoder.multi_vector
+    got = two_stage_metrics(encoder, None, eval_set, dim=32, depths=[])[EMBED_ONLY]
+    theirs = MultiVectorInformationRetrievalEvaluator(
+        eval_set.queries, eval_set.corpus, eval_set.relevant, name="p", write_csv=False, accuracy_at_k=[1, 5, 10],
+        precision_recall_at_k=[1, 5, 10])(MultiVectorEncoder(str(tiny_colqwen), device="cpu"))
+    for metric in got:
+        assert got[metric] == pytest.approx(theirs[f"p_maxsim_{metric}"], abs=1e-6), metric
+
+
 def test_rerank_metrics_equal_the_cross_encoder_reranking_evaluator(eval_rows, tiny_reranker):
     """The reranker's evaluation during training ranks each eval query's positive among its hard negatives as
     CrossEncoderRerankingEvaluator does."""
