@@ -11,7 +11,9 @@ For each model and task::
                  ─► ``<output>/results/<model>/<task>.json`` (a rerun skips tasks scored with the same settings)
 
 then the report (:mod:`ray_vdr.eval.benchmark_report`): leaderboard-shaped Markdown and JSON, per language, a plot.
-The scoring core (:func:`score_task`) takes arrays, qrels and an encoder; it uses no Ray.
+The scoring core (:func:`score_task`) takes arrays, qrels and an encoder; it uses no Ray. A multi-vector embedder's
+corpus is a multi-vector index (its token vectors as ``index.late`` stores and pools them), scored by exact MaxSim
+of every query against every page's stored token vectors at each dimension.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ def setting_name(dim: int, depth: int | None = None) -> str:
 # scoring (no Ray)
 
 
-def first_stage(q: np.ndarray, c: np.ndarray, ids: list[str], depth: int = FIRST_STAGE) -> list[list[str]]:
-    """Each query's top ``depth`` corpus ids by cosine score in trec_eval's order (score descending, ties by id
-    descending); items tied with the last one kept are all ranked, so a tie never depends on the cut."""
-    scores = q @ c.T
+def first_stage(scores: np.ndarray, ids: list[str], depth: int = FIRST_STAGE) -> list[list[str]]:
+    """Each query's top ``depth`` corpus ids by its row of ``scores`` (queries x corpus: cosine, or MaxSim) in
+    trec_eval's order (score descending, ties by id descending); items tied with the last one kept are all ranked, so
+    a tie never depends on the cut."""
     depth = min(depth, len(ids))
     out = []
     for row in scores:
@@ -82,16 +84,22 @@ def _means(rows: dict[str, dict[str, float]], languages: dict[str, str]) -> tupl
     return mean_metrics(list(per_lang.values())), per_lang
 
 
-def score_task(queries: QuerySet, q_full: np.ndarray, pages: np.ndarray, ids: list[str], rows: np.ndarray,
-               dims: list[int], depths: list[int], rerank=None) -> dict[str, Any]:
+def score_task(queries: QuerySet, q_full: np.ndarray | list[np.ndarray], pages: np.ndarray | list[np.ndarray],
+               ids: list[str], rows: np.ndarray, dims: list[int], depths: list[int], rerank=None) -> dict[str, Any]:
     """{"scores": {setting: metrics}, "by_language": {setting: {language: metrics}}} for queries (``q_full``, full
     dimension, in ``queries`` order) against the corpus ``ids``, whose vectors are ``pages[rows]`` (two ids may
-    share a page). ``rerank(qid, [corpus ids]) -> scores`` reorders the top of each depth."""
+    share a page); token vectors (lists of arrays) are scored by MaxSim. ``rerank(qid, [corpus ids]) -> scores``
+    reorders the top of each depth."""
     qids = list(queries.queries)
     settings, languages = {}, {}
     for dim in dims:
-        ranked = first_stage(truncated(q_full, dim), truncated(pages, dim)[rows], ids,
-                             max([FIRST_STAGE, *depths]))
+        if isinstance(pages, list):
+            from ray_vdr.models.multivector import maxsim_scores
+
+            scores = maxsim_scores(q_full, [pages[r] for r in rows], dim)
+        else:
+            scores = truncated(q_full, dim) @ truncated(pages, dim)[rows].T
+        ranked = first_stage(scores, ids, max([FIRST_STAGE, *depths]))
         variants = {setting_name(dim): ranked}
         if rerank is not None:
             for depth in depths:
@@ -107,12 +115,12 @@ def score_task(queries: QuerySet, q_full: np.ndarray, pages: np.ndarray, ids: li
 # the corpus: the corpus job's output, read back as (corpus id → page vector)
 
 
-def _live_pages(index: str) -> pa.Table:
+def _live_pages(index: str, tokens: bool = False) -> pa.Table:
     from ray_vdr.corpus.store import PAGES, read_ids
     from ray_vdr.storage import read_table
 
     live = set(read_ids(index).filter(pc.field("live")).column("key").to_pylist())
-    pages = read_table(f"{index}/{PAGES}", columns=["key", "doc_id", "content", "embedding"])
+    pages = read_table(f"{index}/{PAGES}", columns=["key", "doc_id", "content", "embedding"] + ["tokens"] * tokens)
     return pages.filter(pc.is_in(pages.column("key"), pa.array(sorted(live), pa.string())))
 
 
@@ -197,6 +205,8 @@ class _Reranker:
 def _score_remote(cfg_json: dict, model: dict, binding: dict, task: dict, index: str, dims: list[int]) -> dict:
     """Runs as one Ray task: read the queries, the corpus vectors and the qrels, encode, score."""
     from ray_vdr.cluster import worker_device, worker_logging
+    from ray_vdr.corpus.late import unpack_tokens
+    from ray_vdr.corpus.store import read_manifest
     from ray_vdr.models.encoder import IndexEncoder
     from ray_vdr.models.load import Runtime, load_reranker
 
@@ -207,18 +217,24 @@ def _score_remote(cfg_json: dict, model: dict, binding: dict, task: dict, index:
     device = worker_device(cfg.scaling.use_gpu, bc.cpus)
     t0 = time.perf_counter()
     queries = read_queries(task, bc.max_queries)
-    pages = _live_pages(index)
+    late = read_manifest(index).late
+    pages = _live_pages(index, tokens=late is not None)
     ids, rows, counts = corpus_rows(task, pages)
     if not ids:
         raise ValueError(f"benchmark task {task.name}: no page of its corpus could be embedded (every one rejected: "
                          f"{index}/rejects)")
-    vectors = np.asarray(pages.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                         dtype=np.float32).reshape(pages.num_rows, -1)
+    if late is not None:  # a multi-vector index: each page's stored token vectors
+        vectors = [unpack_tokens(b, late.token_dim, late.storage) for b in pages.column("tokens").to_pylist()]
+        full = late.token_dim
+    else:
+        vectors = np.asarray(pages.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                             dtype=np.float32).reshape(pages.num_rows, -1)
+        full = vectors.shape[1]
     encoder = IndexEncoder(EmbedderBinding.model_validate(binding), Runtime(cfg.model.dtype,
                                                                           cfg.model.attn_implementation, device))
     t1 = time.perf_counter()
     # the pages' dimension: the model's own, before any truncation saved with it (Matryoshka dims are cut from it)
-    q = encoder.encode_queries(list(queries.queries.values()), vectors.shape[1], bc.batch_size)
+    q = encoder.encode_queries(list(queries.queries.values()), full, bc.batch_size)
     t2 = time.perf_counter()
     rerank = None
     if model.get("reranker"):
@@ -270,7 +286,9 @@ def embed_corpus(cfg: VDRConfig, task: BenchmarkTask, model: BenchmarkModel, bin
 
     cache = cfg.benchmark.cache or f"{cfg.run.storage_path.rstrip('/')}/benchmark-cache"
     where = hashlib.blake2b(task.root.encode(), digest_size=4).hexdigest()
-    encoding = hashlib.blake2b(binding.model_dump_json(exclude={"path"}).encode(), digest_size=8).hexdigest()
+    spec = binding.model_dump_json(exclude={"path"}) + (cfg.index.late.model_dump_json(exclude={"candidates"})
+                                                        if binding.multi_vector else "")
+    encoding = hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
     out = f"{cache.rstrip('/')}/{_slug(task.name)}-{where}/{encoding}"
     ix = cfg.index.model_copy(update={
         "sources": task.corpus_files, "output": out, "model": model.embedder, "mode": "sync", "dim": full_dim,
@@ -315,10 +333,6 @@ def run(cfg: VDRConfig) -> dict[str, Any]:
     total = len(tasks) * len(models)
     for model in models:
         binding = index_binding(cfg, model.embedder)
-        if binding.multi_vector:
-            raise ValueError(f"benchmark: {model.embedder} is a multi-vector embedder; the "
-                             "benchmark scores single-vector embedders only for now (ray-vdr evaluate scores a "
-                             "multi-vector one by MaxSim)")
         full = embedding_dimension(local_model(model.embedder))
         dims = _dims(cfg, full)
         for task in tasks:

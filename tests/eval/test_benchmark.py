@@ -160,3 +160,47 @@ def test_benchmark_matches_pytrec_eval_and_reruns_nothing(ray_local, tasks, tiny
     assert runs[("reranked", "tiny-single")]["pages_embedded"] == 0, "the corpus cached by the first model's run"
     assert redone["pages_embedded"] == 0
     assert (Path(tiny_qwen) / "README.md").read_text().count("## Benchmark (ray-vdr)") == 1, "replaced, not added"
+
+
+@pytest.mark.slow
+def test_benchmark_scores_a_multi_vector_embedder_by_maxsim(ray_local, tasks, tiny_colqwen, tmp_path):
+    """A multi-vector embedder's corpus becomes a multi-vector index (pooled int8 token vectors here), and each dim's
+    scores equal pytrec_eval's on MaxSim of the queries' token vectors, encoded here, against the stored ones."""
+    import pyarrow.parquet as pq
+
+    from ray_vdr.config import load_config
+    from ray_vdr.corpus.late import maxsim, unpack_tokens
+    from ray_vdr.eval.benchmark import corpus_rows, run
+    from ray_vdr.models.encoder import IndexEncoder
+    from ray_vdr.models.load import embedder_binding
+
+    root, counts = tasks
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        "synthetic=null", f"benchmark.output={tmp_path / 'bench'}", f"benchmark.cache={tmp_path / 'cache'}",
+        f"benchmark.tasks=[{root / 'tiny-v3'}]", "benchmark.dims=[32, 16]", "index.batch_size=8",
+        "index.late.pooling=2", "index.late.storage=int8",
+        f"benchmark.models=[{{name: late, embedder: {tiny_colqwen}}}]"])
+    result = run(cfg)["results"][0]
+    assert result["corpus"] == counts["v3"]["corpus"] - 1 and result["rejects"] == 1
+    index = next((tmp_path / "cache").rglob("manifest.json")).parent
+    task = resolve_tasks([str(root / "tiny-v3")], None)[0]
+    stored = pq.read_table(index / "pages", columns=["key", "doc_id", "content", "tokens"])
+    ids, rows, _ = corpus_rows(task, stored)  # corpus id -> its stored page (the benchmark's own mapping)
+    blobs = stored.column("tokens").to_pylist()
+    pages = [unpack_tokens(blobs[r], 32, "int8") for r in rows]
+    assert len(ids) == counts["v3"]["corpus"] - 1 and all(0 < len(t) <= 25 for t in pages), "pooled: ~half of 48"
+
+    queries = read_queries(task)
+    q = IndexEncoder(embedder_binding(cfg.model, str(tiny_colqwen))).encode_queries(list(queries.queries.values()))
+    for dim in (32, 16):
+        cut = [x[:, :dim] / np.linalg.norm(x[:, :dim], axis=1, keepdims=True) for x in pages]
+        trec_run = {qid: dict(zip(ids, maxsim(qt[:, :dim] / np.linalg.norm(qt[:, :dim], axis=1, keepdims=True),
+                                               cut).tolist(), strict=True))
+                    for qid, qt in zip(queries.queries, q, strict=True)}
+        by_lang = {}
+        for lang in ("english", "french"):
+            keep = {qid for qid, lg in queries.languages.items() if lg == lang}
+            by_lang[lang] = _pytrec({k: v for k, v in trec_run.items() if k in keep},
+                                    {k: v for k, v in queries.qrels.items() if k in keep}, {"ndcg_cut.10"})
+        expected = np.mean([by_lang[lg]["ndcg_cut_10"] for lg in by_lang])
+        assert result["scores"][f"dim {dim}"]["ndcg@10"] == pytest.approx(expected, abs=1e-4), dim

@@ -119,11 +119,12 @@ def corpus_index(ray_local, tiny_qwen, page_pngs, tmp_path_factory):
 
 def tenant_index(root: Path, pngs: list[bytes], tiny_qwen, *overrides: str) -> Path:
     """``pngs`` as page files under ``root``/corpus, alternately of tenant team-a and team-b (sidecars), embedded by
-    the real job into ``root``/index (dim 32; ``overrides``: more config overrides); returns the index folder."""
+    the real job into ``root``/index (dim 32; ``overrides``: more config overrides); returns the index folder. Called
+    again with more pages, it syncs them in (a new version)."""
     from ray_vdr.corpus.embed import run
 
     corpus, out = root / "corpus", root / "index"
-    corpus.mkdir()
+    corpus.mkdir(exist_ok=True)
     for i, png in enumerate(pngs):
         (corpus / f"{'ab'[i % 2]}-{i}.png").write_bytes(png)
         (corpus / f"{'ab'[i % 2]}-{i}.png.json").write_text(json.dumps({"tenant": f"team-{'ab'[i % 2]}"}))

@@ -2,7 +2,8 @@
 multi-vector Qwen3-VL's pooled token vectors, an FDE first stage, exact MaxSim), of two tenants, with the reranker.
 Search answers MaxSim as computed without the endpoint's code (Sentence Transformers' own encode_query and the
 token vectors the job stored), each tenant sees its own pages only, the reranker reorders the head, and
-``/v1/embeddings`` gives token vectors when asked (and says how to ask)."""
+``/v1/embeddings`` gives token vectors when asked (and says how to ask); a sync's new page is served and a deleted
+page is gone, as the endpoint follows the index's versions."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 from ray_vdr.client import EndpointClient, EndpointError
 
-KEYS = {"team-a": "a-key-late-0123456789", "team-b": "b-key-late-0123456789", "embed": "e-key-late-0123456789"}
+KEYS = {"team-a": "a-key-late-0123456789", "team-b": "b-key-late-0123456789", "embed": "e-key-late-0123456789",
+        "admin": "x-key-late-0123456789"}
 LATE = ["index.late.pooling=2", "index.late.k_sim=3", "index.late.d_proj=8", "index.late.reps=4"]
 
 
@@ -34,15 +36,16 @@ def late(endpoint, tiny_colqwen, tiny_reranker, page_pngs, tmp_path_factory, ser
     keys.write_text(json.dumps([
         {"name": "team-a", "key": KEYS["team-a"], "scopes": ["search", "pages"], "tenants": ["team-a"]},
         {"name": "team-b", "key": KEYS["team-b"], "scopes": ["search", "pages"], "tenants": ["team-b"]},
-        {"name": "embed", "key": KEYS["embed"], "scopes": ["embed"]}]))
-    cfg = serve_cfg(out, urlparse(endpoint).port, app_name="late", route_prefix="/late",
-                    auth={"keys_file": str(keys)}, reranker=str(tiny_reranker))
+        {"name": "embed", "key": KEYS["embed"], "scopes": ["embed"]},
+        {"name": "admin", "key": KEYS["admin"], "scopes": ["admin"]}]))
+    cfg = serve_cfg(out, urlparse(endpoint).port, app_name="late", route_prefix="/late", index_poll_s=0.5,
+                    admin_deletes=True, auth={"keys_file": str(keys)}, reranker=str(tiny_reranker))
     serve.run(build_app(cfg), name="late", route_prefix="/late", blocking=False)
     url, deadline = endpoint_url(cfg), time.time() + 240
     while EndpointClient(url).health()[0] != 200:
         assert time.time() < deadline, EndpointClient(url).health()
         time.sleep(0.5)
-    yield url, out
+    yield url, out, root
     serve.delete("late")
 
 
@@ -69,7 +72,7 @@ def _reference(tiny_colqwen, out):
 def test_multi_vector_search_tenants_reranker_and_token_embeddings(late, tiny_colqwen, page_pngs):
     import openai
 
-    url, out = late
+    url, out, _ = late
     model, tokens, scores = _reference(tiny_colqwen, out)
     assert all(0 < len(t) <= 25 for t in tokens.values()), "pages stored pooled (48 tokens -> about half)"
     team_a, team_b = (EndpointClient(url, api_key=KEYS[n]) for n in ("team-a", "team-b"))
@@ -108,3 +111,20 @@ def test_multi_vector_search_tenants_reranker_and_token_embeddings(late, tiny_co
     np.testing.assert_allclose(vectors[0], ref[0], atol=1e-4)
     with pytest.raises(EndpointError, match="token_vectors"):
         EndpointClient(url, api_key=KEYS["embed"]).embed([query])
+
+
+@pytest.mark.slow
+def test_a_living_multi_vector_index_serves_its_new_pages_and_not_its_deleted_ones(late, tiny_colqwen, page_pngs):
+    from tests.serving.conftest import tenant_index
+
+    url, _, root = late
+    team_a = EndpointClient(url, api_key=KEYS["team-a"])
+    before = team_a.search(image=page_pngs[12], top_k=10, rerank_depth=0)
+    tenant_index(root, page_pngs[:14], tiny_colqwen, *LATE)  # a sync: a-12.png and b-13.png added, a new version
+    deadline = time.time() + 60
+    while (hits := team_a.search(image=page_pngs[12], top_k=10, rerank_depth=0)).generation == before.generation:
+        assert time.time() < deadline, "the endpoint did not load the synced version"
+        time.sleep(0.5)
+    assert hits.hits[0].doc_id == "a-12.png" and len(hits.hits) == 7, "the new page first, among team-a's seven"
+    EndpointClient(url, api_key=KEYS["admin"]).delete(doc_ids=["a-12.png"])  # returns once it is no longer served
+    assert "a-12.png" not in {h.doc_id for h in team_a.search(image=page_pngs[12], top_k=10, rerank_depth=0).hits}
