@@ -199,5 +199,5 @@ def test_multi_vector_embedder_learns_on_two_workers(ray_local, tmp_path):
     model = MultiVectorEncoder(result.model_uri, device="cpu")
     tokens = model.encode_query(["What was the revenue?"])[0]
     assert model.truncate_dim == 32 and tokens.ndim == 2 and tokens.shape[1] == 32
-    with pytest.raises(ValueError, match="multi-vector model"):  # the index and endpoint hold single-vector models
+    with pytest.raises(ValueError, match="multi-vector model"):  # not loaded as a single-vector one by mistake
         build_model(ModelConfig(name_or_path=result.model_uri), "cpu")
