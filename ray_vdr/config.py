@@ -742,7 +742,8 @@ class MineConfig(_Strict):
     )
     duplicate_similarity: float = Field(
         0.98, gt=0, le=1, description="Drop candidates at least this similar (cosine, page to page) to the positive: "
-        "near-duplicates of it (the positive itself is recognised by its content key)."
+        "near-duplicates of it (the positive itself is recognised by its content key). A multi-vector index: the mean "
+        "over the positive's token vectors of their best cosine with the candidate's."
     )
     sampling: Literal["top", "random"] = Field(
         "top", description="Which eligible pages of the window to keep: the best-ranked (hardest), or a random sample "

@@ -201,18 +201,36 @@ class IndexMiner:
         self.encoder = IndexEncoder(self.index.manifest.model.at(model),
                                     Runtime(dtype, attn, worker_device(use_gpu, cpus)), self.dim)
         self.pages = PageStore.of(self.index, cache_bytes=64 << 20)
+        self.late = self.index.manifest.late  # a multi-vector index: token vectors, MaxSim
 
-    def encode_queries(self, queries: list[str]) -> np.ndarray:
+    def encode_queries(self, queries: list[str]) -> np.ndarray | list[np.ndarray]:
         return self.encoder.encode_queries(queries)
 
-    def encode_pages(self, images: list[bytes]) -> np.ndarray:
+    def encode_pages(self, images: list[bytes]) -> np.ndarray | list[np.ndarray]:
         from ray_vdr.data.images import pil_pages
 
-        return self.encoder.encode_pages(pil_pages(images))
+        return self.encoder.encode_pages(pil_pages(images), pooling=self.late.pooling if self.late else 1.0)
 
-    def stored(self, positions: list[int]) -> np.ndarray:
-        """The vectors the index stored for these positions."""
+    def stored(self, positions: list[int]) -> np.ndarray | list[np.ndarray]:
+        """The vectors the index stored for these positions (a multi-vector index: each page's token vectors)."""
+        if self.late is not None:
+            from ray_vdr.corpus.late import unpack_tokens
+
+            return [unpack_tokens(b, self.dim, self.late.storage) for b in self.pages.get(positions, "tokens")]
         return np.asarray(self.pages.get(positions, "embedding"), dtype=np.float32).reshape(len(positions), self.dim)
+
+    def score(self, query, page) -> float:
+        """A query's score for a page, as the index ranks: cosine, or MaxSim."""
+        if self.late is None:
+            return float(query @ page)
+        from ray_vdr.corpus.late import maxsim
+
+        return float(maxsim(query, [page])[0])
+
+    def similarity(self, a, b) -> float:
+        """Page-to-page similarity (near-duplicates): cosine, or, for token vectors, the mean over ``a``'s tokens of
+        their best cosine with ``b``'s (1 for the same page)."""
+        return float(a @ b) if self.late is None else self.score(a, b) / max(1, len(a))
 
     def mine(self, q: np.ndarray, p: np.ndarray, positive_keys: list[str], row_ids: list[str],
              cfgs: list[MineConfig], depth: int, exclude_docs: list[str | None] | None = None) -> list[Mined]:
@@ -223,8 +241,8 @@ class IndexMiner:
         stored = dict(zip(positions, self.stored(positions), strict=True)) if positions else {}
         out = []
         for i, rid in enumerate(row_ids):
-            pos_score = float(q[i] @ p[i])
-            sims = {h["position"]: float(stored[h["position"]] @ p[i]) for h in hits[i]}
+            pos_score = self.score(q[i], p[i])
+            sims = {h["position"]: self.similarity(p[i], stored[h["position"]]) for h in hits[i]}
             chosen, why = select_negatives(hits[i], positive_keys[i], pos_score, sims, cfgs[i], rid,
                                            exclude_docs[i] if exclude_docs else None)
             rank = next((h["rank"] for h in hits[i] if positive_keys[i] in (h["key"], h.get("content"))), None)
@@ -293,9 +311,6 @@ def resolve(cfg: VDRConfig) -> tuple[str, str, str]:
     manifest = read_manifest(index)
     if manifest is None:
         raise FileNotFoundError(f"no corpus index at {index}: build it first (jobs/embed_corpus.py) or set mine.index")
-    if manifest.late is not None:
-        raise ValueError(f"the index at {index} is multi-vector (token vectors, MaxSim): mining negatives from it is "
-                         "not supported yet; mine from a single-vector index of the same pages (mine.index)")
     model = cfg.mine.model or manifest.model.path
     return index, model, cfg.mine.output or cfg.run.uri("mined")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -59,7 +60,7 @@ def test_config_refuses_a_window_smaller_than_k():
         MineConfig(rank_min=9, rank_max=3)
 
 
-def _mine(synthetic, tiny_qwen, tmp_path):
+def _mine(synthetic, tiny_qwen, tmp_path, *extra: str):
     from ray_vdr.corpus import embed
     from ray_vdr.corpus.store import IndexMismatch
     from ray_vdr.eval import mine
@@ -73,7 +74,7 @@ def _mine(synthetic, tiny_qwen, tmp_path):
         "index.batch_size=8", "index.dim=32", "synthetic=null", f"data.train.uri={syn.output_dir}/train",
         f"data.eval.uri={syn.output_dir}/eval", f"mine.output={tmp_path}/mined", "mine.num_negatives=2",
         "mine.rank_min=2", "mine.rank_max=8", "mine.margin=null", "mine.duplicate_similarity=1.0", "mine.batch_size=8",
-    ])
+        *extra])
     embed.run(cfg)
     result = mine.run(cfg)
     s = result.summary
@@ -122,6 +123,25 @@ def mined(ray_local, synthetic, tiny_qwen, tmp_path_factory):
 def test_mining_job_exactly_once_resumable_and_bound_to_its_settings(mined):
     _, table = mined
     assert table.num_rows > 0
+
+
+@pytest.mark.slow
+def test_mining_from_a_multi_vector_index(ray_local, synthetic, tiny_colqwen, tmp_path):
+    """The same job over a multi-vector index (pooled token vectors, MaxSim): every row mined or rejected once, the
+    window and order held, resumable, bound to its settings (_mine); the scores are MaxSim, as the index ranks."""
+    from ray_vdr.corpus.late import maxsim, unpack_tokens
+    from ray_vdr.models.encoder import IndexEncoder
+    from ray_vdr.models.load import embedder_binding
+
+    cfg, table = _mine(synthetic, tiny_colqwen, tmp_path, "index.late.pooling=2", "index.late.k_sim=3",
+                       "index.late.d_proj=8", "index.late.reps=4")
+    assert table.num_rows > 0
+    row = table.slice(0, 1).to_pylist()[0]
+    pages = pq.read_table(f"{tmp_path}/index/pages", columns=["image", "tokens"]).to_pylist()
+    tokens = {p["image"]: unpack_tokens(p["tokens"], 32, "fp16") for p in pages}
+    q = IndexEncoder(embedder_binding(cfg.model, str(tiny_colqwen))).encode_queries([row["query"]])[0]
+    want = [float(maxsim(q, [tokens[row[f"negative_{i}"]]])[0]) for i in range(2)]
+    np.testing.assert_allclose(row["negative_scores"], want, atol=2e-3)
 
 
 @pytest.mark.slow
