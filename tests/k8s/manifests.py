@@ -27,7 +27,8 @@ CRD_DIR = Path(os.environ.get("RAY_VDR_KUBERAY_CRDS") or ROOT / "tests" / "data"
 SHARED_CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
 
 # Every kustomization and whether its clusters have GPUs (a new overlay must be added here to be validated).
-USES_GPU = {"base": True, "overlays/multi-gpu": True, "overlays/dev-cpu": False, "overlays/sharded-index": True}
+USES_GPU = {"base": True, "overlays/multi-gpu": True, "overlays/dev-cpu": False, "overlays/sharded-index": True,
+            "overlays/multi-vector": True}
 PIPELINE = ("train_embedder", "embed_corpus", "mine_negatives", "train_reranker", "evaluate")
 # The pipeline's steps in order; training data from one's own documents (before it) and model promotion (after a new
 # training run).
