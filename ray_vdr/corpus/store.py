@@ -3,7 +3,8 @@
 Layout under an index's ``output`` (a folder or URI)::
 
     pages/part-<hash>.parquet     key, content, file_hash, doc_id, source, page, width, height, image, thumbnail, text,
-                                  embedding
+                                  embedding (a multi-vector index: the page's FDE, and its packed token vectors in
+                                  tokens: :mod:`ray_vdr.corpus.late`)
     rejects/part-<hash>.parquet   key, file_hash, doc_id, source, page, reason, detail
     versions/v-<n>/               a published version: manifest, ids (row i = vector i, with ``live`` and metadata),
                                   documents, and its FAISS index (:mod:`ray_vdr.corpus.versions`)
