@@ -130,9 +130,10 @@ def page_rows(out: Path, d: int, pages: int, dim: int, rng, late=None) -> tuple[
         row = {"key": key, "content": content, "file_hash": file_hash, "doc_id": f"doc-{d}", "source": source,
                "page": p + 1, "row_metadata": None, "embedding": (v / np.linalg.norm(v)).tolist()}
         if late is not None:
-            from ray_vdr.corpus.late import fde_of, pack_tokens, unit_rows
+            from ray_vdr.corpus.late import fde_of, pack_tokens
+            from ray_vdr.eval.matryoshka import truncated
 
-            tokens = unit_rows(rng.standard_normal((12, late.token_dim)))
+            tokens = truncated(rng.standard_normal((12, late.token_dim)).astype(np.float32), late.token_dim)
             row["tokens"] = pack_tokens(tokens, late.storage)
             row["embedding"] = fde_of(late).encode_each([tokens], doc=True)[0].tolist()
         rows.append(row)

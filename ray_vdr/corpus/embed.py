@@ -324,9 +324,6 @@ def run(cfg: VDRConfig, chaos: dict | None = None) -> IndexResult:
     full_dim = embedding_dimension(local_model(uri))
     dim = min(ix.dim or cfg.output.truncate_dim or info.truncate_dim or full_dim, full_dim)
     late = LateIndexSpec(token_dim=dim, **ix.late.model_dump()) if info.multi_vector else None
-    if late is not None and late.storage == "binary" and dim % 8:
-        raise ValueError(f"index.late.storage 'binary' packs 8 dimensions a byte: the token vectors are {dim}-d; use "
-                         "fp16 or int8, or an index.dim divisible by 8")
     binding = CorpusBinding(model=info, dim=dim, dpi=ix.dpi, keys=KEY_SCHEME, late=late)
     _check_output(ix, binding)
     init_ray()

@@ -26,14 +26,7 @@ import pyarrow as pa
 from ray_vdr.corpus.manifest import LateIndexSpec
 
 __all__ = ["FDE", "TokenStore", "fde_of", "maxsim", "pack_tokens", "read_tokens", "rescored", "token_bytes",
-           "unit_rows", "unpack_tokens"]
-
-def unit_rows(a: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (a zero row stays zero), float32."""
-    a = np.asarray(a, dtype=np.float32)
-    norm = np.linalg.norm(a, axis=-1, keepdims=True)
-    return a / np.where(norm > 0, norm, 1)
-
+           "unpack_tokens"]
 
 class FDE:
     """MUVERA fixed dimensional encodings: ``reps`` SimHash partitionings of 2^``k_sim`` parts, ``d_proj`` per part
@@ -168,7 +161,8 @@ class TokenStore:
 
     def get(self, rows: np.ndarray) -> list[np.ndarray]:
         dim, storage = self.spec.token_dim, self.spec.storage
-        return [unpack_tokens(self.blobs[int(r)].as_py() or b"", dim, storage) for r in rows]
+        blobs = self.blobs.take(pa.array(np.asarray(rows, np.int64))).to_pylist()  # one gather for the candidates
+        return [unpack_tokens(b or b"", dim, storage) for b in blobs]
 
 
 def read_tokens(output: str, ids: pa.Table) -> pa.Array:

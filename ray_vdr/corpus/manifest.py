@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_vdr.config import LateIndexConfig
 from ray_vdr.models.binding import EmbedderBinding
@@ -28,6 +28,13 @@ class LateIndexSpec(LateIndexConfig):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     token_dim: int = Field(description="Dimension of the stored token vectors (the model's, or its truncation).")
+
+    @model_validator(mode="after")
+    def _binary_bytes(self) -> LateIndexSpec:
+        if self.storage == "binary" and self.token_dim % 8:
+            raise ValueError(f"index.late.storage 'binary' packs 8 dimensions a byte: the token vectors are "
+                             f"{self.token_dim}-d; use fp16 or int8, or an index.dim divisible by 8")
+        return self
 
     @property
     def fde_dim(self) -> int:

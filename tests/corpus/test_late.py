@@ -35,6 +35,10 @@ def test_token_storage_round_trips_within_its_precision():
         pack_tokens(x[:, :12], "binary")
     with pytest.raises(ValueError, match="unknown token storage"):
         pack_tokens(x, "fp8")
+    from ray_vdr.corpus.manifest import LateIndexSpec
+
+    with pytest.raises(ValueError, match="packs 8 dimensions a byte"):  # refused before any page is embedded
+        LateIndexSpec(token_dim=12, storage="binary")
 
 
 def test_maxsim_is_each_query_tokens_best_match_summed():
