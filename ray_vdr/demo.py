@@ -1,8 +1,8 @@
 """The demo as a plan of jobs: every stage is one ``jobs/`` entrypoint, and the plan adds only the overrides that tie
 the stages together (one run name, the paths as resolved here, where each index goes). ``ray-vdr demo`` runs the
 plan in one process on a local Ray cluster; ``ray-vdr demo --plan`` prints the same stages as ``ray job submit``
-commands for a cluster, and the integration test (tests/test_jobs.py) submits them to a real Ray head. So the demo,
-the jobs and the test cannot drift.
+commands for a cluster, and the integration test (tests/test_jobs.py) submits the own-documents plan's stages to a Ray
+head. So the demo, the jobs and the test cannot drift.
 
 Stages: synthetic pages → train the embedder (Ray Train) → embed the eval corpus into the serving index → embed the
 training pages into a second index → mine hard negatives from it → train the reranker on them (Ray Train) →
