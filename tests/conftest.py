@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # thread.
 os.environ.setdefault("RAY_enable_open_telemetry", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
+# Ray Train's controller polls its workers every 2 s by default, so each started, finished or failed worker group is
+# noticed ~1 s late; the suite runs ~25 trainings, several with restarts. Its clusters inherit this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest  # noqa: E402
 
