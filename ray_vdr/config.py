@@ -506,6 +506,11 @@ class ServeDeploymentConfig(_Strict):
         0.0, ge=0, description="Extra wait for a batch that is not full before the model call. 0 (default): none; "
         "batches fill while the model runs (serving/batching.py)."
     )
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="How long a stopping replica may finish its requests before it is killed (Ray Serve's "
+        "default, 20 s). A replica that never started (e.g. its node is gone) also waits this long when the "
+        "application is deleted."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeDeploymentConfig:

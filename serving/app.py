@@ -332,6 +332,7 @@ def _options(d: ServeDeploymentConfig, num_gpus: float, retry_after_s: int) -> d
         "max_queued_requests": d.max_queued_requests,
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": num_gpus},
         "backpressure_config": {"retry_after_s": retry_after_s},
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
     }
     if d.min_replicas == d.max_replicas:
         opts["num_replicas"] = d.min_replicas

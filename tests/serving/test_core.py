@@ -113,3 +113,18 @@ def test_serve_config_yaml_is_a_valid_serve_deploy_config():
     app = schema.applications[0]
     assert app.import_path == "serving.app:build_app"
     assert ServeConfig.model_validate(app.args).index == "./index"
+
+
+def test_each_deployment_gets_its_grace_period(tmp_path):
+    """serve.<deployment>.graceful_shutdown_timeout_s reaches that deployment's Serve options, and only it (Serve's
+    20 s elsewhere). Read from the application graph build_app returns (no Ray)."""
+    from serving.app import build_app
+
+    app = build_app(ServeConfig.model_validate({"index": str(tmp_path / "index"),
+                                                "retriever": {"graceful_shutdown_timeout_s": 1}}))
+    ingress = app._bound_deployment
+    bound = [a for arg in ingress.init_args for a in (arg if isinstance(arg, list) else [arg])
+             if hasattr(a, "_bound_deployment")]
+    grace = {a._bound_deployment.name: a._bound_deployment._deployment_config.graceful_shutdown_timeout_s
+             for a in bound} | {ingress.name: ingress._deployment_config.graceful_shutdown_timeout_s}
+    assert grace == {"QueryEmbedder": 20.0, "Retriever": 1.0, "Ingress": 20.0}, grace

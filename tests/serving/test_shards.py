@@ -74,7 +74,8 @@ def sharded(endpoint, worker_node, ray_local, tiny_qwen, page_pngs, tmp_path_fac
         {"name": "team-b", "key": KEYS["team-b"], "scopes": ["search", "pages"], "tenants": ["team-b"]}]))
     cfg = serve_cfg(out, urlparse(endpoint).port, app_name="sharded", route_prefix="/sharded",
                     auth={"keys_file": str(keys)}, index_poll_s=0.5,
-                    retriever={"num_cpus": 0, "shard_timeout_s": 3,
+                    # the lost shards' replicas never start again: deleting the app waits their grace period
+                    retriever={"num_cpus": 0, "shard_timeout_s": 3, "graceful_shutdown_timeout_s": 1,
                                "shard_resources": [{"index_a": 1}, {"index_b": 1}, {"index_b": 1}]})
     serve.run(build_app(cfg), name="sharded", route_prefix="/sharded", blocking=False)
     url, deadline = endpoint_url(cfg), time.time() + 240
