@@ -101,14 +101,21 @@ def synthetic(tmp_path_factory):
     return cfg, summary
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory, request):
-    """A private local Ray cluster for one test module; never attaches to a stray cluster on the machine. It has 2
-    logical CPUs, or the module's RAY_CPUS."""
-    from tests.ray_cluster import local_ray
+@pytest.fixture(scope="session")
+def shared_ray(tmp_path_factory):
+    """The suite's shared private local Ray cluster (tests/ray_cluster.py): consecutive modules reuse it."""
+    from tests.ray_cluster import SharedCluster
 
-    with local_ray(tmp_path_factory.mktemp("ray"), getattr(request.module, "RAY_CPUS", 2)) as ray:
-        yield ray
+    shared = SharedCluster(lambda: tmp_path_factory.mktemp("ray"))
+    yield shared
+    shared.close()
+
+
+@pytest.fixture(scope="module")
+def ray_local(shared_ray, request):
+    """A private local Ray cluster for the module; never attaches to a stray cluster on the machine. It has 2
+    logical CPUs, or the module's RAY_CPUS; the module before it may have used it too (tests/ray_cluster.py)."""
+    return shared_ray.get(getattr(request.module, "RAY_CPUS", 2))
 
 
 @pytest.fixture(scope="session")
