@@ -126,9 +126,8 @@ def failing_generator(page: dict) -> list[str]:
     return "not a list" if page["page"] == 3 else [f"What does {page['doc_id']} report for 2021?"]
 
 
-def test_callable_generator_failures_become_page_rejects(tmp_path):
+def test_callable_generator_failures_become_page_rejects(ray_local, tmp_path):
     import pyarrow as pa
-    import ray
 
     from ray_vdr.queries.generate import load_callable, text_stage
 
@@ -136,12 +135,8 @@ def test_callable_generator_failures_become_page_rejects(tmp_path):
         load_callable("tests.queries.test_generate:no_such_function")
     cfg = QueriesConfig(generator="callable", callable="tests.queries.test_generate:failing_generator")
     batch = pa.Table.from_pylist([{**p, "page": i + 1, "image": b""} for i, p in enumerate(_pages(3))])
-    ray.init(address="local", num_cpus=1, include_dashboard=False)
-    try:
-        ref = ray.put(set())
-        counts = text_stage(batch, cfg=cfg.model_dump(mode="json"), output=str(tmp_path), boilerplate_ref=[ref])
-    finally:
-        ray.shutdown()
+    ref = ray_local.put(set())  # the suite's shared cluster (tests/conftest.py)
+    counts = text_stage(batch, cfg=cfg.model_dump(mode="json"), output=str(tmp_path), boilerplate_ref=[ref])
     assert counts.to_pylist()[0]["candidates"] == 1
     rows = pq.read_table(tmp_path / "generated").to_pylist()
     reasons = {r["page_key"]: (r["reason"], r["detail"]) for r in rows if r["query"] is None}
