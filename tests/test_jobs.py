@@ -138,11 +138,11 @@ def own_docs_jobs(ray_head, tmp_path_factory):
     stages = demo.plan(cfg, "own-docs-job", serve=False)
     assert [s.name for s in stages] == ["make-data", "make-training-data", "train", "embed-documents"]
     train = stages[2]
+    trained = load_config(ROOT / CONFIG, demo.stage_overrides(train, overrides))  # as the training job read it
     stages.append(demo.Stage("evaluate", "evaluate", "two-stage evaluation on the held-out documents",
-                             train.overrides, (load_config(ROOT / CONFIG, demo.stage_overrides(train, overrides))
-                                               .run.uri("eval"),)))
+                             train.overrides, (trained.run.uri("eval"),)))
     logs = {s.name: ray_head.submit(s.job, "--config", CONFIG, *demo.stage_overrides(s, overrides)) for s in stages}
-    return load_config(ROOT / CONFIG, demo.stage_overrides(train, overrides)), stages, logs
+    return trained, stages, logs
 
 
 def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_docs_jobs):
