@@ -141,12 +141,14 @@ def own_docs_jobs(ray_head, tmp_path_factory):
     trained = load_config(ROOT / CONFIG, demo.stage_overrides(train, overrides))  # as the training job read it
     stages.append(demo.Stage("evaluate", "evaluate", "two-stage evaluation on the held-out documents",
                              train.overrides, (trained.run.uri("eval"),)))
-    logs = {}
-    for s in stages:
+
+    def submit(stage) -> str:
         start = time.monotonic()
-        logs[s.name] = ray_head.submit(s.job, "--config", CONFIG, *demo.stage_overrides(s, overrides))
-        print(f"job {s.name}: {time.monotonic() - start:.1f} s")
-    return trained, stages, logs
+        log = ray_head.submit(stage.job, "--config", CONFIG, *demo.stage_overrides(stage, overrides))
+        print(f"job {stage.name}: {time.monotonic() - start:.1f} s")
+        return log
+
+    return trained, stages, {s.name: submit(s) for s in stages}
 
 
 def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_docs_jobs):
