@@ -47,7 +47,8 @@ import ray
 from ray_vdr.config import IndexConfig
 from ray_vdr.corpus.build import build_version
 from ray_vdr.corpus.manifest import IndexManifest
-from ray_vdr.corpus.shards import _rss, build_sharded
+from ray_vdr.cluster import process_memory
+from ray_vdr.corpus.shards import build_sharded
 from ray_vdr.corpus.versions import docs_table, live_ids, publish
 from ray_vdr.models.binding import EmbedderBinding
 
@@ -56,13 +57,13 @@ address, out, names, dim, shards, binding = sys.argv[1], sys.argv[2], json.loads
 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 
 def one(out, names, dim):  # the unsharded build as a task, with its own peak
-    start = _rss()[0]
+    start = process_memory()[0]
     fields, ids = build_version(out, names, dim, IndexConfig().model_dump(), None, 1)
-    return fields, ids, start, _rss()[1]
+    return fields, ids, start, process_memory()[1]
 
 import pyarrow.parquet as pq
 pq.read_table(out + "/pages/" + names[0])  # the libraries a build loads, in the baseline
-start, began = _rss()[0], time.perf_counter()
+start, began = process_memory()[0], time.perf_counter()
 if shards == 1:
     fields, ids, t0, t1 = ray.get(ray.remote(max_calls=1)(one).remote(out, names, dim))
     tasks = [t1 - t0]
@@ -76,8 +77,9 @@ manifest = IndexManifest(model=EmbedderBinding.model_validate(binding), dim=dim,
 ids = ids.append_column("live", pa.array([True] * ids.num_rows))
 ids = ids.append_column("metadata", pa.nulls(ids.num_rows, "string"))
 publish(out, manifest, docs, ids, None)
-print(json.dumps({"seconds": round(seconds, 1), "driver_peak_bytes": _rss()[1] - start, "task_peak_bytes": tasks,
-                  "index_type": fields["index"]["type"], "index_bytes": fields["index_bytes"]}))
+print(json.dumps({"seconds": round(seconds, 1), "driver_peak_bytes": process_memory()[1] - start,
+                  "task_peak_bytes": tasks, "index_type": fields["index"]["type"],
+                  "index_bytes": fields["index_bytes"]}))
 """
 
 

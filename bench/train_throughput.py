@@ -135,16 +135,11 @@ def probe_pipeline(args) -> dict:
             "peak_bytes": m["peak_memory_bytes"], "distributed_type": m["distributed_type"]}
 
 
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def probe_memory(args) -> dict:
     import torch
     from transformers import TrainerCallback
+
+    from ray_vdr.cluster import process_memory
 
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
@@ -160,7 +155,7 @@ def probe_memory(args) -> dict:
                 held["bytes"] = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             else:
-                held["bytes"] = _rss("VmRSS")
+                held["bytes"] = process_memory()[0]
                 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
 
     from ray_vdr.train.gradcache import defer_page_collation
@@ -171,7 +166,7 @@ def probe_memory(args) -> dict:
     meter = ThroughputMeter(lambda: trainer.state.global_step * args.batch)
     trainer.add_callback(meter)
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if cuda else process_memory()[1]
     return {"held_bytes": held["bytes"], "peak_bytes": peak, "step_bytes": peak - held["bytes"],
             "samples_per_s": meter.rate(),
             "forward_flops_per_sample": _forward_flops(trainer.model, dataset[0], image_cols)}

@@ -1,5 +1,6 @@
 """Connecting to Ray (the cluster a job was submitted to, or a private local one) and what its workers share: logging,
-their device and threads, objects the driver puts once per run, skipping what an earlier run did."""
+their device and threads, their memory readings, objects the driver puts once per run, skipping what an earlier run
+did."""
 
 from __future__ import annotations
 
@@ -80,6 +81,20 @@ def worker_device(use_gpu: bool, num_cpus: float = 1.0) -> str:
 
 
 _SHARED: dict[str, object] = {}
+
+
+def process_memory() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process: VmRSS and VmHWM (getrusage's maximum would carry the parent's
+    over a fork and exec). Writing 5 to /proc/self/clear_refs resets the peak to the current resident size."""
+    try:
+        with open("/proc/self/status") as fh:
+            status = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS", "VmHWM")))
+        return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError):  # not Linux
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak, peak
 
 
 def fetch_once(ref, convert=None):

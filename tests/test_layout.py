@@ -114,6 +114,26 @@ def _crosses(module: str, target: str) -> bool:
     return target != module and (module.split(".")[0] != "tests" or target.split(".")[0] == "tests")
 
 
+def _script_private_imports(module: str, tree: ast.Module, modules: Modules) -> list[str]:
+    """Private names imported by the Python scripts a module holds as strings (code it runs in a subprocess). Not in
+    tests/, whose strings are also the self-check's sample files."""
+    if module.split(".")[0] == "tests":
+        return []
+    bad = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str) and "import " in node.value):
+            continue
+        try:
+            script = ast.parse(node.value)
+        except SyntaxError:  # prose
+            continue
+        for imp in ast.walk(script):
+            if isinstance(imp, ast.ImportFrom) and imp.module and (target := _resolve(imp.module, modules)):
+                bad += [f"{module}:{node.lineno + imp.lineno - 1} (a script in a string) imports {target}.{a.name}"
+                        for a in imp.names if _private(a.name) and _crosses(module, target)]
+    return bad
+
+
 def private_uses(modules: Modules) -> list[str]:
     bad = []
     for m, path in modules.items():
@@ -121,6 +141,7 @@ def private_uses(modules: Modules) -> list[str]:
         aliases: dict[str, str] = {}  # local name → project module it is bound to
         for target, names, line in _imports(m, modules):
             bad += [f"{m}:{line} imports {target}.{n}" for n in names if _private(n) and _crosses(m, target)]
+        bad += _script_private_imports(m, tree, modules)
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
@@ -197,6 +218,7 @@ def test_the_rules_catch_violations(tmp_path):
         "ray_vdr/a.py": '"""x"""\nfrom ray_vdr import b\n\nb._hidden()\n',
         "ray_vdr/b.py": '"""The module the self-check imports in a cycle."""\ndef f():\n    from ray_vdr.a import g\n',
         "ray_vdr/c.py": '"""The module of the self-check that imports a test."""\nimport tests.helpers\n',
+        "ray_vdr/d.py": '"""The self-check\'s module with a script."""\nS = """\nfrom ray_vdr.b import _hidden\n"""\n',
         "tests/__init__.py": "",
         "tests/helpers.py": "def _private():\n    pass\n" + "\n" * MAX_LINES,
         "tests/test_x.py": "from tests.helpers import _private\nfrom ray_vdr.b import _internal\n",
@@ -208,6 +230,7 @@ def test_the_rules_catch_violations(tmp_path):
     assert import_cycles(modules) == [["ray_vdr.a", "ray_vdr.b", "ray_vdr.a"]]
     assert upward_imports(modules) == ["ray_vdr.c:2 imports tests.helpers"]
     assert private_uses(modules) == ["ray_vdr.a:4 uses ray_vdr.b._hidden",
+                                     "ray_vdr.d:3 (a script in a string) imports ray_vdr.b._hidden",
                                      "tests.test_x:1 imports tests.helpers._private"]
     assert too_long(paths, tmp_path) == [f"tests/helpers.py: {MAX_LINES + 2} lines"]
     assert undocumented(paths, tmp_path) == ["ray_vdr/a.py: 'x'", "tests/__init__.py: empty package marker, say what "

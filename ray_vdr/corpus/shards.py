@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ray_vdr.cluster import process_memory
 from ray_vdr.corpus.build import ID_COLUMNS, empty_ids, read_all_ids, read_index_file, rewrite_parts, write_index_file
 from ray_vdr.corpus.faiss_index import (
     IndexSpec,
@@ -78,20 +79,6 @@ def planned_shards(cfg, output: str, names: list[str], current: IndexManifest | 
     if now and pages <= 2 * cfg.shard_target_pages * now:
         return now
     return max(1, math.ceil(pages / cfg.shard_target_pages))
-
-
-def _rss() -> tuple[int, int]:
-    """(resident, peak resident) bytes of this process: VmRSS and VmHWM (getrusage's maximum would carry the parent's
-    over a fork and exec)."""
-    try:
-        with open("/proc/self/status") as fh:
-            status = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS", "VmHWM")))
-        return int(status["VmRSS"].split()[0]) * 1024, int(status["VmHWM"].split()[0]) * 1024
-    except (OSError, KeyError):  # not Linux
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak, peak
 
 
 def _read_part(output: str, name: str, columns: list[str]) -> pa.Table:
@@ -147,7 +134,7 @@ def _warm(output: str, parts: list[str]) -> int:
     if first is not None and first.num_rows:
         first.take(pa.array([0]))
     del first
-    return _rss()[0]
+    return process_memory()[0]
 
 
 def build_shard(output: str, parts: list[str], n: int, s: int, spec: dict[str, Any], dim: int, version: int, *,
@@ -179,7 +166,7 @@ def build_shard(output: str, parts: list[str], n: int, s: int, spec: dict[str, A
         size = write_index_file(index, output, rel)
     ids = pa.concat_tables(added) if added else empty_ids()
     record = {"shard": s, "index": rel, "vectors": int(index.ntotal), "index_bytes": size,
-              "build_seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": _rss()[1],
+              "build_seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": process_memory()[1],
               "start_rss_bytes": start_rss}
     return record, ids
 

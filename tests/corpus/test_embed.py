@@ -336,14 +336,15 @@ def test_no_process_holds_more_than_one_shard_of_vectors(ray_local, tmp_path):
     code = f"""
 import json, sys, ray, pyarrow.parquet as pq
 from ray_vdr.config import IndexConfig
-from ray_vdr.corpus.shards import build_sharded, _rss
+from ray_vdr.cluster import process_memory
+from ray_vdr.corpus.shards import build_sharded
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 import faiss, pyarrow as pa  # what the build loads, and a table back from a task: the baseline, as the tasks'
 pq.read_table(sys.argv[2] + "/pages/" + {sorted(names)[0]!r})
 ray.get(ray.remote(lambda: pa.table({{"x": list(range(100_000))}})).remote())
-start = _rss()[0]
+start = process_memory()[0]
 fields, ids = build_sharded(sys.argv[2], {sorted(names)!r}, {dim}, IndexConfig(index_type="flat"), None, 1, {shards})
-print(json.dumps({{"driver": _rss()[1] - start, "rows": ids.num_rows,
+print(json.dumps({{"driver": process_memory()[1] - start, "rows": ids.num_rows,
                   "shards": [r.model_dump() for r in fields["index_shards"]]}}))
 """
     proc = subprocess.run([sys.executable, "-c", code, ray_local.get_runtime_context().gcs_address, str(tmp_path)],
