@@ -152,20 +152,31 @@ def resolve(cfg: VDRConfig) -> tuple[str, str | None, str]:
     return model, cfg.evaluate.reranker or trained_reranker(cfg), cfg.evaluate.output or cfg.run.uri("eval")
 
 
-def _eval_split(cfg: VDRConfig, tag: str):
-    """The eval split as an EvalSet, read with Ray Data (inside a task: 40 rows here, a few thousand in real runs)."""
-    import pyarrow as pa
+def _eval_split_blocks(cfg: VDRConfig, tag: str) -> list:
+    """The eval split read and validated by Ray Data from the driver: object refs of its Arrow blocks (rejects with
+    their reasons under ``rejects/<tag>``). The evaluation task gets the refs, not a dataset to run: a task that ran
+    Ray Data itself would hold its CPU while its read tasks wait for one, and two such jobs on a small cluster (this
+    one and an embedding job's actor) each held a CPU the other's reads needed, and hung."""
     import ray.data
 
     from ray_vdr.data.sources import build_dataset
     from ray_vdr.data.triplets import TripletSpec
-    from ray_vdr.eval.matryoshka import eval_set_from_table
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # a small split: bars would garble the job log
     spec = TripletSpec.from_config(cfg.data, split="eval")
     ds = build_dataset(cfg.data.eval, spec, cfg.run.uri("rejects", tag), batch_size=cfg.data.batch_size,
                        num_cpus=cfg.data.cpus_per_task)
-    return eval_set_from_table(pa.concat_tables(list(ds.iter_batches(batch_size=256, batch_format="pyarrow"))))
+    return ds.to_arrow_refs()
+
+
+def _eval_set(blocks: list):
+    """The EvalSet of the eval split's blocks (in the evaluation task: 40 rows here, a few thousand in real runs)."""
+    import pyarrow as pa
+    import ray
+
+    from ray_vdr.eval.matryoshka import eval_set_from_table
+
+    return eval_set_from_table(pa.concat_tables(ray.get(blocks)))
 
 
 def evaluated_encoder(cfg: VDRConfig, binding: EmbedderBinding, device: str, dim: int | None = None) -> IndexEncoder:
@@ -201,11 +212,11 @@ def _device(cfg: VDRConfig, num_cpus: float = 1.0) -> str:
     return worker_device(cfg.scaling.use_gpu, num_cpus)
 
 
-def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> EvalReport:
-    """Runs as one Ray task: read the eval split, load both models, measure."""
+def _evaluate_task(cfg_json: dict, blocks: list, model: str, reranker: str | None) -> EvalReport:
+    """Runs as one Ray task: the eval split from its blocks, both models loaded, measured."""
     cfg = VDRConfig.model_validate(cfg_json)
     device = _device(cfg)
-    eval_set = _eval_split(cfg, "eval-two-stage")
+    eval_set = _eval_set(blocks)
     encoder = evaluated_encoder(cfg, config_binding(cfg, model), device)
     dim = cfg.evaluate.dim or cfg.output.truncate_dim or encoder.full_dim
     rr = _reranker(cfg, reranker, device) if reranker is not None else None
@@ -216,11 +227,11 @@ def _evaluate_task(cfg_json: dict, model: str, reranker: str | None) -> EvalRepo
                       seconds=round(time.perf_counter() - t0, 2), device=device)
 
 
-def _compare_task(cfg_json: dict, embedders: dict[str, tuple[dict, int]]) -> dict[str, dict[str, float]]:
+def _compare_task(cfg_json: dict, blocks: list, embedders: dict[str, tuple[dict, int]]) -> dict[str, dict[str, float]]:
     """Runs as one Ray task: embed-only metrics of each {name: (binding, dim)} on the same eval split."""
     cfg = VDRConfig.model_validate(cfg_json)
     device = _device(cfg)
-    eval_set = _eval_split(cfg, "eval-compare")
+    eval_set = _eval_set(blocks)
     out = {}
     for name, (binding, dim) in embedders.items():
         encoder = evaluated_encoder(cfg, EmbedderBinding.model_validate(binding), device, dim)
@@ -241,7 +252,7 @@ def compare_embedders(cfg: VDRConfig, embedders: dict[str, tuple[EmbedderBinding
         raise FileNotFoundError("data.eval is not set: comparing embedders needs the eval split")
     task = ray.remote(_compare_task).options(num_gpus=1 if cfg.scaling.use_gpu else 0, num_cpus=num_cpus)
     plain = {name: (binding.model_dump(), dim) for name, (binding, dim) in embedders.items()}
-    return ray.get(task.remote(cfg.model_dump(mode="json"), plain))
+    return ray.get(task.remote(cfg.model_dump(mode="json"), _eval_split_blocks(cfg, "eval-compare"), plain))
 
 
 def run(cfg: VDRConfig) -> EvalReport:
@@ -255,7 +266,8 @@ def run(cfg: VDRConfig) -> EvalReport:
     model, reranker, output = resolve(cfg)
     init_ray()
     task = ray.remote(_evaluate_task).options(num_gpus=1 if cfg.scaling.use_gpu else 0, num_cpus=1)
-    report = ray.get(task.remote(cfg.model_dump(mode="json"), model, reranker)).model_copy(
+    blocks = _eval_split_blocks(cfg, "eval-two-stage")
+    report = ray.get(task.remote(cfg.model_dump(mode="json"), blocks, model, reranker)).model_copy(
         update={"embedder": model, "reranker": reranker, "rerank_depths": cfg.evaluate.rerank_depths,
                 "output": output})
     report.table = write_reports(output, report.results, report.model_dump(exclude={"results", "table", "output"}))
