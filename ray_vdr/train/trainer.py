@@ -190,13 +190,13 @@ def training_arguments(cfg: VDRConfig, max_steps: int, output_dir: str, cuda: bo
 
 def peak_memory_bytes(cuda: bool) -> int:
     """This process's peak memory so far: the CUDA allocator's peak on GPU, peak resident set size on CPU."""
-    import resource
-
     import torch
+
+    from ray_vdr.cluster import process_memory
 
     if cuda:
         return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return process_memory()[1]
 
 
 class ThroughputMeter(TrainerCallback):
