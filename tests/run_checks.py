@@ -29,28 +29,3 @@ def check_exactly_once_and_in_sync(result, run_dir: Path, n_rows: int, epochs: i
     assert result.metrics["world_size"] == 2
     if ranks[0]["optimizer_steps"] is not None:  # DeepSpeed keeps its own optimizer state
         assert ranks[0]["optimizer_steps"] == result.metrics["step"]
-
-
-def own_page_ranks(cfg, model_uri: str, eval_split: Path, dim: int):
-    """The rank of each eval question's own page among all the split's pages (1 = first), as the evaluator encodes
-    them (cosine, or MaxSim for a multi-vector model): a full-ranking measure, far less noisy than NDCG@10, which only
-    the top 10 move."""
-    import numpy as np
-
-    from ray_vdr.data.triplets import TripletSpec, validate_batch
-    from ray_vdr.eval.matryoshka import eval_set_from_table, truncated
-    from ray_vdr.models.load import build_model
-    from ray_vdr.models.multivector import maxsim_scores
-
-    table = pq.read_table(eval_split)
-    es = eval_set_from_table(validate_batch(table, TripletSpec.from_config(cfg.data, split="eval"))[0])
-    model = build_model(cfg.model.model_copy(update={"name_or_path": model_uri, "builder": "load"}), device="cpu")
-    qids, cids = list(es.queries), list(es.corpus)
-    q = model.encode_query([es.queries[i] for i in qids], batch_size=16)
-    c = model.encode_document([es.corpus[i] for i in cids], batch_size=16)
-    if cfg.model.kind == "multi_vector":
-        scores = maxsim_scores(q, c, dim)
-    else:
-        scores = truncated(np.asarray(q, np.float32), dim) @ truncated(np.asarray(c, np.float32), dim).T
-    own = np.array([cids.index(next(iter(es.relevant[qid]))) for qid in qids])
-    return (scores > scores[np.arange(len(qids)), own][:, None]).sum(axis=1) + 1

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from ray_vdr.eval.metrics import mean_metrics, rank, ranking_metrics
+from ray_vdr.eval.metrics import first_relevant_rank, mean_metrics, rank, ranking_metrics
 from ray_vdr.models.multivector import is_multi_vector_model, maxsim_scores
 
 if TYPE_CHECKING:
@@ -80,7 +80,9 @@ def truncated(x: np.ndarray, dim: int) -> np.ndarray:
 
 class MatryoshkaRetrievalEvaluator:
     """Ranks the eval corpus for every eval query at each dimension; ``results`` after a call:
-    {dim: {"ndcg@10": …, "mrr@10": …, "recall@1": …, "recall@5": …, "recall@10": …}}.
+    {dim: {"ndcg@10": …, "mrr@10": …, "recall@1": …, "recall@5": …, "recall@10": …, "mean_rank": …}}, where
+    ``mean_rank`` is the mean position of each query's first relevant page in the whole ranking (random: about
+    (pages + 1) / 2), the measure a small eval set's learning shows first.
 
     Queries are encoded with ``encode_query`` and pages with ``encode_document`` (the model's prompts), as the index
     and the endpoint encode them. A multi-vector model (MultiVectorEncoder) is scored by MaxSim over its token vectors,
@@ -107,10 +109,13 @@ class MatryoshkaRetrievalEvaluator:
                 order = rank(maxsim_scores(q, c, d))
             else:
                 order = rank(truncated(np.asarray(q, np.float32), d) @ truncated(np.asarray(c, np.float32), d).T)
-            rows = [ranking_metrics([cids[j] for j in row[:10]], es.relevant[qid], ks=(1, 5, 10))
-                    for row, qid in zip(order, qids, strict=True)]
+            rows = []
+            for row, qid in zip(order, qids, strict=True):
+                ranked = [cids[j] for j in row]
+                rows.append(ranking_metrics(ranked[:10], es.relevant[qid], ks=(1, 5, 10))
+                            | {"mean_rank": first_relevant_rank(ranked, es.relevant[qid])})
             means = mean_metrics(rows)
-            self.results[d] = {m: means[m] for m in METRICS}
+            self.results[d] = {m: means[m] for m in (*METRICS, "mean_rank")}
         return dict(self.results)
 
 
@@ -127,15 +132,22 @@ def eval_dims(model_dim: int | None, matryoshka_dims: list[int] | None) -> list[
 
 
 def markdown_table(before: dict[int, dict], after: dict[int, dict] | None = None) -> str:
-    """One row per dim: base metrics, and finetuned metrics with the NDCG@10 gain when ``after`` is given."""
-    names = list(METRICS)
+    """One row per dim: base metrics, and finetuned metrics with the NDCG@10 gain when ``after`` is given; the mean
+    rank of the first relevant page where every result has it (results saved by older versions do not)."""
+    results = [*before.values(), *(after or {}).values()]
+    names = [*METRICS, *(["mean_rank"] if all("mean_rank" in r for r in results) else [])]
+
+    def cell(x: float, m: str) -> str:
+        return f"{x:.1f}" if m == "mean_rank" else f"{x:.4f}"
+
+    label = {"mean_rank": "mean rank"}
     if after is None:
-        head = "| dim | " + " | ".join(names) + " |"
-        rows = [f"| {d} | " + " | ".join(f"{before[d][m]:.4f}" for m in names) + " |" for d in before]
+        head = "| dim | " + " | ".join(label.get(m, m) for m in names) + " |"
+        rows = [f"| {d} | " + " | ".join(cell(before[d][m], m) for m in names) + " |" for d in before]
     else:
-        head = "| dim | " + " | ".join(f"{m} base → finetuned" for m in names) + " | Δ ndcg@10 |"
+        head = "| dim | " + " | ".join(f"{label.get(m, m)} base → finetuned" for m in names) + " | Δ ndcg@10 |"
         rows = [
-            f"| {d} | " + " | ".join(f"{before[d][m]:.4f} → {after[d][m]:.4f}" for m in names)
+            f"| {d} | " + " | ".join(f"{cell(before[d][m], m)} → {cell(after[d][m], m)}" for m in names)
             + f" | {after[d]['ndcg@10'] - before[d]['ndcg@10']:+.4f} |"
             for d in after
         ]

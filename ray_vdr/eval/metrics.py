@@ -73,6 +73,13 @@ def ranking_metrics(ranked: Sequence[Hashable], relevant: Relevance, ks: Sequenc
     return {f"{m}@{k}": MEASURES[m](ranked, relevant, k) for k in ks for m in measures}
 
 
+def first_relevant_rank(ranked: Sequence[Hashable], relevant: Relevance) -> int:
+    """The 1-based position of the first relevant item in a full ranking (``len(ranked) + 1`` if none is there): a
+    measure over the whole ranking, so far less noisy on a small eval set than NDCG@10, which only the top 10 move."""
+    hits = _relevant(relevant)
+    return next((i + 1 for i, item in enumerate(ranked) if item in hits), len(ranked) + 1)
+
+
 def trec_order(scores: Mapping[Hashable, float]) -> list:
     """Items by descending score, ties by item id descending: the order trec_eval (so pytrec_eval and MTEB) ranks a
     run in."""

@@ -13,7 +13,7 @@ import pytest
 from ray_vdr.config import DataConfig
 from ray_vdr.data.triplets import TripletSpec, validate_batch
 from ray_vdr.eval.matryoshka import MatryoshkaRetrievalEvaluator, eval_set_from_table
-from ray_vdr.eval.metrics import ranking_metrics, rerank_order
+from ray_vdr.eval.metrics import first_relevant_rank, ranking_metrics, rerank_order
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,8 @@ def test_ranking_metrics_and_rerank_order():
     # the reranker reorders only the first `depth` candidates; ties keep the first-stage order
     assert rerank_order(["a", "b", "c", "d"], np.array([0.1, 0.9, 0.9]), 3) == ["b", "c", "a", "d"]
     assert rerank_order(["a", "b"], [], 0) == ["a", "b"]
+    # the first relevant item's position in the whole ranking (past the end when none is ranked)
+    assert first_relevant_rank(["a", "b", "c", "d"], {"d", "c"}) == 3 and first_relevant_rank(["a", "b"], {"z"}) == 3
 
 
 @pytest.mark.parametrize("graded", [True, False])
@@ -102,7 +104,15 @@ def test_retrieval_metrics_equal_the_information_retrieval_evaluator(eval_rows, 
         theirs = InformationRetrievalEvaluator(eval_set.queries, eval_set.corpus, eval_set.relevant, truncate_dim=dim,
                                                name="p", write_csv=False, accuracy_at_k=[1, 5, 10],
                                                precision_recall_at_k=[1, 5, 10])(embedder)
-        got = ours[dim] if dim in ours else two_stage_metrics(encoder, None, eval_set, dim=dim, depths=[])[EMBED_ONLY]
+        got = dict(ours[dim]) if dim in ours else two_stage_metrics(encoder, None, eval_set, dim=dim,
+                                                                    depths=[])[EMBED_ONLY]
+        if dim in ours:  # the mean rank of each query's page among all pages, from the embeddings themselves
+            q = embedder.encode_query(list(eval_set.queries.values()), truncate_dim=dim, normalize_embeddings=True)
+            c = embedder.encode_document(list(eval_set.corpus.values()), truncate_dim=dim, normalize_embeddings=True)
+            scores, cids = q @ c.T, list(eval_set.corpus)
+            own = [cids.index(next(iter(eval_set.relevant[qid]))) for qid in eval_set.queries]
+            ranks = (scores > scores[np.arange(len(own)), own][:, None]).sum(axis=1) + 1
+            assert got.pop("mean_rank") == pytest.approx(ranks.mean()), dim
         for metric in got:
             assert got[metric] == pytest.approx(theirs[f"p_cosine_{metric}"], abs=1e-6), (dim, metric)
 

@@ -10,7 +10,7 @@ import pytest
 
 from ray_vdr.config import load_config
 from ray_vdr.train.run import plan_steps
-from tests.run_checks import check_exactly_once_and_in_sync, own_page_ranks
+from tests.run_checks import check_exactly_once_and_in_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -190,9 +190,10 @@ def test_multi_vector_embedder_learns_on_two_workers(ray_local, tmp_path):
     m = result.metrics
     assert m["world_size"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU", m
     check_exactly_once_and_in_sync(result, tmp_path / "runs" / "mv", 512, epochs=2)
-    finetuned = own_page_ranks(cfg, result.model_uri, data / "eval", 32)  # the base model's: 101.5-105.0
-    print(f"own page's mean rank at dim 32 after training: {finetuned.mean():.1f}\n{result.eval_table}")
-    assert finetuned.mean() <= 75, (finetuned.mean(), result.eval_table)
+    report = json.loads((Path(result.model_uri) / "eval.json").read_text())
+    base, finetuned = report["base"]["32"]["mean_rank"], report["finetuned"]["32"]["mean_rank"]  # by MaxSim
+    print(f"own page's mean rank at dim 32: {base:.1f} -> {finetuned:.1f}\n{result.eval_table}")
+    assert base >= 85 and finetuned <= 75, (base, finetuned, result.eval_table)
     assert m["eval_dim"] == 64 and m["ndcg@10"] > m["ndcg@10_base"], result.eval_table
 
     install_image_only_processor()
