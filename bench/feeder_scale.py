@@ -348,14 +348,14 @@ def main() -> None:
 
     from ray_vdr.cluster import init_ray
     from ray_vdr.data.sources import count_rows
-    from ray_vdr.train.run import build_datasets
+    from ray_vdr.train.run import train_stream
 
     cfg = prepare(args)
     n_rows = count_rows(cfg.data.train)
     init_ray(num_cpus=os.cpu_count(), temp_dir=str(Path(args.out) / "ray"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     report: dict = {"args": vars(args), "rows": n_rows, "feeder": {}}
-    stream = lambda: build_datasets(cfg)[0]["train"]  # noqa: E731 (a fresh one: a Dataset caches what it computed)
+    stream = lambda: train_stream(cfg)  # noqa: E731 (a fresh one: a Dataset caches what it computed)
     try:
         began = time.time()
         materialized = stream().materialize()

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SourceUnreachable", "build_dataset", "check_source", "count_rejects", "count_rows", "infer_format",
-           "read_rejects", "read_source", "unreachable"]
+__all__ = ["SourceUnreachable", "blocks_table", "build_dataset", "check_source", "count_rejects", "count_rows",
+           "infer_format", "read_rejects", "read_source", "split_blocks", "unreachable"]
 
 
 def infer_format(source: SourceConfig) -> str:
@@ -248,6 +248,28 @@ def build_dataset(
     ds = read_source(source, columns=spec.input_columns if fmt in ("parquet", "hf_hub") else None, num_cpus=num_cpus)
     validate = ValidateTriplets(spec, rejects_uri, source.uri if fmt == "images_jsonl" else None)
     return ds.map_batches(validate, batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
+
+
+def split_blocks(source: SourceConfig, spec: TripletSpec, rejects_uri: str, *, batch_size: int = 16,
+                 num_cpus: float = 1.0) -> list:
+    """A small split (an eval split) read and validated by Ray Data from the driver: object refs of its Arrow blocks
+    (rejects with their reasons under ``rejects_uri``), for the tasks and training workers that evaluate to fetch
+    with :func:`blocks_table`. They get the refs, not a dataset to run: a task or worker running Ray Data itself
+    holds its CPU while its read tasks wait for one (an evaluation job beside an embedding job on a 2-CPU head hung
+    so), and every run of it would start its own executor."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a small split: bars would garble the job log
+    return build_dataset(source, spec, rejects_uri, batch_size=batch_size, num_cpus=num_cpus).to_arrow_refs()
+
+
+def blocks_table(blocks: list) -> pa.Table:
+    """The rows of :func:`split_blocks`' refs as one table (fetched from the object store)."""
+    import ray
+
+    if not blocks:
+        raise DataError("the split has no valid rows (empty, or every row rejected: see its rejects)")
+    return pa.concat_tables(ray.get(list(blocks)))
 
 
 def count_rows(source: SourceConfig) -> int | None:

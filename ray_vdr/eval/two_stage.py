@@ -153,30 +153,20 @@ def resolve(cfg: VDRConfig) -> tuple[str, str | None, str]:
 
 
 def _eval_split_blocks(cfg: VDRConfig, tag: str) -> list:
-    """The eval split read and validated by Ray Data from the driver: object refs of its Arrow blocks (rejects with
-    their reasons under ``rejects/<tag>``). The evaluation task gets the refs, not a dataset to run: a task that ran
-    Ray Data itself would hold its CPU while its read tasks wait for one, and two such jobs on a small cluster (this
-    one and an embedding job's actor) each held a CPU the other's reads needed, and hung."""
-    import ray.data
-
-    from ray_vdr.data.sources import build_dataset
+    """The eval split's validated blocks (ray_vdr.data.sources.split_blocks), rejects under ``rejects/<tag>``."""
+    from ray_vdr.data.sources import split_blocks
     from ray_vdr.data.triplets import TripletSpec
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # a small split: bars would garble the job log
-    spec = TripletSpec.from_config(cfg.data, split="eval")
-    ds = build_dataset(cfg.data.eval, spec, cfg.run.uri("rejects", tag), batch_size=cfg.data.batch_size,
-                       num_cpus=cfg.data.cpus_per_task)
-    return ds.to_arrow_refs()
+    return split_blocks(cfg.data.eval, TripletSpec.from_config(cfg.data, split="eval"), cfg.run.uri("rejects", tag),
+                        batch_size=cfg.data.batch_size, num_cpus=cfg.data.cpus_per_task)
 
 
 def _eval_set(blocks: list):
     """The EvalSet of the eval split's blocks (in the evaluation task: 40 rows here, a few thousand in real runs)."""
-    import pyarrow as pa
-    import ray
-
+    from ray_vdr.data.sources import blocks_table
     from ray_vdr.eval.matryoshka import eval_set_from_table
 
-    return eval_set_from_table(pa.concat_tables(ray.get(blocks)))
+    return eval_set_from_table(blocks_table(blocks))
 
 
 def evaluated_encoder(cfg: VDRConfig, binding: EmbedderBinding, device: str, dim: int | None = None) -> IndexEncoder:

@@ -63,20 +63,31 @@ def plan_steps(cfg: VDRConfig, n_rows: int | None) -> tuple[int, int, int]:
     return steps, steps, steps * global_batch
 
 
-def build_datasets(cfg: VDRConfig) -> tuple[dict[str, ray.data.Dataset], str]:
-    """The validated train (and eval) streams, and the folder their rejects go to."""
+def rejects_folder(cfg: VDRConfig) -> str:
+    """Where the splits' rejected rows go (``<folder>/train``, ``<folder>/eval``)."""
+    return (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/")
+
+
+def train_stream(cfg: VDRConfig) -> ray.data.Dataset:
+    """The validated train stream (lazy: the feeder runs it, epoch by epoch)."""
     from ray_vdr.data.sources import build_dataset
 
     if cfg.data.train is None:
         raise ValueError("data.train is not set")
-    rejects_uri = (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/")
-    datasets = {}
-    for split, source in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        if source is not None:
-            spec = TripletSpec.from_config(cfg.data, split=split)
-            datasets[split] = build_dataset(source, spec, f"{rejects_uri}/{split}", batch_size=cfg.data.batch_size,
-                                           num_cpus=cfg.data.cpus_per_task)
-    return datasets, rejects_uri
+    return build_dataset(cfg.data.train, TripletSpec.from_config(cfg.data, split="train"),
+                         f"{rejects_folder(cfg)}/train", batch_size=cfg.data.batch_size,
+                         num_cpus=cfg.data.cpus_per_task)
+
+
+def eval_split_blocks(cfg: VDRConfig) -> list | None:
+    """The eval split read once by the driver (ray_vdr.data.sources.split_blocks): the workers that evaluate fetch
+    its blocks, also after a worker-group restart, and run no Ray Data of their own. None without an eval split."""
+    from ray_vdr.data.sources import split_blocks
+
+    if cfg.data.eval is None:
+        return None
+    return split_blocks(cfg.data.eval, TripletSpec.from_config(cfg.data, split="eval"), f"{rejects_folder(cfg)}/eval",
+                        batch_size=cfg.data.batch_size, num_cpus=cfg.data.cpus_per_task)
 
 
 def preflight(cfg: VDRConfig) -> None:
@@ -201,7 +212,7 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
     import pyarrow as pa
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_vdr.cluster import init_ray
@@ -214,17 +225,17 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
         task = "multi_vector"
     RECIPES[task].check(cfg)
     preflight(cfg)
-    rejects_uri = (cfg.data.rejects_path or cfg.run.uri("rejects")).rstrip("/")
+    rejects_uri = rejects_folder(cfg)
     if is_file(cfg.run.uri("model", FINAL_FILE)):
         logger.warning("run %r already finished: its model is at %s (choose a new run.name to train again)",
                        cfg.run.name, cfg.run.uri("model"))
         return _completed(cfg, rejects_uri, start)
     ensure_model_files(cfg.model)  # random-weight builders run here, never inside the worker group
     init_ray()
-    # the streams are consumed by the feeder actor and the workers; their per-operator bars would only garble the
-    # job log (the feeder logs throughput per epoch instead)
+    # the train stream is consumed by the feeder actor, which logs throughput per epoch: per-operator bars would only
+    # garble the job log
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets, rejects_uri = build_datasets(cfg)
+    train_ds, eval_blocks = train_stream(cfg), eval_split_blocks(cfg)
     n_rows = count_rows(cfg.data.train)
     max_steps, step_cap, planned_rows = plan_steps(cfg, n_rows)
     s = cfg.scaling
@@ -232,13 +243,13 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
     global_batch = cfg.train.per_device_batch_size * world
     logger.info("training %s for %d steps on %d worker(s) (global batch %d)", cfg.model.name_or_path, max_steps,
                 s.num_workers, global_batch)
-    feeder = start_feeder(cfg, datasets.pop("train"), world, max_steps, n_rows)
+    feeder = start_feeder(cfg, train_ds, world, max_steps, n_rows)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task, "max_steps": max_steps,
                            "step_cap": step_cap,
                            "planned_rows": planned_rows,
-                           "has_eval": "eval" in datasets,
+                           "eval_blocks": eval_blocks,
                            "feeder": feeder,
                            "chaos": chaos},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
@@ -250,9 +261,7 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),  # train rows come from the feeder; eval is read whole
-    )
+    )  # no Ray Train datasets: train rows come from the feeder, the eval split's blocks from the driver
     try:
         result = trainer.fit()
         dropped = ray.get(feeder.dropped.remote())

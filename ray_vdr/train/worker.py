@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from ray_vdr.config import VDRConfig
+from ray_vdr.data.sources import blocks_table
 from ray_vdr.data.triplets import TripletSpec
 from ray_vdr.storage import write_bytes, write_table
 from ray_vdr.train.feeder import HISTORY_SCHEMA, SliceStream, history_table
@@ -77,8 +78,8 @@ def train_loop(config: dict[str, Any]) -> None:
         # 2. evaluation on rank 0 only (the other ranks wait for it at their next collective), or on every rank when
         # ZeRO-3 shards the weights (every forward is then collective)
         evaluation = None
-        if (rank == 0 or _sharded_weights(cfg)) and config.get("has_eval"):
-            evaluation = recipe.evaluation(_eval_table(ray.train.get_dataset_shard("eval")), model, cfg)
+        if (rank == 0 or _sharded_weights(cfg)) and config.get("eval_blocks"):
+            evaluation = recipe.evaluation(blocks_table(config["eval_blocks"]), model, cfg)
         if evaluation and base is None:
             base = _evaluate(model, evaluation, "base (before training)", log=rank == 0)
 
@@ -155,13 +156,6 @@ def train_loop(config: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # evaluation
-
-
-def _eval_table(eval_shard):
-    """The whole (unsplit) eval stream as one table: small by design (N queries, 5N pages)."""
-    import pyarrow as pa
-
-    return pa.concat_tables(list(eval_shard.iter_batches(batch_size=256, batch_format="pyarrow")))
 
 
 def _evaluate(model, evaluation: Evaluation, label: str, log: bool) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ray_vdr.config import DataConfig, ImageLimits, SourceConfig
-from ray_vdr.data.sources import build_dataset, infer_format, read_rejects
+from ray_vdr.data.sources import blocks_table, build_dataset, infer_format, read_rejects, split_blocks
 from ray_vdr.data.triplets import DataError, TripletSpec
 
 pytestmark = pytest.mark.slow
@@ -77,6 +77,17 @@ def test_parquet_rejects_add_up(ray_local, tmp_path):
     rows = consume(ds)
     check_accounting(rows, read_rejects(str(tmp_path / "rejects")), len(PLANTED))
     assert {r["query"] for r in rows} == {"q ok 1", "q ok cmyk", "q ok rgba"}
+
+    # an eval split, read once by the driver: its blocks hold the same rows, its rejects the same reasons
+    (tmp_path / "eval").mkdir()
+    pq.write_table(planted_table(), tmp_path / "eval" / "part-0.parquet", row_group_size=3)
+    blocks = split_blocks(SourceConfig(uri=str(tmp_path / "eval")), spec(), str(tmp_path / "eval-rejects"),
+                          batch_size=4)
+    table = blocks_table(blocks)
+    assert sorted(table.column("query").to_pylist()) == sorted(r["query"] for r in rows)
+    check_accounting(table.to_pylist(), read_rejects(str(tmp_path / "eval-rejects")), len(PLANTED))
+    with pytest.raises(DataError, match="no valid rows"):
+        blocks_table([])
 
 
 def test_jsonl_images_folder_with_missing_file(ray_local, tmp_path):
