@@ -69,3 +69,15 @@ source "$VENV/bin/activate"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ray-vdr/torch_extensions}"
 export RAY_USAGE_STATS_ENABLED=0
+
+# DeepSpeed on CPU JIT-compiles a shared-memory op when a run first initialises it (about 40 s here, longer on slower
+# machines, inside the first training run or test): build it once into the cache now, as DeepSpeed itself would
+if [ "$HAS_CUDA" = 0 ] && ! compgen -G "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm*/deepspeed_shm_comm*.so" >/dev/null; then
+  echo "[env] building DeepSpeed's CPU shared-memory op into $TORCH_EXTENSIONS_DIR (once)"
+  start=$(date +%s)
+  if python -c "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None" >/dev/null 2>&1; then
+    echo "[env] built in $(( $(date +%s) - start ))s"
+  else
+    echo "[env] DeepSpeed's shared-memory op did not build now: the first DeepSpeed run will build it"
+  fi
+fi
