@@ -158,11 +158,13 @@ def _embedder_schema(image_columns: list[str]):
     import datasets
 
     features = datasets.Features({"query": datasets.Value("string"), **{c: datasets.Image() for c in image_columns}})
+    return datasets.IterableDataset.from_generator(_no_rows, features=features)
 
-    def nothing():
-        yield from ()
 
-    return datasets.IterableDataset.from_generator(nothing, features=features)
+def _no_rows():
+    """The schema dataset's generator: at module level, so that datasets' fingerprint pickles it by reference (dill
+    disassembles a nested function to find its globals, printing the bytecode into every worker's log)."""
+    yield from ()
 
 
 def _embedder_prompts(model, image_columns: list[str]) -> dict[str, str]:
