@@ -2,7 +2,8 @@
 
 :func:`run`: preflight checks, build the validated streams, plan the steps from the input size and the global
 batch, start the :class:`~ray_vdr.train.feeder.BatchFeeder` and fit a TorchTrainer whose workers run
-:func:`ray_vdr.train.worker.train_loop` with a recipe (:mod:`ray_vdr.train.recipes`: the embedder, or the reranker).
+:func:`ray_vdr.train.worker.train_loop` (imported there, not in the driver) with a recipe
+(:mod:`ray_vdr.train.recipes`: the embedder, or the reranker).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ray_vdr.config import TrainConfig, VDRConfig
 from ray_vdr.data.triplets import TripletSpec
 from ray_vdr.storage import copy_tree, is_file, read_bytes, read_json_files, write_bytes, write_table
+from ray_vdr.train.artifacts import FINAL_FILE
 from ray_vdr.train.recipes import RECIPES
 
 if TYPE_CHECKING:
@@ -61,6 +63,14 @@ def plan_steps(cfg: VDRConfig, n_rows: int | None) -> tuple[int, int, int]:
         return math.ceil(rows / global_batch), math.ceil(rows / world), rows
     steps = max(1, math.floor(n_rows * epochs / global_batch))
     return steps, steps, steps * global_batch
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """The workers' entry point, :func:`ray_vdr.train.worker.train_loop`, imported there: the driver only plans and
+    launches the run, and need not import transformers and Sentence Transformers (~6 s of a training job's start)."""
+    from ray_vdr.train.worker import train_loop
+
+    train_loop(config)
 
 
 def rejects_folder(cfg: VDRConfig) -> str:
@@ -173,7 +183,6 @@ def _completed(cfg: VDRConfig, rejects_uri: str, start: float, metrics: dict[str
     import pyarrow.parquet as pq
 
     from ray_vdr.storage import fs_path
-    from ray_vdr.train.worker import FINAL_FILE
 
     model_uri = cfg.run.uri("model")
     if metrics is None:
@@ -218,7 +227,6 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
     from ray_vdr.cluster import init_ray
     from ray_vdr.data.sources import count_rows
     from ray_vdr.models.load import ensure_model_files
-    from ray_vdr.train.worker import FINAL_FILE, train_loop
 
     start = time.time()
     if task == "embedder" and cfg.model.kind == "multi_vector":
@@ -245,7 +253,7 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
                 s.num_workers, global_batch)
     feeder = start_feeder(cfg, train_ds, world, max_steps, n_rows)
     trainer = TorchTrainer(
-        train_loop,
+        _train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task, "max_steps": max_steps,
                            "step_cap": step_cap,
                            "planned_rows": planned_rows,

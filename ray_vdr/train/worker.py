@@ -27,17 +27,15 @@ from ray_vdr.config import VDRConfig
 from ray_vdr.data.sources import blocks_table
 from ray_vdr.data.triplets import TripletSpec
 from ray_vdr.storage import write_bytes, write_table
+from ray_vdr.train.artifacts import FINAL_FILE, HISTORY_FILE, STATE_FILE
 from ray_vdr.train.feeder import HISTORY_SCHEMA, SliceStream, history_table
 from ray_vdr.train.recipes import RECIPES, Evaluation
 from ray_vdr.train.trainer import ThroughputMeter, lr_factor, peak_memory_bytes, steps_of, training_arguments
 
-__all__ = ["FINAL_FILE", "HISTORY_FILE", "STATE_FILE", "read_state", "train_loop"]
+__all__ = ["read_state", "train_loop"]
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "ray_vdr_state.json"  # data position and base evaluation, in every intermediate checkpoint
-HISTORY_FILE = "ray_vdr_rows.parquet"  # rows trained before the checkpoint (row_id, epoch, step, rank)
-FINAL_FILE = "ray_vdr_train.json"  # marks the final artifact (metrics and config)
 
 
 def train_loop(config: dict[str, Any]) -> None:

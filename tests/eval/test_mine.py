@@ -161,7 +161,7 @@ def test_reranker_pipeline_on_ray(mined):
     from ray_vdr.data.images import pil_pages
     from ray_vdr.eval import two_stage
     from ray_vdr.train import reranker
-    from ray_vdr.train.worker import FINAL_FILE
+    from ray_vdr.train.artifacts import FINAL_FILE
     from serving.core import RerankScorer
 
     cfg, table = mined
