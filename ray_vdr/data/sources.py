@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ray_vdr.config import SourceConfig
+from ray_vdr.config import DataConfig, SourceConfig
 from ray_vdr.data.images import ImageRejected
 from ray_vdr.data.triplets import REJECT_SCHEMA, SOURCE_COLUMN, DataError, TripletSpec, validate_batch
 from ray_vdr.storage import fs_path
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["SourceUnreachable", "blocks_table", "build_dataset", "check_source", "count_rejects", "count_rows",
-           "infer_format", "read_rejects", "read_source", "split_blocks", "unreachable"]
+           "eval_blocks", "infer_format", "read_rejects", "read_source", "split_blocks", "unreachable"]
 
 
 def infer_format(source: SourceConfig) -> str:
@@ -261,6 +261,15 @@ def split_blocks(source: SourceConfig, spec: TripletSpec, rejects_uri: str, *, b
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # a small split: bars would garble the job log
     return build_dataset(source, spec, rejects_uri, batch_size=batch_size, num_cpus=num_cpus).to_arrow_refs()
+
+
+def eval_blocks(data: DataConfig, rejects_uri: str) -> list | None:
+    """``data.eval`` as :func:`split_blocks` (None without an eval split): what training, two-stage evaluation and
+    promotion evaluate on."""
+    if data.eval is None:
+        return None
+    return split_blocks(data.eval, TripletSpec.from_config(data, split="eval"), rejects_uri,
+                        batch_size=data.batch_size, num_cpus=data.cpus_per_task)
 
 
 def blocks_table(blocks: list) -> pa.Table:

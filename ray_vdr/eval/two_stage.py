@@ -153,12 +153,10 @@ def resolve(cfg: VDRConfig) -> tuple[str, str | None, str]:
 
 
 def _eval_split_blocks(cfg: VDRConfig, tag: str) -> list:
-    """The eval split's validated blocks (ray_vdr.data.sources.split_blocks), rejects under ``rejects/<tag>``."""
-    from ray_vdr.data.sources import split_blocks
-    from ray_vdr.data.triplets import TripletSpec
+    """The eval split's validated blocks (ray_vdr.data.sources.eval_blocks), rejects under ``rejects/<tag>``."""
+    from ray_vdr.data.sources import eval_blocks
 
-    return split_blocks(cfg.data.eval, TripletSpec.from_config(cfg.data, split="eval"), cfg.run.uri("rejects", tag),
-                        batch_size=cfg.data.batch_size, num_cpus=cfg.data.cpus_per_task)
+    return eval_blocks(cfg.data, cfg.run.uri("rejects", tag))
 
 
 def _eval_set(blocks: list):

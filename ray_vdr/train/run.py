@@ -89,17 +89,6 @@ def train_stream(cfg: VDRConfig) -> ray.data.Dataset:
                          num_cpus=cfg.data.cpus_per_task)
 
 
-def eval_split_blocks(cfg: VDRConfig) -> list | None:
-    """The eval split read once by the driver (ray_vdr.data.sources.split_blocks): the workers that evaluate fetch
-    its blocks, also after a worker-group restart, and run no Ray Data of their own. None without an eval split."""
-    from ray_vdr.data.sources import split_blocks
-
-    if cfg.data.eval is None:
-        return None
-    return split_blocks(cfg.data.eval, TripletSpec.from_config(cfg.data, split="eval"), f"{rejects_folder(cfg)}/eval",
-                        batch_size=cfg.data.batch_size, num_cpus=cfg.data.cpus_per_task)
-
-
 def preflight(cfg: VDRConfig) -> None:
     """Fail in the driver, with a clear message, on what would otherwise fail later on every worker."""
 
@@ -225,7 +214,7 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
     from ray.train.torch import TorchTrainer
 
     from ray_vdr.cluster import init_ray
-    from ray_vdr.data.sources import count_rows
+    from ray_vdr.data.sources import count_rows, eval_blocks
     from ray_vdr.models.load import ensure_model_files
 
     start = time.time()
@@ -243,7 +232,7 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
     # the train stream is consumed by the feeder actor, which logs throughput per epoch: per-operator bars would only
     # garble the job log
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds, eval_blocks = train_stream(cfg), eval_split_blocks(cfg)
+    train_ds, eval_split = train_stream(cfg), eval_blocks(cfg.data, f"{rejects_uri}/eval")
     n_rows = count_rows(cfg.data.train)
     max_steps, step_cap, planned_rows = plan_steps(cfg, n_rows)
     s = cfg.scaling
@@ -257,7 +246,7 @@ def run(cfg: VDRConfig, *, chaos: dict[str, Any] | None = None, task: str = "emb
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task, "max_steps": max_steps,
                            "step_cap": step_cap,
                            "planned_rows": planned_rows,
-                           "eval_blocks": eval_blocks,
+                           "eval_blocks": eval_split,
                            "feeder": feeder,
                            "chaos": chaos},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
