@@ -138,10 +138,11 @@ def local_ray(num_cpus: int | None = None, **init: Any) -> Iterator[None]:
     0 as the library's clusters run them."""
     import ray
 
-    from ray_vdr.cluster import LOCAL_CLUSTER_ENV
+    from ray_vdr.cluster import local_cluster_env
 
-    os.environ.update(LOCAL_CLUSTER_ENV)
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **init)
+    num_cpus = num_cpus or os.cpu_count()
+    os.environ.update(local_cluster_env(num_cpus))
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **init)
     try:
         yield
     finally:

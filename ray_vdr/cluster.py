@@ -14,11 +14,28 @@ logger = logging.getLogger(__name__)
 _PROPAGATED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR", "HF_HOME")
 
 
-# Ray starts worker processes at nice 15 so that its own daemons stay responsive. Train workers then lose the CPU to
-# any normal-priority process, and their OpenMP threads stall each other at every barrier: on a 2-core machine the
-# same training step ran 3x slower (docs/benchmarks.md). Clusters this module starts run workers at nice 0; for
-# `ray start` clusters set the same variable on every node.
-LOCAL_CLUSTER_ENV = {"RAY_worker_niceness": "0"}
+# Ray Data 2.60 lists Parquet files by reading their footers on a pool of actors that every read_parquet call starts:
+# 32 by default, whatever the number of files, each a new worker process. ray-vdr's reads list at most thousands of
+# part files, and one actor reads 128 footers at a time. The driver's environment decides (the reader is planned
+# there); a value already set wins. On a 2-CPU node this took a make-training-data run of 23 pages from 44 s to 30 s.
+DRIVER_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
+# Idle worker processes a node keeps beyond its CPUs. Ray keeps as many idle workers as the node has CPUs and stops
+# the others after a second; actors count, and Ray Data runs three of its own for each driver. On a 2-CPU node every
+# short Data stage (a listing, a groupby's map and reduce) then started new worker processes, ~1.5 s each: the same
+# make-training-data run went from 30 s to 20 s with 4 more kept (docs/benchmarks.md).
+SPARE_IDLE_WORKERS = 4
+
+
+def local_cluster_env(num_cpus: int | None = None) -> dict[str, str]:
+    """Environment for the raylet of a cluster on this machine with ``num_cpus`` CPUs (default: all of them).
+
+    Ray starts worker processes at nice 15 so that its own daemons stay responsive. Train workers then lose the CPU to
+    any normal-priority process, and their OpenMP threads stall each other at every barrier: on a 2-core machine the
+    same training step ran 3x slower (docs/benchmarks.md). Workers here run at nice 0, and the node keeps
+    ``SPARE_IDLE_WORKERS`` idle workers beyond its CPUs. Set the same variables on the nodes of `ray start` clusters
+    with few CPUs."""
+    cpus = num_cpus or os.cpu_count() or 1
+    return {"RAY_worker_niceness": "0", "RAY_num_workers_soft_limit": str(cpus + SPARE_IDLE_WORKERS)}
 
 
 def _job_env_keys() -> set[str]:
@@ -36,10 +53,13 @@ def _job_env_keys() -> set[str]:
 def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Attach to the cluster in RAY_ADDRESS (``ray job submit`` sets it), else start a local one for this process.
 
-    ``address="local"`` never attaches to a stray cluster that happens to run on the machine.
+    ``address="local"`` never attaches to a stray cluster that happens to run on the machine. Sets ``DRIVER_ENV``'s
+    defaults in this driver first, also when Ray is already initialised.
     """
     import ray
 
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     job_keys = _job_env_keys()
@@ -50,7 +70,7 @@ def init_ray(num_cpus: int | None = None, temp_dir: str | None = None) -> None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
         logger.info("starting a local Ray cluster (num_cpus=%s)", num_cpus or "all")
-        for key, value in LOCAL_CLUSTER_ENV.items():
+        for key, value in local_cluster_env(num_cpus).items():
             os.environ.setdefault(key, value)  # read by the raylet this call starts
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir,
                  runtime_env=runtime_env)

@@ -20,11 +20,11 @@ def start_local_ray(temp_dir: Path, num_cpus: int, metrics_export_port: int | No
     than every ten (a test scrapes them); ``resources``: the node's custom resources."""
     import ray
 
-    from ray_vdr.cluster import LOCAL_CLUSTER_ENV
+    from ray_vdr.cluster import local_cluster_env
 
     if ray.is_initialized():
         ray.shutdown()
-    for key, value in LOCAL_CLUSTER_ENV.items():
+    for key, value in local_cluster_env(num_cpus).items():
         os.environ.setdefault(key, value)
     metrics, saved = {}, {}
     if metrics_export_port is not None:  # the suite turns Ray's metrics off (tests/conftest.py); on for this cluster

@@ -35,6 +35,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from ray_vdr.cluster import local_cluster_env
 from ray_vdr.config import load_config
 from tests.ray_cluster import stop_ray_start
 from tests.run_checks import check_exactly_once_and_in_sync
@@ -46,9 +47,10 @@ CONFIG = "configs/demo-own-docs.yaml"
 # as long. The limits leave room for a machine 4x slower than the development one.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 BIN = Path(sys.executable).parent
-# what every job's driver and workers need here: no hub, normal-priority workers, quiet tokenizers
+# what every job's driver and workers need here: no hub, quiet tokenizers, and the node's settings of the clusters
+# ray-vdr starts (normal-priority workers, idle workers kept), as the README asks of `ray start` nodes
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": "0"}
+           "TOKENIZERS_PARALLELISM": "false", **local_cluster_env(2)}
 
 
 def _free_port() -> int:
