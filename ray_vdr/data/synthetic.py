@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ray_vdr.config import SyntheticConfig
 from ray_vdr.data.facts import PALETTES, PREFIXES, SUFFIXES, TEMPLATES, YEARS, Page, make_queries, max_pages
-from ray_vdr.data.render import FONT_FILES, page_png
+from ray_vdr.data.render import FONT_FILES, page_png, render_pages
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +237,7 @@ def write_synthetic(cfg: SyntheticConfig, rows_per_file: int = 256) -> Synthetic
         shutil.rmtree(out / owned, ignore_errors=True)
     train_rows, eval_rows = generate(cfg)
     w, h = cfg.page_width, cfg.page_height
+    render_pages(iter_pages(train_rows + eval_rows), w, h)
     _write_parquet(train_rows, cfg.num_negatives, out / "train", w, h, rows_per_file)
     _write_parquet(eval_rows, cfg.eval_negatives, out / "eval", w, h, rows_per_file)
     if cfg.jsonl:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,10 +22,24 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def test_deterministic_from_seed(tmp_path):
+def test_deterministic_from_seed(tmp_path, monkeypatch):
+    """The same seed gives the same data, drawn in this process (a) or on every core (b: 2 pages a worker)."""
+    from ray_vdr.data import render
+
     kw = dict(train_queries=12, eval_queries=3, page_width=160, page_height=200, jsonl=False)
     a = write_synthetic(SyntheticConfig(output_dir=str(tmp_path / "a"), seed=7, **kw))
+    pools = []
+
+    class Pool(ProcessPoolExecutor):
+        def __init__(self, workers, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(render, "PAGES_PER_WORKER", 2)
+    monkeypatch.setattr(render, "ProcessPoolExecutor", Pool)
     b = write_synthetic(SyntheticConfig(output_dir=str(tmp_path / "b"), seed=7, **kw))
+    if (os.cpu_count() or 1) > 1:
+        assert len(pools) == 1 and pools[0] >= 2, "drawn on every core"
     write_synthetic(SyntheticConfig(output_dir=str(tmp_path / "c"), seed=8, **kw))
     assert a == b
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
