@@ -19,13 +19,11 @@ Output under ``output_dir``::
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
 import random
 import re
 import shutil
 import textwrap
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -46,6 +44,7 @@ from ray_vdr.data.facts import (
     make_queries,
     page_facts,
 )
+from ray_vdr.data.render import map_in_processes
 
 __all__ = ["DocumentsSummary", "plan_documents", "write_documents"]
 
@@ -255,8 +254,8 @@ def write_documents(cfg: SyntheticConfig) -> DocumentsSummary:
     jobs += [(doc, out / "heldout" / "documents" / f"{_slug(doc[0].company)}.pdf", cfg.dpi) for doc in heldout]
     # drawing is CPU-bound (~0.1 s a page): one process per core; each document is a pure function of its plan
     workers = min(len(jobs), os.cpu_count() or 1)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rendered = list(pool.map(_write_document, *zip(*[(d, p, w, h, dpi) for d, p, dpi in jobs], strict=True)))
+    rendered = map_in_processes(_write_document, *zip(*[(d, p, w, h, dpi) for d, p, dpi in jobs], strict=True),
+                                workers=workers)
     images: dict[int, bytes] = {}
     for doc, pngs in zip(heldout, rendered[len(docs):], strict=True):
         for n, (page, png) in enumerate(zip(doc, pngs, strict=True), start=1):

@@ -7,7 +7,7 @@ import io
 import multiprocessing
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from itertools import repeat
@@ -18,7 +18,7 @@ from PIL import Image, ImageColor, ImageDraw, ImageFilter, ImageFont
 
 from ray_vdr.data.facts import MONTHS, PALETTES, QUARTERS, YEAR_COLOURS, Page, page_facts
 
-__all__ = ["FONT_FILES", "page_png", "render_page", "render_pages"]
+__all__ = ["FONT_FILES", "map_in_processes", "page_png", "render_page", "render_pages"]
 
 FONT_FILES = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf"]
 
@@ -194,6 +194,13 @@ def page_png(page: Page, width: int, height: int) -> bytes:
 PAGES_PER_WORKER = 64
 
 
+def map_in_processes(fn: Callable, *iterables: Iterable, workers: int, chunksize: int = 1) -> list:
+    """``fn`` over the iterables' items in ``workers`` spawned processes, results in order: for drawing, which is
+    CPU-bound, where each call is a pure function of its arguments (the synthetic pages and documents)."""
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, *iterables, chunksize=chunksize))
+
+
 def render_pages(pages: Iterable[Page], width: int, height: int) -> None:
     """Draw the pages not drawn yet on every core, so that ``page_png`` returns them at once. A page is a pure
     function of its fields: the bytes are the ones ``page_png`` would draw in this process."""
@@ -201,7 +208,6 @@ def render_pages(pages: Iterable[Page], width: int, height: int) -> None:
     workers = min(os.cpu_count() or 1, len(todo) // PAGES_PER_WORKER)
     if workers < 2:
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        drawn = pool.map(page_png, todo, repeat(width), repeat(height), chunksize=16)
-        for page, png in zip(todo, drawn, strict=True):
-            page._png = png
+    drawn = map_in_processes(page_png, todo, repeat(width), repeat(height), workers=workers, chunksize=16)
+    for page, png in zip(todo, drawn, strict=True):
+        page._png = png
