@@ -227,22 +227,30 @@ class IndexMiner:
 
         return float(maxsim(query, [page])[0])
 
-    def similarity(self, a, b) -> float:
-        """Page-to-page similarity (near-duplicates): cosine, or, for token vectors, the mean over ``a``'s tokens of
-        their best cosine with ``b``'s (1 for the same page)."""
-        return float(a @ b) if self.late is None else self.score(a, b) / max(1, len(a))
+    def similarities(self, a, others: list) -> list[float]:
+        """Page-to-page similarity of ``a`` with each of ``others`` (near-duplicates): cosine, or, for token vectors,
+        the mean over ``a``'s tokens of their best cosine with the other's (1 for the same page)."""
+        if not others:
+            return []
+        if self.late is None:
+            return (np.stack(others) @ a).tolist()
+        return [self.score(a, b) / max(1, len(a)) for b in others]
 
     def mine(self, q: np.ndarray, p: np.ndarray, positive_keys: list[str], row_ids: list[str],
              cfgs: list[MineConfig], depth: int, exclude_docs: list[str | None] | None = None) -> list[Mined]:
         """Negatives for each (query vector, positive vector) pair, each row with its own MineConfig, from the top
         ``depth`` hits of the index."""
         hits = self.index.search(q, depth)
-        positions = sorted({h["position"] for row in hits for h in row})
+        # near-duplicate checks look at the hits in each row's rank window only (the search may go deeper: the
+        # consistency filter's depth)
+        window = [[h["position"] for h in row if cfg.rank_min <= h["rank"] <= cfg.rank_max]
+                  for row, cfg in zip(hits, cfgs, strict=True)]
+        positions = sorted({x for row in window for x in row})
         stored = dict(zip(positions, self.stored(positions), strict=True)) if positions else {}
         out = []
         for i, rid in enumerate(row_ids):
             pos_score = self.score(q[i], p[i])
-            sims = {h["position"]: self.similarity(p[i], stored[h["position"]]) for h in hits[i]}
+            sims = dict(zip(window[i], self.similarities(p[i], [stored[x] for x in window[i]]), strict=True))
             chosen, why = select_negatives(hits[i], positive_keys[i], pos_score, sims, cfgs[i], rid,
                                            exclude_docs[i] if exclude_docs else None)
             rank = next((h["rank"] for h in hits[i] if positive_keys[i] in (h["key"], h.get("content"))), None)
