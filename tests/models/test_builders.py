@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -11,6 +9,7 @@ from PIL import Image
 
 from ray_vdr.config import ModelConfig
 from ray_vdr.models.load import build_model, resolve_attn_implementation, resolve_dtype
+from tests.probes import Probes
 
 
 def test_tiny_qwen_has_the_real_module_stack(tiny_qwen):
@@ -26,9 +25,16 @@ def test_tiny_qwen_has_the_real_module_stack(tiny_qwen):
     assert set(prompts) >= {"query", "document"}
 
 
-def test_fresh_process_loads_and_encodes_text_and_images(tiny_qwen):
-    """SentenceTransformer(path) in a new interpreter; ray_vdr is imported only for the torchvision-less processor."""
-    code = textwrap.dedent(f"""
+@pytest.fixture(scope="module")
+def fresh(tiny_qwen, tiny_reranker):
+    """The two fresh-interpreter probes below, started together."""
+    started = Probes({"embedder": (_encode_probe(tiny_qwen),), "reranker": (_rerank_probe(tiny_reranker),)})
+    yield started
+    started.close()
+
+
+def _encode_probe(tiny_qwen) -> str:
+    return textwrap.dedent(f"""
         import ray_vdr.models.processor as p; p.install_image_only_processor()
         from sentence_transformers import SentenceTransformer
         from PIL import Image
@@ -39,7 +45,11 @@ def test_fresh_process_loads_and_encodes_text_and_images(tiny_qwen):
         t = SentenceTransformer({str(tiny_qwen)!r}, device="cpu", truncate_dim=16).encode_query(["x"])
         print(sorted(m.modalities), q.shape, d.shape, both.shape, t.shape, round(float((q * q).sum()), 3))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_fresh_process_loads_and_encodes_text_and_images(fresh):
+    """SentenceTransformer(path) in a new interpreter; ray_vdr is imported only for the torchvision-less processor."""
+    out = fresh.result("embedder", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "['image', 'message', 'text'] (1, 64) (1, 64) (1, 64) (1, 16) 1.0"
 
@@ -64,10 +74,8 @@ def test_tiny_reranker_has_the_real_module_stack(tiny_reranker):
     assert '"yes" or "no"' in ce["prompts"][ce["default_prompt_name"]]
 
 
-def test_fresh_process_reranks_text_image_pairs(tiny_reranker):
-    """CrossEncoder(path) in a new interpreter scores (query, page image) pairs; a pair's score does not depend on
-    the batch it is in (the serving endpoint batches requests dynamically)."""
-    code = textwrap.dedent(f"""
+def _rerank_probe(tiny_reranker) -> str:
+    return textwrap.dedent(f"""
         import json
         import numpy as np
         import ray_vdr.models.processor as p; p.install_image_only_processor()
@@ -86,7 +94,12 @@ def test_fresh_process_reranks_text_image_pairs(tiny_reranker):
         print(json.dumps({{"rendered": rendered, "batched": batched.tolist(), "alone": alone.tolist(),
                           "ranked": ranked}}))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_fresh_process_reranks_text_image_pairs(fresh):
+    """CrossEncoder(path) in a new interpreter scores (query, page image) pairs; a pair's score does not depend on
+    the batch it is in (the serving endpoint batches requests dynamically)."""
+    out = fresh.result("reranker", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["rendered"].startswith('<|im_start|>system\nJudge whether')

@@ -3,13 +3,12 @@ LOCAL_RANK is set, which Ray Train always sets); with company, or under DeepSpee
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from ray_vdr.config import VDRConfig
+from tests.probes import Probes
 
 PROBE = textwrap.dedent("""
     import os, sys, tempfile
@@ -29,10 +28,20 @@ PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("world,strategy,wrapped", [(1, "ddp", "Linear"), (2, "ddp", "DistributedDataParallel")])
-def test_a_world_of_one_cpu_worker_is_not_wrapped_in_ddp(world, strategy, wrapped):
-    out = subprocess.run([sys.executable, "-c", PROBE, str(world), strategy], capture_output=True, text=True,
-                         timeout=120)
+CASES = [(1, "ddp", "Linear"), (2, "ddp", "DistributedDataParallel")]
+
+
+@pytest.fixture(scope="module")
+def probes():
+    """Both cases' probes, each in a fresh process, started together."""
+    started = Probes({f"{world}-{strategy}": (PROBE, str(world), strategy) for world, strategy, _ in CASES})
+    yield started
+    started.close()
+
+
+@pytest.mark.parametrize("world,strategy,wrapped", CASES)
+def test_a_world_of_one_cpu_worker_is_not_wrapped_in_ddp(probes, world, strategy, wrapped):
+    out = probes.result(f"{world}-{strategy}", timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == wrapped
 
