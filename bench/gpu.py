@@ -249,7 +249,7 @@ def main() -> int:
 
             # on the GPU one step at a time (a throughput figure needs the device to itself); the dry run's tiny
             # steps (one thread each, mostly imports) two at a time
-            with ThreadPoolExecutor(1 if not args.dry_run else 2) as pool:
+            with ThreadPoolExecutor(2 if args.dry_run else 1) as pool:
                 for (name, _, _), record in zip(rest, pool.map(after_prepare, rest), strict=True):
                     steps[name] = record
                     (out / f"{name.replace('_', '-')}.json").write_text(json.dumps(record, indent=2) + "\n")
