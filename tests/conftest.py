@@ -18,6 +18,9 @@ os.environ.setdefault("RAY_enable_metrics_collection", "0")
 # Ray Train's controller polls its workers every 2 s by default, so each started, finished or failed worker group is
 # noticed ~1 s late; the suite runs ~25 trainings, several with restarts. Its clusters inherit this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train 2.60 starts a PreemptionWatcher actor for each worker group (it watches for nodes a cloud is about to take
+# back: nothing to watch on one local node), a process of its own: 2.5 of a one-step fit's 57 CPU-seconds here.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest  # noqa: E402
 
