@@ -28,8 +28,9 @@ from ray_vdr.data.sources import blocks_table
 from ray_vdr.data.triplets import TripletSpec
 from ray_vdr.storage import write_bytes, write_table
 from ray_vdr.train.artifacts import FINAL_FILE, HISTORY_FILE, STATE_FILE
-from ray_vdr.train.feeder import HISTORY_SCHEMA, SliceStream, history_table
+from ray_vdr.train.feeder import HISTORY_SCHEMA
 from ray_vdr.train.recipes import RECIPES, Evaluation
+from ray_vdr.train.slices import SliceStream, history_table
 from ray_vdr.train.trainer import ThroughputMeter, lr_factor, peak_memory_bytes, steps_of, training_arguments
 
 __all__ = ["read_state", "train_loop"]
