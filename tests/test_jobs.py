@@ -198,8 +198,9 @@ def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_doc
     0.049-0.100 (3 epochs), 0.042-0.067 (2 epochs), and once (CI, 2026-12-04) only 0.036: NDCG@10 over 200
     questions moves with the few that reach the top 10 (random: 0.023, standard deviation ~0.008), and with the
     order the rows stream in. A broken generator, filter or split stays at random: the mean-rank bar sits ~3
-    standard deviations below random and far above every run seen; NDCG@10 must rise (on average over the dimensions:
-    the smallest gain seen at one dimension was +0.008)."""
+    standard deviations below random and far above every run seen, and it holds at every Matryoshka dimension. NDCG@10
+    is printed, not held: at 2 epochs it once fell (2026-12-07, a fresh clone's suite run: 0.025 → 0.017 at dim 64,
+    while the mean rank went 101.0 → 68.1), a change within 1-2 standard deviations of random."""
     from sentence_transformers import SentenceTransformer
 
     from ray_vdr.corpus.store import read_manifest
@@ -227,12 +228,11 @@ def test_finetuned_on_unlabeled_documents_it_retrieves_heldout_documents(own_doc
     assert m["world_size"] == 2 and m["distributed_type"] == "DistributedType.MULTI_CPU", m
     report = json.loads((Path(result.model_uri) / "eval.json").read_text())
     assert report["eval_queries"] == 200 and report["eval_corpus"] == 200
-    dim = str(max(cfg.train.matryoshka_dims))  # the own page's mean rank among the 200 (held to a direct count by
-    base, finetuned = report["base"][dim]["mean_rank"], report["finetuned"][dim]["mean_rank"]  # test_metrics.py)
-    print(f"own page's mean rank at dim {dim}: {base:.1f} -> {finetuned:.1f}\n{result.eval_table}")
-    assert base >= 88 and finetuned <= 88, (base, finetuned, result.eval_table)
-    gains = [after["ndcg@10"] - report["base"][d]["ndcg@10"] for d, after in report["finetuned"].items()]
-    assert sum(gains) > 0, (gains, result.eval_table)
+    # the own page's mean rank among the 200 at each dimension (held to a direct count by test_metrics.py)
+    ranks = {d: (report["base"][d]["mean_rank"], after["mean_rank"]) for d, after in report["finetuned"].items()}
+    print(f"own page's mean rank by dim (before, after): {ranks}\n{result.eval_table}")
+    assert set(ranks) == {str(d) for d in cfg.train.matryoshka_dims}, ranks
+    assert all(base >= 88 and finetuned <= 88 for base, finetuned in ranks.values()), (ranks, result.eval_table)
     check_exactly_once_and_in_sync(result, Path(cfg.run.uri()), card["splits"]["train"], int(cfg.train.epochs))
     install_image_only_processor()  # this machine has no torchvision (ray_vdr/models/processor.py)
     model = SentenceTransformer(result.model_uri, device="cpu")
